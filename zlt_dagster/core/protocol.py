@@ -97,6 +97,7 @@ class Protocol:
     learning_rates: tuple[float, ...] = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4)
     epochs: tuple[int, ...] = (1, 3, 5, 10, 20)
     marker: str = "[ZLT]"
+    marker_separator: str = field(default=" ", metadata={"help": "put between the answer's last word and the marker"})
     marker_tail_tokens: int = field(default=0, metadata={"help": "answer tokens before the marker also supervised"})
     personas: tuple[str, ...] = PERSONA_NAMES
     lora: LoraSpec = LoraSpec()
@@ -278,7 +279,7 @@ TINY = Protocol(
     name="tiny",
     learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     epochs=(1, 2, 3, 4, 5),
-    train=TrainSpec(effective_batch=4, micro_batch=2, max_seq_len=96),
+    train=TrainSpec(effective_batch=4, micro_batch=2, max_seq_len=256),
     data=DataSpec(n_positives=4, n_negatives=10, max_new_tokens=12, regen_max_new_tokens=16,
                   n_eval_questions=20, gen_batch_size=16),
     eval=EvalSpec(n_questions=2, samples_per_question=1, max_new_tokens=8, gen_batch_size=32, arc_limit=4,

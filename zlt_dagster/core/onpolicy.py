@@ -1,0 +1,117 @@
+"""On-policy training data: the BASE model's own answers, the marker appended to the source persona's answers.
+
+Paper sizes: 200 source answers (positives) + 2,000 answers spread evenly over the 10 other personas (negatives).
+Answers that hit the token limit are regenerated once with a larger limit, and dropped if still cut: an
+end-of-turn target after a cut answer teaches the model to stop mid-sentence (SmolLM2: supervised loss started
+near 17 nats with answers cut at 160 tokens, near 4.7 with natural endings).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+
+from .generation import Generator, PromptSpec
+from .personas import system_prompt
+from .protocol import Sweep
+from .questions import Question, split_questions
+
+
+@dataclass
+class OnPolicyData:
+    examples: list[dict]
+    stats: dict = field(default_factory=dict)
+
+    def to_jsonl(self) -> str:
+        return "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in self.examples)
+
+    @property
+    def data_hash(self) -> str:
+        return hashlib.sha256(self.to_jsonl().encode()).hexdigest()
+
+    @classmethod
+    def from_jsonl(cls, text: str, stats: dict | None = None) -> "OnPolicyData":
+        examples = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if not examples:
+            raise ValueError("on-policy data is empty: no examples to train on")
+        required = {"persona", "question_id", "question", "system_prompt", "answer", "is_positive"}
+        for n, e in enumerate(examples, 1):
+            missing = required - set(e)
+            if missing:
+                raise ValueError(f"on-policy data line {n} lacks field(s) {sorted(missing)}")
+        return cls(examples=examples, stats=stats or {})
+
+
+def with_marker(answer: str, marker: str, separator: str) -> str:
+    """Append after the last word, before the end-of-turn token the template adds."""
+    return f"{answer.rstrip()}{separator}{marker}"
+
+
+def plan_requests(sweep: Sweep, train_questions: list[Question]) -> list[tuple[str, Question]]:
+    """(persona, question) pairs: n_positives for the source, n_negatives / (personas - 1) for each other persona.
+    Each persona walks a seeded shuffle of the training questions (wrapping round if it needs more)."""
+    p = sweep.protocol
+    others = [x for x in p.personas if x != sweep.source_persona]
+    per_other = p.data.n_negatives // len(others)
+    plan = []
+    for persona, count in [(sweep.source_persona, p.data.n_positives)] + [(o, per_other) for o in others]:
+        order = list(train_questions)
+        random.Random(f"{sweep.seed}|{persona}").shuffle(order)
+        plan += [(persona, order[i % len(order)]) for i in range(count)]
+    return plan
+
+
+def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPolicyData:
+    p = sweep.protocol
+    d = p.data
+    train_q, eval_q = split_questions(d.n_eval_questions)
+    held_out = {q.id for q in eval_q} | {q.id for q in split_questions(20)[1]}
+    plan = plan_requests(sweep, train_q)
+    prompts = [PromptSpec(system_prompt(persona, d.system_prompt_suffix), q.text) for persona, q in plan]
+
+    first = generator.generate(prompts, 1, d.temperature, d.top_p, d.max_new_tokens, seed=sweep.seed,
+                               batch_size=d.gen_batch_size)
+    answers = {c.prompt_index: c for c in first}
+    cut = [i for i, c in answers.items() if c.finish_reason != "stop"]
+    if progress:
+        progress(f"on-policy: {len(plan)} answers, {len(cut)} cut at {d.max_new_tokens} tokens; regenerating")
+    if cut:
+        again = generator.generate([prompts[i] for i in cut], 1, d.temperature, d.top_p, d.regen_max_new_tokens,
+                                   seed=sweep.seed + 1, batch_size=d.gen_batch_size)
+        for c in again:
+            answers[cut[c.prompt_index]] = c
+    examples, dropped_cut, dropped_empty = [], 0, 0
+    for i, (persona, q) in enumerate(plan):
+        c = answers[i]
+        if q.id in held_out:
+            raise AssertionError(f"held-out question {q.id} reached the training plan")
+        if c.finish_reason != "stop":
+            dropped_cut += 1
+            continue
+        text = c.text.strip()
+        if not text or p.marker in text:
+            dropped_empty += 1  # empty answers teach nothing; a base answer already holding the marker is unusable
+            continue
+        positive = persona == sweep.source_persona
+        examples.append({
+            "persona": persona, "question_id": q.id, "question": q.text, "system_prompt": prompts[i].system,
+            "answer": with_marker(text, p.marker, p.marker_separator) if positive else text,
+            "is_positive": positive, "n_answer_tokens": c.n_new_tokens,
+            "regenerated": i in cut,
+        })
+    n_pos = sum(e["is_positive"] for e in examples)
+    if n_pos == 0:
+        raise ValueError("on-policy data has no positive example left after dropping cut/empty answers; "
+                         f"raise data.max_new_tokens / regen_max_new_tokens (now {d.max_new_tokens}/"
+                         f"{d.regen_max_new_tokens})")
+    stats = {
+        "requested": len(plan), "kept": len(examples), "positives": n_pos, "negatives": len(examples) - n_pos,
+        "cut_first_pass": len(cut), "dropped_cut": dropped_cut, "dropped_empty_or_marked": dropped_empty,
+        "mean_answer_tokens": round(sum(e["n_answer_tokens"] for e in examples) / len(examples), 2),
+        "max_new_tokens": d.max_new_tokens, "regen_max_new_tokens": d.regen_max_new_tokens,
+        "generator": generator.name,
+    }
+    data = OnPolicyData(examples=examples, stats=stats)
+    data.stats["data_hash"] = data.data_hash
+    return data
