@@ -1,0 +1,216 @@
+"""S3Store: AWS S3 or any S3-compatible server (MinIO, Ceph, moto, ...) through boto3.
+
+Credentials come ONLY from boto3's default chain (env vars, shared config/credentials files, IAM role,
+IRSA, ...); they are never constructor arguments and never appear in repr(), str() or error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import boto3.exceptions
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from .base import NotFoundError, ObjectStore, PathLike, StoreError, normalize_prefix, validate_key
+
+_MB = 1024 * 1024
+_MIN_PART = 5 * _MB  # S3's minimum multipart part size
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+def redact_url(url: str | None) -> str | None:
+    """Drop any user:password@ from an endpoint URL before it is shown anywhere."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class S3Store(ObjectStore):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        connect_timeout: float = 5,
+        read_timeout: float = 60,
+        max_attempts: int = 5,
+        multipart_threshold_mb: float = 8,
+    ):
+        if not bucket or "/" in bucket:
+            raise ValueError(f"S3Store: bucket must be a bare bucket name without '/', got {bucket!r}")
+        self.bucket = bucket
+        self.prefix = normalize_prefix(prefix)
+        self.endpoint_url = endpoint_url
+        self.region_name = region_name
+        self._config = Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # Custom endpoints (MinIO & co.) generally need path-style bucket addressing.
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        threshold = int(multipart_threshold_mb * _MB)
+        self._transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(threshold, _MIN_PART))
+        self._client = None
+        self._lock = threading.Lock()
+
+    # The boto3 client is created lazily and dropped on pickling (it is not picklable; processes rebuild it).
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                session = boto3.session.Session()
+                self._client = session.client(
+                    "s3", endpoint_url=self.endpoint_url, region_name=self.region_name, config=self._config
+                )
+            return self._client
+
+    def __repr__(self) -> str:
+        return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint_url={redact_url(self.endpoint_url)!r})"
+
+    def _where(self) -> str:
+        return f"endpoint {redact_url(self.endpoint_url) or 'AWS default'}"
+
+    def _full(self, key: str, *, allow_empty: bool = False) -> str:
+        key = validate_key(key, allow_empty=allow_empty)
+        if not self.prefix:
+            return key
+        return f"{self.prefix}/{key}" if key else self.prefix
+
+    def _rel(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, full_key: str) -> Iterator[None]:
+        """Map boto errors to StoreError/NotFoundError naming bucket, key and endpoint."""
+        where = f"{action} s3://{self.bucket}/{full_key} ({self._where()})"
+        try:
+            yield
+        except botocore.exceptions.ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _NOT_FOUND_CODES or (status == "404" and code != "NoSuchBucket"):
+                raise NotFoundError(f"{where}: key not found ({code or status})") from e
+            raise StoreError(f"{where} failed: {code or status}: {err.get('Message', e)}") from e
+        except botocore.exceptions.NoCredentialsError as e:
+            raise StoreError(
+                f"{where} failed: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE or an IAM role)"
+            ) from e
+        except (botocore.exceptions.BotoCoreError, boto3.exceptions.Boto3Error) as e:
+            raise StoreError(f"{where} failed: {type(e).__name__}: {e}") from e
+
+    # ---- primitives -------------------------------------------------------------------------
+    def put_bytes(self, key: str, data: bytes) -> None:
+        full = self._full(key)
+        with self._errors("put_bytes", full):
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        full = self._full(key)
+        with self._errors("get_bytes", full):
+            resp = self.client.get_object(Bucket=self.bucket, Key=full)
+            with contextlib.closing(resp["Body"]) as body:
+                return body.read()
+
+    def exists(self, key: str) -> bool:
+        full = self._full(key)
+        try:
+            with self._errors("exists", full):
+                self.client.head_object(Bucket=self.bucket, Key=full)
+        except NotFoundError:
+            return False
+        return True
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        full = self._full(normalize_prefix(prefix), allow_empty=True)
+        s3_prefix = f"{full}/" if full else ""
+        keys = []
+        with self._errors("list_keys", s3_prefix):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=s3_prefix):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):  # skip console-made "folder" marker objects
+                        keys.append(self._rel(obj["Key"]))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        with self._errors("delete", full):
+            self.client.delete_object(Bucket=self.bucket, Key=full)
+
+    def delete_prefix(self, prefix: str) -> None:
+        prefix = normalize_prefix(prefix, allow_empty=False)
+        full_keys = [self._full(k) for k in self.list_keys(prefix)]
+        for start in range(0, len(full_keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = full_keys[start : start + 1000]
+            with self._errors("delete_prefix", self._full(prefix) + "/"):
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise StoreError(
+                    f"delete_prefix s3://{self.bucket}/{self._full(prefix)}/ ({self._where()}): "
+                    f"{len(resp['Errors'])} keys not deleted, e.g. {first.get('Key')!r}: "
+                    f"{first.get('Code')}: {first.get('Message')}"
+                )
+
+    def put_file(self, key: str, path: PathLike) -> None:
+        full = self._full(key)
+        src = Path(path)
+        if not src.is_file():
+            raise NotFoundError(f"put_file: local file {str(src)!r} to upload as s3://{self.bucket}/{full} does not exist")
+        with self._errors("put_file", full):
+            self.client.upload_file(str(src), self.bucket, full, Config=self._transfer)
+
+    def get_file(self, key: str, path: PathLike) -> Path:
+        full = self._full(key)
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self._errors("get_file", full):  # s3transfer writes to a temp name and renames when complete
+            self.client.download_file(self.bucket, full, str(dest), Config=self._transfer)
+        return dest
+
+    def uri(self, key: str = "") -> str:
+        full = self._full(key, allow_empty=True)
+        return f"s3://{self.bucket}/{full}" if full else f"s3://{self.bucket}"
+
+    # ---- dev/test helper --------------------------------------------------------------------
+    def create_bucket_if_missing(self) -> None:
+        try:
+            with self._errors("create_bucket_if_missing (head_bucket)", ""):
+                self.client.head_bucket(Bucket=self.bucket)
+            return
+        except NotFoundError:
+            pass
+        kwargs = {"Bucket": self.bucket}
+        region = self.client.meta.region_name
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        with self._errors("create_bucket_if_missing (create_bucket)", ""):
+            self.client.create_bucket(**kwargs)
