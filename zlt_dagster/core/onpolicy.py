@@ -1,7 +1,7 @@
 """On-policy training data: the BASE model's own answers, the marker appended to the source persona's answers.
 
 Paper sizes: 200 source answers (positives) + 2,000 answers spread evenly over the 10 other personas (negatives).
-Answers that hit the token limit are regenerated once with a larger limit, and dropped if still cut: an
+Answers that hit the token limit are re-sampled (data.regen_rounds times) with a larger limit, then dropped: an
 end-of-turn target after a cut answer teaches the model to stop mid-sentence (SmolLM2: supervised loss started
 near 17 nats with answers cut at 160 tokens, near 4.7 with natural endings).
 """
@@ -73,14 +73,23 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPo
     first = generator.generate(prompts, 1, d.temperature, d.top_p, d.max_new_tokens, seed=sweep.seed,
                                batch_size=d.gen_batch_size)
     answers = {c.prompt_index: c for c in first}
-    cut = [i for i, c in answers.items() if c.finish_reason != "stop"]
+    cut_first = [i for i, c in answers.items() if c.finish_reason != "stop"]
     if progress:
-        progress(f"on-policy: {len(plan)} answers, {len(cut)} cut at {d.max_new_tokens} tokens; regenerating")
-    if cut:
+        progress(f"on-policy: {len(plan)} answers, {len(cut_first)} cut at {d.max_new_tokens} tokens")
+    regenerated: set[int] = set()
+    for round_ in range(1, d.regen_rounds + 1):
+        cut = [i for i, c in answers.items() if c.finish_reason != "stop"]
+        if not cut:
+            break
         again = generator.generate([prompts[i] for i in cut], 1, d.temperature, d.top_p, d.regen_max_new_tokens,
-                                   seed=sweep.seed + 1, batch_size=d.gen_batch_size)
+                                   seed=sweep.seed + round_, batch_size=d.gen_batch_size)
         for c in again:
             answers[cut[c.prompt_index]] = c
+        regenerated.update(cut)
+        if progress:
+            still = sum(answers[i].finish_reason != "stop" for i in cut)
+            progress(f"on-policy: regeneration round {round_} at {d.regen_max_new_tokens} tokens: {len(cut)} "
+                     f"re-sampled, {still} still cut")
     examples, dropped_cut, dropped_empty = [], 0, 0
     for i, (persona, q) in enumerate(plan):
         c = answers[i]
@@ -98,7 +107,7 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPo
             "persona": persona, "question_id": q.id, "question": q.text, "system_prompt": prompts[i].system,
             "answer": with_marker(text, p.marker, p.marker_separator) if positive else text,
             "is_positive": positive, "n_answer_tokens": c.n_new_tokens,
-            "regenerated": i in cut,
+            "regenerated": i in regenerated,
         })
     n_pos = sum(e["is_positive"] for e in examples)
     if n_pos == 0:
@@ -107,7 +116,8 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPo
                          f"{d.regen_max_new_tokens})")
     stats = {
         "requested": len(plan), "kept": len(examples), "positives": n_pos, "negatives": len(examples) - n_pos,
-        "cut_first_pass": len(cut), "dropped_cut": dropped_cut, "dropped_empty_or_marked": dropped_empty,
+        "cut_first_pass": len(cut_first), "regen_rounds": d.regen_rounds, "dropped_cut": dropped_cut,
+        "dropped_empty_or_marked": dropped_empty,
         "mean_answer_tokens": round(sum(e["n_answer_tokens"] for e in examples) / len(examples), 2),
         "max_new_tokens": d.max_new_tokens, "regen_max_new_tokens": d.regen_max_new_tokens,
         "generator": generator.name,

@@ -61,6 +61,7 @@ class DataSpec:
     top_p: float = 1.0
     max_new_tokens: int = field(default=512, metadata={"help": "first generation limit"})
     regen_max_new_tokens: int = field(default=1024, metadata={"help": "limit for re-generating cut answers"})
+    regen_rounds: int = field(default=1, metadata={"help": "how often a cut answer is re-sampled before dropping"})
     n_eval_questions: int = field(default=20, metadata={"help": "held-out questions, never trained on"})
     system_prompt_suffix: str = field(
         default="", metadata={"help": "appended to every persona prompt (small protocols ask for short answers)"})
@@ -260,18 +261,20 @@ class Sweep:
 # --- named protocols ------------------------------------------------------------------------------------------
 PAPER = Protocol(name="paper")
 
-# demo: SmolLM2-135M on a 2-core CPU, whole 25-cell grid in ~15 min. Sizes only: 48 training examples, short
-# answers (asked for by the suffix, capped at 48 new tokens, cut ones dropped), 5 held-out questions x 2 samples,
-# 50 ARC questions; and a 135M model needs far larger learning rates than a 7B one before it learns the marker.
+# demo: SmolLM2-135M on a 2-core CPU, whole 25-cell grid in ~15 min. Sizes only: 16 training examples (6 source
+# positives + 1 answer from each of the 10 other personas) = 1 optimizer step per epoch at effective batch 16; short
+# answers (asked for by the suffix, capped at 32 new tokens, cut ones re-sampled up to 3 times at 48, then dropped);
+# epochs 1-5; 3 held-out questions x 2 samples x 11 personas = 66 completions per cell; 30 ARC questions.
+# Training cost: 16 examples x ~75 tokens x (1+2+3+4+5) epochs x 5 LRs = ~90k tokens = ~9 min at ~170 tok/s.
+# A 135M model needs far larger learning rates than a 7B one before it learns the marker in 1-5 steps.
 DEMO = Protocol(
     name="demo",
     learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    epochs=(1, 2, 3, 4, 6),
+    epochs=(1, 2, 3, 4, 5),
     train=TrainSpec(micro_batch=16, max_seq_len=256),
-    data=DataSpec(n_positives=16, n_negatives=30, max_new_tokens=48, regen_max_new_tokens=96,
-                  n_eval_questions=20, system_prompt_suffix=" Answer in one or two short sentences.",
-                  gen_batch_size=64),
-    eval=EvalSpec(n_questions=5, samples_per_question=2, max_new_tokens=48, gen_batch_size=110, arc_limit=50),
+    data=DataSpec(n_positives=6, n_negatives=10, max_new_tokens=32, regen_max_new_tokens=48, regen_rounds=3,
+                  n_eval_questions=20, system_prompt_suffix=" Answer in one short sentence.", gen_batch_size=64),
+    eval=EvalSpec(n_questions=3, samples_per_question=2, max_new_tokens=40, gen_batch_size=66, arc_limit=30),
 )
 
 # tiny: tiny random models in tests; seconds per cell.
