@@ -1,38 +1,72 @@
 """Per-step Kubernetes requests, as `dagster-k8s/config` op tags on each asset.
 
 k8s_job_executor builds one pod per step and reads these op tags for that step's pod (run-level tags do not reach
-step pods: dagster-io/dagster#22865). GPU steps ask for one nvidia.com/gpu (request = limit) and tolerate the GPU
-taint; CPU-only steps (compile, heatmap) ask for none. Harmless on the local executor."""
+step pods: dagster-io/dagster#22865). Because they are op tags, every way a run starts (UI, backfill, sensor) gets
+them. GPU steps ask for one nvidia.com/gpu (request = limit), tolerate the GPU taint and join the `zlt-gpu`
+concurrency pool (the instance caps GPU steps across all runs at the number of GPUs, so no step pod is created
+that the cluster cannot place); CPU-only steps (marker rates, compile, heatmap) ask for no GPU.
+
+Every step Job also carries `activeDeadlineSeconds`: Kubernetes fails a Job whose deadline passes, *including the
+time its pod sat Pending*, and the executor's health check then fails the step. A pod that can never be scheduled
+(no GPU node, wrong taint) therefore fails the step after the deadline instead of hanging the run forever
+(dagster-io/dagster#24595; k8s_job_executor has no step timeout of its own).
+
+Harmless on the local executor: it ignores `dagster-k8s/config`, and the pool has no limit unless the instance
+sets one. Sizes are read from the environment at import (ZLT_GPU_STEP_*, ZLT_CPU_STEP_*), so a cluster with
+other GPU nodes is a deployment change, not a code change.
+"""
 from __future__ import annotations
 
 import os
 
 K8S_KEY = "dagster-k8s/config"
+POOL_KEY = "dagster/concurrency_key"  # Dagster's op-level concurrency pool tag
+GPU_POOL = "zlt-gpu"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "") or default
 
 
 def _resources(cpu: str, memory: str, gpu: int) -> dict:
+    # memory request = limit (no overcommit of a pod that holds a GPU); CPU has no limit (no throttling)
     req = {"cpu": cpu, "memory": memory}
     lim = {"memory": memory}
     if gpu:
-        req["nvidia.com/gpu"] = str(gpu)
-        lim["nvidia.com/gpu"] = str(gpu)
+        req[GPU_RESOURCE] = str(gpu)
+        lim[GPU_RESOURCE] = str(gpu)
     return {"requests": req, "limits": lim}
 
 
 def gpu_step_config() -> dict:
+    # 8 CPU / 64Gi / 1 GPU fits a 7B bf16 model + LoRA (≈15 GB weights in host RAM while loading) with room
+    # for tokenization and vLLM's CPU-side buffers. /dev/shm is a memory emptyDir (counts against the limit):
+    # torch and vLLM use shared memory; the 64 MiB container default is too small.
     return {
-        "container_config": {"resources": _resources(os.environ.get("ZLT_GPU_STEP_CPU", "8"),
-                                                     os.environ.get("ZLT_GPU_STEP_MEMORY", "64Gi"), 1)},
-        "pod_spec_config": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "node_selector": {os.environ.get("ZLT_GPU_NODE_LABEL", "nvidia.com/gpu.present"): "true"},
+        "container_config": {
+            "resources": _resources(_env("ZLT_GPU_STEP_CPU", "8"), _env("ZLT_GPU_STEP_MEMORY", "64Gi"), 1),
+            "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}],
         },
+        "pod_spec_config": {
+            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+            "node_selector": {_env("ZLT_GPU_NODE_LABEL", "nvidia.com/gpu.present"): "true"},
+            "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory",
+                                                       "size_limit": _env("ZLT_GPU_STEP_SHM", "16Gi")}}],
+        },
+        # the slowest paper cell (lr=5e-6, 20 epochs) trains in ~45 min on an H200; 6 h leaves room for slower
+        # GPUs and model download, and still bounds a pod stuck in Pending
+        "job_spec_config": {"active_deadline_seconds": int(_env("ZLT_GPU_STEP_DEADLINE_S", "21600"))},
     }
 
 
 def cpu_step_config() -> dict:
-    return {"container_config": {"resources": _resources("1", "4Gi", 0)}}
+    return {
+        "container_config": {"resources": _resources(_env("ZLT_CPU_STEP_CPU", "1"),
+                                                     _env("ZLT_CPU_STEP_MEMORY", "4Gi"), 0)},
+        "job_spec_config": {"active_deadline_seconds": int(_env("ZLT_CPU_STEP_DEADLINE_S", "3600"))},
+    }
 
 
-GPU_OP_TAGS = {K8S_KEY: gpu_step_config()}
+GPU_OP_TAGS = {K8S_KEY: gpu_step_config(), POOL_KEY: GPU_POOL}
 CPU_OP_TAGS = {K8S_KEY: cpu_step_config()}
