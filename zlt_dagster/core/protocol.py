@@ -367,12 +367,26 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
         raise ProtocolError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
     return data
+
+
+def _yaml_loader():
+    """yaml.SafeLoader that also reads 1e-5 / 5E-6 / 1.0e5 as floats. PyYAML follows YAML 1.1, where a float
+    needs a dot and a signed exponent, so `learning_rates: [1e-6, 5e-6]` would otherwise load as strings."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
 
 
 def _to_jsonable(x: Any) -> Any:
