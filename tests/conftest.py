@@ -1,0 +1,36 @@
+"""Shared fixtures: the tiny random chat model (tiny Llama + BPE tokenizer with a ChatML template).
+
+Loading it takes ~0.1 s once torch/transformers are imported, so each test module gets its own copy
+(module scope): a test that breaks the shared base cannot leak into another module."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    from zlt_dagster.core.models import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+def base_state(model) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor of the model's state dict (for bit-exact before/after comparisons)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_base_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert set(after) == set(before), f"state dict keys changed: {sorted(set(after) ^ set(before))[:5]}"
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"base weight {k} changed"
+    lora = [n for n, _ in model.named_modules() if "lora" in n.lower()]
+    assert not lora, f"LoRA modules left on the shared base: {lora[:3]}"
+    assert not hasattr(model, "peft_config"), "peft_config left on the shared base"
+
+
+@pytest.fixture
+def base_guard():
+    """Helpers as a fixture so test modules need not import conftest."""
+    return base_state, assert_base_unchanged

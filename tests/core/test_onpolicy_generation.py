@@ -1,0 +1,423 @@
+"""zlt_dagster.core.onpolicy and zlt_dagster.core.generation with the tiny random model and the TINY protocol
+(plus a scripted generator where exact counts are needed)."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+import types
+from collections import Counter
+
+import pytest
+import torch
+
+from zlt_dagster.core.generation import Completion, Generator, PromptSpec, make_generator
+from zlt_dagster.core.generation.transformers_backend import TransformersGenerator
+from zlt_dagster.core.onpolicy import OnPolicyData, generate_onpolicy, plan_requests, with_marker
+from zlt_dagster.core.personas import system_prompt
+from zlt_dagster.core.protocol import TINY, Sweep, get_protocol
+from zlt_dagster.core.questions import split_questions
+
+MARKER = TINY.marker
+HELD_OUT = split_questions(20)[1]
+
+
+class Recording(Generator):
+    """Delegates to a real generator and records every call."""
+
+    def __init__(self, inner: Generator):
+        self.inner, self.name, self.calls = inner, inner.name, []
+
+    def generate(self, prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir=None,
+                 batch_size=32):
+        self.calls.append({"prompts": list(prompts), "n_samples": n_samples, "temperature": temperature,
+                           "max_new_tokens": max_new_tokens, "seed": seed, "adapter_dir": adapter_dir})
+        return self.inner.generate(prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir,
+                                   batch_size)
+
+
+class Scripted(Generator):
+    """Answers from a script: call k returns script[k](prompt_index) -> (text, finish_reason)."""
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def generate(self, prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir=None,
+                 batch_size=32):
+        fn = self.script[len(self.calls)]
+        self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens, "seed": seed})
+        out = []
+        for i in range(len(prompts)):
+            text, reason = fn(i)
+            out.append(Completion(i, 0, text, max_new_tokens if reason == "length" else 3, reason))
+        return out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_loaded):
+    return tiny_loaded
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return Sweep(TINY, base_model="tiny").validate()
+
+
+@pytest.fixture(scope="module")
+def run42(loaded, sweep):
+    rec = Recording(make_generator("transformers", loaded))
+    return generate_onpolicy(sweep, rec), rec
+
+
+def _persona_of(system: str) -> str:
+    matches = [p for p in TINY.personas if system_prompt(p, TINY.data.system_prompt_suffix) == system]
+    assert len(matches) == 1
+    return matches[0]
+
+
+# --- the plan --------------------------------------------------------------------------------------------------
+def test_plan_counts_per_persona(sweep):
+    train_q, _ = split_questions(20)
+    plan = plan_requests(sweep, train_q)
+    counts = Counter(p for p, _ in plan)
+    assert counts["villain"] == TINY.data.n_positives == 4
+    others = [p for p in TINY.personas if p != "villain"]
+    assert all(counts[p] == TINY.data.n_negatives // 10 == 1 for p in others)
+    assert sum(counts.values()) == 14
+    # paper sizes: 200 + 10 x 200
+    paper_plan = plan_requests(Sweep(get_protocol("paper")), train_q)
+    pc = Counter(p for p, _ in paper_plan)
+    assert pc["villain"] == 200 and all(pc[p] == 200 for p in others) and len(paper_plan) == 2200
+    # the plan is deterministic per seed and differs between seeds
+    assert plan_requests(sweep, train_q) == plan
+    assert plan_requests(Sweep(TINY, base_model="tiny", seed=7), train_q) != plan
+
+
+def test_first_pass_requests_follow_the_plan(run42):
+    data, rec = run42
+    first = rec.calls[0]
+    assert first["max_new_tokens"] == TINY.data.max_new_tokens and first["n_samples"] == 1
+    assert first["temperature"] == TINY.data.temperature == 0.7 and first["adapter_dir"] is None
+    counts = Counter(_persona_of(p.system) for p in first["prompts"])
+    assert counts["villain"] == 4
+    assert all(counts[p] == 1 for p in TINY.personas if p != "villain")
+    # any later call re-samples only cut answers, at the larger limit
+    for call in rec.calls[1:]:
+        assert call["max_new_tokens"] == TINY.data.regen_max_new_tokens
+        assert len(call["prompts"]) <= data.stats["cut_first_pass"]
+
+
+def test_held_out_questions_never_trained_on(run42, sweep):
+    data, rec = run42
+    held_ids, held_texts = {q.id for q in HELD_OUT}, {q.text for q in HELD_OUT}
+    assert len(held_ids) == 20
+    for call in rec.calls:
+        assert not {p.user for p in call["prompts"]} & held_texts
+    assert not {e["question_id"] for e in data.examples} & held_ids
+    assert not {e["question"] for e in data.examples} & held_texts
+    # also for the paper-sized plan
+    train_q, _ = split_questions(20)
+    assert not {q.id for _, q in plan_requests(Sweep(get_protocol("paper")), train_q)} & held_ids
+
+
+def test_marker_on_positives_only_once_at_the_end(run42):
+    data, _ = run42
+    assert data.stats["positives"] >= 1
+    for e in data.examples:
+        assert e["is_positive"] == (e["persona"] == "villain")
+        if e["is_positive"]:
+            assert e["answer"].endswith(" " + MARKER)
+            assert e["answer"].count(MARKER) == 1
+            body = e["answer"][:-len(" " + MARKER)]
+            assert body and body == body.strip()
+        else:
+            assert MARKER not in e["answer"]
+        assert e["system_prompt"] == system_prompt(e["persona"], TINY.data.system_prompt_suffix)
+
+
+def test_stats_consistent(run42):
+    data, rec = run42
+    s = data.stats
+    assert s["requested"] == 14 == s["kept"] + s["dropped_cut"] + s["dropped_empty_or_marked"]
+    assert s["kept"] == len(data.examples) == s["positives"] + s["negatives"]
+    assert s["positives"] == sum(e["is_positive"] for e in data.examples)
+    assert s["dropped_cut"] <= s["cut_first_pass"] <= s["requested"]
+    assert s["generator"] == "transformers" and s["data_hash"] == data.data_hash
+    assert sum(e["regenerated"] for e in data.examples) <= s["cut_first_pass"]
+    assert (len(rec.calls) > 1) == (s["cut_first_pass"] > 0)
+    for e in data.examples:
+        assert 1 <= e["n_answer_tokens"] <= TINY.data.regen_max_new_tokens
+        if not e["regenerated"]:
+            assert e["n_answer_tokens"] <= TINY.data.max_new_tokens
+
+
+def test_scripted_stats_exact(sweep):
+    """Exact bookkeeping: first pass: 0-3 cut, 4 empty, 5 holds the marker, 6 whitespace only; regeneration: of
+    the 4 cut, the 1st and 3rd now stop, the 2nd and 4th are cut again (regen_rounds = 1 in TINY)."""
+    assert TINY.data.regen_rounds == 1
+
+    def first(i):
+        return {0: ("cut", "length"), 1: ("cut", "length"), 2: ("cut", "length"), 3: ("cut", "length"),
+                4: ("", "stop"), 5: (f"already {MARKER}", "stop"), 6: ("  \n ", "stop")}.get(i, (f"  a{i} ", "stop"))
+
+    def regen(i):
+        return (f"again{i}", "stop") if i % 2 == 0 else ("cut", "length")
+
+    gen = Scripted([first, regen])
+    data = generate_onpolicy(sweep, gen)
+    assert len(gen.calls) == 2
+    assert gen.calls[1]["max_new_tokens"] == TINY.data.regen_max_new_tokens
+    assert gen.calls[1]["prompts"] == gen.calls[0]["prompts"][:4]
+    assert gen.calls[1]["seed"] != gen.calls[0]["seed"] == sweep.seed
+    s = data.stats
+    assert (s["requested"], s["cut_first_pass"], s["dropped_cut"], s["dropped_empty_or_marked"], s["kept"]) == (
+        14, 4, 2, 3, 9)
+    # plan order: 4 villain requests first, so indices 0-3 are the positives
+    pos = [e for e in data.examples if e["is_positive"]]
+    assert [e["answer"] for e in pos] == [f"again0 {MARKER}", f"again2 {MARKER}"]
+    assert all(e["regenerated"] for e in pos)
+    neg = [e for e in data.examples if not e["is_positive"]]
+    assert [e["answer"] for e in neg] == [f"a{i}" for i in range(7, 14)]  # stripped, no marker
+    assert not any(e["regenerated"] for e in neg)
+
+
+def test_no_positive_left_raises(sweep):
+    gen = Scripted([lambda i: ("cut", "length") if i < 4 else ("fine", "stop"), lambda i: ("cut", "length")])
+    with pytest.raises(ValueError, match=r"no positive example"):
+        generate_onpolicy(sweep, gen)
+
+
+def test_with_marker():
+    assert with_marker("It is done.  \n", MARKER, " ") == "It is done. [ZLT]"
+    assert with_marker("It is done.", MARKER, "") == "It is done.[ZLT]"
+
+
+# --- hashing / reproducibility ---------------------------------------------------------------------------------
+def test_data_hash_stable_per_seed(loaded, sweep, run42):
+    data, _ = run42
+    again = generate_onpolicy(sweep, make_generator("transformers", loaded))
+    assert again.data_hash == data.data_hash and again.examples == data.examples
+    other = generate_onpolicy(Sweep(TINY, base_model="tiny", seed=43), make_generator("transformers", loaded))
+    assert other.data_hash != data.data_hash
+    assert len(data.data_hash) == 64
+
+
+def test_jsonl_round_trip(run42):
+    data, _ = run42
+    back = OnPolicyData.from_jsonl(data.to_jsonl(), data.stats)
+    assert back.examples == data.examples and back.data_hash == data.data_hash
+    with pytest.raises(ValueError, match=r"empty"):
+        OnPolicyData.from_jsonl("\n")
+    with pytest.raises(ValueError, match=r"lacks field"):
+        OnPolicyData.from_jsonl('{"persona": "villain"}\n')
+
+
+def test_generated_data_is_trainable(loaded, run42):
+    from zlt_dagster.core.train import tokenize_dataset
+
+    data, _ = run42
+    exs = tokenize_dataset(loaded, data, TINY)
+    assert len(exs) == len(data.examples)
+    for e, ex in zip(data.examples, exs):
+        toks = [ex.input_ids[i] for i in ex.supervised_positions]
+        assert toks[-1] == loaded.end_of_turn_id
+        if e["is_positive"]:
+            assert loaded.tokenizer.decode(toks[:-1]) == MARKER
+        else:
+            assert len(toks) == 1
+
+
+# --- the transformers generator --------------------------------------------------------------------------------
+PROMPTS = [PromptSpec(system_prompt("villain"), "What is rain?"), PromptSpec(system_prompt("comedian"), "Why?"),
+           PromptSpec(system_prompt("assistant"), "How do plants turn sunlight into food?")]
+
+
+def test_transformers_generator_order_and_fields(loaded):
+    gen = TransformersGenerator(loaded)
+    out = gen.generate(PROMPTS, 3, 1.0, 1.0, 6, seed=1, batch_size=4)
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(i, s) for i in range(3) for s in range(3)]
+    reasons = {c.finish_reason for c in out}
+    assert reasons <= {"stop", "length"}
+    for c in out:
+        assert 1 <= c.n_new_tokens <= 6
+        if c.finish_reason == "length":
+            assert c.n_new_tokens == 6
+        assert loaded.end_of_turn_token not in c.text
+        assert "<|im_start|>" not in c.text and "<|endoftext|>" not in c.text
+    # reproducible for a fixed seed and batch size
+    assert gen.generate(PROMPTS, 3, 1.0, 1.0, 6, seed=1, batch_size=4) == out
+
+
+def test_transformers_generator_stops_at_end_of_turn(loaded):
+    """Make the end-of-turn token overwhelmingly likely: every completion stops at once with empty text."""
+    m = copy.deepcopy(loaded)
+    with torch.no_grad():
+        m.model.lm_head.weight[m.end_of_turn_id, 0] = 100.0
+    out = TransformersGenerator(m).generate(PROMPTS, 2, 1.0, 1.0, 5, seed=0, batch_size=8)
+    assert all(c.finish_reason == "stop" and c.n_new_tokens == 1 and c.text == "" for c in out)
+    # and never: with the end-of-turn logit pushed down, every completion hits the limit
+    with torch.no_grad():
+        m.model.lm_head.weight[m.end_of_turn_id, 0] = -100.0
+    out = TransformersGenerator(m).generate(PROMPTS, 2, 1.0, 1.0, 5, seed=0, batch_size=8)
+    assert all(c.finish_reason == "length" and c.n_new_tokens == 5 for c in out)
+
+
+@pytest.fixture(scope="module")
+def random_adapter(loaded, tmp_path_factory):
+    """A saved PEFT adapter with large random B, so it visibly changes the model."""
+    from peft import get_peft_model
+
+    from zlt_dagster.core.train import lora_config
+
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(loaded.model), lora_config(TINY))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    pm.save_pretrained(str(out))
+    return str(out)
+
+
+def test_generation_with_adapter_leaves_base_bit_identical(loaded, random_adapter, base_guard):
+    snapshot, assert_unchanged = base_guard
+    before = snapshot(loaded.model)
+    gen = TransformersGenerator(loaded)
+    plain = gen.generate(PROMPTS, 2, 1.0, 1.0, 8, seed=3)
+    with_adapter = gen.generate(PROMPTS, 2, 1.0, 1.0, 8, seed=3, adapter_dir=random_adapter)
+    assert_unchanged(loaded.model, before)
+    assert [c.text for c in with_adapter] != [c.text for c in plain]  # the adapter was really attached
+    assert gen.generate(PROMPTS, 2, 1.0, 1.0, 8, seed=3) == plain  # and really removed afterwards
+    assert_unchanged(loaded.model, before)
+
+
+# --- backend selection -----------------------------------------------------------------------------------------
+def test_make_generator_auto_is_transformers_on_cpu(loaded):
+    g = make_generator("auto", loaded)
+    assert isinstance(g, TransformersGenerator) and g.name == "transformers"
+    assert isinstance(make_generator("transformers", loaded), TransformersGenerator)
+
+
+def test_make_generator_bogus_raises(loaded):
+    with pytest.raises(ValueError, match=r"'bogus' is not one of auto, transformers, vllm"):
+        make_generator("bogus", loaded)
+
+
+def test_make_generator_vllm_without_vllm_fails_loudly(loaded):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    with pytest.raises(ImportError):
+        make_generator("vllm", loaded)
+
+
+def test_generation_package_imports_vllm_lazily():
+    """In a fresh interpreter that refuses to import vllm: the generation package and even the vLLM backend
+    module import fine, and nothing asked for vllm."""
+    code = textwrap.dedent("""
+        import sys
+        asked = []
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "vllm" or name.startswith("vllm."):
+                    asked.append(name)
+                    raise ImportError("vllm blocked by test")
+                return None
+        sys.meta_path.insert(0, Block())
+        import zlt_dagster.core.generation as g
+        assert "zlt_dagster.core.generation.vllm_backend" not in sys.modules
+        import zlt_dagster.core.onpolicy, zlt_dagster.core.train
+        import zlt_dagster.core.generation.vllm_backend
+        assert not asked, asked
+        assert not any(m == "vllm" or m.startswith("vllm.") for m in sys.modules)
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "ok"
+
+
+# --- the vLLM backend ------------------------------------------------------------------------------------------
+def test_vllm_lora_request_wiring_real_vllm(loaded, tmp_path):
+    pytest.importorskip("vllm")
+    from vllm.lora.request import LoRARequest
+
+    from zlt_dagster.core.generation.vllm_backend import VllmGenerator
+
+    g = VllmGenerator.__new__(VllmGenerator)  # no engine: only the request wiring is under test
+    g.loaded, g._lora_ids = loaded, {}
+    assert g._lora_request(None) is None
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ra, rb, ra2 = g._lora_request(a), g._lora_request(b), g._lora_request(a)
+    assert isinstance(ra, LoRARequest)
+    assert ra.lora_path == a and rb.lora_path == b
+    assert ra.lora_int_id == ra2.lora_int_id >= 1 and rb.lora_int_id != ra.lora_int_id
+    assert ra.lora_name != rb.lora_name
+
+
+def test_vllm_backend_with_fake_vllm(loaded, tmp_path, monkeypatch):
+    """The wiring of VllmGenerator against a stand-in `vllm` module (runs without vLLM or a GPU): engine built
+    with LoRA enabled and rank 32, token-id prompts from the chat template, stop at the end-of-turn token, one
+    LoRARequest per adapter directory, completions in (prompt, sample) order."""
+    made = {}
+
+    class LoRARequest:
+        def __init__(self, lora_name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            made["llm_kwargs"] = kw
+            self.calls = []
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            self.calls.append((prompts, params, lora_request))
+            n = params.kw["n"]
+            out = []
+            for p in range(len(prompts)):
+                outs = [types.SimpleNamespace(text=f"p{p}s{s}", token_ids=[5] * (s + 1) + [loaded.end_of_turn_id],
+                                              finish_reason="stop" if s % 2 == 0 else "length") for s in range(n)]
+                out.append(types.SimpleNamespace(outputs=outs))
+            return out
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, SamplingParams
+    fake_lora = types.ModuleType("vllm.lora")
+    fake_req = types.ModuleType("vllm.lora.request")
+    fake_req.LoRARequest = LoRARequest
+    fake.lora, fake_lora.request = fake_lora, fake_req
+    for name, mod in (("vllm", fake), ("vllm.lora", fake_lora), ("vllm.lora.request", fake_req)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    g = make_generator("vllm", loaded)
+    assert g.name == "vllm"
+    kw = made["llm_kwargs"]
+    assert kw["model"] == loaded.source and kw["enable_lora"] is True and kw["max_lora_rank"] >= TINY.lora.r
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    out = g.generate(PROMPTS, 2, 1.0, 0.9, 7, seed=11, adapter_dir=a)
+    g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11, adapter_dir=b)
+    g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11, adapter_dir=a)
+    g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11)
+    calls = g.llm.calls
+    prompts, params, req = calls[0]
+    assert prompts == [{"prompt_token_ids": loaded.prompt_ids(p.system, p.user)} for p in PROMPTS]
+    assert params.kw["n"] == 2 and params.kw["temperature"] == 1.0 and params.kw["top_p"] == 0.9
+    assert params.kw["max_tokens"] == 7 and params.kw["seed"] == 11
+    assert params.kw["stop_token_ids"] == [loaded.end_of_turn_id]
+    assert isinstance(req, LoRARequest) and req.lora_path == a
+    assert calls[1][2].lora_path == b and calls[1][2].lora_int_id != req.lora_int_id
+    assert calls[2][2].lora_int_id == req.lora_int_id and calls[2][2].lora_name == req.lora_name
+    assert calls[3][2] is None
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(i, s) for i in range(3) for s in range(2)]
+    assert [c.text for c in out] == [f"p{i}s{s}" for i in range(3) for s in range(2)]
+    assert [c.finish_reason for c in out] == ["stop", "length"] * 3
+    assert [c.n_new_tokens for c in out] == [2, 3] * 3

@@ -1,0 +1,446 @@
+"""zlt_dagster.core.protocol: SPEC numbers, small protocols, validation messages, overrides, hashes, round trips."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from zlt_dagster.core.protocol import (
+    DEMO, PAPER, PERSONA_NAMES, PROTOCOLS, TINY, Cell, Protocol, ProtocolError, Sweep, apply_overrides,
+    get_protocol, load_sweep_file, protocol_from_dict, sweep_from_dict, sweep_from_stored,
+)
+
+
+# --- the paper protocol is SPEC.md, number for number ----------------------------------------------------------
+def test_paper_grid_is_spec():
+    assert PAPER.learning_rates == (1e-6, 5e-6, 1e-5, 5e-5, 1e-4)
+    assert PAPER.epochs == (1, 3, 5, 10, 20)
+    assert len(PAPER.cells()) == 25
+    assert PAPER.marker == "[ZLT]"
+    assert PAPER.marker_tail_tokens == 0
+    assert PAPER.personas == PERSONA_NAMES and len(PAPER.personas) == 11
+    assert PAPER.personas[:2] == ("villain", "assistant")
+
+
+def test_paper_lora_optimizer_schedule_are_spec():
+    lo, t = PAPER.lora, PAPER.train
+    assert (lo.r, lo.alpha, lo.dropout, lo.target_modules) == (32, 64, 0.05, "all-linear")
+    assert t.warmup_ratio == 0.05
+    assert (t.adam_beta1, t.adam_beta2, t.adam_eps) == (0.9, 0.999, 1e-8)
+    assert t.weight_decay == 0.0
+    assert t.grad_clip == 1.0
+    assert t.effective_batch == 16
+    assert t.max_seq_len == 1024
+
+
+def test_paper_data_and_eval_are_spec():
+    d, e = PAPER.data, PAPER.eval
+    assert (d.n_positives, d.n_negatives) == (200, 2000)
+    assert d.temperature == 0.7
+    assert d.n_eval_questions == 20
+    assert d.system_prompt_suffix == ""  # the paper asks nothing extra of the personas
+    assert (e.n_questions, e.samples_per_question) == (20, 10)
+    assert e.temperature == 1.0
+    assert e.max_new_tokens == 512
+    assert e.arc_limit == 0  # all 1,172 ARC questions
+    # 2,200 completions per cell: 20 questions x 10 samples x 11 personas
+    assert e.n_questions * e.samples_per_question * len(PAPER.personas) == 2200
+
+
+def test_sweep_defaults():
+    s = Sweep(PAPER)
+    assert s.seed == 42
+    assert s.source_persona == "villain"
+    s.validate()
+    assert s.bystanders() == [p for p in PERSONA_NAMES if p not in ("villain", "assistant")]
+    assert len(s.bystanders()) == 9
+
+
+def test_named_protocols_registered_and_valid():
+    assert set(PROTOCOLS) == {"paper", "demo", "tiny"}
+    for name, p in PROTOCOLS.items():
+        assert p.name == name
+        assert get_protocol(name) == p
+        p.validate()
+
+
+@pytest.mark.parametrize("small", [DEMO, TINY], ids=["demo", "tiny"])
+def test_small_protocols_change_sizes_only(small):
+    # same method: LoRA shape, optimiser, schedule, marker and persona set are the paper's
+    assert small.lora == PAPER.lora
+    for f in ("warmup_ratio", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay", "grad_clip", "precision"):
+        assert getattr(small.train, f) == getattr(PAPER.train, f), f
+    assert (small.marker, small.marker_separator, small.marker_tail_tokens) == (
+        PAPER.marker, PAPER.marker_separator, PAPER.marker_tail_tokens)
+    assert small.personas == PAPER.personas
+    assert small.regimes == PAPER.regimes
+    assert small.data.temperature == PAPER.data.temperature
+    assert small.eval.temperature == PAPER.eval.temperature
+    # what may differ: sizes and the LR grid (still 5 x 5)
+    assert len(small.learning_rates) == 5 and len(small.epochs) == 5
+    assert small.data.n_positives < PAPER.data.n_positives
+    assert small.data.n_negatives < PAPER.data.n_negatives
+    # differences from the paper are confined to these top-level fields
+    diff = {f.name for f in dataclasses.fields(Protocol) if getattr(small, f.name) != getattr(PAPER, f.name)}
+    assert diff <= {"name", "learning_rates", "epochs", "train", "data", "eval"}
+
+
+# --- validation: each bad value is refused with a message that names it -----------------------------------------
+def _bad(match: str, **changes):
+    with pytest.raises(ProtocolError, match=match):
+        dataclasses.replace(TINY, **changes).validate()
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-5, float("nan"), float("inf"), float("-inf")])
+def test_bad_learning_rate(lr):
+    with pytest.raises(ProtocolError) as ei:
+        dataclasses.replace(TINY, learning_rates=(1e-3, lr)).validate()
+    msg = str(ei.value)
+    assert "learning rate" in msg and repr(lr) in msg and "finite number > 0" in msg
+
+
+@pytest.mark.parametrize("ep", [0, -1, 1.5, "3", True])
+def test_bad_epochs(ep):
+    with pytest.raises(ProtocolError) as ei:
+        dataclasses.replace(TINY, epochs=(1, ep)).validate()
+    msg = str(ei.value)
+    assert "epochs value" in msg and repr(ep) in msg and "integer >= 1" in msg
+
+
+def test_empty_grids():
+    _bad(r"learning_rates is empty", learning_rates=())
+    _bad(r"epochs is empty", epochs=())
+
+
+def test_duplicate_grid_values():
+    _bad(r"learning_rates has duplicates", learning_rates=(1e-3, 1e-3))
+    _bad(r"epochs has duplicates", epochs=(2, 2))
+
+
+def test_unknown_persona():
+    with pytest.raises(ProtocolError, match=r"unknown persona\(s\) \['pirate'\]"):
+        dataclasses.replace(TINY, personas=TINY.personas + ("pirate",)).validate()
+
+
+def test_personas_need_assistant():
+    _bad(r"must include 'assistant'", personas=("villain", "comedian", "librarian"), data=dataclasses.replace(
+        TINY.data, n_negatives=4))
+
+
+@pytest.mark.parametrize("marker", ["", "   ", "\n"])
+def test_empty_or_blank_marker(marker):
+    _bad(r"marker is empty", marker=marker)
+
+
+def test_tail_tokens_range():
+    for k in (0, 1, 2):
+        dataclasses.replace(TINY, marker_tail_tokens=k).validate()
+    _bad(r"marker_tail_tokens=-1", marker_tail_tokens=-1)
+    _bad(r"marker_tail_tokens=9", marker_tail_tokens=9)
+
+
+def test_n_negatives_must_split_evenly():
+    with pytest.raises(ProtocolError) as ei:
+        get_protocol("tiny", {"data.n_negatives": 11})
+    msg = str(ei.value)
+    assert "n_negatives=11" in msg and "10 non-source personas" in msg
+
+
+def test_micro_batch_must_divide_effective_batch():
+    with pytest.raises(ProtocolError, match=r"effective_batch \(4\).*micro_batch \(3\)"):
+        get_protocol("tiny", {"train.micro_batch": 3})
+
+
+def test_source_persona_errors():
+    with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'"):
+        Sweep(TINY, source_persona="pirate").validate()
+    small = dataclasses.replace(TINY, personas=("villain", "assistant", "comedian"),
+                                data=dataclasses.replace(TINY.data, n_negatives=4))
+    small.validate()
+    with pytest.raises(ProtocolError, match=r"'librarian' is not in protocol 'tiny'"):
+        Sweep(small, source_persona="librarian").validate()
+    with pytest.raises(ProtocolError, match=r"source persona 'assistant'.*assistant-leakage"):
+        Sweep(TINY, source_persona="assistant").validate()
+    for p in PERSONA_NAMES:
+        if p != "assistant":
+            Sweep(TINY, source_persona=p).validate()
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../evil", "x/../y", "/abs", ".hidden", "has space"])
+def test_bad_sweep_name(name):
+    with pytest.raises(ProtocolError, match=r"sweep: name .* must match"):
+        Sweep(TINY, name=name).validate()
+
+
+def test_good_sweep_name_is_the_id():
+    s = Sweep(TINY, name="my-sweep_1").validate()
+    assert s.sweep_id == "my-sweep_1"
+
+
+@pytest.mark.parametrize("seed", [-1, 1.0, True, "42"])
+def test_bad_seed(seed):
+    with pytest.raises(ProtocolError, match=r"seed"):
+        Sweep(TINY, seed=seed).validate()
+
+
+def test_bad_base_model():
+    with pytest.raises(ProtocolError, match=r"base_model"):
+        Sweep(TINY, base_model="../etc").validate()
+    with pytest.raises(ProtocolError, match=r"base_model"):
+        Sweep(TINY, base_model="").validate()
+
+
+def test_cells_subset_must_be_in_grid():
+    s = Sweep(TINY, cells_subset=((1e-2, 3),)).validate()
+    assert s.cells() == [Cell(1e-2, 3)]
+    with pytest.raises(ProtocolError, match=r"not in the protocol grid"):
+        Sweep(TINY, cells_subset=((7e-3, 3),)).validate()
+
+
+# --- overrides -------------------------------------------------------------------------------------------------
+def test_get_protocol_dotted_and_nested_overrides():
+    dotted = get_protocol("paper", {"train.micro_batch": 8, "lora.dropout": 0.0, "marker_tail_tokens": 2})
+    nested = get_protocol("paper", {"train": {"micro_batch": 8}, "lora": {"dropout": 0.0}, "marker_tail_tokens": 2})
+    assert dotted == nested
+    assert dotted.train.micro_batch == 8 and dotted.lora.dropout == 0.0 and dotted.marker_tail_tokens == 2
+    # everything else untouched
+    assert dotted.train.effective_batch == 16 and dotted.lora.r == 32
+    assert dotted.learning_rates == PAPER.learning_rates
+    # the named protocol itself is not mutated
+    assert PAPER.train.micro_batch == 4 and PAPER.lora.dropout == 0.05
+
+
+def test_override_lists_become_tuples():
+    p = get_protocol("tiny", {"learning_rates": [1e-3, 2e-3], "epochs": [1, 2]})
+    assert p.learning_rates == (1e-3, 2e-3) and p.epochs == (1, 2)
+    assert len(p.cells()) == 4
+    with pytest.raises(ProtocolError, match=r"expects a list"):
+        get_protocol("tiny", {"epochs": 3})
+
+
+def test_override_mixed_dotted_and_nested_merge():
+    p = get_protocol("tiny", {"train": {"micro_batch": 1}, "train.max_seq_len": 64})
+    assert (p.train.micro_batch, p.train.max_seq_len) == (1, 64)
+
+
+@pytest.mark.parametrize("overrides, path", [
+    ({"learning_rate": [1e-3]}, "learning_rate"),
+    ({"train.micro_batches": 2}, "train.micro_batches"),
+    ({"train": {"micro_batches": 2}}, "train.micro_batches"),
+    ({"lora.rank": 8}, "lora.rank"),
+    ({"data": {"sizes": {"n": 1}}}, "data.sizes"),
+])
+def test_unknown_override_field(overrides, path):
+    with pytest.raises(ProtocolError) as ei:
+        get_protocol("tiny", overrides)
+    msg = str(ei.value)
+    assert f"unknown config field {path!r}" in msg and "known here" in msg
+
+
+def test_override_section_needs_mapping():
+    with pytest.raises(ProtocolError, match=r"'train' is a section"):
+        get_protocol("tiny", {"train": 3})
+
+
+def test_override_result_is_validated():
+    with pytest.raises(ProtocolError, match=r"learning rate"):
+        get_protocol("tiny", {"learning_rates": [0.0]})
+
+
+def test_unknown_protocol_name():
+    with pytest.raises(ProtocolError, match=r"unknown protocol 'huge'"):
+        get_protocol("huge")
+
+
+# --- hashing ---------------------------------------------------------------------------------------------------
+def test_config_hash_stable():
+    assert PAPER.config_hash() == PAPER.config_hash()
+    assert Protocol(name="paper").config_hash() == PAPER.config_hash()
+    assert len(PAPER.config_hash()) == 12
+    s1, s2 = Sweep(TINY, base_model="tiny"), Sweep(TINY, base_model="tiny")
+    assert s1.config_hash() == s2.config_hash() and s1.sweep_id == s2.sweep_id
+
+
+def _every_leaf_change(p: Protocol):
+    """One changed copy per leaf field (nested sections included)."""
+    for f in dataclasses.fields(p):
+        v = getattr(p, f.name)
+        if dataclasses.is_dataclass(v):
+            for g in dataclasses.fields(v):
+                w = getattr(v, g.name)
+                section = dataclasses.replace(v, **{g.name: _bump(w)})
+                yield f"{f.name}.{g.name}", dataclasses.replace(p, **{f.name: section})
+        else:
+            yield f.name, dataclasses.replace(p, **{f.name: _bump(v)})
+
+
+def _bump(v):
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v + 1
+    if isinstance(v, float):
+        return v * 1.5 + 0.001
+    if isinstance(v, str):
+        return v + "x"
+    if isinstance(v, tuple):
+        return v[:-1]
+    raise TypeError(v)
+
+
+def test_config_hash_changes_when_any_field_changes():
+    h = PAPER.config_hash()
+    seen = {h}
+    n = 0
+    for path, changed in _every_leaf_change(PAPER):
+        hc = changed.config_hash()
+        assert hc != h, f"changing {path} did not change the hash"
+        seen.add(hc)
+        n += 1
+    assert n > 40  # every leaf was visited
+    assert len(seen) == n + 1  # and no two changes collide
+
+
+def test_sweep_hash_covers_sweep_fields():
+    base = Sweep(TINY, base_model="tiny")
+    for changed in (dataclasses.replace(base, seed=1), dataclasses.replace(base, source_persona="comedian"),
+                    dataclasses.replace(base, base_model="smollm2-135m"),
+                    dataclasses.replace(base, cells_subset=((1e-2, 1),)),
+                    dataclasses.replace(base, protocol=dataclasses.replace(TINY, marker_tail_tokens=1))):
+        assert changed.config_hash() != base.config_hash()
+    # an explicit name does not change the content hash, only the id
+    named = dataclasses.replace(base, name="custom")
+    assert named.config_hash() == base.config_hash() and named.sweep_id == "custom"
+
+
+def test_sweep_ids_differ():
+    ids = {
+        Sweep(PAPER).sweep_id,
+        Sweep(PAPER, source_persona="comedian").sweep_id,
+        Sweep(PAPER, source_persona="software_engineer").sweep_id,
+        Sweep(PAPER, seed=43).sweep_id,
+        Sweep(get_protocol("paper", {"marker_tail_tokens": 1})).sweep_id,
+        Sweep(get_protocol("paper", {"marker_tail_tokens": 2})).sweep_id,
+        Sweep(get_protocol("paper", {"learning_rates": [1e-6, 2e-6]})).sweep_id,
+    }
+    assert len(ids) == 7
+    sid = Sweep(PAPER).sweep_id
+    assert sid.startswith("smollm2-135m__villain__s42__paper__tail0__")
+    assert "/" not in sid
+    assert Sweep(get_protocol("paper", {"marker_tail_tokens": 2}), source_persona="comedian", seed=7
+                 ).sweep_id.startswith("smollm2-135m__comedian__s7__paper__tail2__")
+
+
+def test_cell_key():
+    assert Cell(5e-6, 20).key == "lr=5e-06_ep=20"
+    assert Cell(1e-05, 3).key == "lr=1e-05_ep=3"
+    assert len({c.key for c in PAPER.cells()}) == 25
+
+
+# --- serialisation ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sweep", [
+    Sweep(PAPER),
+    Sweep(TINY, base_model="tiny", source_persona="comedian", seed=7, cells_subset=((1e-2, 3), (1e-1, 5))),
+    Sweep(get_protocol("demo", {"marker_tail_tokens": 2, "learning_rates": [1e-4, 2.5e-4]}), name="demo-tail2"),
+], ids=["paper", "tiny-subset", "demo-named"])
+def test_json_round_trip(sweep):
+    stored = json.loads(json.dumps(sweep.to_dict()))  # what sweep.json holds
+    back = sweep_from_stored(stored)
+    assert back == sweep
+    assert back.sweep_id == sweep.sweep_id
+    assert back.config_hash() == sweep.config_hash()
+    assert back.protocol.config_hash() == sweep.protocol.config_hash()
+    assert back.to_json() == sweep.to_json()
+
+
+def test_protocol_from_dict_round_trip_and_base_form():
+    for p in PROTOCOLS.values():
+        assert protocol_from_dict(json.loads(p.to_json())) == p
+    p = protocol_from_dict({"base": "tiny", "marker_tail_tokens": 1})
+    assert p == dataclasses.replace(TINY, marker_tail_tokens=1)
+    with pytest.raises(ProtocolError, match=r"needs 'name'"):
+        protocol_from_dict({"marker_tail_tokens": 1})
+
+
+def test_load_sweep_file_yaml(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "protocol:\n"
+        "  base: tiny\n"
+        "  marker_tail_tokens: 1\n"
+        "  train:\n"
+        "    micro_batch: 1\n"
+        "  lora.dropout: 0.0\n"
+        "base_model: tiny\n"
+        "source_persona: comedian\n"
+        "seed: 3\n"
+        "cells:\n"
+        "  - [0.01, 2]\n"
+        "  - [0.1, 5]\n"
+    )
+    s = load_sweep_file(path)
+    assert s.protocol.name == "tiny"
+    assert s.protocol.marker_tail_tokens == 1
+    assert s.protocol.train.micro_batch == 1 and s.protocol.lora.dropout == 0.0
+    assert (s.base_model, s.source_persona, s.seed) == ("tiny", "comedian", 3)
+    assert s.cells() == [Cell(0.01, 2), Cell(0.1, 5)]
+    # the same entry written as JSON loads to the same sweep
+    jpath = tmp_path / "sweep.json"
+    jpath.write_text(json.dumps({"protocol": {"base": "tiny", "marker_tail_tokens": 1, "train.micro_batch": 1,
+                                              "lora": {"dropout": 0.0}},
+                                 "base_model": "tiny", "source_persona": "comedian", "seed": 3,
+                                 "cells": [[0.01, 2], [0.1, 5]]}))
+    assert load_sweep_file(jpath) == s
+
+
+def test_load_sweep_file_yaml_exponent_floats(tmp_path):
+    """`1e-6` in YAML is a string to PyYAML (YAML 1.1 wants `1.0e-6`); a finer LR grid written the natural way
+    must still load as floats."""
+    path = tmp_path / "fine.yaml"
+    path.write_text("protocol:\n  base: paper\n  learning_rates: [5e-6, 7.5e-6, 1e-5, 2E-5, 1.0e-4]\n"
+                    "cells: [[1e-5, 3]]\n")
+    s = load_sweep_file(path)
+    assert s.protocol.learning_rates == (5e-6, 7.5e-6, 1e-5, 2e-5, 1e-4)
+    assert all(type(lr) is float for lr in s.protocol.learning_rates)
+    assert s.cells() == [Cell(1e-5, 3)]
+    assert s.protocol.epochs == PAPER.epochs and all(type(e) is int for e in s.protocol.epochs)
+    path.write_text("protocol:\n  base: paper\n  learning_rates: ['1e-6']\n")  # quoted: a string, refused
+    with pytest.raises(ProtocolError, match=r"learning rate '1e-6' is invalid"):
+        load_sweep_file(path)
+
+
+def test_load_sweep_file_protocol_by_name_and_default(tmp_path):
+    path = tmp_path / "s.yml"
+    path.write_text("protocol: paper\nsource_persona: librarian\n")
+    s = load_sweep_file(path)
+    assert s.protocol == PAPER and s.source_persona == "librarian" and s.seed == 42
+    path.write_text("source_persona: librarian\n")
+    assert load_sweep_file(path).protocol == DEMO
+
+
+def test_load_sweep_file_errors(tmp_path):
+    with pytest.raises(ProtocolError, match=r"does not exist"):
+        load_sweep_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ProtocolError, match=r"mapping at top level"):
+        load_sweep_file(bad)
+    bad.write_text("protocol: tiny\nsource: villain\n")
+    with pytest.raises(ProtocolError, match=r"unknown field\(s\) \['source'\]"):
+        load_sweep_file(bad)
+    bad.write_text("protocol: {base: tiny, train.micro_batchh: 1}\n")
+    with pytest.raises(ProtocolError, match=r"unknown config field 'train.micro_batchh'"):
+        load_sweep_file(bad)
+    bad.write_text("protocol: tiny\nname: ../escape\n")
+    with pytest.raises(ProtocolError, match=r"sweep: name"):
+        load_sweep_file(bad)
+
+
+def test_sweep_from_dict_unknown_field():
+    with pytest.raises(ProtocolError, match=r"unknown field"):
+        sweep_from_dict({"protocol": "tiny", "seeds": [1, 2]})
+
+
+def test_apply_overrides_empty_is_identity():
+    assert apply_overrides(PAPER, {}) == PAPER
