@@ -20,7 +20,7 @@ from zlt_dagster.core.models import load_model
 from zlt_dagster.core.onpolicy import generate_onpolicy
 from zlt_dagster.core.protocol import Cell, Sweep, get_protocol
 from zlt_dagster.core.train import tokenize_dataset, train_cell
-from zlt_dagster.pipeline import eval_prompts
+from zlt_dagster.core.eval_plan import eval_prompts
 
 
 def main() -> None:
@@ -31,12 +31,14 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=10, help="held-out questions for the estimate")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--override", default="{}", help="JSON protocol overrides, e.g. {\"data.n_positives\": 8}")
+    ap.add_argument("--tag", default="explore_lr")
     args = ap.parse_args()
     lrs = tuple(float(x) for x in args.lrs.split(","))
     epochs = tuple(int(x) for x in args.epochs.split(","))
     proto = get_protocol(args.protocol, {"learning_rates": lrs, "epochs": epochs,
                                          "eval.n_questions": args.questions, "eval.samples_per_question": args.samples,
-                                         "eval.gen_batch_size": 512})
+                                         "eval.gen_batch_size": 512, **json.loads(args.override)})
     sweep = Sweep(proto, seed=args.seed).validate()
     t0 = time.time()
     lm = load_model("smollm2-135m")
@@ -65,7 +67,7 @@ def main() -> None:
         print(f"lr={cell.lr:g} ep={cell.epochs}: {rep['regime']:13s} src={h['source_adoption']:.2f} "
               f"asst={h['assistant_leakage']:.2f} bys={h['max_bystander_leakage']:.2f} "
               f"len={row['mean_tokens']} loss={rec['final_loss']:.3f}", flush=True)
-    out = os.path.join(os.environ.get("OUT", "."), "explore_lr.json")
+    out = os.path.join(os.environ.get("OUT", "."), f"{args.tag}.json")
     with open(out, "w") as f:
         json.dump({"protocol": proto.to_dict(), "onpolicy": data.stats, "rows": rows,
                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -17,13 +17,12 @@ import torch
 
 from . import layout
 from .core import arc, metrics, report
-from .core.generation import PromptSpec, make_generator
+from .core.generation import make_generator
 from .core.generation.transformers_backend import attached_adapter
 from .core.models import LoadedModel, load_model_cached
 from .core.onpolicy import OnPolicyData, generate_onpolicy
-from .core.personas import system_prompt
+from .core.eval_plan import eval_prompts
 from .core.protocol import Cell, Sweep, sweep_from_stored
-from .core.questions import split_questions
 from .core.train import library_versions, tokenize_dataset, train_cell
 from .storage import ObjectStore
 
@@ -138,14 +137,6 @@ def _fetch_adapter(store: ObjectStore, sweep: Sweep, cell: Cell, dest: str) -> s
 
 
 # --- asset 3: completions ---------------------------------------------------------------------------------------
-def eval_prompts(sweep: Sweep) -> list[tuple[str, str, PromptSpec]]:
-    """(persona, question_id, prompt) for every persona x held-out question used by this protocol."""
-    p = sweep.protocol
-    _, eval_q = split_questions(p.data.n_eval_questions)
-    return [(persona, q.id, PromptSpec(system_prompt(persona, p.data.system_prompt_suffix), q.text))
-            for persona in p.personas for q in eval_q[:p.eval.n_questions]]
-
-
 def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: ComputeSettings,
                     log: Log = print) -> dict:
     e = sweep.protocol.eval
