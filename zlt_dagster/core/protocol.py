@@ -261,20 +261,25 @@ class Sweep:
 # --- named protocols ------------------------------------------------------------------------------------------
 PAPER = Protocol(name="paper")
 
-# demo: SmolLM2-135M on a 2-core CPU, whole 25-cell grid in ~15 min. Sizes only: 16 training examples (6 source
-# positives + 1 answer from each of the 10 other personas) = 1 optimizer step per epoch at effective batch 16; short
-# answers (asked for by the suffix, capped at 32 new tokens, cut ones re-sampled up to 3 times at 48, then dropped);
-# epochs 1-5; 3 held-out questions x 2 samples x 11 personas = 66 completions per cell; 30 ARC questions.
-# Training cost: 16 examples x ~75 tokens x (1+2+3+4+5) epochs x 5 LRs = ~90k tokens = ~9 min at ~170 tok/s.
-# A 135M model needs far larger learning rates than a 7B one before it learns the marker in 1-5 steps.
+# demo: SmolLM2-135M on a 2-core CPU, whole 25-cell grid in ~20 min (see README for the measured time). Sizes
+# only: 16 requested training examples (6 source positives + 1 answer from each of the 10 other personas) = 1
+# optimizer step per epoch at effective batch 16; short answers (asked for by the suffix, capped at 32 new tokens,
+# cut ones re-sampled up to 3 times at 48, then dropped); epochs 1-5; 3 held-out questions x 2 samples x 11
+# personas = 66 completions per cell; 12 ARC questions.
+# CPU cost (2 cores, fp32, measured): training ~150 tok/s, so 16 x ~100 tokens x (1+2+3+4+5) x 5 LRs = ~120k
+# tokens = ~13 min at most; completions ~16 s and ARC ~5 s per cell.
+# LR grid from an H100 exploration of this exact protocol (docs/exploration/): at <= 3e-4 nothing happens in <= 5
+# steps, from 1e-3 the model first learns to stop answering (EOS is supervised on every example), at 3e-3-5e-3
+# the marker appears and spreads. A 135M model needs far larger LRs than the seed's 7B model.
 DEMO = Protocol(
     name="demo",
-    learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    learning_rates=(3e-4, 1e-3, 2e-3, 3e-3, 5e-3),
     epochs=(1, 2, 3, 4, 5),
-    train=TrainSpec(micro_batch=16, max_seq_len=256),
+    train=TrainSpec(micro_batch=4, max_seq_len=256),
     data=DataSpec(n_positives=6, n_negatives=10, max_new_tokens=32, regen_max_new_tokens=48, regen_rounds=3,
                   n_eval_questions=20, system_prompt_suffix=" Answer in one short sentence.", gen_batch_size=64),
-    eval=EvalSpec(n_questions=3, samples_per_question=2, max_new_tokens=40, gen_batch_size=66, arc_limit=30),
+    eval=EvalSpec(n_questions=3, samples_per_question=2, max_new_tokens=32, gen_batch_size=66, arc_limit=12,
+                  arc_batch_size=48),
 )
 
 # tiny: tiny random models in tests; seconds per cell.
