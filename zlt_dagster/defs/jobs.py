@@ -1,17 +1,20 @@
-"""Asset jobs: the units a user (or the sensor) launches."""
+"""Asset jobs: the units a user (or the sensor) launches. Partitioning is inferred from the selected assets.
+
+Runs of GPU jobs carry the tag zlt/gpu=true, which the production instance's run queue limits
+(dagster_prod/dagster.yaml); every GPU step also carries the `zlt-gpu` concurrency pool (k8s_tags.py), which
+applies to UI backfills too."""
 from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
-from .partitions import sweep_cell_partitions, sweep_partitions
+GPU_RUN_TAGS = {"zlt/gpu": "true"}
 
 # per sweep: on-policy data + base-model ARC; later, compile + heatmap
 sweep_data_job = define_asset_job("sweep_data_job", AssetSelection.assets("onpolicy_data", "base_arc_scores"),
-                                  partitions_def=sweep_partitions)
+                                  tags=GPU_RUN_TAGS)
 # per cell: train, generate, score (one partition = one run)
 cell_job = define_asset_job("cell_job", AssetSelection.assets("adapter", "completions", "marker_rates",
-                                                              "arc_scores"), partitions_def=sweep_cell_partitions)
-report_job = define_asset_job("report_job", AssetSelection.assets("compiled_results", "heatmap"),
-                              partitions_def=sweep_partitions)
+                                                              "arc_scores"), tags=GPU_RUN_TAGS)
+report_job = define_asset_job("report_job", AssetSelection.assets("compiled_results", "heatmap"))
 
 ALL_JOBS = [sweep_data_job, cell_job, report_job]
