@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, tiny-model integration, Dagster materialize, end-to-end on loopback.
+# Fresh machine or not: set up (idempotent), then the whole test suite: unit, tiny-model integration, Dagster
+# materialize, end-to-end on loopback. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh
 . .venv/bin/activate
 exec python -m pytest -q -ra "$@"
