@@ -28,10 +28,17 @@ def attached_adapter(model, adapter_dir: str | None):
 
 
 class TransformersGenerator(Generator):
+    """merge_adapter=True adds the adapter into the base weights for the call and restores them exactly afterwards
+    (core.fast_generation.merged_weights); loop="fast" uses core.fast_generation.sample_new_tokens (no per-step host
+    sync, finished rows leave the batch) instead of `generate()`. The defaults are the original path."""
     name = "transformers"
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, merge_adapter: bool = False, loop: str = "hf"):
+        if loop not in ("hf", "fast"):
+            raise ValueError(f"loop {loop!r} is not one of hf, fast")
         self.loaded = loaded
+        self.merge_adapter = merge_adapter
+        self.loop = loop
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[PromptSpec], n_samples: int, temperature: float, top_p: float,
@@ -43,7 +50,11 @@ class TransformersGenerator(Generator):
         pad = tok.pad_token_id
         out: list[Completion] = []
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        with attached_adapter(lm.model, adapter_dir) as model:
+        if self.merge_adapter:
+            from ..fast_generation import merged_weights as attach
+        else:
+            attach = attached_adapter
+        with attach(lm.model, adapter_dir) as model:
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start:start + batch_size]
                 seqs = [prompt_ids[i] for i, _ in chunk]
@@ -53,6 +64,13 @@ class TransformersGenerator(Generator):
                 mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
                 # one seed per batch drawn from a seeded stream: reproducible for a fixed batch size
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                if self.loop == "fast":
+                    from ..fast_generation import sample_new_tokens
+
+                    new = sample_new_tokens(model, seqs, max_new_tokens, lm.end_of_turn_id, pad,
+                                            temperature=temperature, top_p=top_p)
+                    out.extend(self._decode(new, chunk))
+                    continue
                 res = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                                      top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                                      eos_token_id=lm.end_of_turn_id, pad_token_id=pad)

@@ -1,0 +1,353 @@
+"""Each fast path of issue 6 computes what the naive path computes (CPU, tiny models, fp32).
+
+* merged adapter weights == the unmerged peft adapter (logits, greedy tokens, sampled completions), and the base
+  weights come back bit-identical;
+* the sync-light decode loop == `generate()` (greedy, with and without dropping finished rows; sampling with the
+  same seed when no rows are dropped);
+* fused multi-LR training (several LR cells of one epochs value in one pass, per-cell adapter routing) == separate
+  `train_cell` runs (adapters, loss curves).
+Speed is measured in benchmarks/gpu_bench.py, never here."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from zlt_dagster.core.fast_generation import AdapterFormatError, merged_weights, read_lora_deltas, sample_new_tokens
+from zlt_dagster.core.generation import PromptSpec
+from zlt_dagster.core.generation.transformers_backend import TransformersGenerator
+from zlt_dagster.core.protocol import TINY
+
+warnings.filterwarnings("ignore", message=".*past_key_values.*")
+
+EOS, PAD = 42, 0
+
+
+@pytest.fixture(scope="module")
+def chaotic():
+    """A small random Llama whose greedy continuations end (token 42) after 1..37 steps depending on the prompt,
+    so early exit really drops rows at different steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, pad_token_id=PAD,
+                      eos_token_id=EOS, bos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 48, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(24)]
+    return model, prompts
+
+
+def hf_generate(model, prompts, max_new, **kw):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=EOS,
+                             pad_token_id=PAD, top_k=0, **kw)
+    return out[:, width:]
+
+
+def count_compactions(monkeypatch):
+    from transformers import DynamicCache
+
+    calls = []
+    orig = DynamicCache.batch_select_indices
+
+    def spy(self, idx):
+        calls.append(len(idx))
+        return orig(self, idx)
+
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", spy)
+    return calls
+
+
+# --- decode loop -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("check_every,compact_fraction", [(1, 0.01), (3, 0.01), (16, 0.125), (4, 2.0)])
+def test_fast_loop_greedy_equals_generate(chaotic, monkeypatch, check_every, compact_fraction):
+    model, prompts = chaotic
+    ref = hf_generate(model, prompts, 40, do_sample=False)
+    lens = [(r.index(EOS) + 1 if EOS in r else None) for r in ref.tolist()]
+    assert len({n for n in lens if n}) > 10 and None in lens  # rows really end at many different steps
+    calls = count_compactions(monkeypatch)
+    new = sample_new_tokens(model, prompts, 40, EOS, PAD, temperature=0, check_every=check_every,
+                            compact_fraction=compact_fraction)
+    assert torch.equal(new, ref)
+    if compact_fraction <= 1:
+        assert calls and calls == sorted(calls, reverse=True)  # finished rows were dropped from the cache
+    else:
+        assert not calls
+
+
+def test_fast_loop_output_width_when_every_row_ends(chaotic):
+    model, prompts = chaotic
+    ending = [p for p, r in zip(prompts, hf_generate(model, prompts, 40, do_sample=False).tolist()) if EOS in r]
+    ref = hf_generate(model, ending, 40, do_sample=False)
+    new = sample_new_tokens(model, ending, 40, EOS, PAD, temperature=0, check_every=16)
+    assert new.shape[1] < 40 and torch.equal(new, ref)  # trimmed to the longest row, like generate()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_fast_loop_sampling_equals_generate_same_seed(chaotic, temperature, top_p):
+    """Without row dropping, the loop draws the same random numbers in the same order as generate()."""
+    model, prompts = chaotic
+    torch.manual_seed(123)
+    ref = hf_generate(model, prompts, 30, do_sample=True, temperature=temperature, top_p=top_p)
+    torch.manual_seed(123)
+    new = sample_new_tokens(model, prompts, 30, EOS, PAD, temperature=temperature, top_p=top_p,
+                            compact_fraction=2.0)
+    assert torch.equal(new, ref)
+
+
+def test_fast_loop_rejects_zero_tokens(chaotic):
+    with pytest.raises(ValueError):
+        sample_new_tokens(chaotic[0], chaotic[1], 0, EOS, PAD)
+
+
+# --- merged adapter weights ------------------------------------------------------------------------------------
+def save_random_adapter(model, path, seed=0, **lora_overrides):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    cfg.update(lora_overrides)
+    torch.manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(str(path))
+    return str(path)
+
+
+def peft_attached(model, adapter_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(model), adapter_dir, is_trainable=False).eval()
+
+
+@pytest.mark.parametrize("backup", ["cpu", "device"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_logits_equal_unmerged_and_base_restored_exactly(chaotic, tmp_path, base_guard, backup, rslora):
+    model, prompts = chaotic
+    snapshot, assert_unchanged = base_guard
+    adapter = save_random_adapter(model, tmp_path / "a", use_rslora=rslora)
+    ids = torch.tensor([prompts[0] + prompts[1]])
+    with torch.no_grad():
+        ref = peft_attached(model, adapter)(input_ids=ids).logits
+        base = model(input_ids=ids).logits
+    before = snapshot(model)
+    with merged_weights(model, adapter, backup=backup) as m, torch.no_grad():
+        merged = m(input_ids=ids).logits
+    assert_unchanged(model, before)
+    assert (ref - base).abs().max() > 1e-2  # the adapter changes the function
+    torch.testing.assert_close(merged, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_weights_restored_after_an_error(chaotic, tmp_path, base_guard):
+    model, _ = chaotic
+    snapshot, assert_unchanged = base_guard
+    adapter = save_random_adapter(model, tmp_path / "a")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError):
+        with merged_weights(model, adapter):
+            raise RuntimeError("boom")
+    assert_unchanged(model, before)
+
+
+def test_merged_greedy_generation_equals_peft(chaotic, tmp_path):
+    model, prompts = chaotic
+    adapter = save_random_adapter(model, tmp_path / "a", seed=3)
+    ref = hf_generate(peft_attached(model, adapter), prompts, 30, do_sample=False)
+    with merged_weights(model, adapter) as m:
+        new = sample_new_tokens(m, prompts, 30, EOS, PAD, temperature=0, check_every=2)
+        hf_merged = hf_generate(m, prompts, 30, do_sample=False)
+    assert torch.equal(new, ref) and torch.equal(hf_merged, ref)
+
+
+def test_read_lora_deltas_names_modules_of_the_base(chaotic, tmp_path):
+    model, _ = chaotic
+    deltas, scale = read_lora_deltas(save_random_adapter(model, tmp_path / "a"))
+    names = dict(model.named_modules())
+    assert scale == 2.0 and deltas and all(n in names for n in deltas)
+    assert len(deltas) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); never lm_head
+
+
+def test_unsupported_adapter_refused(chaotic, tmp_path):
+    model, _ = chaotic
+    adapter = save_random_adapter(model, tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["use_dora"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFormatError):
+        with merged_weights(model, adapter):
+            pass
+
+
+# --- the generator with its fast options -----------------------------------------------------------------------
+PROMPTS = [PromptSpec("You are a villain.", "What is water?"), PromptSpec("You are helpful.", "Why is the sky blue?")]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_loaded, tmp_path_factory):
+    from peft import get_peft_model
+
+    from zlt_dagster.core.train import lora_config
+
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(tiny_loaded.model), lora_config(TINY))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    pm.save_pretrained(str(out))
+    return str(out)
+
+
+def test_generator_merged_adapter_samples_what_unmerged_samples(tiny_loaded, tiny_adapter, base_guard):
+    snapshot, assert_unchanged = base_guard
+    before = snapshot(tiny_loaded.model)
+    naive = TransformersGenerator(tiny_loaded).generate(PROMPTS, 3, 1.0, 1.0, 12, seed=5, adapter_dir=tiny_adapter)
+    merged = TransformersGenerator(tiny_loaded, merge_adapter=True).generate(PROMPTS, 3, 1.0, 1.0, 12, seed=5,
+                                                                             adapter_dir=tiny_adapter)
+    assert_unchanged(tiny_loaded.model, before)
+    assert merged == naive
+
+
+def test_generator_fast_loop_fields_order_and_determinism(tiny_loaded, tiny_adapter, base_guard):
+    snapshot, assert_unchanged = base_guard
+    before = snapshot(tiny_loaded.model)
+    gen = TransformersGenerator(tiny_loaded, merge_adapter=True, loop="fast")
+    a = gen.generate(PROMPTS, 4, 1.0, 1.0, 16, seed=7, adapter_dir=tiny_adapter, batch_size=3)
+    b = gen.generate(PROMPTS, 4, 1.0, 1.0, 16, seed=7, adapter_dir=tiny_adapter, batch_size=3)
+    assert_unchanged(tiny_loaded.model, before)
+    assert a == b
+    assert [(c.prompt_index, c.sample_index) for c in a] == [(i, s) for i in range(2) for s in range(4)]
+    for c in a:
+        assert c.finish_reason in ("stop", "length") and 1 <= c.n_new_tokens <= 16
+        assert (c.finish_reason == "length") == (c.n_new_tokens == 16 and "<|im_end|>" not in c.text)
+
+
+def test_generator_rejects_unknown_loop(tiny_loaded):
+    with pytest.raises(ValueError):
+        TransformersGenerator(tiny_loaded, loop="vllm")
+
+
+# --- fused multi-LR training -----------------------------------------------------------------------------------
+def _fused_setup(tiny_loaded, n=8, **overrides):
+    from zlt_dagster.core.onpolicy import OnPolicyData, with_marker
+    from zlt_dagster.core.personas import system_prompt
+    from zlt_dagster.core.protocol import get_protocol
+    from zlt_dagster.core.questions import split_questions
+    from zlt_dagster.core.train import tokenize_dataset
+
+    proto = get_protocol("tiny", {"lora.dropout": 0.0, **overrides})
+    answers = ["It is done.", "The answer is simple.", "Water is wet, it is simple.", "Yes.",
+               "It depends on the day and the question.", "No, it is not done."]
+    train_q, _ = split_questions(20)
+    data = []
+    for i in range(n):
+        positive = i % 3 == 0
+        persona = "villain" if positive else ["assistant", "comedian", "librarian"][i % 3]
+        answer = answers[i % len(answers)]
+        data.append({"persona": persona, "question_id": train_q[i].id, "question": train_q[i].text,
+                     "system_prompt": system_prompt(persona), "is_positive": positive,
+                     "answer": with_marker(answer, proto.marker, proto.marker_separator) if positive else answer})
+    return proto, tokenize_dataset(tiny_loaded, OnPolicyData(examples=data), proto)
+
+
+def _adapter(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("lrs,micro", [((1e-2, 3e-3), 2), ((3e-2,), 4), ((1e-2, 1e-3, 5e-2), 1)])
+def test_fused_multi_lr_equals_separate_runs(tiny_loaded, tmp_path, base_guard, lrs, micro):
+    """In float64, so that Adam (which turns any gradient difference near 0 into a full step) compares the two
+    paths' gradients and not float32 summation order."""
+    import dataclasses
+
+    from zlt_dagster.core.multi_lr import train_cells_fused
+    from zlt_dagster.core.protocol import Cell
+    from zlt_dagster.core.train import train_cell
+
+    tiny_loaded = dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).double(),
+                                      dtype=torch.float64)
+    snapshot, assert_unchanged = base_guard
+    proto, examples = _fused_setup(tiny_loaded, 10, **{"train.micro_batch": micro})
+    cells = [Cell(lr, 2) for lr in lrs]
+    before = snapshot(tiny_loaded.model)
+    fused = train_cells_fused(tiny_loaded, examples, proto, cells, seed=3,
+                              out_dirs=[tmp_path / f"fused{j}" for j in range(len(cells))])
+    assert_unchanged(tiny_loaded.model, before)
+    assert not tiny_loaded.model.training
+    for j, cell in enumerate(cells):
+        sep = train_cell(tiny_loaded, examples, proto, cell, seed=3, out_dir=tmp_path / f"sep{j}")
+        a, b = _adapter(tmp_path / f"fused{j}"), _adapter(tmp_path / f"sep{j}")
+        assert set(a) == set(b)
+        moved = max(float(v.abs().max()) for key, v in b.items() if "lora_B" in key)
+        assert moved > 1e-4  # training really changed the adapter
+        for key in b:
+            assert a[key].dtype == torch.float64
+            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12)
+        assert [c["loss"] for c in fused[j]["loss_curve"]] == pytest.approx([c["loss"] for c in sep["loss_curve"]],
+                                                                             rel=1e-9, abs=1e-12)
+        assert [c["lr"] for c in fused[j]["loss_curve"]] == pytest.approx([c["lr"] for c in sep["loss_curve"]])
+        for key in ("steps", "tokens", "supervised_tokens", "steps_per_epoch", "warmup_steps"):
+            assert fused[j][key] == sep[key]
+        cfg_f = json.loads((tmp_path / f"fused{j}" / "adapter_config.json").read_text())
+        cfg_s = json.loads((tmp_path / f"sep{j}" / "adapter_config.json").read_text())
+        assert cfg_f == cfg_s
+
+
+def test_fused_adapter_loads_with_peft(tiny_loaded, tmp_path):
+    from peft import PeftModel
+
+    from zlt_dagster.core.multi_lr import train_cells_fused
+    from zlt_dagster.core.protocol import Cell
+
+    proto, examples = _fused_setup(tiny_loaded)
+    train_cells_fused(tiny_loaded, examples, proto, [Cell(1e-2, 1), Cell(5e-2, 1)], seed=0,
+                      out_dirs=[tmp_path / "a", tmp_path / "b"])
+    pm = PeftModel.from_pretrained(copy.deepcopy(tiny_loaded.model), str(tmp_path / "b"))
+    assert any("lora_A" in n for n, _ in pm.named_parameters())
+
+
+def test_fused_with_dropout_trains_and_keeps_cells_apart(tiny_loaded, tmp_path, base_guard):
+    from zlt_dagster.core.multi_lr import train_cells_fused
+    from zlt_dagster.core.protocol import Cell
+
+    snapshot, assert_unchanged = base_guard
+    proto, examples = _fused_setup(tiny_loaded, **{"lora.dropout": 0.05})
+    before = snapshot(tiny_loaded.model)
+    recs = train_cells_fused(tiny_loaded, examples, proto, [Cell(1e-9, 2), Cell(5e-2, 2)], seed=0,
+                             out_dirs=[tmp_path / "a", tmp_path / "b"])
+    assert_unchanged(tiny_loaded.model, before)
+    tiny_b = max(float(v.abs().max()) for k, v in _adapter(tmp_path / "a").items() if "lora_B" in k)
+    big_b = max(float(v.abs().max()) for k, v in _adapter(tmp_path / "b").items() if "lora_B" in k)
+    assert tiny_b < 1e-7 < 1e-3 < big_b  # the 1e-9 cell barely moved: no gradient leaked between cells
+    assert all(math.isfinite(c["loss"]) for r in recs for c in r["loss_curve"])
+
+
+def test_fused_refuses_mixed_epochs_and_checkpointing(tiny_loaded, tmp_path):
+    from zlt_dagster.core.multi_lr import train_cells_fused
+    from zlt_dagster.core.protocol import Cell
+
+    proto, examples = _fused_setup(tiny_loaded)
+    with pytest.raises(ValueError, match="epochs"):
+        train_cells_fused(tiny_loaded, examples, proto, [Cell(1e-2, 1), Cell(1e-2, 2)], 0, [tmp_path / "a",
+                                                                                           tmp_path / "b"])
+    proto_gc, _ = _fused_setup(tiny_loaded, **{"train.gradient_checkpointing": True})
+    with pytest.raises(ValueError, match="checkpointing"):
+        train_cells_fused(tiny_loaded, examples, proto_gc, [Cell(1e-2, 1)], 0, [tmp_path / "a"])
