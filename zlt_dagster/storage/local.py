@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from urllib.parse import quote
@@ -15,6 +16,7 @@ from .base import (
     PathLike,
     StoreError,
     normalize_prefix,
+    sha256_bytes,
     temp_sibling,
     validate_key,
 )
@@ -123,6 +125,65 @@ class LocalStore(ObjectStore):
                 raise FileNotFoundError(str(src))
             self._atomic_write(dest, copy)
         return dest
+
+    # ---- conditional writes (leases): one flock per directory serialises them; the version token is the sha256 --
+    supports_conditional_writes = True
+
+    @contextlib.contextmanager
+    def _dir_lock(self, directory: Path) -> Iterator[None]:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> str | None:
+        dest = self._path(key)
+        with self._errors("put_bytes_if_absent", key, dest), self._dir_lock(dest.parent):
+            tmp = temp_sibling(dest)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(tmp, dest)  # atomic create-if-absent, with the full content already in place
+                except FileExistsError:
+                    return None
+            finally:
+                tmp.unlink(missing_ok=True)
+        return sha256_bytes(data)
+
+    def put_bytes_if_match(self, key: str, data: bytes, token: str) -> str | None:
+        dest = self._path(key)
+        with self._errors("put_bytes_if_match", key, dest), self._dir_lock(dest.parent):
+            try:
+                current = dest.read_bytes()
+            except FileNotFoundError:
+                return None
+            if sha256_bytes(current) != token:
+                return None
+            self._atomic_write(dest, lambda fh: fh.write(data))
+        return sha256_bytes(data)
+
+    def get_bytes_with_token(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, sha256_bytes(data)
+
+    def delete_if_match(self, key: str, token: str) -> bool:
+        dest = self._path(key)
+        with self._errors("delete_if_match", key, dest), self._dir_lock(dest.parent):
+            try:
+                current = dest.read_bytes()
+            except FileNotFoundError:
+                return True
+            if sha256_bytes(current) != token:
+                return False
+            dest.unlink()
+        return True
 
     def uri(self, key: str = "") -> str:
         # Keep RFC 3986 sub-delimiters such as '=' readable ("lr=5e-06_ep=20"), unlike Path.as_uri().

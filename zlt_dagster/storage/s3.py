@@ -23,6 +23,18 @@ from .base import NotFoundError, ObjectStore, PathLike, StoreError, normalize_pr
 _MB = 1024 * 1024
 _MIN_PART = 5 * _MB  # S3's minimum multipart part size
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+# a conditional write that did not happen: 412 (version differs / key exists); 409 (a concurrent conditional write
+# to the same key is in flight, AWS asks to retry)
+_PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _precondition_failed(err: StoreError) -> bool:
+    cause = err.__cause__
+    if not isinstance(cause, botocore.exceptions.ClientError):
+        return False
+    code = str(cause.response.get("Error", {}).get("Code", ""))
+    status = str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code in _PRECONDITION_CODES or status in ("412", "409")
 
 
 def redact_url(url: str | None) -> str | None:
@@ -195,6 +207,51 @@ class S3Store(ObjectStore):
         with self._errors("get_file", full):  # s3transfer writes to a temp name and renames when complete
             self.client.download_file(self.bucket, full, str(dest), Config=self._transfer)
         return dest
+
+    # ---- conditional writes (leases): S3 If-None-Match / If-Match on PutObject and DeleteObject --------------
+    supports_conditional_writes = True
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> str | None:
+        full = self._full(key)
+        try:
+            with self._errors("put_bytes_if_absent", full):
+                return self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), IfNoneMatch="*")["ETag"]
+        except StoreError as e:
+            if _precondition_failed(e):
+                return None
+            raise
+
+    def put_bytes_if_match(self, key: str, data: bytes, token: str) -> str | None:
+        full = self._full(key)
+        try:
+            with self._errors("put_bytes_if_match", full):
+                return self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), IfMatch=token)["ETag"]
+        except NotFoundError:
+            return None
+        except StoreError as e:
+            if _precondition_failed(e):
+                return None
+            raise
+
+    def get_bytes_with_token(self, key: str) -> tuple[bytes, str]:
+        full = self._full(key)
+        with self._errors("get_bytes", full):
+            resp = self.client.get_object(Bucket=self.bucket, Key=full)
+            with contextlib.closing(resp["Body"]) as body:
+                return body.read(), resp["ETag"]
+
+    def delete_if_match(self, key: str, token: str) -> bool:
+        full = self._full(key)
+        try:
+            with self._errors("delete_if_match", full):
+                self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=token)
+        except NotFoundError:
+            return True
+        except StoreError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        return True
 
     def uri(self, key: str = "") -> str:
         full = self._full(key, allow_empty=True)
