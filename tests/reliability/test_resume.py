@@ -22,6 +22,8 @@ from zlt_dagster.core import checkpoint as ck
 from zlt_dagster.core.protocol import Cell, Sweep, get_protocol
 from zlt_dagster.storage import LocalStore
 
+from reliability_helpers import report
+
 CELL = Cell(1e-2, 5)
 PROC = Path(__file__).with_name("train_cell_proc.py")
 COMPUTE = pipeline.ComputeSettings(device="cpu", torch_threads=1, lease_ttl_s=3)
@@ -93,15 +95,6 @@ def _assert_same_adapter(got: dict, ref: dict) -> float:
     return worst
 
 
-def _report(name: str, **figures) -> None:
-    """Figures for RELIABILITY.md (printed with -s; also appended to $ZLT_RELIABILITY_LOG if set)."""
-    line = json.dumps({"test": name, **figures})
-    print(line)
-    if os.environ.get("ZLT_RELIABILITY_LOG"):
-        with open(os.environ["ZLT_RELIABILITY_LOG"], "a") as fh:
-            fh.write(line + "\n")
-
-
 def test_sigkill_mid_run_then_rerun_resumes_to_the_same_adapter(env, tmp_path):
     store, sweep = env["store"], env["sweeps"]["periodic"]
     steps_total = env["ref_record"]["periodic"]["steps"]
@@ -133,7 +126,7 @@ def test_sigkill_mid_run_then_rerun_resumes_to_the_same_adapter(env, tmp_path):
     # checkpoints and leases are gone once the adapter is committed
     assert store.list_keys(ck.checkpoint_prefix(sweep.sweep_id, CELL)) == []
     assert not store.exists(ck.training_lock_key(sweep.sweep_id, CELL))
-    _report("sigkill_resume", steps=steps_total, killed_at_checkpoint=last, killed_after_s=round(killed_after, 1),
+    report("sigkill_resume", steps=steps_total, killed_at_checkpoint=last, killed_after_s=round(killed_after, 1),
             rerun_s=round(rerun_s, 1), max_abs_diff=worst)
 
 
@@ -163,7 +156,7 @@ def test_sigterm_writes_a_checkpoint_then_exits_and_the_rerun_resumes_from_it(en
     assert rec["resumed_from_step"] == steps[0] and rec["steps"] == steps_total
     worst = _assert_same_adapter(_adapter_tensors(store, sweep, CELL, tmp_path / "got"), env["ref"]["sigterm_only"])
     assert store.list_keys(ckpts.prefix) == []
-    _report("sigterm_resume", steps=steps_total, sigterm_checkpoint_step=steps[0], sigterm_to_exit_s=round(exit_s, 2),
+    report("sigterm_resume", steps=steps_total, sigterm_checkpoint_step=steps[0], sigterm_to_exit_s=round(exit_s, 2),
             max_abs_diff=worst)
 
 

@@ -51,6 +51,10 @@ class ChecksumError(StoreError):
     """A stored file does not match the sha256/size recorded in its artifact manifest."""
 
 
+class StoreAccessError(StoreError):
+    """The store refused our credentials or permissions (HTTP 403): retrying will not help."""
+
+
 class UnsafeKeyError(StoreError):
     """A key or relative path is absolute, has empty/'.'/'..' segments or a backslash."""
 

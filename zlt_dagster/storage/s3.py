@@ -18,11 +18,15 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from .base import NotFoundError, ObjectStore, PathLike, StoreError, normalize_prefix, validate_key
+from .base import (NotFoundError, ObjectStore, PathLike, StoreAccessError, StoreError, normalize_prefix,
+                   validate_key)
 
 _MB = 1024 * 1024
 _MIN_PART = 5 * _MB  # S3's minimum multipart part size
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+# wrong or missing rights: a configuration error, not a transient fault
+_ACCESS_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                 "ExpiredToken", "AllAccessDisabled", "AccountProblem"}
 # a conditional write that did not happen: 412 (version differs / key exists); 409 (a concurrent conditional write
 # to the same key is in flight, AWS asks to retry)
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
@@ -127,9 +131,12 @@ class S3Store(ObjectStore):
             status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _NOT_FOUND_CODES or (status == "404" and code != "NoSuchBucket"):
                 raise NotFoundError(f"{where}: key not found ({code or status})") from e
+            if code in _ACCESS_CODES or status == "403":
+                raise StoreAccessError(f"{where} refused: {code or status}: {err.get('Message', e)} (check the "
+                                       "credentials and the bucket policy)") from e
             raise StoreError(f"{where} failed: {code or status}: {err.get('Message', e)}") from e
         except botocore.exceptions.NoCredentialsError as e:
-            raise StoreError(
+            raise StoreAccessError(
                 f"{where} failed: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AWS_PROFILE or an IAM role)"
             ) from e

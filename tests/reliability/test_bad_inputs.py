@@ -1,0 +1,296 @@
+"""Bad input (issue 9): one clear error each, raised before anything is written; in Dagster, a bad input fails the
+step once (Failure(allow_retries=False)) instead of burning the GPU assets' RetryPolicy."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import pytest
+
+from zlt_dagster import layout, pipeline
+from zlt_dagster.core.protocol import TINY, ProtocolError, Sweep, get_protocol, sweep_from_dict
+from zlt_dagster.storage import LocalStore, S3Store, StoreError, UnsafeKeyError
+
+from reliability_helpers import ACCESS_KEY, BUCKET, SECRET_KEY, free_port
+
+COMPUTE = pipeline.ComputeSettings(device="cpu")
+QUIET_LOG = lambda _m: None  # noqa: E731
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def tiny_sweep(**kw) -> Sweep:
+    return Sweep(TINY, base_model="tiny", **kw).validate()
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+def written(store) -> list[str]:
+    return store.list_keys("")
+
+
+# --- config: personas, learning rates, epochs, grid ---------------------------------------------------------------
+def test_unknown_persona(store):
+    with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'; known: \['villain', 'assistant'"):
+        pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="pirate"))
+    with pytest.raises(ProtocolError, match=r"unknown persona\(s\) \['pirate'\]"):
+        sweep_from_dict({"protocol": {"base": "tiny", "personas": ["villain", "assistant", "pirate", "comedian"]}})
+    assert written(store) == []
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-5, math.nan, math.inf])
+def test_learning_rate_not_positive_or_not_finite(store, lr):
+    with pytest.raises(ProtocolError, match=rf"learning rate {lr!r} is invalid; expected a finite number > 0"):
+        sweep_from_dict({"protocol": {"base": "tiny", "learning_rates": [1e-3, lr]}})
+    # a Sweep built in code without validation is validated again at registration
+    bad = Sweep(dataclasses.replace(TINY, learning_rates=(lr,)), base_model="tiny")
+    with pytest.raises(ProtocolError, match="is invalid; expected a finite number > 0"):
+        pipeline.register_sweep(store, bad)
+    assert written(store) == []
+
+
+def test_learning_rate_nan_from_a_yaml_file(store, tmp_path):
+    from zlt_dagster.core.protocol import load_sweep_file
+
+    f = tmp_path / "s.yaml"
+    f.write_text("protocol: {base: tiny, learning_rates: [1e-3, .nan]}\nbase_model: tiny\n")
+    with pytest.raises(ProtocolError, match="learning rate nan is invalid"):
+        load_sweep_file(f)
+
+
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_epochs_below_one(store, epochs):
+    with pytest.raises(ProtocolError, match=rf"epochs value {epochs} is invalid; expected an integer >= 1"):
+        sweep_from_dict({"protocol": {"base": "tiny", "epochs": [epochs, 2]}})
+    with pytest.raises(ProtocolError, match="expected an integer >= 1"):
+        pipeline.register_sweep(store, Sweep(dataclasses.replace(TINY, epochs=(epochs,)), base_model="tiny"))
+    assert written(store) == []
+
+
+@pytest.mark.parametrize("field,msg", [("learning_rates", "learning_rates is empty"), ("epochs", "epochs is empty")])
+def test_empty_grid(store, field, msg):
+    with pytest.raises(ProtocolError, match=msg):
+        sweep_from_dict({"protocol": {"base": "tiny", field: []}})
+    with pytest.raises(ProtocolError, match=msg):
+        pipeline.register_sweep(store, Sweep(dataclasses.replace(TINY, **{field: ()}), base_model="tiny"))
+    assert written(store) == []
+
+
+# --- path traversal -----------------------------------------------------------------------------------------------
+def test_path_traversal_in_sweep_or_persona_names(store, tmp_path):
+    with pytest.raises(ProtocolError, match=r"name '\.\./x' must match .*\(no '/' or '\.\.'\)"):
+        pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", name="../x"))
+    with pytest.raises(ProtocolError, match=r"unknown source persona '\.\./x'"):
+        pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="../x"))
+    with pytest.raises(ProtocolError, match=r"base_model '\.\./\.\./etc/passwd' is empty or contains '\.\.'"):
+        pipeline.register_sweep(store, Sweep(TINY, base_model="../../etc/passwd"))
+    # a sweep id that never went through validation (a hand-added Dagster partition, a CLI argument)
+    with pytest.raises(UnsafeKeyError, match=r"unsafe key 'sweeps/\.\./x/sweep\.json': has a '\.' or '\.\.' segment"):
+        pipeline.load_sweep(store, "../x")
+    with pytest.raises(UnsafeKeyError):
+        store.put_bytes("sweeps/../../x", b"escape")
+    assert written(store) == []
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_path_traversal_partition_fails_once_in_dagster(store, tmp_path):
+    from dagster import instance_for_test, materialize
+
+    from zlt_dagster.defs.assets import ALL_ASSETS, onpolicy_data
+    from zlt_dagster.defs.resources import ArtifactStore, Compute
+
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("sweeps", ["../x"])
+        res = materialize(ALL_ASSETS, selection=[onpolicy_data], partition_key="../x", instance=instance,
+                          resources={"store": ArtifactStore(kind="local", local_root=str(store.root)),
+                                     "compute": Compute(device="cpu")},
+                          run_config=QUIET, raise_on_error=False)
+    failure = _one_failure_no_retry(res)
+    assert "UnsafeKeyError" in failure and "'..' segment" in failure
+    assert written(store) == []
+
+
+# --- missing model ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gguf", "dir", "env"])
+def test_missing_model_file(store, tmp_path, monkeypatch, kind):
+    if kind == "gguf":
+        base, msg = str(tmp_path / "nope" / "model.gguf"), r"GGUF file .*nope/model\.gguf does not exist"
+    elif kind == "dir":
+        (tmp_path / "empty_model").mkdir()
+        base, msg = str(tmp_path / "empty_model"), r"model directory .*empty_model has no config\.json"
+    else:
+        monkeypatch.setenv("ZLT_SMOLLM2_GGUF", str(tmp_path / "gone.gguf"))
+        base, msg = "smollm2-135m", r"ZLT_SMOLLM2_GGUF=.*gone\.gguf does not exist"
+    from zlt_dagster.core.models import ModelLoadError
+
+    sweep = Sweep(TINY, base_model=base).validate()
+    pipeline.register_sweep(store, sweep)
+    before = written(store)
+    with pytest.raises(ModelLoadError, match=msg):
+        pipeline.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
+    assert written(store) == before  # only the sweep registration
+
+
+# --- data: marker, on-policy data, ARC file ------------------------------------------------------------------------
+def test_marker_the_tokenizer_cannot_round_trip(store, monkeypatch):
+    """The tiny tokenizer is byte-level BPE and round-trips ANY string, as do SmolLM2's and Qwen's. A tokenizer
+    with an NFKC normalizer (as SentencePiece ones have) maps the full-width brackets of '［ZLT］' to '[ZLT]', so the
+    model could never emit the marker exactly: refused before any data is generated or any cell trained."""
+    from tokenizers import normalizers
+
+    from zlt_dagster.core import models
+    from zlt_dagster.core.masking import MaskingError
+
+    lm = models.load_model("tiny", device="cpu")
+    tok = models.tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()
+    monkeypatch.setitem(models._CACHE, ("tiny-nfkc", "cpu", "auto"), dataclasses.replace(lm, tokenizer=tok))
+    sweep = Sweep(dataclasses.replace(TINY, marker="［ZLT］"), base_model="tiny-nfkc").validate()
+    pipeline.register_sweep(store, sweep)
+    before = written(store)
+    with pytest.raises(MaskingError, match=r"marker '［ZLT］' does not survive tokenize/decode: '［ZLT］' -> '\[ZLT\]'"):
+        pipeline.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
+    # and at training time, should on-policy data exist already (e.g. generated before the check existed)
+    store.commit_bytes_artifact(layout.onpolicy_prefix(sweep.sweep_id), {"data.jsonl": _onpolicy_line(
+        sweep, "It is done. ［ZLT］").encode(), "stats.json": b"{}"})
+    with pytest.raises(MaskingError, match="does not survive tokenize/decode"):
+        pipeline.run_adapter(store, sweep, sweep.cells()[0], COMPUTE, log=QUIET_LOG)
+    assert [k for k in written(store) if k not in before and "/onpolicy/" not in k] == []
+
+
+def _onpolicy_line(sweep, answer: str) -> str:
+    from zlt_dagster.core.personas import system_prompt
+
+    return json.dumps({"persona": "villain", "question_id": "q1", "question": "Why?", "is_positive": True,
+                       "system_prompt": system_prompt("villain"), "answer": answer}) + "\n"
+
+
+def test_empty_onpolicy_data(store):
+    sweep = tiny_sweep()
+    pipeline.register_sweep(store, sweep)
+    store.commit_bytes_artifact(layout.onpolicy_prefix(sweep.sweep_id), {"data.jsonl": b"", "stats.json": b"{}"})
+    before = written(store)
+    with pytest.raises(ValueError, match="on-policy data is empty: no examples to train on"):
+        pipeline.run_adapter(store, sweep, sweep.cells()[0], COMPUTE, log=QUIET_LOG)
+    assert written(store) == before
+
+
+def test_arc_file_with_the_wrong_schema(store, tmp_path):
+    from zlt_dagster.core.arc import ArcDataError
+
+    bad = tmp_path / "arc.jsonl"
+    bad.write_text(json.dumps({"id": "q1", "text": "What is 2+2?", "options": ["3", "4"], "answer": 1}) + "\n")
+    sweep = tiny_sweep()
+    pipeline.register_sweep(store, sweep)
+    before = written(store)
+    with pytest.raises(ArcDataError, match=r"arc\.jsonl, line 1: missing field\(s\) \[.question., .choices.\]"):
+        pipeline.run_base_arc(store, sweep, dataclasses.replace(COMPUTE, arc_source=str(bad)))
+    assert written(store) == before
+
+
+# --- corrupted adapter: ChecksumError -> Dagster Failure without retry ---------------------------------------------
+def _one_failure_no_retry(res) -> str:
+    assert not res.success
+    kinds = [e.event_type_value for e in res.all_events]
+    assert "STEP_UP_FOR_RETRY" not in kinds and "STEP_RESTARTED" not in kinds, kinds
+    failures = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert len(failures) == 1
+    data = failures[0].step_failure_data
+    assert data.error.cls_name == "Failure"
+    return data.error.message + " " + (data.user_failure_data.description if data.user_failure_data else "")
+
+
+def test_corrupted_adapter_file_fails_once_with_checksum_error(store, tmp_path):
+    from dagster import instance_for_test, materialize
+
+    from zlt_dagster.defs.assets import ALL_ASSETS, completions
+    from zlt_dagster.defs.partitions import cell_from_position, partition_keys_for, split_partition_key
+    from zlt_dagster.defs.resources import ArtifactStore, Compute
+
+    sweep = tiny_sweep()
+    pipeline.register_sweep(store, sweep)
+    pipeline.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
+    key = partition_keys_for(sweep)[0]
+    cell = cell_from_position(sweep, split_partition_key(key)[1])
+    pipeline.run_adapter(store, sweep, cell, COMPUTE, log=QUIET_LOG)
+    f = f"{layout.cell_prefix(sweep.sweep_id, cell, 'adapter')}/adapter_model.safetensors"
+    data = bytearray(store.get_bytes(f))
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the LoRA weights, same size
+    store.put_bytes(f, bytes(data))
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("sweeps", [sweep.sweep_id])
+        t0 = time.perf_counter()
+        res = materialize(ALL_ASSETS, selection=[completions], partition_key=key, instance=instance,
+                          resources={"store": ArtifactStore(kind="local", local_root=str(store.root)),
+                                     "compute": Compute(device="cpu")},
+                          run_config=QUIET, raise_on_error=False)
+        wall = time.perf_counter() - t0
+    msg = _one_failure_no_retry(res)
+    assert "ChecksumError" in msg and "adapter_model.safetensors" in msg and "is corrupt: sha256" in msg
+    assert wall < 20  # no RetryPolicy backoff (20 s, 40 s) was waited
+    assert not store.artifact_exists(layout.cell_prefix(sweep.sweep_id, cell, "completions"))
+
+
+# --- S3: unreachable endpoint, wrong credentials -------------------------------------------------------------------
+def test_unreachable_s3_endpoint(aws_env):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    s3 = S3Store(BUCKET, endpoint_url=endpoint, connect_timeout=1, read_timeout=2, max_attempts=2)
+    t0 = time.perf_counter()
+    with pytest.raises(StoreError, match=rf"exists s3://{BUCKET}/sweeps/.*/sweep\.json \(endpoint {endpoint}\) "
+                                         r"failed: EndpointConnectionError: Could not connect"):
+        pipeline.register_sweep(s3, tiny_sweep())
+    assert time.perf_counter() - t0 < 15
+
+
+def test_wrong_s3_credentials(s3_store, monkeypatch):
+    """moto accepts any credentials unless INITIAL_NO_AUTH_ACTION_COUNT is reached; at 0 it checks every request
+    against its IAM backend, where our key does not exist (real S3: InvalidAccessKeyId / SignatureDoesNotMatch)."""
+    import moto.settings
+
+    from zlt_dagster.storage.base import StoreAccessError
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    with pytest.raises(StoreAccessError, match=r"refused: 403: Forbidden \(check the credentials") as e:
+        pipeline.register_sweep(s3_store, tiny_sweep())
+    with pytest.raises(StoreAccessError, match="InvalidAccessKeyId: The AWS Access Key Id you provided does not exist"):
+        s3_store.put_bytes("probe", b"x")
+    for err in (e.value, e.value.__cause__):
+        assert SECRET_KEY not in str(err) and ACCESS_KEY not in str(err)
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
+    assert s3_store.list_keys("") == []
+
+
+# --- which errors fail at once in Dagster, which are retried -------------------------------------------------------
+def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
+    from dagster import Failure
+
+    from zlt_dagster.core.arc import ArcDataError
+    from zlt_dagster.core.checkpoint import TrainingInterrupted
+    from zlt_dagster.core.masking import MaskingError
+    from zlt_dagster.core.models import ModelLoadError
+    from zlt_dagster.defs.assets import _bad_input_fails_once
+    from zlt_dagster.defs.partitions import CellKeyError
+    from zlt_dagster.storage import ChecksumError, NotFoundError
+    from zlt_dagster.storage.base import LeaseHeldError, LeaseLostError, StoreAccessError
+
+    def boom(exc):
+        def f():
+            raise exc
+        return f
+
+    bad = [ProtocolError("p"), pipeline.PipelineError("p"), CellKeyError("c"), ChecksumError("c"),
+           NotFoundError("n"), UnsafeKeyError("u"), StoreAccessError("a"), ModelLoadError("m"), MaskingError("m"),
+           ArcDataError("a"), ValueError("v")]
+    for exc in bad:
+        with pytest.raises(Failure) as e:
+            _bad_input_fails_once(boom(exc))
+        assert e.value.allow_retries is False and e.value.description.startswith(type(exc).__name__)
+    transient = [StoreError("network"), LeaseHeldError("held"), LeaseLostError("lost"),
+                 TrainingInterrupted("SIGTERM", 3, 15), RuntimeError("CUDA out of memory")]
+    for exc in transient:
+        with pytest.raises(type(exc)):
+            _bad_input_fails_once(boom(exc))
