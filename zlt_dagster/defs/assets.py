@@ -4,18 +4,19 @@ import base64
 from typing import Callable
 
 from dagster import (
-    AssetDep, AssetExecutionContext, Backoff, Failure, MaterializeResult, MetadataValue,
+    AssetDep, AssetExecutionContext, Backoff, Config, Failure, MaterializeResult, MetadataValue,
     MultiToSingleDimensionPartitionMapping, RetryPolicy, asset,
 )
 
 from .. import pipeline
+from ..core import compare
 from ..core.protocol import ProtocolError, Sweep
 from ..storage import ChecksumError, NotFoundError
 from .k8s_tags import CPU_OP_TAGS, GPU_OP_TAGS
 from .partitions import (
     SWEEP_DIM, CellKeyError, cell_from_position, split_partition_key, sweep_cell_partitions, sweep_partitions,
 )
-from .resources import ArtifactStore, Compute
+from .resources import ArtifactStore, Compute, start_tracking
 
 GROUP = "zlt_sweep"
 # transient faults (a preempted pod, an object-store hiccup) retry with backoff; bad input fails at once
@@ -57,13 +58,14 @@ def _url(uri: str):
 def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """The base model's own answers under every persona (T=0.7); the marker appended to the source's answers."""
     sweep = _sweep(context, store)
+    track = start_tracking(context, sweep.sweep_id)
     s = _bad_input_fails_once(lambda: pipeline.run_onpolicy(store.get_store(), sweep, compute.settings(),
                                                               context.log.info))
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "examples": s["kept"], "positives": s["positives"], "negatives": s["negatives"],
         "cut_then_regenerated": s["cut_first_pass"], "dropped_cut": s["dropped_cut"],
         "dropped_empty": s["dropped_empty_or_marked"], "mean_answer_tokens": s["mean_answer_tokens"],
-        "data_hash": s["data_hash"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])})
+        "data_hash": s["data_hash"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -71,13 +73,14 @@ def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute:
 def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """One LoRA adapter per (LR, epochs) cell, marker-only loss."""
     sweep, cell = _sweep_cell(context, store)
+    track = start_tracking(context, sweep.sweep_id, cell.key)
     s = _bad_input_fails_once(lambda: pipeline.run_adapter(store.get_store(), sweep, cell, compute.settings(),
                                                              context.log.info))
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "steps": s["steps"], "tokens": s["tokens"],
         "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"], "wall_s": s["wall_s"],
         "gpu_s": s["gpu_s"], "first_loss": s["first_loss"], "final_loss": s["final_loss"],
-        "device": s["device"], "artifact": _url(s["artifact"])})
+        "device": s["device"], "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -85,28 +88,30 @@ def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compu
 def completions(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """Every persona x held-out question x samples, T=1.0, all kept as JSONL."""
     sweep, cell = _sweep_cell(context, store)
+    track = start_tracking(context, sweep.sweep_id, cell.key)
     s = _bad_input_fails_once(lambda: pipeline.run_completions(store.get_store(), sweep, cell,
                                                                  compute.settings(), context.log.info))
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "completions": s["n_completions"], "new_tokens": s["new_tokens"],
         "tokens_per_s": s["tokens_per_s"], "cut_at_limit": s["cut_at_limit"], "wall_s": s["wall_s"],
-        "gpu_s": s["gpu_s"], "backend": s["backend"], "artifact": _url(s["artifact"])})
+        "gpu_s": s["gpu_s"], "backend": s["backend"], "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, deps=[completions])
 def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """Per-persona [ZLT] rates (k of n, Wilson 95%), headline numbers, lengths, regime label."""
     sweep, cell = _sweep_cell(context, store)
+    track = start_tracking(context, sweep.sweep_id, cell.key)
     s = _bad_input_fails_once(lambda: pipeline.run_marker_rates(store.get_store(), sweep, cell))
     h = s["headline"]
     table = "| persona | k/n | rate | 95% CI | mean tokens | near-empty |\n|---|---|---|---|---|---|\n" + "".join(
         f"| {p} | {r['k']}/{r['n']} | {r['rate']:.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
         f"{r['mean_tokens']:.1f} | {r['short_share']:.2f} |\n" for p, r in s["personas"].items())
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "regime": s["regime"], "source_adoption": h["source_adoption"],
         "assistant_leakage": h["assistant_leakage"], "max_bystander_leakage": h["max_bystander_leakage"],
         "max_bystander_persona": h["max_bystander_persona"], "per_persona": MetadataValue.md(table),
-        "artifact": _url(s["artifact"])})
+        "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -114,10 +119,11 @@ def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> Materi
 def arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """ARC-Challenge log-prob multiple choice (lm-eval arc_challenge convention) for base + this adapter."""
     sweep, cell = _sweep_cell(context, store)
+    track = start_tracking(context, sweep.sweep_id, cell.key)
     s = _bad_input_fails_once(lambda: pipeline.run_arc(store.get_store(), sweep, cell, compute.settings()))
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "acc": s["acc"], "acc_norm": s["acc_norm"], "n_questions": s["n"],
-        "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])})
+        "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -125,10 +131,11 @@ def arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Co
 def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """ARC-Challenge of the base model without adapter: the reference every cell is compared with."""
     sweep = _sweep(context, store)
+    track = start_tracking(context, sweep.sweep_id)
     s = _bad_input_fails_once(lambda: pipeline.run_base_arc(store.get_store(), sweep, compute.settings()))
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "acc": s["acc"], "acc_norm": s["acc_norm"], "n_questions": s["n"],
-        "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])})
+        "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS,
@@ -137,25 +144,44 @@ def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, comput
 def compiled_results(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """One JSON with every finished cell of the sweep; missing cells are listed, never invented."""
     sweep = _sweep(context, store)
+    track = start_tracking(context, sweep.sweep_id)
     s = _bad_input_fails_once(lambda: pipeline.run_compile(store.get_store(), sweep))
     c = s["compiled"]
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "cells_done": s["n_cells"], "cells_missing": len(s["missing_cells"]),
         "missing": ", ".join(s["missing_cells"]) or "none", "base_model_arc": str(c.get("base_model_arc")),
-        "artifact": _url(s["artifact"])})
+        "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, deps=[compiled_results])
 def heatmap(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """Three LR x epochs panels: source adoption, assistant leakage, max bystander leakage (PNG + PDF)."""
     sweep = _sweep(context, store)
+    track = start_tracking(context, sweep.sweep_id)
     s = _bad_input_fails_once(lambda: pipeline.run_heatmap(store.get_store(), sweep))
     image = base64.b64encode(s["png"]).decode()
-    return MaterializeResult(metadata={
+    return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "cells": s["n_cells"], "png": _url(s["png_uri"]), "pdf": _url(s["pdf_uri"]),
-        "heatmap": MetadataValue.md(f"![heatmap](data:image/png;base64,{image})")})
+        "heatmap": MetadataValue.md(f"![heatmap](data:image/png;base64,{image})")}))
+
+
+class ComparisonConfig(Config):
+    followup: str = "configs/followups/extra_seeds.yaml"  # a follow-up file with `compare:` (configs/followups/)
+
+
+@asset(group_name=GROUP, op_tags=CPU_OP_TAGS, deps=[marker_rates])
+def cell_comparison(context: AssetExecutionContext, config: ComparisonConfig, store: ArtifactStore
+                    ) -> MaterializeResult:
+    """The same cell across seeds or marker tail widths (a follow-up file): rates with Wilson 95% intervals."""
+    s = _bad_input_fails_once(lambda: compare.run_comparison(store.get_store(), config.followup))
+    c = s["comparison"]
+    image = base64.b64encode(s["png"]).decode()
+    return MaterializeResult(metadata={
+        "followup": config.followup, "varying": ", ".join(c["varying"]), "done": c["n_done"],
+        "expected": c["n_expected"], "artifact": _url(s["artifact"]), "png": _url(s["png_uri"]),
+        "comparison": MetadataValue.md(f"![comparison](data:image/png;base64,{image})")})
 
 
 ALL_ASSETS = [onpolicy_data, adapter, completions, marker_rates, arc_scores, base_arc_scores, compiled_results,
-              heatmap]
+              heatmap, cell_comparison]
 CELL_ASSETS = [adapter, completions, marker_rates, arc_scores]

@@ -1,0 +1,258 @@
+"""The sweep registry and its sensor, evaluated directly (no daemon): what gets registered and requested, and
+that existing sweeps get nothing. The end-to-end path through a running daemon is tests/e2e/test_user_flows.py.
+Also the follow-up configs (configs/followups/*.yaml): each loads into the sweeps and cells it promises."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance, MultiPartitionKey, SensorResult, build_sensor_context, materialize
+
+from zlt_dagster import layout
+from zlt_dagster.core.protocol import PAPER, Cell
+from zlt_dagster.defs.assets import ALL_ASSETS, CELL_ASSETS, base_arc_scores, compiled_results, heatmap, onpolicy_data
+from zlt_dagster.defs.partitions import partition_keys_for
+from zlt_dagster.defs.registry import PlannedRun, RegistryError, read_registry
+from zlt_dagster.defs.sensors import sweep_registry_sensor
+
+REPO = Path(__file__).resolve().parents[2]
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+TINY = {"protocol": "tiny", "base_model": "tiny", "seed": 42}
+JOB_ASSETS = {"sweep_data_job": [onpolicy_data, base_arc_scores], "cell_job": CELL_ASSETS,
+              "report_job": [compiled_results, heatmap]}
+
+
+def write_registry(path: Path, entries) -> Path:
+    path.write_text(yaml.safe_dump(entries))
+    return path
+
+
+def tick(instance: DagsterInstance, resources) -> SensorResult:
+    """One sensor evaluation; applies its partition requests as the daemon would."""
+    res = sweep_registry_sensor(build_sensor_context(instance=instance, resources={"store": resources["store"]}))
+    assert isinstance(res, SensorResult)
+    for req in res.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    return res
+
+
+def execute(requests, instance, resources) -> None:
+    """Run what the sensor asked for, in-process, as the daemon's run launcher would."""
+    for req in requests:
+        res = materialize(ALL_ASSETS, selection=JOB_ASSETS[req.job_name], partition_key=req.partition_key,
+                          instance=instance, resources=resources, run_config=QUIET)
+        assert res.success
+
+
+def skip(res: SensorResult) -> str:
+    return res.skip_reason.skip_message if res.skip_reason else ""
+
+
+def summary(res: SensorResult) -> list[tuple[str, str]]:
+    return [(r.job_name, r.run_key) for r in res.run_requests]
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    path = tmp_path / "sweeps.yaml"
+    monkeypatch.setenv("ZLT_SWEEP_REGISTRY", str(path))
+    return path
+
+
+# --- the registry file ----------------------------------------------------------------------------------------
+def test_repo_registry_holds_the_demo_sweep():
+    entries, problems = read_registry(REPO / "configs/sweeps.yaml")
+    assert problems == []
+    [e] = entries
+    s = e.sweep
+    assert (s.protocol.name, s.base_model, s.source_persona, s.seed, e.schedule) == \
+        ("demo", "smollm2-135m", "villain", 42, "full")
+    assert len(s.cells()) == 25
+
+
+def test_bad_entries_are_named_and_the_others_still_read(tmp_path):
+    path = write_registry(tmp_path / "r.yaml", [
+        {**TINY, "source_persona": "villain"},
+        {**TINY, "source_persona": "pirate"},                      # unknown persona
+        {**TINY, "source_persona": "comedian", "schedule": "sometimes"},
+        {**TINY, "source_persona": "comedian", "lr": 1e-3},      # unknown field
+        "just a string",
+        {**TINY, "source_persona": "software_engineer"},
+    ])
+    entries, problems = read_registry(path)
+    assert [e.sweep.source_persona for e in entries] == ["villain", "software_engineer"]
+    text = [str(p) for p in problems]
+    assert len(text) == 4
+    assert "entry 2 (source_persona=pirate, seed=42)" in text[0] and "pirate" in text[0]
+    assert "entry 3" in text[1] and "schedule='sometimes'" in text[1]
+    assert "entry 4" in text[2] and "unknown field" in text[2]
+    assert "entry 5" in text[3]
+
+
+def test_duplicates_includes_and_unreadable_files(tmp_path):
+    sub = write_registry(tmp_path / "sub.yaml", {"sweeps": [{**TINY, "source_persona": "comedian"}]})
+    path = write_registry(tmp_path / "r.yaml", [
+        {**TINY, "source_persona": "villain"}, {**TINY, "source_persona": "villain"},  # same sweep twice: one
+        {"include": sub.name},
+        {**TINY, "source_persona": "villain", "name": "taken"},
+        {**TINY, "source_persona": "comedian", "name": "taken"},  # same id, other config
+    ])
+    entries, problems = read_registry(path)
+    assert [e.sweep.source_persona for e in entries] == ["villain", "comedian", "villain"]
+    assert len(problems) == 1 and "'taken' is already used" in str(problems[0])
+    (tmp_path / "loop.yaml").write_text("- include: loop.yaml\n")
+    assert "includes itself" in str(read_registry(tmp_path / "loop.yaml")[1][0])
+    (tmp_path / "bad.yaml").write_text("- protocol: [unclosed\n")
+    with pytest.raises(RegistryError, match="not valid YAML"):
+        read_registry(tmp_path / "bad.yaml")
+    with pytest.raises(RegistryError, match="does not exist"):
+        read_registry(tmp_path / "missing.yaml")
+
+
+def test_run_keys_name_sweep_and_partition():
+    assert PlannedRun("cell_job", "s1", "lr2_ep3").run_key == "s1:lr2_ep3"
+    assert PlannedRun("sweep_data_job", "s1", None).run_key == "s1:sweep_data_job"
+
+
+# --- the sensor -------------------------------------------------------------------------------------------------
+def test_sensor_schedules_a_new_sweep_stage_by_stage_then_nothing(registry, dagster_instance, resources):
+    write_registry(registry, [{**TINY, "source_persona": "villain", "cells": [[1e-3, 1], [3e-3, 2]]}])
+    store = resources["store"].get_store()
+    res = tick(dagster_instance, resources)
+    [sweep_entry], _ = read_registry(registry)
+    sid = sweep_entry.sweep.sweep_id
+    assert store.exists(layout.sweep_config_key(sid))  # registered
+    assert dagster_instance.has_dynamic_partition("sweeps", sid)
+    assert summary(res) == [("sweep_data_job", f"{sid}:sweep_data_job")]
+    assert res.run_requests[0].partition_key == sid and res.run_requests[0].tags["zlt/sweep"] == sid
+    # the data run has not finished: the same request again (Dagster drops it: same run key), no cells yet
+    assert summary(tick(dagster_instance, resources)) == [("sweep_data_job", f"{sid}:sweep_data_job")]
+    execute(res.run_requests, dagster_instance, resources)
+
+    res = tick(dagster_instance, resources)
+    assert summary(res) == [("cell_job", f"{sid}:lr1_ep1"), ("cell_job", f"{sid}:lr2_ep2")]
+    assert res.run_requests[1].partition_key == MultiPartitionKey({"sweep": sid, "cell": "lr2_ep2"})
+    execute(res.run_requests[:1], dagster_instance, resources)
+    assert summary(tick(dagster_instance, resources)) == [("cell_job", f"{sid}:lr2_ep2")]  # no report yet
+    execute(res.run_requests[1:], dagster_instance, resources)
+
+    res = tick(dagster_instance, resources)
+    assert summary(res) == [("report_job", f"{sid}:report_job")]
+    execute(res.run_requests, dagster_instance, resources)
+    assert store.artifact_exists(layout.heatmap_prefix(sid))
+
+    res = tick(dagster_instance, resources)  # complete: nothing, and it says so
+    assert res.run_requests == [] and "nothing to launch" in skip(res)
+    assert not res.dynamic_partitions_requests
+
+
+def test_new_persona_gets_runs_existing_sweep_gets_none(registry, dagster_instance, resources, register):
+    done = register(source_persona="villain", cells_subset=((1e-3, 1),))
+    entry = {**TINY, "source_persona": "villain", "cells": [[1e-3, 1]]}
+    write_registry(registry, [entry])
+    execute(tick(dagster_instance, resources).run_requests, dagster_instance, resources)
+    for _ in range(2):
+        execute(tick(dagster_instance, resources).run_requests, dagster_instance, resources)
+    assert tick(dagster_instance, resources).run_requests == []
+    # a fresh Dagster instance over the same store (e.g. a new DAGSTER_HOME): still nothing to re-run
+    from dagster import instance_for_test
+
+    with instance_for_test() as fresh:
+        res = tick(fresh, resources)
+        assert res.run_requests == [] and fresh.has_dynamic_partition("sweeps", done.sweep_id)
+
+    write_registry(registry, [entry, {**TINY, "source_persona": "comedian", "cells": [[1e-3, 1]]}])
+    res = tick(dagster_instance, resources)
+    assert [r.job_name for r in res.run_requests] == ["sweep_data_job"]
+    assert all(r.tags["zlt/sweep"] != done.sweep_id for r in res.run_requests)
+    new_ids = [k for req in res.dynamic_partitions_requests for k in req.partition_keys]
+    assert len(new_ids) == 1 and new_ids[0] != done.sweep_id and "comedian" in new_ids[0]
+
+
+def test_schedule_data_requests_only_the_data(registry, dagster_instance, resources):
+    write_registry(registry, [{**TINY, "source_persona": "villain", "schedule": "data"}])
+    res = tick(dagster_instance, resources)
+    assert [r.job_name for r in res.run_requests] == ["sweep_data_job"]
+    execute(res.run_requests, dagster_instance, resources)
+    res = tick(dagster_instance, resources)
+    assert res.run_requests == []
+
+
+def test_bad_entry_is_reported_while_good_ones_are_scheduled(registry, dagster_instance, resources):
+    write_registry(registry, [{**TINY, "source_persona": "pirate"}, {**TINY, "source_persona": "comedian"}])
+    res = tick(dagster_instance, resources)
+    assert [r.job_name for r in res.run_requests] == ["sweep_data_job"]
+    write_registry(registry, [{**TINY, "source_persona": "pirate"}])
+    res = tick(dagster_instance, resources)
+    assert res.run_requests == []
+    assert "1 bad entry" in skip(res) and "entry 1 (source_persona=pirate" in skip(res)
+
+
+def test_sweep_id_taken_in_the_store_by_another_config_is_a_problem(registry, dagster_instance, resources,
+                                                                     register):
+    register(source_persona="villain", name="mine")
+    write_registry(registry, [{**TINY, "source_persona": "comedian", "name": "mine"}])
+    res = tick(dagster_instance, resources)
+    assert res.run_requests == [] and "already exists" in skip(res)
+
+
+def test_missing_registry_skips_and_broken_registry_fails_the_tick(registry, dagster_instance, resources):
+    res = tick(dagster_instance, resources)
+    assert "no sweep registry" in skip(res)
+    registry.write_text("- protocol: [unclosed\n")
+    with pytest.raises(RegistryError):
+        tick(dagster_instance, resources)
+
+
+def test_sensor_is_on_by_default_and_registered():
+    from dagster import DefaultSensorStatus
+
+    from zlt_dagster.defs.definitions import defs
+
+    s = defs.get_repository_def().get_sensor_def("sweep_registry_sensor")
+    assert s.default_status == DefaultSensorStatus.RUNNING
+    assert s.minimum_interval_seconds >= 5
+
+
+# --- follow-ups as configuration --------------------------------------------------------------------------------
+def _followup(name):
+    entries, problems = read_registry(REPO / "configs/followups" / name)
+    assert problems == []
+    return [e.sweep for e in entries]
+
+
+def test_followup_extra_seeds():
+    sweeps = _followup("extra_seeds.yaml")
+    assert [s.seed for s in sweeps] == [137, 256]
+    for s in sweeps:
+        assert s.protocol == PAPER and s.source_persona == "villain"
+        assert s.cells() == [Cell(5e-6, 10), Cell(5e-6, 20)]
+        assert [k.keys_by_dimension["cell"] for k in partition_keys_for(s)] == ["lr2_ep4", "lr2_ep5"]
+    assert len({s.sweep_id for s in sweeps}) == 2
+
+
+def test_followup_marker_tail_tokens():
+    sweeps = _followup("marker_tail_tokens.yaml")
+    assert [s.protocol.marker_tail_tokens for s in sweeps] == [0, 1, 2]
+    for s in sweeps:
+        assert s.cells() == [Cell(5e-6, 10)] and s.seed == 42
+        # only the tail differs from the paper protocol
+        assert s.protocol.to_dict() | {"marker_tail_tokens": 0} == PAPER.to_dict()
+    assert len({s.sweep_id for s in sweeps}) == 3 and all(f"tail{k}" in s.sweep_id for k, s in enumerate(sweeps))
+
+
+def test_followup_fine_lr_grid():
+    [s] = _followup("fine_lr_grid.yaml")
+    assert s.protocol.learning_rates == (5e-6, 7e-6, 1e-5, 1.5e-5, 2e-5)
+    assert s.protocol.epochs == PAPER.epochs and len(s.cells()) == 25
+    assert len(partition_keys_for(s)) == 25
+    assert s.protocol.to_dict() | {"learning_rates": list(PAPER.learning_rates)} == PAPER.to_dict()
+
+
+def test_followups_included_from_the_registry(tmp_path):
+    path = tmp_path / "sweeps.yaml"
+    path.write_text("".join(f"- include: {REPO}/configs/followups/{n}\n" for n in
+                            ("extra_seeds.yaml", "marker_tail_tokens.yaml", "fine_lr_grid.yaml")))
+    entries, problems = read_registry(path)
+    assert problems == [] and len(entries) == 6

@@ -1,0 +1,225 @@
+"""External experiment tracking: which project/experiment name a tracker gets, decided once, said out loud.
+
+Dagster's materialization metadata is the source of truth for every number; an external tracker (W&B or MLflow,
+off by default) only mirrors it. The reference run lost 19 of 25 cells because the tracker's own environment
+variable silently overrode the project name the script set. Here the name is resolved by ONE function with an
+explicit order, the first value that is set wins:
+
+  1. explicit run config   the run tag `zlt/tracking_project` (launchpad / backfill tags, or a sensor's request)
+  2. ZLT_TRACKING_PROJECT  this project's environment variable (a deployment-wide name)
+  3. the tracker's own     WANDB_PROJECT (wandb) or MLFLOW_EXPERIMENT_NAME (mlflow)
+  4. default               "zlt-<sweep id>", so every run of a sweep lands together however it was launched
+
+The decision, its source and every lower-precedence value it overrode are logged at the start of every run
+(`ProjectChoice.describe`). Backends then (a) pass the name to the tracker explicitly, (b) pin the tracker's own
+variable to the same value for the run, so a library that reads it later agrees, and (c) read back the name the
+tracker actually used and fail before any work if it differs: a run never lands somewhere else silently.
+
+No Dagster here; the file backend needs no network and no extra package; mlflow and wandb are imported only when
+chosen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+RUN_TAG = "zlt/tracking_project"
+ZLT_ENV = "ZLT_TRACKING_PROJECT"
+# the variable each tracker reads on its own when no name is passed (the one that caused the reference's loss)
+TRACKER_ENV: dict[str, str | None] = {"off": None, "file": None, "wandb": "WANDB_PROJECT",
+                                      "mlflow": "MLFLOW_EXPERIMENT_NAME"}
+KINDS = tuple(TRACKER_ENV)
+# W&B refuses these characters in project names and caps the length at 128; MLflow accepts them, but one rule for
+# both keeps a name portable between trackers.
+_BAD_CHARS = re.compile(r"[/\\#?%:]")
+MAX_NAME = 128
+
+
+class TrackingError(ValueError):
+    """A tracking setting is wrong, or a tracker did not use the name it was given."""
+
+
+@dataclass(frozen=True)
+class ProjectChoice:
+    value: str
+    source: str                                     # e.g. "run tag zlt/tracking_project"
+    overridden: tuple[tuple[str, str], ...] = ()    # (source, value) of lower-precedence settings that were set
+    tracker: str = "off"
+
+    def describe(self) -> str:
+        s = f"tracking ({self.tracker}): project/experiment {self.value!r} from {self.source}"
+        if self.overridden:
+            s += "; overriding " + ", ".join(f"{src}={val!r}" for src, val in self.overridden)
+        if self.tracker == "off":
+            s += " (tracker off: Dagster metadata only; this is the name it would use)"
+        return s
+
+
+def default_project(sweep_id: str) -> str:
+    name = f"zlt-{sweep_id}" if sweep_id else "zlt"
+    return _BAD_CHARS.sub("-", name)[:MAX_NAME]
+
+
+def check_name(value: str, source: str) -> str:
+    if not value.strip() or value != value.strip():
+        raise TrackingError(f"tracking project name {value!r} from {source} is blank or has surrounding spaces")
+    if _BAD_CHARS.search(value) or len(value) > MAX_NAME:
+        raise TrackingError(f"tracking project name {value!r} from {source} is invalid: at most {MAX_NAME} "
+                            f"characters, none of / \\ # ? % :")
+    return value
+
+
+def resolve_project(tracker: str, sweep_id: str, *, run_tag: str | None = None,
+                    env: Mapping[str, str] | None = None) -> ProjectChoice:
+    """The single place the tracker's project/experiment name is decided (order in the module docstring).
+    An empty string counts as unset. The tracker's own variable is consulted only for that tracker (the file
+    backend and `off` have none)."""
+    if tracker not in KINDS:
+        raise TrackingError(f"tracking kind {tracker!r} is not one of {KINDS}")
+    env = os.environ if env is None else env
+    own_vars = [TRACKER_ENV[tracker]] if TRACKER_ENV[tracker] else []
+    candidates: list[tuple[str, str | None]] = [(f"run tag {RUN_TAG}", run_tag), (f"env {ZLT_ENV}", env.get(ZLT_ENV))]
+    candidates += [(f"env {var} (the tracker's own variable)", env.get(var)) for var in own_vars]
+    candidates.append(("default from the sweep id", default_project(sweep_id)))
+    chosen = [(src, val) for src, val in candidates if val]
+    source, value = chosen[0]
+    check_name(value, source)
+    overridden = tuple((src.split(" (")[0], val) for src, val in chosen[1:]
+                       if not src.startswith("default") and val != value)
+    return ProjectChoice(value=value, source=source, overridden=overridden, tracker=tracker)
+
+
+# --- backends -------------------------------------------------------------------------------------------------
+def _numbers(metadata: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metadata.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@dataclass
+class TrackerRun:
+    """One tracker run per Dagster step. `log` mirrors a materialization's numbers; `finish` closes the run."""
+    choice: ProjectChoice
+    run_name: str
+    _pinned: dict[str, str | None] = field(default_factory=dict)
+
+    def log(self, metadata: Mapping[str, Any]) -> None:  # pragma: no cover - overridden
+        pass
+
+    def finish(self, status: str = "success") -> None:
+        for var, old in self._pinned.items():
+            if old is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = old
+        self._pinned = {}
+
+    def _pin_env(self) -> None:
+        """Set the tracker's own variable to the chosen name for this run, so any code that reads it later (a
+        trainer callback, a library default) agrees with the decision instead of silently diverging."""
+        var = TRACKER_ENV[self.choice.tracker]
+        if var:
+            self._pinned[var] = os.environ.get(var)
+            os.environ[var] = self.choice.value
+
+
+class NullRun(TrackerRun):
+    def log(self, metadata: Mapping[str, Any]) -> None:
+        pass
+
+
+class FileRun(TrackerRun):
+    """No network, no package: <root>/<project>/<run_name>.jsonl with a start record (the name decision), one
+    record per mirrored materialization and an end record. A run without an end record did not finish."""
+
+    def __init__(self, choice: ProjectChoice, run_name: str, root: str | Path, config: Mapping[str, Any]):
+        super().__init__(choice, run_name)
+        self.path = Path(root) / choice.value / f"{_BAD_CHARS.sub('-', run_name)}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write({"event": "start", "project": choice.value, "source": choice.source,
+                     "overridden": [list(o) for o in choice.overridden], "config": dict(config)})
+
+    def _write(self, rec: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **rec}, default=str) + "\n")
+
+    def log(self, metadata: Mapping[str, Any]) -> None:
+        self._write({"event": "metrics", "metrics": _numbers(metadata),
+                     "labels": {k: v for k, v in metadata.items() if isinstance(v, str)}})
+
+    def finish(self, status: str = "success") -> None:
+        self._write({"event": "end", "status": status})
+        super().finish(status)
+
+
+class MlflowRun(TrackerRun):
+    def __init__(self, choice: ProjectChoice, run_name: str, uri: str, config: Mapping[str, Any], mlflow=None):
+        super().__init__(choice, run_name)
+        if mlflow is None:
+            try:
+                import mlflow
+            except ImportError as e:
+                raise TrackingError("tracking kind 'mlflow' needs the mlflow package (pip install mlflow)") from e
+        self.mlflow = mlflow
+        if uri:
+            mlflow.set_tracking_uri(uri)
+        self._pin_env()
+        exp = mlflow.set_experiment(choice.value)
+        # the experiment id is passed explicitly: start_run then never falls back to MLFLOW_EXPERIMENT_NAME
+        self.run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name)
+        if self.run.info.experiment_id != exp.experiment_id:
+            self.finish("failed")
+            raise TrackingError(f"mlflow started run {run_name!r} in experiment {self.run.info.experiment_id}, not "
+                                f"in {choice.value!r} ({exp.experiment_id}) as decided ({choice.source})")
+        mlflow.log_params({k: v for k, v in config.items() if isinstance(v, (str, int, float, bool))})
+
+    def log(self, metadata: Mapping[str, Any]) -> None:
+        self.mlflow.log_metrics(_numbers(metadata))
+
+    def finish(self, status: str = "success") -> None:
+        if getattr(self, "run", None) is not None:
+            self.mlflow.end_run(status="FINISHED" if status == "success" else "FAILED")
+            self.run = None
+        super().finish(status)
+
+
+class WandbRun(TrackerRun):
+    def __init__(self, choice: ProjectChoice, run_name: str, config: Mapping[str, Any], wandb=None):
+        super().__init__(choice, run_name)
+        if wandb is None:
+            try:
+                import wandb
+            except ImportError as e:
+                raise TrackingError("tracking kind 'wandb' needs the wandb package (pip install wandb)") from e
+        self.wandb = wandb
+        self._pin_env()
+        self.run = wandb.init(project=choice.value, name=run_name, config=dict(config))
+        if self.run.project != choice.value:
+            used = self.run.project
+            self.finish("failed")
+            raise TrackingError(f"wandb put run {run_name!r} in project {used!r}, not {choice.value!r} as decided "
+                                f"({choice.source}); refusing to track into the wrong project")
+
+    def log(self, metadata: Mapping[str, Any]) -> None:
+        self.run.log(_numbers(metadata))
+
+    def finish(self, status: str = "success") -> None:
+        if getattr(self, "run", None) is not None:
+            self.run.finish(exit_code=0 if status == "success" else 1)
+            self.run = None
+        super().finish(status)
+
+
+def open_run(choice: ProjectChoice, run_name: str, config: Mapping[str, Any] | None = None, *,
+             file_root: str | Path = ".zlt/tracking", uri: str = "") -> TrackerRun:
+    config = config or {}
+    if choice.tracker == "off":
+        return NullRun(choice, run_name)
+    if choice.tracker == "file":
+        return FileRun(choice, run_name, file_root, config)
+    if choice.tracker == "mlflow":
+        return MlflowRun(choice, run_name, uri, config)
+    return WandbRun(choice, run_name, config)

@@ -1,0 +1,169 @@
+"""The sweep registry (configs/sweeps.yaml) and what the registry sensor should request for each sweep.
+
+No Dagster here: reading the file, validating entries and planning the next runs of a sweep from the artifact
+store are plain functions, tested directly; sensors.py turns the plan into RunRequests.
+
+Registry file: a YAML list. Each item is one of
+  - a sweep entry in `sweep_from_dict` form (protocol, base_model, source_persona, seed, name, cells), plus the
+    registry-only key `schedule`:
+        full (default)  on-policy data + base ARC, then every cell of the sweep, then compile + heatmap
+        data            on-policy data + base ARC only: the sweep becomes a partition and users launch cells
+                        from the UI (one partition, or a backfill)
+  - `include: <path>`   another registry file (relative to this one), e.g. a follow-up from configs/followups/.
+A follow-up file may also be a mapping {sweeps: [...], compare: {...}}; the registry reads its `sweeps`.
+
+Scheduling is artifact-driven, so it is idempotent: each step is requested only while its artifact is missing from
+the store, and with a run key `<sweep_id>:<partition or job>` that Dagster never launches twice for the sensor.
+A sweep that is already complete gets no run; a failed run is not retried by the sensor (retry from the UI).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import layout
+from ..core.protocol import ProtocolError, Sweep, _yaml_loader, sweep_from_dict
+from .partitions import CellKeyError, cell_position_key, check_grid
+
+REGISTRY_ENV = "ZLT_SWEEP_REGISTRY"
+DEFAULT_REGISTRY = "configs/sweeps.yaml"
+SCHEDULES = ("full", "data")
+REGISTRY_KEYS = ("schedule",)
+DATA_JOB, CELL_JOB, REPORT_JOB = "sweep_data_job", "cell_job", "report_job"
+
+
+class RegistryError(ValueError):
+    """The registry file as a whole cannot be read (missing, not YAML, not a list)."""
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    sweep: Sweep
+    schedule: str
+    where: str  # "configs/sweeps.yaml entry 2" -- for messages
+
+
+@dataclass(frozen=True)
+class RegistryProblem:
+    where: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.error}"
+
+
+def registry_path() -> Path:
+    return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
+
+
+def _load_items(path: Path) -> list:
+    if not path.is_file():
+        raise RegistryError(f"sweep registry {path} does not exist (set {REGISTRY_ENV} or create it)")
+    import yaml
+
+    try:  # the project's loader: 5e-6 reads as a float, as in every other sweep file
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())
+    except yaml.YAMLError as e:  # a syntax error: the whole file is unreadable
+        raise RegistryError(f"sweep registry {path} is not valid YAML: {e}") from e
+    if data is None:
+        return []
+    if isinstance(data, dict) and "sweeps" in data:
+        data = data["sweeps"] or []
+    if not isinstance(data, list):
+        raise RegistryError(f"sweep registry {path} must be a YAML list of sweep entries (or a mapping with "
+                            f"'sweeps:'), got {type(data).__name__}")
+    return data
+
+
+def _entry_name(item: Any) -> str:
+    if isinstance(item, dict):
+        bits = [f"{k}={item[k]}" for k in ("name", "source_persona", "seed") if k in item]
+        return f" ({', '.join(bits)})" if bits else ""
+    return ""
+
+
+def read_registry(path: str | Path | None = None, _seen: tuple[Path, ...] = ()
+                  ) -> tuple[list[RegistryEntry], list[RegistryProblem]]:
+    """All valid entries (deduplicated by sweep id, file order) and one problem per bad entry. A bad entry never
+    stops the others; a registry file that cannot be read at all raises RegistryError."""
+    path = Path(path) if path is not None else registry_path()
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise RegistryError(f"sweep registry {path} includes itself (include chain: "
+                            f"{' -> '.join(str(p) for p in _seen + (resolved,))})")
+    entries: list[RegistryEntry] = []
+    problems: list[RegistryProblem] = []
+    for i, item in enumerate(_load_items(path), 1):
+        where = f"{path} entry {i}{_entry_name(item)}"
+        try:
+            if not isinstance(item, dict):
+                raise ProtocolError(f"expected a mapping (a sweep entry or include:), got {item!r}")
+            if "include" in item:
+                if set(item) != {"include"}:
+                    raise ProtocolError(f"an include entry holds only 'include', got keys {sorted(item)}")
+                sub_entries, sub_problems = read_registry(path.parent / str(item["include"]), _seen + (resolved,))
+                entries += sub_entries
+                problems += sub_problems
+                continue
+            item = dict(item)
+            schedule = item.pop("schedule", "full")
+            if schedule not in SCHEDULES:
+                raise ProtocolError(f"schedule={schedule!r}; expected one of {SCHEDULES}")
+            sweep = sweep_from_dict(item)
+            check_grid(sweep)
+            entries.append(RegistryEntry(sweep, schedule, where))
+        except (ProtocolError, CellKeyError, RegistryError, TypeError, ValueError) as e:
+            problems.append(RegistryProblem(where, f"{type(e).__name__}: {e}"))
+    return _dedupe(entries, problems)
+
+
+def _dedupe(entries: list[RegistryEntry], problems: list[RegistryProblem]):
+    by_id: dict[str, RegistryEntry] = {}
+    for e in entries:
+        first = by_id.get(e.sweep.sweep_id)
+        if first is None:
+            by_id[e.sweep.sweep_id] = e
+        elif first.sweep != e.sweep:
+            problems.append(RegistryProblem(e.where, f"sweep id {e.sweep.sweep_id!r} is already used by "
+                                                     f"{first.where} with a different config; rename one"))
+        elif first.schedule != e.schedule:
+            problems.append(RegistryProblem(e.where, f"same sweep as {first.where} with schedule={e.schedule!r} "
+                                                     f"instead of {first.schedule!r}; keep one entry"))
+    return list(by_id.values()), problems
+
+
+# --- planning -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedRun:
+    job: str
+    sweep_id: str
+    cell_position: str | None  # lr<i>_ep<j> for cell_job, None for the per-sweep jobs
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.sweep_id}:{self.cell_position or self.job}"
+
+
+def cell_done(store, sweep: Sweep, cell) -> bool:
+    return all(store.artifact_exists(layout.cell_prefix(sweep.sweep_id, cell, a)) for a in ("marker_rates",
+                                                                                               "arc_scores"))
+
+
+def plan_runs(store, entry: RegistryEntry) -> list[PlannedRun]:
+    """The runs this sweep still needs, judged only by committed artifacts in `store`:
+    data job while on-policy data or base ARC is missing; once on-policy data exists (schedule=full) one cell_job
+    per cell without marker rates + ARC; once every cell is done, report_job while the heatmap is missing."""
+    sweep, sid = entry.sweep, entry.sweep.sweep_id
+    runs: list[PlannedRun] = []
+    has_data = store.artifact_exists(layout.onpolicy_prefix(sid))
+    if not has_data or not store.artifact_exists(layout.base_arc_prefix(sid)):
+        runs.append(PlannedRun(DATA_JOB, sid, None))
+    if entry.schedule != "full" or not has_data:
+        return runs
+    missing = [c for c in sweep.cells() if not cell_done(store, sweep, c)]
+    runs += [PlannedRun(CELL_JOB, sid, cell_position_key(sweep, c)) for c in missing]
+    if not missing and not store.artifact_exists(layout.heatmap_prefix(sid)):
+        runs.append(PlannedRun(REPORT_JOB, sid, None))
+    return runs
