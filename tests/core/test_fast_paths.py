@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 
-from zlt_dagster.core.fast_generation import AdapterFormatError, merged_weights, read_lora_deltas, sample_new_tokens
+from zlt_dagster.core.fast_generation import (AdapterFormatError, MergePrecisionError, merge_rel_error, merged_weights,
+                                             read_lora_deltas, sample_new_tokens)
 from zlt_dagster.core.generation import PromptSpec
 from zlt_dagster.core.generation.transformers_backend import TransformersGenerator
 from zlt_dagster.core.protocol import TINY
@@ -171,6 +172,32 @@ def test_merged_greedy_generation_equals_peft(chaotic, tmp_path):
         new = sample_new_tokens(m, prompts, 30, EOS, PAD, temperature=0, check_every=2)
         hf_merged = hf_generate(m, prompts, 30, do_sample=False)
     assert torch.equal(new, ref) and torch.equal(hf_merged, ref)
+
+
+def test_lossy_bf16_merge_refused_and_base_restored(chaotic, tmp_path, base_guard):
+    """bf16 rounds a small delta away: the merge must refuse rather than silently drop the adapter."""
+    model, prompts = chaotic
+    snapshot, assert_unchanged = base_guard
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    from safetensors.torch import load_file, save_file
+
+    small = save_random_adapter(model, tmp_path / "small")
+    tensors = load_file(str(tmp_path / "small" / "adapter_model.safetensors"))
+    save_file({k: v * 1e-3 if "lora_B" in k else v for k, v in tensors.items()},
+              str(tmp_path / "small" / "adapter_model.safetensors"))
+    before = snapshot(bf)
+    assert merge_rel_error(bf, small) > 0.1 and merge_rel_error(model, small) < 1e-5
+    with pytest.raises(MergePrecisionError):
+        with merged_weights(bf, small):
+            pass
+    assert_unchanged(bf, before)
+    with merged_weights(bf, small, max_rel_error=None):  # the check can be switched off
+        pass
+    big = save_random_adapter(model, tmp_path / "big")  # B ~ N(0, 0.3): delta far above bf16 resolution
+    assert merge_rel_error(bf, big) < 0.1
+    with merged_weights(bf, big):
+        pass
+    assert_unchanged(bf, before)
 
 
 def test_read_lora_deltas_names_modules_of_the_base(chaotic, tmp_path):
