@@ -186,7 +186,7 @@ def test_lossy_bf16_merge_refused_and_base_restored(chaotic, tmp_path, base_guar
     save_file({k: v * 1e-3 if "lora_B" in k else v for k, v in tensors.items()},
               str(tmp_path / "small" / "adapter_model.safetensors"))
     before = snapshot(bf)
-    assert merge_rel_error(bf, small) > 0.1 and merge_rel_error(model, small) < 1e-5
+    assert merge_rel_error(bf, small) > 0.1 and merge_rel_error(model, small) < 1e-3
     with pytest.raises(MergePrecisionError):
         with merged_weights(bf, small):
             pass
