@@ -511,14 +511,14 @@ def run_135m(R, s, device, dtype, tmp, diag, out):
     steps = s(8, 2)
     R.run("train_135m_fast", 15, bench_train, lm, ex, 16, False, False, steps, tmp, "s7f")
     R.run("train_135m_fused_5lr", 25, bench_train_fused, lm, ex, 16, 5, steps, tmp)
-    R.run("train_135m_naive_no_ckpt_full_logits_m16", 15, bench_train, lm, ex, 16, False, True, steps, tmp, "s7n2")
     adapter = random_adapter(lm, tmp / "s-rand", 0.02)
-    R.run("merge_check_135m_random_b", 10, merged_vs_unmerged_logits, lm, adapter, eval_prompts(V, 8))
     prompts = eval_prompts(V, 220)
     small_n, small_new, big_new = s(256, 8), s(128, 8), s(512, 16)
     sub = prompts[:small_n // 8]
-    R.run("gen_135m_naive_unmerged_b256", 30, bench_gen, lm, sub, 8, small_new, 256, adapter, False, "hf")
+    R.run("gen_135m_naive_unmerged_b256", 25, bench_gen, lm, sub, 8, small_new, 256, adapter, False, "hf")
     R.run("gen_135m_merged_fastloop_b2200", 60, bench_gen, lm, prompts, 10, big_new, 2200, adapter, True, "fast")
+    R.run("merge_check_135m_random_b", 5, merged_vs_unmerged_logits, lm, adapter, eval_prompts(V, 8))
+    R.run("train_135m_naive_no_ckpt_full_logits_m16", 10, bench_train, lm, ex, 16, False, True, steps, tmp, "s7n2")
     R.run("gen_135m_merged_hf_b2200", 60, bench_gen, lm, prompts, 10, big_new, 2200, adapter, True, "hf")
     R.run("train_135m_naive_ckpt_full_logits_m4", 25, bench_train, lm, ex, 4, True, True, steps, tmp, "s7n")
 
