@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,9 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 # wrong or missing rights: a configuration error, not a transient fault
 _ACCESS_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
                  "ExpiredToken", "AllAccessDisabled", "AccountProblem"}
+# a response body cut off mid-stream (botocore does not retry reading the body of a GetObject)
+_BODY_ERRORS = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError,
+                botocore.exceptions.ReadTimeoutError)
 # a conditional write that did not happen: 412 (version differs / key exists); 409 (a concurrent conditional write
 # to the same key is in flight, AWS asks to retry)
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
@@ -82,6 +86,7 @@ class S3Store(ObjectStore):
         self._transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(threshold, _MIN_PART))
         self._client = None
         self._lock = threading.Lock()
+        self._max_attempts = max_attempts
 
     # The boto3 client is created lazily and dropped on pickling (it is not picklable; processes rebuild it).
     def __getstate__(self) -> dict:
@@ -149,12 +154,24 @@ class S3Store(ObjectStore):
         with self._errors("put_bytes", full):
             self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
 
+    def _get_object(self, full: str) -> tuple[bytes, str]:
+        """GetObject + reading its body. botocore retries the request but not a body cut off mid-stream
+        (IncompleteRead, a read timeout while streaming): retry those here, with the same number of attempts."""
+        attempts = max(1, self._max_attempts)
+        for attempt in range(attempts):
+            try:
+                with self._errors("get_bytes", full):
+                    resp = self.client.get_object(Bucket=self.bucket, Key=full)
+                    with contextlib.closing(resp["Body"]) as body:
+                        return body.read(), resp["ETag"]
+            except StoreError as e:
+                if attempt + 1 == attempts or not isinstance(e.__cause__, _BODY_ERRORS):
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
     def get_bytes(self, key: str) -> bytes:
-        full = self._full(key)
-        with self._errors("get_bytes", full):
-            resp = self.client.get_object(Bucket=self.bucket, Key=full)
-            with contextlib.closing(resp["Body"]) as body:
-                return body.read()
+        return self._get_object(self._full(key))[0]
 
     def exists(self, key: str) -> bool:
         full = self._full(key)
@@ -241,11 +258,7 @@ class S3Store(ObjectStore):
             raise
 
     def get_bytes_with_token(self, key: str) -> tuple[bytes, str]:
-        full = self._full(key)
-        with self._errors("get_bytes", full):
-            resp = self.client.get_object(Bucket=self.bucket, Key=full)
-            with contextlib.closing(resp["Body"]) as body:
-                return body.read(), resp["ETag"]
+        return self._get_object(self._full(key))
 
     def delete_if_match(self, key: str, token: str) -> bool:
         full = self._full(key)
@@ -265,13 +278,17 @@ class S3Store(ObjectStore):
         return f"s3://{self.bucket}/{full}" if full else f"s3://{self.bucket}"
 
     # ---- dev/test helper --------------------------------------------------------------------
-    def create_bucket_if_missing(self) -> None:
+    def _bucket_exists(self) -> bool:
         try:
             with self._errors("create_bucket_if_missing (head_bucket)", ""):
                 self.client.head_bucket(Bucket=self.bucket)
-            return
         except NotFoundError:
-            pass
+            return False
+        return True
+
+    def create_bucket_if_missing(self) -> None:
+        if self._bucket_exists():
+            return
         kwargs = {"Bucket": self.bucket}
         region = self.client.meta.region_name
         if region and region != "us-east-1":
