@@ -18,6 +18,7 @@ A sweep that is already complete gets no run; a failed run is not retried by the
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,7 @@ def cell_done(store, sweep: Sweep, cell) -> bool:
 def plan_runs(store, entry: RegistryEntry) -> list[PlannedRun]:
     """The runs this sweep still needs, judged only by committed artifacts in `store`:
     data job while on-policy data or base ARC is missing; once on-policy data exists (schedule=full) one cell_job
-    per cell without marker rates + ARC; once every cell is done, report_job while the heatmap is missing."""
+    per cell without marker rates + ARC; once every cell is done, report_job while the report is outdated."""
     sweep, sid = entry.sweep, entry.sweep.sweep_id
     runs: list[PlannedRun] = []
     has_data = store.artifact_exists(layout.onpolicy_prefix(sid))
@@ -164,6 +165,17 @@ def plan_runs(store, entry: RegistryEntry) -> list[PlannedRun]:
         return runs
     missing = [c for c in sweep.cells() if not cell_done(store, sweep, c)]
     runs += [PlannedRun(CELL_JOB, sid, cell_position_key(sweep, c)) for c in missing]
-    if not missing and not store.artifact_exists(layout.heatmap_prefix(sid)):
+    if not missing and report_outdated(store, sid):
         runs.append(PlannedRun(REPORT_JOB, sid, None))
     return runs
+
+
+def report_outdated(store, sweep_id: str) -> bool:
+    """True while the heatmap is missing or the compiled results still list missing cells (a report made by hand
+    before the grid was finished)."""
+    if not store.artifact_exists(layout.heatmap_prefix(sweep_id)):
+        return True
+    prefix = layout.compiled_prefix(sweep_id)
+    if not store.artifact_exists(prefix):
+        return True
+    return bool(json.loads(store.read_artifact_file(prefix, "compiled_results.json")).get("missing_cells"))
