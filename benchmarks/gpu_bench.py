@@ -177,10 +177,19 @@ def bench_train(lm: LoadedModel, examples, micro: int, ckpt: bool, full_logits: 
                 tag: str) -> dict:
     proto = get_protocol("paper", {"train.micro_batch": micro, "train.gradient_checkpointing": ckpt})
     eff = proto.train.effective_batch
-    train_cell(lm, examples[:eff], proto, Cell(1e-4, 1), seed=0, out_dir=tmp / f"{tag}-warm", full_logits=full_logits)
-    reset_peak(lm.device)
-    rec = train_cell(lm, examples[:eff * steps], proto, Cell(1e-4, 1), seed=0, out_dir=tmp / tag,
-                     full_logits=full_logits)
+    try:
+        train_cell(lm, examples[:eff], proto, Cell(1e-4, 1), seed=0, out_dir=tmp / f"{tag}-warm",
+                   full_logits=full_logits)
+        reset_peak(lm.device)
+        rec = train_cell(lm, examples[:eff * steps], proto, Cell(1e-4, 1), seed=0, out_dir=tmp / tag,
+                         full_logits=full_logits)
+    finally:
+        # train_cell turns gradient checkpointing on through peft and leaves it on the shared base after unload()
+        # (seen in the first H100 run: every variant after the checkpointed one ran checkpointed). Undo it here.
+        if getattr(lm.model, "is_gradient_checkpointing", False):
+            lm.model.gradient_checkpointing_disable()
+        if hasattr(lm.model, "_require_grads_hook"):
+            lm.model.disable_input_require_grads()
     return {"tok_s": rec["tokens_per_s"], "wall_s": rec["wall_s"], "tokens": rec["tokens"], "steps": rec["steps"],
             "tokens_per_example": round(rec["tokens"] / (eff * steps), 1), "peak_gib": peak_gib(lm.device),
             "first_loss": rec["first_loss"], "micro_batch": micro, "grad_ckpt": ckpt, "full_logits": full_logits,
@@ -438,7 +447,18 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     ap.add_argument("--only", choices=["all", "7b", "135m"], default="all")
     ap.add_argument("--diag", action="store_true", help="host facts, launch overhead and a decode profile first")
+    ap.add_argument("--sdpa", choices=["default", "no-cudnn"], default="default",
+                    help="no-cudnn: torch.backends.cuda.enable_cudnn_sdp(False) (the first H100 profile spent 64%% of "
+                         "a decode step's host time in aten::_cudnn_attention_forward)")
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                    help="combine results.json files of several calls into --out/results.json (later files win per "
+                         "workload; every file is kept under 'runs') and recompute the headline keys")
     args = ap.parse_args()
+    if args.merge:
+        merge_results([Path(p) for p in args.merge], Path(args.out))
+        return
+    if args.sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -453,7 +473,7 @@ def main() -> None:
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
                      "cuda": torch.version.cuda},
-        "smoke": args.smoke, "workloads": {},
+        "smoke": args.smoke, "sdpa": args.sdpa, "workloads": {},
     }
     R = Runner(out, args.budget_s, results)
     tmp = Path(tempfile.mkdtemp(prefix="zlt-bench-"))
@@ -523,30 +543,57 @@ def run_135m(R, s, device, dtype, tmp, diag, out):
     R.run("train_135m_naive_ckpt_full_logits_m4", 25, bench_train, lm, ex, 4, True, True, steps, tmp, "s7n")
 
 
-def finish(R, results, out):
+def headline(results: dict) -> None:
     w = results["workloads"]
 
+    def ok(name):
+        v = w.get(name)
+        return v if isinstance(v, dict) and not v.get("invalid") else None
+
     def best(*names):
-        vals = [val(w.get(n)) for n in names]
+        vals = [val(ok(n)) for n in names]
         vals = [v for v in vals if v]
         return max(vals) if vals else None
 
     results.update({
         "train_7b_tok_s": best("train_7b_fast", "train_7b_fast_micro4", "train_7b_fast_micro16"),
-        "train_7b_naive_tok_s": val(w.get("train_7b_naive_ckpt_full_logits")),
-        "train_7b_naive_no_ckpt_tok_s": val(w.get("train_7b_naive_no_ckpt_full_logits")),
+        "train_7b_naive_tok_s": val(ok("train_7b_naive_ckpt_full_logits")),
+        "train_7b_naive_no_ckpt_tok_s": val(ok("train_7b_naive_no_ckpt_full_logits")),
         "gen_7b_tok_s": best("gen_7b_merged_fastloop_b1100", "gen_7b_merged_hf_b1100"),
-        "gen_7b_naive_tok_s": val(w.get("gen_7b_naive_unmerged_b256")),
-        "train_135m_tok_s": val(w.get("train_135m_fast")),
-        "train_135m_fused_5lr_tok_s": val(w.get("train_135m_fused_5lr")),
-        "train_135m_naive_tok_s": val(w.get("train_135m_naive_ckpt_full_logits_m4")),
+        "gen_7b_naive_tok_s": val(ok("gen_7b_naive_unmerged_b256")),
+        "train_135m_tok_s": val(ok("train_135m_fast")),
+        "train_135m_fused_5lr_tok_s": val(ok("train_135m_fused_5lr")),
+        "train_135m_naive_tok_s": val(ok("train_135m_naive_ckpt_full_logits_m4")),
         "gen_135m_tok_s": best("gen_135m_merged_fastloop_b2200", "gen_135m_merged_hf_b2200"),
-        "gen_135m_naive_tok_s": val(w.get("gen_135m_naive_unmerged_b256")),
+        "gen_135m_naive_tok_s": val(ok("gen_135m_naive_unmerged_b256")),
         "peak_gib": {n: v.get("peak_gib") for n, v in w.items() if isinstance(v, dict) and "peak_gib" in v},
     })
     proj = projection(results)
     results["projection_7b"] = proj
     results["projected_7b_sweep_h100_hours"] = proj.get("total_h")
+
+
+def merge_results(paths: list[Path], out: Path) -> None:
+    runs = [json.loads(p.read_text()) for p in paths]
+    merged = {"gpu": runs[-1]["gpu"], "commit": [r.get("commit") for r in runs], "date": [r.get("date") for r in runs],
+              "versions": runs[-1].get("versions"), "workloads": {}, "runs": {}}
+    for p, r in zip(paths, runs):
+        tag = f"{r.get('date')} {r.get('commit', '')[:8]}"
+        merged["runs"][tag] = {k: v for k, v in r.items() if k != "log_tail"}
+        for name, v in r["workloads"].items():
+            if isinstance(v, dict) and ("skipped" in v or "error" in v) and name in merged["workloads"]:
+                continue  # keep a real measurement over a later skip
+            merged["workloads"][name] = dict(v, run=tag) if isinstance(v, dict) else v
+    headline(merged)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    print(json.dumps({k: v for k, v in merged.items() if k not in ("workloads", "runs")}, indent=1))
+
+
+def finish(R, results, out):
+    w = results["workloads"]
+    headline(results)
+
     results["elapsed_s"] = round(time.perf_counter() - T0, 1)
     R.save()
     (out / "bench.log").write_text("\n".join(LOG) + "\n")
