@@ -282,8 +282,9 @@ def run_compile(store: ObjectStore, sweep: Sweep) -> dict:
             "cell": {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key},
             "marker_rates": rates,
             "arc": None if arc_res is None else {k: arc_res[k] for k in ("acc", "acc_norm", "n")},
-            "train": {k: train.get(k) for k in ("steps", "tokens", "supervised_tokens", "wall_s", "tokens_per_s",
-                                                "gpu_s", "first_loss", "final_loss", "data_hash")},
+            "train": {**{k: train.get(k) for k in ("steps", "tokens", "supervised_tokens", "tokens_per_s",
+                                                   "first_loss", "final_loss", "data_hash")},
+                      "wall_seconds": train.get("wall_s"), "gpu_seconds": train.get("gpu_s")},
             "artifacts": {a: store.uri(layout.cell_prefix(sweep.sweep_id, cell, a)) for a in layout.CELL_ARTIFACTS},
         }
     compiled = report.compile_results(sweep, records, missing)

@@ -53,7 +53,8 @@ def test_compile_lists_missing_cells_and_invents_none():
     assert c["regime"] == "selective" and c["headline"]["source_adoption"] == 0.9
     assert c["arc"] == {"acc": 0.5, "acc_norm": 0.25, "n": 4}
     assert c["train"] == {"steps": 10, "tokens": 2000, "wall_seconds": 4.0, "tokens_per_s": 500.0,
-                          "final_loss": 0.12}
+                          "final_loss": 0.12, "supervised_tokens": None, "gpu_seconds": None, "first_loss": None,
+                          "data_hash": None}  # fields the record did not give stay None, never invented
     assert c["personas"]["villain"]["k"] == 9 and "ci_low" in c["personas"]["villain"]
     assert out["cells"][SWEEP.cells()[24].key]["regime"] == "degenerate"
     assert out["sweep_config_hash"] == SWEEP.config_hash()

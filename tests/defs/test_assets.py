@@ -76,7 +76,8 @@ def test_backfill_25_cells_then_compile_and_heatmap(dagster_instance, resources,
     compiled = json.loads(store.read_artifact_file(layout.compiled_prefix(sweep.sweep_id), "compiled_results.json"))
     assert len(compiled["cells"]) == 25 and compiled["missing_cells"] == []
     for rec in compiled["cells"].values():
-        assert rec["arc"]["n"] > 0 and rec["marker_rates"]["regime"]
+        assert rec["arc"]["n"] > 0 and rec["regime"] and rec["headline"]["source_adoption"] is not None
+        assert rec["train"]["steps"] > 0 and rec["train"]["wall_seconds"] > 0
     png = store.read_artifact_file(layout.heatmap_prefix(sweep.sweep_id), "heatmap.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert store.read_artifact_file(layout.heatmap_prefix(sweep.sweep_id), "heatmap.pdf")[:4] == b"%PDF"

@@ -18,7 +18,8 @@ HEADLINE_PANELS: tuple[tuple[str, str], ...] = (
     ("assistant_leakage", "Assistant leakage"),
     ("max_bystander_leakage", "Max bystander leakage"),
 )
-TRAIN_FIELDS = ("steps", "tokens", "wall_seconds", "tokens_per_s", "final_loss")
+TRAIN_FIELDS = ("steps", "tokens", "supervised_tokens", "wall_seconds", "tokens_per_s", "gpu_seconds", "first_loss",
+                "final_loss", "data_hash")
 ARC_FIELDS = ("acc", "acc_norm", "n")
 
 
