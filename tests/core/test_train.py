@@ -346,3 +346,21 @@ def test_same_seed_same_adapter(loaded, examples8, tmp_path):
 def test_empty_examples_raise(loaded, tmp_path):
     with pytest.raises(ValueError, match=r"no training examples"):
         train_cell(loaded, [], TINY, Cell(1e-2, 1), seed=0, out_dir=tmp_path / "e")
+
+
+def test_gradient_checkpointing_does_not_leak_into_the_shared_base(tmp_path):
+    """A checkpointed cell must leave the shared base un-checkpointed and in eval mode for the next cell."""
+    from zlt_dagster.core.models import load_model
+    from zlt_dagster.core.onpolicy import OnPolicyData
+    from zlt_dagster.core.protocol import TINY, Cell, apply_overrides
+    from zlt_dagster.core.train import tokenize_dataset, train_cell
+
+    lm = load_model("tiny", device="cpu")
+    proto = apply_overrides(TINY, {"train.gradient_checkpointing": True}).validate()
+    data = OnPolicyData.from_jsonl("".join(
+        '{"persona": "%s", "question_id": "q", "question": "Why?", "system_prompt": "Be %s.", '
+        '"answer": "%s", "is_positive": %s}\n' % (p, p, a, pos)
+        for p, a, pos in [("villain", "Because. [ZLT]", "true"), ("assistant", "Because.", "false")]))
+    train_cell(lm, tokenize_dataset(lm, data, proto), proto, Cell(1e-3, 1), 0, tmp_path / "a")
+    assert not lm.model.is_gradient_checkpointing
+    assert not lm.model.training

@@ -185,7 +185,11 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
         _fix_adapter_base_name(out_dir, loaded.base_model)
     finally:
         stack.close()  # the previous SIGTERM handler is back
+        if t.gradient_checkpointing:  # leave the shared base as we found it: the next cell may not checkpoint
+            model.gradient_checkpointing_disable()
+            model.disable_input_require_grads()
         model.unload()  # remove LoRA layers from the shared base (never merged, so base weights are untouched)
+        loaded.model.eval()
     record = {
         "cell": {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key}, "seed": seed,
         "steps": step, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "n_examples": len(examples),
