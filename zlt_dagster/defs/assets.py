@@ -11,7 +11,9 @@ from dagster import (
 from .. import pipeline
 from ..core import compare
 from ..core.protocol import ProtocolError, Sweep
-from ..storage import ChecksumError, NotFoundError
+from ..core.models import ModelLoadError
+from ..storage import ChecksumError, NotFoundError, UnsafeKeyError
+from ..storage.base import StoreAccessError
 from .k8s_tags import CPU_OP_TAGS, GPU_OP_TAGS
 from .partitions import (
     SWEEP_DIM, CellKeyError, cell_from_position, split_partition_key, sweep_cell_partitions, sweep_partitions,
@@ -22,7 +24,10 @@ GROUP = "zlt_sweep"
 # transient faults (a preempted pod, an object-store hiccup) retry with backoff; bad input fails at once
 GPU_RETRY = RetryPolicy(max_retries=2, delay=20, backoff=Backoff.EXPONENTIAL)
 PER_SWEEP = MultiToSingleDimensionPartitionMapping(partition_dimension_name=SWEEP_DIM)
-BAD_INPUT = (ProtocolError, pipeline.PipelineError, CellKeyError, ChecksumError, NotFoundError, ValueError)
+# (MaskingError and ArcDataError are ValueErrors.) Transient: other StoreErrors (network, 5xx, LeaseHeldError),
+# TrainingInterrupted (SIGTERM; the retry resumes from its checkpoint), CUDA/OOM errors.
+BAD_INPUT = (ProtocolError, pipeline.PipelineError, CellKeyError, ChecksumError, NotFoundError, UnsafeKeyError,
+             StoreAccessError, ModelLoadError, ValueError)
 
 
 def _bad_input_fails_once(fn: Callable):
