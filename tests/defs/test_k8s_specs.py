@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30.0"
 IMAGE = "registry.example/zlt-dagster:test"
 GPU_ASSETS = {"onpolicy_data", "adapter", "completions", "arc_scores", "base_arc_scores"}
-CPU_ASSETS = {"marker_rates", "compiled_results", "heatmap"}
+CPU_ASSETS = {"marker_rates", "compiled_results", "heatmap", "cell_comparison"}
 ALLOWED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                         "projected", "secret"}
 POD_BEARING = {"Pod": ("spec",), "Job": ("spec", "template", "spec"), "Deployment": ("spec", "template", "spec"),
