@@ -20,3 +20,8 @@ import torch, dagster, dagster_k8s
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print("setup ok: torch", torch.__version__, "dagster", dagster.__version__, "dagster-k8s", dagster_k8s.__version__)
 PY
+# checkov (IaC scanner for k8s/ and docker/) in its own venv: it would downgrade boto3 in ours
+if [ ! -x .venv-checkov/bin/checkov ]; then
+  "$PY" -m venv .venv-checkov
+  .venv-checkov/bin/python -m pip install -q "checkov==3.3.30"
+fi

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+export ZLT_CHECKOV="$PWD/.venv-checkov/bin/checkov"
 exec python -m pytest -q -ra "$@"
