@@ -4,7 +4,7 @@ ZLT_DEPLOYMENT=local (default): artifacts in a local directory (ZLT_ARTIFACT_ROO
     in-process executor (one process keeps one copy of the base model for all steps of a run), CPU or a local GPU.
 ZLT_DEPLOYMENT=production: artifacts in S3-compatible storage (ZLT_S3_BUCKET, ZLT_S3_PREFIX, ZLT_S3_ENDPOINT_URL,
     AWS_REGION; credentials from the pod's environment / Secret), one Kubernetes pod per step (k8s_job_executor),
-    GPU requests from each asset's op tags.
+    GPU requests from each asset's op tags. Device cuda unless ZLT_DEVICE says otherwise (only tests set it).
 """
 from __future__ import annotations
 
@@ -42,8 +42,15 @@ def production_resources() -> dict:
                                prefix=os.environ.get("ZLT_S3_PREFIX", ""),
                                endpoint_url=os.environ.get("ZLT_S3_ENDPOINT_URL", ""),
                                region_name=os.environ.get("AWS_REGION", "")),
-        "compute": Compute(device="cuda", generation_backend=os.environ.get("ZLT_GENERATION_BACKEND", "auto"),
-                           arc_source=os.environ.get("ZLT_ARC_SOURCE", ""), work_dir="/tmp/zlt"),
+        # ZLT_DEVICE exists for tests that run the production step path on a machine without a GPU
+        # (tests/defs/test_production_step.py); a cluster leaves it unset and gets cuda
+        "compute": Compute(device=os.environ.get("ZLT_DEVICE", "") or "cuda",
+                           generation_backend=os.environ.get("ZLT_GENERATION_BACKEND", "auto"),
+                           arc_source=os.environ.get("ZLT_ARC_SOURCE", ""),
+                           # scratch in the system temp dir (TMPDIR=/tmp, the pod's emptyDir); a fixed /tmp/zlt
+                           # does not exist in a fresh pod and tempfile does not create it (the adapter step
+                           # failed with FileNotFoundError in tests/defs/test_production_step.py)
+                           work_dir=""),
     }
 
 
