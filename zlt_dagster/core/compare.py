@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 from .. import layout
 from .metrics import wilson_interval
 from .protocol import Cell, ProtocolError, Sweep, _yaml_loader, sweep_from_dict
+from .report import save_figure
 
 METRICS: tuple[tuple[str, str], ...] = (("source_adoption", "source"), ("assistant_leakage", "assistant"),
                                         ("max_bystander_leakage", "max bystander"))
@@ -145,12 +146,7 @@ def plot_comparison(comparison: Mapping[str, Any], png_path: str | Path, pdf_pat
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{comparison['name']}: same cell across {', '.join(comparison['varying']) or 'sweeps'} "
                  f"({comparison['n_done']}/{comparison['n_expected']} done)")
-    paths = []
-    for path, kwargs in ((Path(png_path), {"dpi": 150}), (Path(pdf_path), {})):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, **kwargs)
-        paths.append(str(path))
-    return paths
+    return save_figure(fig, png_path, pdf_path)
 
 
 def run_comparison(store, followup_path: str | Path) -> dict[str, Any]:

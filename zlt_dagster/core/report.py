@@ -144,6 +144,11 @@ def plot_heatmap(compiled: Mapping[str, Any], png_path: str | Path, pdf_path: st
                  title: str | None = None) -> list[str]:
     """Write the heatmap as PNG (150 dpi) and PDF; return the written paths."""
     fig, _ = build_heatmap_figure(compiled, title)
+    return save_figure(fig, png_path, pdf_path)
+
+
+def save_figure(fig, png_path: str | Path, pdf_path: str | Path) -> list[str]:
+    """Write a figure as PNG (150 dpi) and PDF, creating parent directories; return the written paths."""
     paths = []
     for path, kwargs in ((Path(png_path), {"dpi": 150}), (Path(pdf_path), {})):
         path.parent.mkdir(parents=True, exist_ok=True)
