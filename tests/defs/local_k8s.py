@@ -27,6 +27,7 @@ import http.server
 import ipaddress
 import json
 import os
+import sys
 import re
 import secrets
 import shlex
@@ -44,6 +45,7 @@ from pathlib import Path
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # this checkout
 STAGING = "/mnt"  # an existing directory, briefly covered inside the pod only (see LocalKubernetes._container)
 
 
@@ -426,6 +428,15 @@ class LocalKubernetes:
         # the pod's host directory lives under the host's /tmp, which the pod's own /tmp hides: reach it through
         # /mnt while mounting (covered only inside this mount namespace), then unmount it so the pod sees /mnt again
         lines = ["set -eu", f"mount --bind {shlex.quote(str(pod.dir))} {STAGING}"]
+        # The image's files (this checkout and its venv stand in for /opt/venv and the installed package) must stay
+        # visible even when a pod mount covers them, e.g. a checkout under /tmp with the pod's /tmp emptyDir on
+        # top: reach them through the staging mount first, bind them back after the pod's mounts.
+        reals = [os.path.realpath(m[0]) for m in mounts]
+        keep = [k for k in dict.fromkeys(os.path.realpath(p) for p in (REPO_ROOT, sys.prefix))
+                if any(k == r or k.startswith(r + "/") for r in reals)]
+        for i, k in enumerate(keep):
+            (pod.dir / "keep" / str(i)).mkdir(parents=True, exist_ok=True)
+            lines.append(f"mount --bind {shlex.quote(k)} {STAGING}/keep/{i}")
         fresh: list[str] = []  # paths that are fresh mounts inside the pod (mkdir there touches no host state)
         for target, host, ro in sorted(mounts, key=lambda m: os.path.realpath(m[0]).count("/")):
             real = os.path.realpath(target)
@@ -444,7 +455,10 @@ class LocalKubernetes:
             if ro:
                 lines.append(f"mount -o remount,bind,ro {shlex.quote(real)}")
             fresh.append(real)
-        lines.append(f"umount {STAGING}")
+        for i, k in enumerate(keep):
+            lines += [f"mkdir -p {shlex.quote(k)}", f"mount --bind {STAGING}/keep/{i} {shlex.quote(k)}",
+                      f"mount -o remount,bind,ro {shlex.quote(k)}"]
+        lines.append(f"umount -l {STAGING}")  # lazily: the kept binds above were made through it
         if (c.get("securityContext") or {}).get("readOnlyRootFilesystem"):
             lines.append("mount -o remount,bind,ro /")
         lines.append(f"cd {shlex.quote(c.get('workingDir') or self.workdir)}")
