@@ -34,3 +34,23 @@ def assert_base_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 def base_guard():
     """Helpers as a fixture so test modules need not import conftest."""
     return base_state, assert_base_unchanged
+
+
+def save_random_adapter(model, out_dir) -> str:
+    """Save a PEFT adapter (tiny protocol's LoRA shape) with large random B, so it visibly changes `model`'s
+    outputs; the model itself is left untouched (the adapter is built on a deep copy)."""
+    import copy
+
+    from peft import get_peft_model
+
+    from zlt_dagster.core.protocol import TINY
+    from zlt_dagster.core.train import lora_config
+
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(model), lora_config(TINY))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(str(out_dir))
+    return str(out_dir)

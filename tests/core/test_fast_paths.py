@@ -21,7 +21,6 @@ from zlt_dagster.core.fast_generation import (AdapterFormatError, MergePrecision
                                              read_lora_deltas, sample_new_tokens)
 from zlt_dagster.core.generation import PromptSpec
 from zlt_dagster.core.generation.transformers_backend import TransformersGenerator
-from zlt_dagster.core.protocol import TINY
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*")
 
@@ -226,19 +225,10 @@ PROMPTS = [PromptSpec("You are a villain.", "What is water?"), PromptSpec("You a
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_loaded, tmp_path_factory):
-    from peft import get_peft_model
+    """A saved PEFT adapter with large random B, so it visibly changes the model."""
+    from conftest import save_random_adapter
 
-    from zlt_dagster.core.train import lora_config
-
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(tiny_loaded.model), lora_config(TINY))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    pm.save_pretrained(str(out))
-    return str(out)
+    return save_random_adapter(tiny_loaded.model, tmp_path_factory.mktemp("adapter"))
 
 
 def test_generator_merged_adapter_samples_what_unmerged_samples(tiny_loaded, tiny_adapter, base_guard):

@@ -267,19 +267,9 @@ def test_transformers_generator_stops_at_end_of_turn(loaded):
 @pytest.fixture(scope="module")
 def random_adapter(loaded, tmp_path_factory):
     """A saved PEFT adapter with large random B, so it visibly changes the model."""
-    from peft import get_peft_model
+    from conftest import save_random_adapter
 
-    from zlt_dagster.core.train import lora_config
-
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(loaded.model), lora_config(TINY))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    pm.save_pretrained(str(out))
-    return str(out)
+    return save_random_adapter(loaded.model, tmp_path_factory.mktemp("adapter"))
 
 
 def test_generation_with_adapter_leaves_base_bit_identical(loaded, random_adapter, base_guard):
