@@ -54,3 +54,31 @@ def save_random_adapter(model, out_dir) -> str:
                 p.normal_(0, 0.5)
     pm.save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def adapter_saver():
+    """`save_random_adapter` as a fixture: with several conftest.py files, `from conftest import ...` resolves to
+    whichever conftest pytest imported first under that name, so test modules must not import it."""
+    return save_random_adapter
+
+
+# --- loopback S3 (storage contract and reliability tests) ------------------------------------------------------
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """Dummy credentials from the environment only (loopback.ACCESS_KEY / SECRET_KEY)."""
+    from loopback import FOREIGN_AWS_VARS, isolated_aws_env
+
+    for var in FOREIGN_AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for k, v in isolated_aws_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="session")
+def s3_server_url():
+    """One moto S3 server on 127.0.0.1 for the session; tests isolate themselves by bucket prefix."""
+    from loopback import moto_s3_server
+
+    with moto_s3_server() as url:
+        yield url

@@ -54,7 +54,7 @@ def register_sweep(store: ObjectStore, sweep: Sweep) -> bool:
     if store.exists(key):
         stored = store.read_json(key)
         if stored != sweep.to_dict():
-            raise PipelineError(f"sweep id {sweep.sweep_id!r} already exists in {store.uri(key)} with a different "
+            raise PipelineError(f"sweep id {sweep.sweep_id!r} already exists in {store.where(key)} with a different "
                                 f"config; give the new sweep another name")
         return False
     store.write_json(key, sweep.to_dict())
@@ -64,7 +64,7 @@ def register_sweep(store: ObjectStore, sweep: Sweep) -> bool:
 def load_sweep(store: ObjectStore, sweep_id: str) -> Sweep:
     key = layout.sweep_config_key(sweep_id)
     if not store.exists(key):
-        raise PipelineError(f"sweep {sweep_id!r} is not registered: {store.uri(key)} does not exist")
+        raise PipelineError(f"sweep {sweep_id!r} is not registered: {store.where(key)} does not exist")
     return sweep_from_stored(store.read_json(key))
 
 
@@ -90,7 +90,7 @@ def _sync(lm: LoadedModel) -> None:
 
 def _require(store: ObjectStore, prefix: str, what: str) -> None:
     if not store.artifact_exists(prefix):
-        raise PipelineError(f"{what} is missing: no committed artifact at {store.uri(prefix)} "
+        raise PipelineError(f"{what} is missing: no committed artifact at {store.where(prefix)} "
                             f"(materialize it first)")
 
 

@@ -224,11 +224,9 @@ PROMPTS = [PromptSpec("You are a villain.", "What is water?"), PromptSpec("You a
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tiny_loaded, tmp_path_factory):
+def tiny_adapter(tiny_loaded, tmp_path_factory, adapter_saver):
     """A saved PEFT adapter with large random B, so it visibly changes the model."""
-    from conftest import save_random_adapter
-
-    return save_random_adapter(tiny_loaded.model, tmp_path_factory.mktemp("adapter"))
+    return adapter_saver(tiny_loaded.model, tmp_path_factory.mktemp("adapter"))
 
 
 def test_generator_merged_adapter_samples_what_unmerged_samples(tiny_loaded, tiny_adapter, base_guard):

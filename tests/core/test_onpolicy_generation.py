@@ -265,11 +265,9 @@ def test_transformers_generator_stops_at_end_of_turn(loaded):
 
 
 @pytest.fixture(scope="module")
-def random_adapter(loaded, tmp_path_factory):
+def random_adapter(loaded, tmp_path_factory, adapter_saver):
     """A saved PEFT adapter with large random B, so it visibly changes the model."""
-    from conftest import save_random_adapter
-
-    return save_random_adapter(loaded.model, tmp_path_factory.mktemp("adapter"))
+    return adapter_saver(loaded.model, tmp_path_factory.mktemp("adapter"))
 
 
 def test_generation_with_adapter_leaves_base_bit_identical(loaded, random_adapter, base_guard):

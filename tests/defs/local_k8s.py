@@ -33,7 +33,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -42,17 +41,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loopback import free_port
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # this checkout
 STAGING = "/mnt"  # an existing directory, briefly covered inside the pod only (see LocalKubernetes._container)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------------------------

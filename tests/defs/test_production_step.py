@@ -43,6 +43,7 @@ import pytest
 import yaml
 
 from local_k8s import PG_BIN, LocalKubernetes, image_env, postgres_server
+from loopback import FOREIGN_AWS_VARS, moto_s3_server
 
 pytestmark = [
     pytest.mark.server,
@@ -85,17 +86,12 @@ def _check_pg_driver(text: str) -> None:
 @pytest.fixture
 def cluster(tmp_path, monkeypatch):
     """PostgreSQL + S3 + the local Kubernetes stand-in, and the test process's env as the daemon's would be."""
-    from moto.server import ThreadedMotoServer
-
     from zlt_dagster.storage import S3Store
 
     instance_yaml = _instance_yaml()
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    for var in FOREIGN_AWS_VARS:
         monkeypatch.delenv(var, raising=False)
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    s3.start()
-    endpoint = "http://{}:{}".format(*s3.get_host_and_port())
-    try:
+    with moto_s3_server() as endpoint:
         with postgres_server() as pg:
             shipped = yaml.safe_load((REPO / "k8s" / "configmap.yaml").read_text())["data"]
             overrides = {"ZLT_S3_BUCKET": BUCKET, "ZLT_S3_PREFIX": f"t-{uuid.uuid4().hex[:8]}",
@@ -127,8 +123,6 @@ def cluster(tmp_path, monkeypatch):
                                 max_attempts=2)
                 store.create_bucket_if_missing()
                 yield {"pg": pg, "kube": kube, "store": store, "home": home, "tmp": tmp_path}
-    finally:
-        s3.stop()
 
 
 def _launcher(kube: LocalKubernetes, instance, tmp_path: Path):

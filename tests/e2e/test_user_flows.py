@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loopback import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,12 +40,6 @@ VILLAIN = {**TINY, "source_persona": "villain", "schedule": "data"}
 COMEDIAN = {**TINY, "source_persona": "comedian", "cells": [[1e-3, 1], [3e-2, 4]]}
 CELL_ASSETS = ["adapter", "completions", "marker_rates", "arc_scores"]
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Dagster:

@@ -3,18 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
-ACCESS_KEY = "AKIAZLTRELIABILITY01"
-SECRET_KEY = "zlt-reliability-secret-DO-NOT-LEAK-42"
+from loopback import ACCESS_KEY, SECRET_KEY, free_port  # noqa: F401  (re-exported for the reliability tests)
+
 BUCKET = "zlt-reliability"
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def report(name: str, **figures) -> None:

@@ -72,19 +72,19 @@ def _audit(clean, sweep) -> dict:
     return {"manifests": len(manifests), "torn": torn, "orphan_locks": locks}
 
 
-def test_tiny_sweep_through_a_faulty_s3(moto_url, aws_env, tmp_path):
+def test_tiny_sweep_through_a_faulty_s3(s3_server_url, aws_env, tmp_path):
     """Faults on 8% of the requests (3 attempts per request, boto's standard retry mode), plus an outage of 8
     consecutive requests every 150 (503 SlowDown), which makes whatever request it hits fail for good: some cells
     fail. Then a rerun without faults."""
     prefix = f"faults-{uuid.uuid4().hex[:8]}"
-    clean = S3Store(BUCKET, prefix=prefix, endpoint_url=moto_url)
+    clean = S3Store(BUCKET, prefix=prefix, endpoint_url=s3_server_url)
     clean.create_bucket_if_missing()
     sweep = _sweep()
     pipeline.register_sweep(clean, sweep)
     compute = pipeline.ComputeSettings(device="cpu", work_dir=str(tmp_path), lease_ttl_s=5)
 
     schedule = with_outages(random_schedule(rate=0.08, seed=9), every=150, length=8, first=60)
-    with FaultProxy(moto_url, schedule, stall_s=2.0) as proxy:
+    with FaultProxy(s3_server_url, schedule, stall_s=2.0) as proxy:
         faulty = S3Store(BUCKET, prefix=prefix, endpoint_url=proxy.url, connect_timeout=1, read_timeout=1,
                          max_attempts=3)
         faulty.lock_ttl_s = 5  # a lease whose release was lost to a fault blocks its prefix for at most 5 s

@@ -178,6 +178,15 @@ class ObjectStore(abc.ABC):
     def uri(self, key: str = "") -> str:
         """file://... or s3://... for a key or prefix ('' = the store root)."""
 
+    def location(self) -> str:
+        """Where the store lives beyond its URIs (an S3 endpoint), for error messages; '' when the URI says it all."""
+        return ""
+
+    def where(self, key: str = "") -> str:
+        """A key's URI plus the store's location, for error messages: 's3://b/k (endpoint http://...)'."""
+        loc = self.location()
+        return f"{self.uri(key)} ({loc})" if loc else self.uri(key)
+
     # ---- conditional writes (for leases); a backend that has them sets supports_conditional_writes ------------
     supports_conditional_writes = False
     lock_ttl_s: float = 60.0    # commit leases: expiry if not renewed (renewed every ttl/3 while the commit runs)
@@ -212,10 +221,10 @@ class ObjectStore(abc.ABC):
 
     # ---- small JSON objects -----------------------------------------------------------------
     def write_json(self, key: str, obj: Any) -> None:
-        self.put_bytes(key, dumps_json(obj, where=f"object for {self.uri(key)}"))
+        self.put_bytes(key, dumps_json(obj, where=f"object for {self.where(key)}"))
 
     def read_json(self, key: str) -> Any:
-        return self._parse_json(self.get_bytes(key), self.uri(key))
+        return self._parse_json(self.get_bytes(key), self.where(key))
 
     @staticmethod
     def _parse_json(data: bytes, where: str) -> Any:
@@ -254,21 +263,21 @@ class ObjectStore(abc.ABC):
     def _commit(self, prefix: str, sources: Mapping[str, _Source], meta: dict | None) -> dict:
         prefix = normalize_prefix(prefix, allow_empty=False)
         if not sources:
-            raise ValueError(f"refusing to commit an empty artifact at {self.uri(prefix)}: no files given")
+            raise ValueError(f"refusing to commit an empty artifact at {self.where(prefix)}: no files given")
         if meta is not None and not isinstance(meta, dict):
-            raise TypeError(f"meta for {self.uri(prefix)} must be a dict or None, got {type(meta).__name__}")
+            raise TypeError(f"meta for {self.where(prefix)} must be a dict or None, got {type(meta).__name__}")
         # Everything that can fail on the caller's side (bad paths, meta not JSON) fails BEFORE we touch
         # the store, so a bad call never destroys the previous version of the artifact.
         files: dict[str, dict] = {}
         for rel in sorted(sources):
             validate_key(rel, what=f"relative path in artifact {prefix!r}")
             if rel == MANIFEST_NAME:
-                raise UnsafeKeyError(f"artifact {self.uri(prefix)}: a file may not be named {MANIFEST_NAME} (reserved)")
+                raise UnsafeKeyError(f"artifact {self.where(prefix)}: a file may not be named {MANIFEST_NAME} (reserved)")
             src = sources[rel]
             if src.data is not None:
                 files[rel] = {"sha256": sha256_bytes(src.data), "size": len(src.data)}
             else:
-                digest, size = _hash_local(src.path, self.uri(join_key(prefix, rel)))
+                digest, size = _hash_local(src.path, self.where(join_key(prefix, rel)))
                 files[rel] = {"sha256": digest, "size": size}
         manifest = {
             "format_version": MANIFEST_FORMAT_VERSION,
@@ -276,12 +285,12 @@ class ObjectStore(abc.ABC):
             "meta": meta or {},
             "files": files,
         }
-        manifest_bytes = dumps_json(manifest, where=f"manifest for {self.uri(prefix)}")
+        manifest_bytes = dumps_json(manifest, where=f"manifest for {self.where(prefix)}")
 
         manifest_key = join_key(prefix, MANIFEST_NAME)
         lock_key = join_key(prefix, LOCK_NAME)
         if LOCK_NAME in files:
-            raise UnsafeKeyError(f"artifact {self.uri(prefix)}: a file may not be named {LOCK_NAME} (reserved)")
+            raise UnsafeKeyError(f"artifact {self.where(prefix)}: a file may not be named {LOCK_NAME} (reserved)")
         from .lease import NoLease
 
         guard = self.lease(lock_key, purpose=f"commit {prefix}") if self.locks_enabled() else NoLease()
@@ -314,19 +323,19 @@ class ObjectStore(abc.ABC):
             data = self.get_bytes(key)
         except NotFoundError as e:
             raise NotFoundError(
-                f"no artifact at {self.uri(prefix)}: manifest {key!r} is missing "
+                f"no artifact at {self.where(prefix)}: manifest {key!r} is missing "
                 "(never committed, deleted, or a commit did not finish)"
             ) from e
-        manifest = self._parse_json(data, f"manifest {self.uri(key)}")
+        manifest = self._parse_json(data, f"manifest {self.where(key)}")
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise StoreError(f"manifest {self.uri(key)} is malformed: expected an object with a 'files' mapping")
+            raise StoreError(f"manifest {self.where(key)} is malformed: expected an object with a 'files' mapping")
         version = manifest.get("format_version")
         if version != MANIFEST_FORMAT_VERSION:
             raise StoreError(
-                f"manifest {self.uri(key)} has format_version {version!r}; this code reads {MANIFEST_FORMAT_VERSION}"
+                f"manifest {self.where(key)} has format_version {version!r}; this code reads {MANIFEST_FORMAT_VERSION}"
             )
         for rel in manifest["files"]:
-            validate_key(rel, what=f"file name in manifest {self.uri(key)}")
+            validate_key(rel, what=f"file name in manifest {self.where(key)}")
         return manifest
 
     def fetch_artifact(self, prefix: str, local_dir: PathLike) -> Path:
@@ -345,11 +354,11 @@ class ObjectStore(abc.ABC):
                     self.get_file(key, tmp)
                 except NotFoundError as e:
                     raise NotFoundError(
-                        f"artifact {self.uri(prefix)} is incomplete: its manifest lists {rel!r} "
-                        f"but {self.uri(key)} is missing"
+                        f"artifact {self.where(prefix)} is incomplete: its manifest lists {rel!r} "
+                        f"but {self.where(key)} is missing"
                     ) from e
                 digest, size = sha256_file(tmp)
-                _check(expected, digest, size, rel, self.uri(key))
+                _check(expected, digest, size, rel, self.where(key))
                 os.replace(tmp, dest)
             finally:
                 if tmp.exists():
@@ -364,16 +373,16 @@ class ObjectStore(abc.ABC):
         key = join_key(prefix, relpath)
         if relpath not in manifest["files"]:
             raise NotFoundError(
-                f"artifact {self.uri(prefix)} has no file {relpath!r}; it has: {sorted(manifest['files'])}"
+                f"artifact {self.where(prefix)} has no file {relpath!r}; it has: {sorted(manifest['files'])}"
             )
         try:
             data = self.get_bytes(key)
         except NotFoundError as e:
             raise NotFoundError(
-                f"artifact {self.uri(prefix)} is incomplete: its manifest lists {relpath!r} "
-                f"but {self.uri(key)} is missing"
+                f"artifact {self.where(prefix)} is incomplete: its manifest lists {relpath!r} "
+                f"but {self.where(key)} is missing"
             ) from e
-        _check(manifest["files"][relpath], sha256_bytes(data), len(data), relpath, self.uri(key))
+        _check(manifest["files"][relpath], sha256_bytes(data), len(data), relpath, self.where(key))
         return data
 
 

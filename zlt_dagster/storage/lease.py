@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import secrets
 import socket
@@ -18,6 +19,10 @@ from .base import LeaseHeldError, LeaseLostError, NotFoundError, StoreError, dum
 
 if TYPE_CHECKING:
     from .base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
 class NoLease:
     """Stands in for a Lease when store locks are off (ZLT_STORE_LOCKS=0)."""
 
@@ -57,6 +62,7 @@ class Lease:
         self._seq = 0
         self._acquired_at = 0.0
         self._lost: str | None = None
+        self._last_renew_error: str | None = None
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,7 +119,7 @@ class Lease:
                 continue
             if time.monotonic() >= deadline:
                 raise LeaseHeldError(
-                    f"{self.store.uri(self.key)} is held by {rec.get('owner')!r} ({rec.get('purpose') or 'no purpose'}) "
+                    f"{self.store.where(self.key)} is held by {rec.get('owner')!r} ({rec.get('purpose') or 'no purpose'}) "
                     f"until {_dt.datetime.fromtimestamp(rec['expires_at'], _dt.timezone.utc).isoformat()} "
                     f"(renewed while its owner lives); waited {time.monotonic() - start:.0f} s. Another run is "
                     f"writing the same thing: retry later")
@@ -141,6 +147,8 @@ class Lease:
                         self._lost = "another writer took it over (or it was deleted)"
                         return
             except StoreError as e:  # transient: keep trying until the lease would have expired
+                with self._mutex:
+                    self._last_renew_error = str(e)
                 if time.time() > self.expires_at:
                     with self._mutex:
                         self._lost = f"could not renew it before it expired: {e}"
@@ -148,10 +156,14 @@ class Lease:
 
     def check(self) -> None:
         with self._mutex:
-            lost = self._lost or (f"it expired at {self.expires_at:.0f} without renewal"
-                                  if time.time() > self.expires_at else None)
+            lost = self._lost
+            if lost is None and time.time() > self.expires_at:
+                # The renewal thread has not given up yet (a renewal request may still be retrying): say what the
+                # last failed renewal saw, so the error names the request and endpoint that failed.
+                lost = f"it expired at {self.expires_at:.0f} without renewal" + (
+                    f" (last renewal error: {self._last_renew_error})" if self._last_renew_error else "")
         if lost:
-            raise LeaseLostError(f"lease {self.store.uri(self.key)} ({self.purpose}) lost: {lost}")
+            raise LeaseLostError(f"lease {self.store.where(self.key)} ({self.purpose}) lost: {lost}")
 
     def release(self) -> None:
         self._stop.set()
@@ -162,8 +174,9 @@ class Lease:
         if token and not lost:
             try:
                 self.store.delete_if_match(self.key, token)
-            except StoreError:
-                pass  # it expires by itself
+            except StoreError as e:  # not fatal: the lease expires by itself after ttl_s
+                log.warning("could not release lease %s (%s); it expires within %.0f s", self.store.uri(self.key), e,
+                            self.ttl_s)
 
     def __enter__(self) -> "Lease":
         return self.acquire()

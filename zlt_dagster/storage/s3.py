@@ -115,6 +115,9 @@ class S3Store(ObjectStore):
     def _where(self) -> str:
         return f"endpoint {redact_url(self.endpoint_url) or 'AWS default'}"
 
+    def location(self) -> str:
+        return self._where()
+
     def _full(self, key: str, *, allow_empty: bool = False) -> str:
         key = validate_key(key, allow_empty=allow_empty)
         if not self.prefix:
