@@ -282,6 +282,7 @@ def test_gpu_step_requests_one_gpu(step_jobs, asset):
     assert res["requests"]["nvidia.com/gpu"] == "1" and res["limits"]["nvidia.com/gpu"] == "1"
     assert res["requests"]["memory"] == res["limits"]["memory"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["terminationGracePeriodSeconds"] >= 120  # time to finish a step and upload a checkpoint
 
 
 @pytest.mark.parametrize("asset", sorted(CPU_ASSETS))

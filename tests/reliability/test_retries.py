@@ -39,6 +39,30 @@ def test_gpu_assets_retry_with_exponential_backoff():
         assert p.backoff == Backoff.EXPONENTIAL, name
 
 
+def test_cpu_assets_retry_sooner_than_gpu_assets():
+    """CPU steps fail transiently only on storage: every asset has a policy, CPU ones with a shorter first delay."""
+    from dagster import Backoff
+
+    from zlt_dagster.defs.assets import ALL_ASSETS, GPU_RETRY
+
+    policies = {a.op.name: a.op.retry_policy for a in ALL_ASSETS}
+    cpu = set(policies) - GPU_ASSETS
+    assert cpu == {"marker_rates", "compiled_results", "heatmap", "cell_comparison"}
+    for name in cpu:
+        p = policies[name]
+        assert p is not None and p.max_retries >= 1 and p.backoff == Backoff.EXPONENTIAL, name
+        assert 0 < p.delay < GPU_RETRY.delay, name
+
+
+def test_gpu_pods_get_time_to_checkpoint_after_sigterm(monkeypatch):
+    """Kubernetes' default grace (30 s) is too short to finish a step and upload a ~1 GB 7B checkpoint."""
+    import zlt_dagster.defs.k8s_tags as k8s_tags
+
+    assert k8s_tags.GPU_OP_TAGS[k8s_tags.K8S_KEY]["pod_spec_config"]["termination_grace_period_seconds"] >= 120
+    monkeypatch.setenv("ZLT_GPU_STEP_GRACE_S", "600")
+    assert k8s_tags.gpu_step_config()["pod_spec_config"]["termination_grace_period_seconds"] == 600
+
+
 def test_production_instance_retries_runs_and_times_them_out():
     inst = yaml.safe_load((ROOT / "dagster_prod" / "dagster.yaml").read_text())
     assert inst["run_retries"]["enabled"] and inst["run_retries"]["max_retries"] >= 1

@@ -23,6 +23,9 @@ from .resources import ArtifactStore, Compute, start_tracking
 GROUP = "zlt_sweep"
 # transient faults (a preempted pod, an object-store hiccup) retry with backoff; bad input fails at once
 GPU_RETRY = RetryPolicy(max_retries=2, delay=20, backoff=Backoff.EXPONENTIAL)
+# CPU steps (rates, compile, heatmap, comparison) take seconds and fail transiently only on storage: retry sooner
+# and once more (5 s, 10 s, 20 s) than GPU steps, whose retry re-queues for a GPU.
+CPU_RETRY = RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL)
 PER_SWEEP = MultiToSingleDimensionPartitionMapping(partition_dimension_name=SWEEP_DIM)
 # (MaskingError and ArcDataError are ValueErrors.) Transient: other StoreErrors (network, 5xx, LeaseHeldError),
 # TrainingInterrupted (SIGTERM; the retry resumes from its checkpoint), CUDA/OOM errors.
@@ -102,7 +105,8 @@ def completions(context: AssetExecutionContext, store: ArtifactStore, compute: C
         "gpu_s": s["gpu_s"], "backend": s["backend"], "artifact": _url(s["artifact"])}))
 
 
-@asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, deps=[completions])
+@asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
+       deps=[completions])
 def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """Per-persona [ZLT] rates (k of n, Wilson 95%), headline numbers, lengths, regime label."""
     sweep, cell = _sweep_cell(context, store)
@@ -143,7 +147,7 @@ def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, comput
         "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
 
 
-@asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS,
+@asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
        deps=[AssetDep(marker_rates, partition_mapping=PER_SWEEP), AssetDep(arc_scores, partition_mapping=PER_SWEEP),
              AssetDep(adapter, partition_mapping=PER_SWEEP), base_arc_scores])
 def compiled_results(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
@@ -158,7 +162,8 @@ def compiled_results(context: AssetExecutionContext, store: ArtifactStore) -> Ma
         "artifact": _url(s["artifact"])}))
 
 
-@asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, deps=[compiled_results])
+@asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
+       deps=[compiled_results])
 def heatmap(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """Three LR x epochs panels: source adoption, assistant leakage, max bystander leakage (PNG + PDF)."""
     sweep = _sweep(context, store)
@@ -174,7 +179,7 @@ class ComparisonConfig(Config):
     followup: str = "configs/followups/extra_seeds.yaml"  # a follow-up file with `compare:` (configs/followups/)
 
 
-@asset(group_name=GROUP, op_tags=CPU_OP_TAGS, deps=[marker_rates])
+@asset(group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY, deps=[marker_rates])
 def cell_comparison(context: AssetExecutionContext, config: ComparisonConfig, store: ArtifactStore
                     ) -> MaterializeResult:
     """The same cell across seeds or marker tail widths (a follow-up file): rates with Wilson 95% intervals."""
