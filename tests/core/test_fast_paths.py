@@ -107,6 +107,24 @@ def test_fast_loop_sampling_equals_generate_same_seed(chaotic, temperature, top_
     assert torch.equal(new, ref)
 
 
+@pytest.mark.parametrize("repeats", [2, 5])
+def test_fast_loop_shared_prefill_equals_repeated_prompts(chaotic, repeats):
+    """One prefill per prompt, its KV cache copied `repeats` times, samples what generate() samples with every
+    prompt written out `repeats` times (same seed, no row dropping): the copies are exact."""
+    model, prompts = chaotic
+    few = prompts[:6]
+    repeated = [p for p in few for _ in range(repeats)]
+    torch.manual_seed(7)
+    ref = hf_generate(model, repeated, 30, do_sample=True, temperature=1.0)
+    torch.manual_seed(7)
+    new = sample_new_tokens(model, few, 30, EOS, PAD, temperature=1.0, compact_fraction=2.0, repeats=repeats)
+    assert new.shape[0] == len(repeated) and torch.equal(new, ref)
+    # and with row dropping, greedy: every copy of a prompt gives that prompt's continuation
+    greedy = sample_new_tokens(model, few, 40, EOS, PAD, temperature=0, check_every=1, compact_fraction=0.01,
+                               repeats=repeats)
+    assert torch.equal(greedy, hf_generate(model, repeated, 40, do_sample=False)[:, :greedy.shape[1]])
+
+
 def test_fast_loop_rejects_zero_tokens(chaotic):
     with pytest.raises(ValueError):
         sample_new_tokens(chaotic[0], chaotic[1], 0, EOS, PAD)
@@ -251,6 +269,25 @@ def test_generator_fast_loop_fields_order_and_determinism(tiny_loaded, tiny_adap
     for c in a:
         assert c.finish_reason in ("stop", "length") and 1 <= c.n_new_tokens <= 16
         assert (c.finish_reason == "length") == (c.n_new_tokens == 16 and "<|im_end|>" not in c.text)
+
+
+def test_pipeline_default_backend_is_the_fast_one_without_vllm(tiny_loaded):
+    from zlt_dagster.core.generation import make_generator
+
+    gen = make_generator("auto", tiny_loaded)  # no vLLM here
+    assert gen.name == "transformers-fast" and gen.loop == "fast" and gen.merge_adapter  # fp32: merged
+    assert make_generator("transformers", tiny_loaded).name == "transformers"
+    with pytest.raises(ValueError, match="transformers-fast"):
+        make_generator("fastest", tiny_loaded)
+
+
+def test_fast_generator_keeps_bf16_adapters_unmerged(tiny_loaded):
+    """Merging into bf16 rounds a small adapter away, so the fast generator merges into fp32 weights only."""
+    import dataclasses
+
+    bf16 = dataclasses.replace(tiny_loaded, dtype=torch.bfloat16)
+    gen = TransformersGenerator.fast(bf16)
+    assert gen.loop == "fast" and not gen.merge_adapter and gen.name == "transformers-fast-unmerged"
 
 
 def test_generator_rejects_unknown_loop(tiny_loaded):

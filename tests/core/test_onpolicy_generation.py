@@ -283,14 +283,14 @@ def test_generation_with_adapter_leaves_base_bit_identical(loaded, random_adapte
 
 
 # --- backend selection -----------------------------------------------------------------------------------------
-def test_make_generator_auto_is_transformers_on_cpu(loaded):
+def test_make_generator_auto_is_transformers_fast_on_cpu(loaded):
     g = make_generator("auto", loaded)
-    assert isinstance(g, TransformersGenerator) and g.name == "transformers"
+    assert isinstance(g, TransformersGenerator) and g.name == "transformers-fast"
     assert isinstance(make_generator("transformers", loaded), TransformersGenerator)
 
 
 def test_make_generator_bogus_raises(loaded):
-    with pytest.raises(ValueError, match=r"'bogus' is not one of auto, transformers, vllm"):
+    with pytest.raises(ValueError, match=r"'bogus' is not one of auto, transformers-fast, transformers, vllm"):
         make_generator("bogus", loaded)
 
 

