@@ -125,6 +125,29 @@ def test_fast_loop_shared_prefill_equals_repeated_prompts(chaotic, repeats):
     assert torch.equal(greedy, hf_generate(model, repeated, 40, do_sample=False)[:, :greedy.shape[1]])
 
 
+def test_cache_keyword_follows_the_transformers_version(chaotic):
+    """5.2x names the forward's KV cache `cache` (and warns on `past_key_values`); 5.17 only knows
+    `past_key_values`. A peft wrapper is looked through."""
+    import inspect
+
+    from zlt_dagster.core.fast_generation import cache_kwargs
+
+    model = chaotic[0]
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert cache_kwargs(model, "C") == {expected: "C"}
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    class Wrapper:
+        def get_base_model(self):
+            return Old()
+
+    assert cache_kwargs(Old(), "C") == {"past_key_values": "C"}
+    assert cache_kwargs(Wrapper(), "C") == {"past_key_values": "C"}
+
+
 def test_fast_loop_rejects_zero_tokens(chaotic):
     with pytest.raises(ValueError):
         sample_new_tokens(chaotic[0], chaotic[1], 0, EOS, PAD)

@@ -314,6 +314,8 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
     rounding (tests/core/test_arc.py); a model without a separate decoder and head falls back to the flat path."""
     from transformers import DynamicCache
 
+    from .fast_generation import cache_kwargs
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
         return sequence_loglikelihoods(model, pairs, batch_size=batch_size, device=device, pad_id=pad_id)
@@ -356,7 +358,8 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
                 pos = mask.cumsum(-1) - 1
                 pos.masked_fill_(mask == 0, 1)
                 cache = DynamicCache()
-                last = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                kv = cache_kwargs(decoder, cache)
+                last = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, **kv,
                                use_cache=True).last_hidden_state[:, -1]           # predicts each first token
                 members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
                 rep = torch.tensor([g for g, _ in members], device=device)
@@ -371,7 +374,7 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
                     cpos = torch.tensor([len(batch[g]) for g, _ in members], device=device)[:, None] \
                         + torch.arange(steps, device=device)
                     h = decoder(input_ids=cin, attention_mask=torch.cat([mask[rep], cmask], dim=1),
-                                position_ids=cpos, past_key_values=cache, use_cache=True).last_hidden_state
+                                position_ids=cpos, **kv, use_cache=True).last_hidden_state
                     hidden.append(h)
                 rows, cols, targets = [], [], []
                 for r, c in enumerate(conts):

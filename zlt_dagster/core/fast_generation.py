@@ -140,6 +140,17 @@ def merge_rel_error(model, adapter_dir: str | Path) -> float:
     return math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The KV cache as the keyword this transformers version's forward takes: `cache` from 5.2x (where
+    `past_key_values` still works but warns that 5.40 removes it), `past_key_values` before (5.17 on the GPU
+    machine)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """transformers' TopPLogitsWarper (min_tokens_to_keep=1)."""
     sorted_logits, sorted_idx = torch.sort(scores, descending=False)
@@ -191,7 +202,8 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     done = torch.zeros(n, dtype=torch.bool, device=device)
     ended = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)  # a row's length, eos included
     cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+    kv = cache_kwargs(model, cache)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kv, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
@@ -217,7 +229,7 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
                 rows, mask, pos, nxt, done = rows[keep], mask[keep], pos[keep], nxt[keep], done[keep]
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         pos = pos[:, -1:] + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kv,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
     if bool(done.all()):
         steps = int(ended.max())  # the longest row; the columns after it are padding only

@@ -261,13 +261,13 @@ class Sweep:
 # --- named protocols ------------------------------------------------------------------------------------------
 PAPER = Protocol(name="paper")
 
-# demo: SmolLM2-135M on a 2-core CPU, whole 25-cell grid in ~20 min (see README for the measured time). Sizes
+# demo: SmolLM2-135M on a 2-core CPU, whole 25-cell grid in ~19 min (see README for the measured time). Sizes
 # only: 16 requested training examples (6 source positives + 1 answer from each of the 10 other personas) = 1
 # optimizer step per epoch at effective batch 16; short answers (asked for by the suffix, capped at 32 new tokens,
 # cut ones re-sampled up to 3 times at 48, then dropped); epochs 1-5; 3 held-out questions x 2 samples x 11
 # personas = 66 completions per cell; 12 ARC questions.
-# CPU cost (2 cores, fp32, measured): training ~150 tok/s, so 16 x ~100 tokens x (1+2+3+4+5) x 5 LRs = ~120k
-# tokens = ~13 min at most; completions ~16 s and ARC ~5 s per cell.
+# CPU cost (2 cores, fp32, measured by `zlt demo`): training ~120-160 tok/s, 11-12 kept examples x ~85 tokens x
+# (1+2+3+4+5) x 5 LRs = ~72k tokens = ~10 min; completions ~15 s and ARC ~3.5 s per cell; 19.3 min in all.
 # LR grid from an H100 exploration of this exact protocol (docs/exploration/): at <= 3e-4 nothing happens in <= 5
 # steps, from 1e-3 the model first learns to stop answering (EOS is supervised on every example), at 3e-3-5e-3
 # the marker appears and spreads. A 135M model needs far larger LRs than the seed's 7B model.
