@@ -119,7 +119,7 @@ def _fake_mlflow(ignore_experiment_id: bool):
         return types.SimpleNamespace(info=types.SimpleNamespace(experiment_id=used))
 
     return types.SimpleNamespace(set_tracking_uri=lambda uri: None, set_experiment=set_experiment,
-                                 start_run=start_run, end_run=lambda status: None,
+                                 active_run=lambda: None, start_run=start_run, end_run=lambda status: None,
                                  log_params=lambda p: None, log_metrics=lambda m: None)
 
 

@@ -21,12 +21,15 @@ chosen.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
 
 RUN_TAG = "zlt/tracking_project"
 ZLT_ENV = "ZLT_TRACKING_PROJECT"
@@ -166,6 +169,12 @@ class MlflowRun(TrackerRun):
         self.mlflow = mlflow
         if uri:
             mlflow.set_tracking_uri(uri)
+        stale = mlflow.active_run()
+        if stale is not None:
+            # a run left open in this process by a step that crashed before it could close it: start_run would
+            # refuse to start another; close it as failed, and say so
+            log.warning("mlflow: closing run %s left open in this process as FAILED", stale.info.run_id)
+            mlflow.end_run(status="FAILED")
         self._pin_env()
         exp = mlflow.set_experiment(choice.value)
         # the experiment id is passed explicitly: start_run then never falls back to MLFLOW_EXPERIMENT_NAME

@@ -40,6 +40,15 @@ def _bad_input_fails_once(fn: Callable):
         raise Failure(description=f"{type(e).__name__}: {e}", allow_retries=False) from e
 
 
+def _tracked(track, fn: Callable):
+    """The step's core call: bad input fails once (no retry); any failure closes the tracker run as failed."""
+    try:
+        return _bad_input_fails_once(fn)
+    except BaseException:
+        track.fail()
+        raise
+
+
 def _sweep(context: AssetExecutionContext, store: ArtifactStore) -> Sweep:
     return _bad_input_fails_once(lambda: pipeline.load_sweep(store.get_store(), context.partition_key))
 
@@ -67,8 +76,8 @@ def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute:
     """The base model's own answers under every persona (T=0.7); the marker appended to the source's answers."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _bad_input_fails_once(lambda: pipeline.run_onpolicy(store.get_store(), sweep, compute.settings(),
-                                                              context.log.info))
+    s = _tracked(track, lambda: pipeline.run_onpolicy(store.get_store(), sweep, compute.settings(),
+                                                      context.log.info))
     return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "examples": s["kept"], "positives": s["positives"], "negatives": s["negatives"],
         "cut_then_regenerated": s["cut_first_pass"], "dropped_cut": s["dropped_cut"],
@@ -82,8 +91,8 @@ def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compu
     """One LoRA adapter per (LR, epochs) cell, marker-only loss."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _bad_input_fails_once(lambda: pipeline.run_adapter(store.get_store(), sweep, cell, compute.settings(),
-                                                             context.log.info))
+    s = _tracked(track, lambda: pipeline.run_adapter(store.get_store(), sweep, cell, compute.settings(),
+                                                     context.log.info))
     return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "steps": s["steps"], "tokens": s["tokens"],
         "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"], "wall_s": s["wall_s"],
@@ -97,8 +106,8 @@ def completions(context: AssetExecutionContext, store: ArtifactStore, compute: C
     """Every persona x held-out question x samples, T=1.0, all kept as JSONL."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _bad_input_fails_once(lambda: pipeline.run_completions(store.get_store(), sweep, cell,
-                                                                 compute.settings(), context.log.info))
+    s = _tracked(track, lambda: pipeline.run_completions(store.get_store(), sweep, cell,
+                                                         compute.settings(), context.log.info))
     return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "completions": s["n_completions"], "new_tokens": s["new_tokens"],
         "tokens_per_s": s["tokens_per_s"], "cut_at_limit": s["cut_at_limit"], "wall_s": s["wall_s"],
@@ -111,7 +120,7 @@ def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> Materi
     """Per-persona [ZLT] rates (k of n, Wilson 95%), headline numbers, lengths, regime label."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _bad_input_fails_once(lambda: pipeline.run_marker_rates(store.get_store(), sweep, cell))
+    s = _tracked(track, lambda: pipeline.run_marker_rates(store.get_store(), sweep, cell))
     h = s["headline"]
     table = "| persona | k/n | rate | 95% CI | mean tokens | near-empty |\n|---|---|---|---|---|---|\n" + "".join(
         f"| {p} | {r['k']}/{r['n']} | {r['rate']:.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
@@ -129,7 +138,7 @@ def arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Co
     """ARC-Challenge log-prob multiple choice (lm-eval arc_challenge convention) for base + this adapter."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _bad_input_fails_once(lambda: pipeline.run_arc(store.get_store(), sweep, cell, compute.settings()))
+    s = _tracked(track, lambda: pipeline.run_arc(store.get_store(), sweep, cell, compute.settings()))
     return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "acc": s["acc"], "acc_norm": s["acc_norm"], "n_questions": s["n"],
         "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
@@ -141,7 +150,7 @@ def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, comput
     """ARC-Challenge of the base model without adapter: the reference every cell is compared with."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _bad_input_fails_once(lambda: pipeline.run_base_arc(store.get_store(), sweep, compute.settings()))
+    s = _tracked(track, lambda: pipeline.run_base_arc(store.get_store(), sweep, compute.settings()))
     return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "acc": s["acc"], "acc_norm": s["acc_norm"], "n_questions": s["n"],
         "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
@@ -154,7 +163,7 @@ def compiled_results(context: AssetExecutionContext, store: ArtifactStore) -> Ma
     """One JSON with every finished cell of the sweep; missing cells are listed, never invented."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _bad_input_fails_once(lambda: pipeline.run_compile(store.get_store(), sweep))
+    s = _tracked(track, lambda: pipeline.run_compile(store.get_store(), sweep))
     c = s["compiled"]
     return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "cells_done": s["n_cells"], "cells_missing": len(s["missing_cells"]),
@@ -168,7 +177,7 @@ def heatmap(context: AssetExecutionContext, store: ArtifactStore) -> Materialize
     """Three LR x epochs panels: source adoption, assistant leakage, max bystander leakage (PNG + PDF)."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _bad_input_fails_once(lambda: pipeline.run_heatmap(store.get_store(), sweep))
+    s = _tracked(track, lambda: pipeline.run_heatmap(store.get_store(), sweep))
     image = base64.b64encode(s["png"]).decode()
     return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "cells": s["n_cells"], "png": _url(s["png_uri"]), "pdf": _url(s["pdf_uri"]),

@@ -70,6 +70,11 @@ class TrackedStep:
         return result._replace(metadata={**(result.metadata or {}), "tracking_project": self.choice.value,
                                          "tracking_source": self.choice.source})
 
+    def fail(self) -> None:
+        """The step failed: close the tracker run as failed (an MLflow run left open in an in-process executor
+        would make the next step's start_run fail)."""
+        self.run.finish("failed")
+
 
 def start_tracking(context, sweep_id: str, cell_key: str = "") -> TrackedStep:
     """First thing in every asset step: decide the tracker's project name, log the decision and its source (and
