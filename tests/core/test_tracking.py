@@ -142,15 +142,11 @@ def test_off_opens_nothing(tmp_path):
 
 
 def test_missing_optional_package_is_a_clear_error(monkeypatch):
-    import builtins
+    import sys
 
-    real_import = builtins.__import__
-
-    def no_mlflow(name, *a, **k):
-        if name == "mlflow":
-            raise ImportError("no mlflow")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_mlflow)
-    with pytest.raises(TrackingError, match="pip install mlflow"):
+    for module in ("mlflow", "wandb"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(TrackingError, match=r"pip install wandb, or the project's `tracking` extra"):
+        open_run(resolve_project("wandb", SID, env={}), "r")
+    with pytest.raises(TrackingError, match="pip install mlflow-skinny"):
         open_run(resolve_project("mlflow", SID, env={}), "r")

@@ -158,15 +158,21 @@ class FileRun(TrackerRun):
         super().finish(status)
 
 
+def _import_tracker(module: str, package: str):
+    """Trackers are optional packages (the `tracking` extra), imported only when chosen."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise TrackingError(f"tracking kind {module!r} needs the {package} package "
+                            f"(pip install {package}, or the project's `tracking` extra)") from e
+
+
 class MlflowRun(TrackerRun):
     def __init__(self, choice: ProjectChoice, run_name: str, uri: str, config: Mapping[str, Any], mlflow=None):
         super().__init__(choice, run_name)
-        if mlflow is None:
-            try:
-                import mlflow
-            except ImportError as e:
-                raise TrackingError("tracking kind 'mlflow' needs the mlflow package (pip install mlflow)") from e
-        self.mlflow = mlflow
+        self.mlflow = mlflow = mlflow or _import_tracker("mlflow", "mlflow-skinny")
         if uri:
             mlflow.set_tracking_uri(uri)
         stale = mlflow.active_run()
@@ -198,12 +204,7 @@ class MlflowRun(TrackerRun):
 class WandbRun(TrackerRun):
     def __init__(self, choice: ProjectChoice, run_name: str, config: Mapping[str, Any], wandb=None):
         super().__init__(choice, run_name)
-        if wandb is None:
-            try:
-                import wandb
-            except ImportError as e:
-                raise TrackingError("tracking kind 'wandb' needs the wandb package (pip install wandb)") from e
-        self.wandb = wandb
+        self.wandb = wandb = wandb or _import_tracker("wandb", "wandb")
         self._pin_env()
         self.run = wandb.init(project=choice.value, name=run_name, config=dict(config))
         if self.run.project != choice.value:
