@@ -426,3 +426,6 @@ def test_fused_refuses_mixed_epochs_and_checkpointing(tiny_loaded, tmp_path):
     proto_gc, _ = _fused_setup(tiny_loaded, **{"train.gradient_checkpointing": True})
     with pytest.raises(ValueError, match="checkpointing"):
         train_cells_fused(tiny_loaded, examples, proto_gc, [Cell(1e-2, 1)], 0, [tmp_path / "a"])
+    proto_ck, _ = _fused_setup(tiny_loaded, **{"train.checkpoint_every_steps": 2})
+    with pytest.raises(ValueError, match="writes no resume checkpoints"):
+        train_cells_fused(tiny_loaded, examples, proto_ck, [Cell(1e-2, 1)], 0, [tmp_path / "a"])

@@ -131,6 +131,9 @@ def train_cells_fused(loaded: LoadedModel, examples: list[TokenizedExample], pro
     t = protocol.train
     if t.gradient_checkpointing:
         raise ValueError("fused multi-LR training does not support gradient checkpointing")
+    if t.checkpoint_every_steps:
+        raise ValueError("fused multi-LR training writes no resume checkpoints; run the cells with train_cell "
+                         f"(checkpoint_every_steps={t.checkpoint_every_steps}) or set checkpoint_every_steps=0")
     k, epochs = len(cells), cells[0].epochs
     steps_per_epoch, total_steps, warmup = schedule_plan(len(examples), protocol, epochs)
     init, scale, dropout = _initial_lora(loaded, protocol, seed)
