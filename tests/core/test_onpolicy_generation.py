@@ -330,6 +330,12 @@ def test_generation_package_imports_vllm_lazily():
 
 
 # --- the vLLM backend ------------------------------------------------------------------------------------------
+def _adapter_dir(path, content: bytes = b"weights"):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_model.safetensors").write_bytes(content)
+    return str(path)
+
+
 def test_vllm_lora_request_wiring_real_vllm(loaded, tmp_path):
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
@@ -337,9 +343,9 @@ def test_vllm_lora_request_wiring_real_vllm(loaded, tmp_path):
     from zlt_dagster.core.generation.vllm_backend import VllmGenerator
 
     g = VllmGenerator.__new__(VllmGenerator)  # no engine: only the request wiring is under test
-    g.loaded, g._lora_ids = loaded, {}
+    g.loaded = loaded
     assert g._lora_request(None) is None
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    a, b = _adapter_dir(tmp_path / "a"), _adapter_dir(tmp_path / "b")
     ra, rb, ra2 = g._lora_request(a), g._lora_request(b), g._lora_request(a)
     assert isinstance(ra, LoRARequest)
     assert ra.lora_path == a and rb.lora_path == b
@@ -385,12 +391,19 @@ def test_vllm_backend_with_fake_vllm(loaded, tmp_path, monkeypatch):
     for name, mod in (("vllm", fake), ("vllm.lora", fake_lora), ("vllm.lora.request", fake_req)):
         monkeypatch.setitem(sys.modules, name, mod)
 
+    from zlt_dagster.core.generation import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "_ENGINES", {})
+    monkeypatch.setattr(vllm_backend, "_LORA_IDS", {})
     g = make_generator("vllm", loaded)
     assert g.name == "vllm"
     kw = made["llm_kwargs"]
     assert kw["model"] == loaded.source and kw["enable_lora"] is True and kw["max_lora_rank"] >= TINY.lora.r
+    assert kw["gpu_memory_utilization"] == vllm_backend.MAX_MEMORY_FRACTION  # no GPU here: the cap
+    made.clear()
+    assert make_generator("vllm", loaded).llm is g.llm and not made  # one engine per model and process
 
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    a, b = _adapter_dir(tmp_path / "a"), _adapter_dir(tmp_path / "b")
     out = g.generate(PROMPTS, 2, 1.0, 0.9, 7, seed=11, adapter_dir=a)
     g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11, adapter_dir=b)
     g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11, adapter_dir=a)
@@ -409,3 +422,33 @@ def test_vllm_backend_with_fake_vllm(loaded, tmp_path, monkeypatch):
     assert [c.text for c in out] == [f"p{i}s{s}" for i in range(3) for s in range(2)]
     assert [c.finish_reason for c in out] == ["stop", "length"] * 3
     assert [c.n_new_tokens for c in out] == [2, 3] * 3
+    # the same temporary path holding another adapter later (another cell) is another adapter for vLLM's cache
+    import os
+
+    st = os.stat(os.path.join(a, "adapter_model.safetensors"))
+    _adapter_dir(tmp_path / "a", b"other weights, another size")
+    os.utime(os.path.join(a, "adapter_model.safetensors"), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11, adapter_dir=a)
+    assert g.llm.calls[-1][2].lora_int_id not in {req.lora_int_id, calls[1][2].lora_int_id}
+    with pytest.raises(FileNotFoundError):
+        g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11, adapter_dir=str(tmp_path / "missing"))
+
+
+def test_vllm_memory_share_leaves_room_for_what_is_already_on_the_gpu(monkeypatch):
+    """80 GiB card with a 7B transformers copy (15 GiB) resident: 65 free -> 0.8125 - 0.05 = 0.7625, not 0.85."""
+    import torch
+
+    from zlt_dagster.core.generation.vllm_backend import memory_fraction
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (65 * gib, 80 * gib))
+    assert memory_fraction() == pytest.approx(0.7625)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (79 * gib, 80 * gib))
+    assert memory_fraction() == 0.85  # capped
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10 * gib, 80 * gib))
+    with pytest.raises(RuntimeError, match="10.0 of 80.0 GiB GPU memory is free"):
+        memory_fraction()
+    assert memory_fraction(0.5) == 0.5
+    with pytest.raises(ValueError):
+        memory_fraction(1.5)

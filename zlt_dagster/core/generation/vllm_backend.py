@@ -1,28 +1,72 @@
-"""vLLM backend (the GPU image): one engine per base model, LoRA adapters per request via LoRARequest."""
+"""vLLM backend (the GPU image): one engine per base model and process, LoRA adapters per request via LoRARequest.
+
+Two things matter when several steps share a process (the in-process executor of `zlt demo` / `zlt run` on a GPU
+machine; on Kubernetes every step is its own pod, so one engine per pod anyway):
+- the engine is built once per (model, LoRA rank) and reused: a second `LLM(...)` would wait ~1 min to start and
+  reserve its own share of GPU memory on top of the first;
+- vLLM reserves `gpu_memory_utilization` x total memory at start-up and refuses to start if that is not free. The
+  pipeline's transformers copy of the base model (tokenizer, chat template, ARC) is already on the GPU: 15 GB for
+  a 7B model in bf16, so a fixed 0.85 of an 80 GB card does not fit. The default is therefore what is free now,
+  less a margin, capped at 0.85.
+vLLM caches adapters by `lora_int_id`: an id names one adapter's CONTENT, so it is keyed by path and the weights
+file's size and mtime (a reused temporary path with a new adapter gets a new id).
+"""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from .base import Completion, Generator, PromptSpec
+
+MAX_MEMORY_FRACTION = 0.85
+MEMORY_MARGIN = 0.05  # of total memory, left for CUDA graphs, the sampler and fragmentation
+_ENGINES: dict[tuple[str, int], object] = {}
+_LORA_IDS: dict[tuple[str, int, int], int] = {}
+
+
+def memory_fraction(requested: float | None = None) -> float:
+    """The share of GPU memory the engine may take: `requested`, or (free now - margin), at most 0.85."""
+    if requested is not None:
+        if not 0 < requested <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {requested}")
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return MAX_MEMORY_FRACTION
+    free, total = torch.cuda.mem_get_info()
+    fraction = min(MAX_MEMORY_FRACTION, free / total - MEMORY_MARGIN)
+    if fraction < 0.2:
+        raise RuntimeError(f"only {free / 2**30:.1f} of {total / 2**30:.1f} GiB GPU memory is free: too little for "
+                           "a vLLM engine (another process, or a model left on the GPU)")
+    return fraction
+
+
+def _adapter_key(adapter_dir: str) -> tuple[str, int, int]:
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    st = os.stat(weights)  # a missing adapter is an error here, not inside the engine
+    return os.path.realpath(adapter_dir), st.st_size, st.st_mtime_ns
 
 
 class VllmGenerator(Generator):
     name = "vllm"
 
-    def __init__(self, loaded, max_lora_rank: int = 32, gpu_memory_utilization: float = 0.85):
+    def __init__(self, loaded, max_lora_rank: int = 32, gpu_memory_utilization: float | None = None):
         from vllm import LLM  # imported here: vllm is only in the GPU image
 
         self.loaded = loaded
-        self.llm = LLM(model=loaded.source, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
-                       gpu_memory_utilization=gpu_memory_utilization, seed=0)
-        self._lora_ids: dict[str, int] = {}
+        key = (loaded.source, max_lora_rank)
+        if key not in _ENGINES:
+            _ENGINES[key] = LLM(model=loaded.source, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+                                gpu_memory_utilization=memory_fraction(gpu_memory_utilization), seed=0)
+        self.llm = _ENGINES[key]
 
     def _lora_request(self, adapter_dir: str | None):
         if adapter_dir is None:
             return None
         from vllm.lora.request import LoRARequest
 
-        lora_id = self._lora_ids.setdefault(adapter_dir, len(self._lora_ids) + 1)
+        lora_id = _LORA_IDS.setdefault(_adapter_key(adapter_dir), len(_LORA_IDS) + 1)
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter_dir)
 
     def generate(self, prompts: Sequence[PromptSpec], n_samples: int, temperature: float, top_p: float,
