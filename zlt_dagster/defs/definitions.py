@@ -31,6 +31,7 @@ def local_resources() -> dict:
     return {
         "store": ArtifactStore(kind="local", local_root=os.environ.get("ZLT_ARTIFACT_ROOT", ".zlt/artifacts")),
         "compute": Compute(device=os.environ.get("ZLT_DEVICE", "auto"),
+                           generation_backend=os.environ.get("ZLT_GENERATION_BACKEND", "auto"),
                            arc_source=os.environ.get("ZLT_ARC_SOURCE", ""),
                            torch_threads=int(os.environ.get("ZLT_TORCH_THREADS", "0"))),
     }
