@@ -35,3 +35,16 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     assert main(["--artifacts", art, "status"]) == 0
     out = capsys.readouterr().out
     assert "comedian" in out and "marker_rates 2" in out
+
+
+def test_eta_counts_epochs_of_the_cells_left():
+    """Training time grows with epochs, the rest of a cell does not: after one 1-epoch cell that trained 10 s of
+    its 30 s, cells of 2 and 3 epochs need 2 x 20 s + (2 + 3) x 10 s."""
+    from zlt_dagster.defs.runner import eta_seconds
+
+    assert eta_seconds(30.0, 10.0, [1], [2, 3]) == 90.0
+    assert eta_seconds(30.0, 10.0, [1], []) == 0.0
+    assert eta_seconds(0.0, 0.0, [], [1, 2]) == 0.0
+    # the demo's grid order (epochs 1..5 per LR): the estimate after the first cell is larger than the naive one
+    left = [2, 3, 4, 5] + [1, 2, 3, 4, 5] * 4
+    assert eta_seconds(36.0, 6.0, [1], left) > 36.0 * len(left)
