@@ -364,3 +364,18 @@ def test_gradient_checkpointing_does_not_leak_into_the_shared_base(tmp_path):
     train_cell(lm, tokenize_dataset(lm, data, proto), proto, Cell(1e-3, 1), 0, tmp_path / "a")
     assert not lm.model.is_gradient_checkpointing
     assert not lm.model.training
+
+
+def test_a_one_step_cell_is_all_warmup_and_says_so(loaded, tmp_path):
+    """TINY: effective batch 4. 4 examples x 1 epoch = 1 optimizer step = warmup (ceil(5%) = 1) at LR 0: the
+    adapter stays at its initialisation (B = 0), and the run says so; 2 epochs give one step at LR > 0."""
+    exs = tokenize_dataset(loaded, make_data(4), TINY)
+    said: list[str] = []
+    rec = train_cell(loaded, exs, TINY, Cell(1e-1, 1), seed=0, out_dir=tmp_path / "one", progress=said.append)
+    assert (rec["steps"], rec["warmup_steps"], rec["steps_with_nonzero_lr"]) == (1, 1, 0)
+    assert any("all 1 optimizer step(s) are warmup at LR 0" in m for m in said)
+    assert all(float(t.abs().max()) == 0.0 for k, t in read_adapter(tmp_path / "one").items() if "lora_B" in k)
+    said.clear()
+    rec = train_cell(loaded, exs, TINY, Cell(1e-1, 2), seed=0, out_dir=tmp_path / "two", progress=said.append)
+    assert rec["steps_with_nonzero_lr"] == 1 and not any("warmup at LR 0" in m for m in said)
+    assert any(float(t.abs().max()) > 0 for k, t in read_adapter(tmp_path / "two").items() if "lora_B" in k)

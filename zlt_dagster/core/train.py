@@ -125,6 +125,13 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
     t = protocol.train
     out_dir = Path(out_dir)
     steps_per_epoch, total_steps, warmup = schedule_plan(len(examples), protocol, cell.epochs)
+    # warmup starts at LR 0 (the HF schedule), so a cell of ONE optimizer step (tiny data x 1 epoch) never moves
+    # its adapter off the initialisation (B = 0): say so instead of letting it pass for "nothing learned"
+    lr_steps = sum(cosine_with_warmup(s, total_steps, warmup) > 0 for s in range(total_steps))
+    if lr_steps == 0 and progress is not None:
+        progress(f"warning: cell {cell.key}: all {total_steps} optimizer step(s) are warmup at LR 0 "
+                 f"({len(examples)} examples / effective batch {t.effective_batch} x {cell.epochs} epoch(s)); "
+                 "the adapter will equal its initialisation")
     torch.manual_seed(seed)  # LoRA A init and dropout masks
     model = get_peft_model(loaded.model, lora_config(protocol))
     stack = contextlib.ExitStack()
@@ -193,6 +200,7 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
     record = {
         "cell": {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key}, "seed": seed,
         "steps": step, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "n_examples": len(examples),
+        "steps_with_nonzero_lr": lr_steps,
         "tokens": tokens, "supervised_tokens": supervised, "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "gpu_s": round(wall, 3) if loaded.device.type == "cuda" else 0.0,

@@ -94,7 +94,8 @@ def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compu
     s = _tracked(track, lambda: pipeline.run_adapter(store.get_store(), sweep, cell, compute.settings(),
                                                      context.log.info))
     return track(MaterializeResult(metadata={
-        **_cell_meta(sweep, cell), "steps": s["steps"], "tokens": s["tokens"],
+        **_cell_meta(sweep, cell), "steps": s["steps"], "steps_with_nonzero_lr": s["steps_with_nonzero_lr"],
+        "tokens": s["tokens"],
         "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"], "wall_s": s["wall_s"],
         "gpu_s": s["gpu_s"], "first_loss": s["first_loss"], "final_loss": s["final_loss"],
         "device": s["device"], "artifact": _url(s["artifact"])}))
