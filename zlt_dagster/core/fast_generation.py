@@ -23,6 +23,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .models import unwrap_peft
+
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -146,7 +148,7 @@ def cache_kwargs(model, cache) -> dict:
     machine)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     return {name: cache}
 

@@ -68,6 +68,11 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
 
 
 # --- chat template helpers --------------------------------------------------------------------------------------
+def unwrap_peft(model):
+    """The transformers model under a peft wrapper (an attached adapter), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _as_id_list(encoded: Any) -> list[int]:
     """apply_chat_template(tokenize=True) returns a list in transformers 4 and a BatchEncoding in 5."""
     if hasattr(encoded, "keys") and "input_ids" in encoded.keys():

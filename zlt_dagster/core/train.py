@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpointer, TrainState
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
-from .models import LoadedModel
+from .models import LoadedModel, unwrap_peft
 from .onpolicy import OnPolicyData
 from .protocol import Cell, Protocol
 
@@ -60,7 +60,7 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor], full_logits: bool
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return loss, n
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
     logits = base.get_output_embeddings()(hidden[rows, cols]).float()

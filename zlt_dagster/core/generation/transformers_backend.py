@@ -34,10 +34,11 @@ def merges_adapters(loaded) -> bool:
 
 
 @contextlib.contextmanager
-def applied_adapter(loaded, adapter_dir: str | None):
-    """The base model with the adapter merged (fp32 weights, restored bit-exactly afterwards) or attached (bf16):
-    what scoring uses, so that an adapter costs no extra FLOPs where merging is exact enough."""
-    if merges_adapters(loaded):
+def applied_adapter(loaded, adapter_dir: str | None, merge: bool | None = None):
+    """The base model with the adapter merged (weights restored bit-exactly afterwards) or attached.
+    merge=None: merged into fp32 weights, attached to bf16 ones (`merges_adapters`), so that an adapter costs no
+    extra FLOPs where merging is exact enough."""
+    if merges_adapters(loaded) if merge is None else merge:
         from ..fast_generation import merged_weights
 
         with merged_weights(loaded.model, adapter_dir) as model:
@@ -78,16 +79,12 @@ class TransformersGenerator(Generator):
         pad = tok.pad_token_id
         out: list[Completion] = []
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        if self.merge_adapter:
-            from ..fast_generation import merged_weights as attach
-        else:
-            attach = attached_adapter
         if self.loop == "fast":
             # whole prompts per batch, so that a prompt's samples share its prefill (sample_new_tokens' repeats)
             step = max(1, batch_size // n_samples) * n_samples
         else:
             step = batch_size
-        with attach(lm.model, adapter_dir) as model:
+        with applied_adapter(lm, adapter_dir, merge=self.merge_adapter) as model:
             for start in range(0, len(jobs), step):
                 chunk = jobs[start:start + step]
                 seqs = [prompt_ids[i] for i, _ in chunk]
