@@ -30,23 +30,8 @@ from zlt_dagster.core.generation import make_generator  # noqa: E402
 from zlt_dagster.core.generation.transformers_backend import applied_adapter, attached_adapter  # noqa: E402
 from zlt_dagster.core.models import load_model  # noqa: E402
 from zlt_dagster.core.protocol import Sweep, get_protocol  # noqa: E402
-
-
-def random_adapter(lm, protocol, out: Path) -> str:
-    import copy
-
-    from peft import get_peft_model
-
-    from zlt_dagster.core.train import lora_config
-
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(lm.model), lora_config(protocol))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    pm.save_pretrained(str(out))
-    return str(out)
+from zlt_dagster.core.random_adapter import save_random_adapter  # noqa: E402
+from zlt_dagster.core.train import lora_config  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -73,7 +58,7 @@ def main() -> None:
               "model": "smollm2-135m fp32", "completions_per_cell": len(prompts) * e.samples_per_question,
               "arc_questions": len(questions)}
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = random_adapter(lm, sweep.protocol, Path(tmp) / "adapter")
+        adapter = save_random_adapter(lm.model, lora_config(sweep.protocol), Path(tmp) / "adapter", b_std=0.01)
         for backend in ("transformers", "transformers-fast"):
             gen = make_generator(backend, lm)
             wall, comps = timed(lambda: gen.generate(prompts, e.samples_per_question, e.temperature, e.top_p,

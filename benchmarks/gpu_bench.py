@@ -24,7 +24,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import random
 import sys
@@ -313,20 +312,10 @@ def bench_arc(lm: LoadedModel, adapter: str | None, batch: int, n: int = 1172) -
 def random_adapter(lm: LoadedModel, path: Path, b_std: float) -> str:
     """An adapter of the protocol's shape with B ~ N(0, b_std): large enough that bf16 merging keeps it (speed does
     not depend on the values; the short benchmark trainings leave deltas bf16 rounds away, see merge_check)."""
-    from peft import get_peft_model
-
+    from zlt_dagster.core.random_adapter import save_random_adapter
     from zlt_dagster.core.train import lora_config
-    torch.manual_seed(0)
-    pm = get_peft_model(lm.model, lora_config(PAPER))
-    try:
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, b_std)
-        pm.save_pretrained(str(path))
-    finally:
-        pm.unload()
-    return str(path)
+
+    return save_random_adapter(lm.model, lora_config(PAPER), path, b_std)
 
 
 def diagnose(lm: LoadedModel, out: Path) -> dict:

@@ -37,23 +37,13 @@ def base_guard():
 
 
 def save_random_adapter(model, out_dir) -> str:
-    """Save a PEFT adapter (tiny protocol's LoRA shape) with large random B, so it visibly changes `model`'s
-    outputs; the model itself is left untouched (the adapter is built on a deep copy)."""
-    import copy
-
-    from peft import get_peft_model
-
+    """A PEFT adapter of the tiny protocol's LoRA shape with large random B (N(0, 0.5)), so it visibly changes
+    `model`'s outputs; the model itself is left as it was."""
     from zlt_dagster.core.protocol import TINY
+    from zlt_dagster.core.random_adapter import save_random_adapter as save
     from zlt_dagster.core.train import lora_config
 
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(model), lora_config(TINY))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    pm.save_pretrained(str(out_dir))
-    return str(out_dir)
+    return save(model, lora_config(TINY), out_dir, b_std=0.5)
 
 
 @pytest.fixture(scope="session")

@@ -155,18 +155,13 @@ def test_fast_loop_rejects_zero_tokens(chaotic):
 
 # --- merged adapter weights ------------------------------------------------------------------------------------
 def save_random_adapter(model, path, seed=0, **lora_overrides):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from zlt_dagster.core.random_adapter import save_random_adapter as save
 
     cfg = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
     cfg.update(lora_overrides)
-    torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**cfg))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    pm.save_pretrained(str(path))
-    return str(path)
+    return save(model, LoraConfig(**cfg), path, b_std=0.3, seed=seed)
 
 
 def peft_attached(model, adapter_dir):
