@@ -76,7 +76,7 @@ class MultiLoRALinear(torch.nn.Module):
         keep = self.routing.keep
         if keep is not None and self.training:
             mask = keep[..., self.offset:self.offset + self.in_features]            # [block rows, width, in]
-            xa = torch.where(mask, xa.view(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).view(x.shape)
+            xa = torch.where(mask, xa.reshape(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).reshape(x.shape)
         if k == 1:
             j = active[0]
             delta = (xa @ self.lora_A[j].t()) @ self.lora_B[j].t()
