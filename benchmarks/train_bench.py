@@ -91,7 +91,7 @@ def run_naive(lm, exs, steps: int, micro: int, tmp: Path) -> dict:
             "steps": r["steps"], "micro_batch": micro, "peak_gib": peak_gib(lm.device)}
 
 
-def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str) -> dict:
+def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bool = True) -> dict:
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
     warm = [Cell(lr, 1) for lr in sorted({c.lr for c in cells})[:2]]
@@ -100,29 +100,38 @@ def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str) -> dict:
     sync(lm.device)
     t = time.perf_counter()
     recs = train_cells(lm, exs[:eff * steps_per_epoch], proto, cells, 0, [tmp / f"{tag}{j}" for j in range(len(cells))],
-                       progress=log)
+                       progress=log, allow_tf32=tf32)
     sync(lm.device)
     wall = time.perf_counter() - t
     tokens = sum(r["tokens"] for r in recs)
-    g = recs[0]
+    g = max(recs, key=lambda r: r["group"]["wall_s"])  # the last cell to finish holds the whole pass
     # headline = the training steps' rate (like the naive side's); call_tok_s adds set-up (LoRA bank, memory
     # probe) and writing every cell's PEFT directory
     return {"tok_s": g["group"]["tokens_per_s"], "train_wall_s": g["group"]["wall_s"],
             "call_tok_s": round(tokens / wall, 1), "call_wall_s": round(wall, 3), "tokens_all_cells": tokens, "cells": len(cells),
             "cell_steps": sum(r["steps"] for r in recs), "micro_batch": g["micro_batch"],
             "cells_per_forward": g["cells_per_forward"], "batch_plan": g["batch_plan"],
-            "peak_gib": peak_gib(lm.device), "first_loss": g["first_loss"], "final_loss": g["final_loss"]}
+            "peak_gib": peak_gib(lm.device), "first_loss": g["first_loss"], "final_loss": g["final_loss"],
+            "lora_matmul": g["lora_matmul"]}
 
 
-def with_tf32(fn, *a):
-    """The same workload with TF32 matmuls for the fp32 LoRA adapters (peft keeps adapters in fp32 over a bf16
-    base; their matmuls otherwise run on the non-tensor-core fp32 path)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        return {**fn(*a), "tf32": True}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str) -> dict:
+    """torch.profiler over a 2-step pass: where a training step's time goes (table written to --out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    proto = get_protocol("paper", {"train.micro_batch": 0})
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_cells(lm, exs[:16 * 2], proto, cells, 0, [tmp / f"p{tag}{j}" for j in range(len(cells))])
+        sync(lm.device)
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    (out / f"profile_train_{tag}.txt").write_text(f"by self CPU time\n{cpu}\n\nby self CUDA time\n{gpu}\n")
+    ev = prof.key_averages()
+    return {"cpu_total_ms": round(sum(e.self_cpu_time_total for e in ev) / 1e3, 1),
+            "cuda_total_ms": round(sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 1e3, 1),
+            "kernel_launches": int(sum(e.count for e in ev if e.key.startswith(("cudaLaunchKernel",
+                                                                               "cuLaunchKernel")))),
+            "top_cpu": cpu.splitlines()[3:10]}
 
 
 def bf16_group_check(lm, exs, tmp: Path) -> dict:
@@ -211,7 +220,8 @@ def main() -> None:
         spe = 1 if small else 2
         run("train_135m_fused25", 120, run_fast, lm, exs, [Cell(lr, ep) for lr in lrs for ep in PAPER.epochs],
             spe, tmp, "f25")
-        run("train_135m_fused5_tf32", 40, with_tf32, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "t5")
+        run("train_135m_fused5_fp32_lora", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "t5", False)
+        run("profile_135m_1cell", 30, profile_step, lm, exs, [Cell(1e-4, 1)], tmp, out, "135m_1cell")
         run("bf16_group_check_135m", 30, bf16_group_check, lm, exs, tmp)
         del lm
         gc.collect()
@@ -223,7 +233,7 @@ def main() -> None:
         run("train_7b_naive", 60, run_naive, lm, exs, 4 if not small else 2, 4, tmp)
         run("train_7b", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "s7")
         run("train_7b_fused5", 120, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], 4 if not small else 2, tmp, "f7")
-        run("train_7b_tf32", 60, with_tf32, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "t7")
+        run("train_7b_fp32_lora", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "t7", False)
     w = res["workloads"]
 
     def rate(name):

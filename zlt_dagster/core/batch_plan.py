@@ -42,15 +42,22 @@ class BatchPlan:
         return asdict(self)
 
 
-def saved_activation_bytes(run_forward) -> int:
-    """Bytes of the distinct tensor storages autograd saves while `run_forward()` runs (no backward is done;
-    the graph is freed when the caller drops the output)."""
+def saved_activation_bytes(run_forward, model: torch.nn.Module | None = None) -> int:
+    """Bytes of the distinct tensor storages autograd saves while `run_forward()` runs, not counting `model`'s
+    parameters and buffers (a linear layer saves its weight for the backward pass, but the weight exists anyway
+    and does not grow with the tokens). No backward is done; the graph is freed when the caller drops the output."""
     seen: dict[tuple, int] = {}
+    resident = set()
+    if model is not None:
+        resident = {(t.device.type, t.untyped_storage().data_ptr())
+                    for t in list(model.parameters()) + list(model.buffers())}
 
     def pack(t: torch.Tensor):
         try:
             st = t.untyped_storage()
-            seen[(t.device.type, st.data_ptr())] = st.nbytes()
+            key = (t.device.type, st.data_ptr())
+            if key not in resident:
+                seen[key] = st.nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a plain storage (e.g. sparse): count as is
             seen[(t.device.type, id(t))] = t.numel() * t.element_size()
         return t
