@@ -91,7 +91,8 @@ def run_naive(lm, exs, steps: int, micro: int, tmp: Path) -> dict:
             "steps": r["steps"], "micro_batch": micro, "peak_gib": peak_gib(lm.device)}
 
 
-def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bool = True) -> dict:
+def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bool = True,
+             autocast: bool = True) -> dict:
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
     warm = [Cell(lr, 1) for lr in sorted({c.lr for c in cells})[:2]]
@@ -100,7 +101,7 @@ def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bo
     sync(lm.device)
     t = time.perf_counter()
     recs = train_cells(lm, exs[:eff * steps_per_epoch], proto, cells, 0, [tmp / f"{tag}{j}" for j in range(len(cells))],
-                       progress=log, allow_tf32=tf32)
+                       progress=log, allow_tf32=tf32, lora_autocast=autocast)
     sync(lm.device)
     wall = time.perf_counter() - t
     tokens = sum(r["tokens"] for r in recs)
@@ -220,9 +221,12 @@ def main() -> None:
         spe = 1 if small else 2
         run("train_135m_fused25", 120, run_fast, lm, exs, [Cell(lr, ep) for lr in lrs for ep in PAPER.epochs],
             spe, tmp, "f25")
-        run("train_135m_fused5_fp32_lora", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "t5", False)
+        run("train_135m_fused5_fp32_lora_tf32", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "t5",
+            True, False)
         run("profile_135m_1cell", 30, profile_step, lm, exs, [Cell(1e-4, 1)], tmp, out, "135m_1cell")
-        run("bf16_group_check_135m", 30, bf16_group_check, lm, exs, tmp)
+        run("profile_135m_5cells", 30, profile_step, lm, exs, [Cell(lr, 1) for lr in lrs], tmp, out, "135m_5cells")
+        if not os.environ.get("ZLT_BENCH_QUICK"):
+            run("bf16_group_check_135m", 30, bf16_group_check, lm, exs, tmp)
         del lm
         gc.collect()
         if dev.type == "cuda":
@@ -233,7 +237,9 @@ def main() -> None:
         run("train_7b_naive", 60, run_naive, lm, exs, 4 if not small else 2, 4, tmp)
         run("train_7b", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "s7")
         run("train_7b_fused5", 120, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], 4 if not small else 2, tmp, "f7")
-        run("train_7b_fp32_lora", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "t7", False)
+        run("profile_7b_1cell", 60, profile_step, lm, exs, [Cell(1e-4, 1)], tmp, out, "7b_1cell")
+        run("train_7b_fp32_lora_tf32", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "t7",
+            True, False)
     w = res["workloads"]
 
     def rate(name):

@@ -221,3 +221,20 @@ def test_auto_plan_is_recorded_and_respects_an_explicit_micro_batch(tiny_loaded,
     assert math.isfinite(rec["final_loss"])
     saved = json.loads((tmp_path / "c" / "train_run.json").read_text())
     assert saved["micro_batch"] == 1 and saved["group"]["cells"] == ["lr=0.01_ep=1"]
+
+
+def test_over_a_bf16_base_the_adapter_trains_in_bf16_from_fp32_masters(tiny_loaded, tmp_path):
+    """As under the seed's torch.autocast: bf16 matmuls, fp32 master weights that receive the gradients and are
+    saved; the result stays close to peft's fp32 adapter path over the same bf16 base."""
+    lm16 = dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).to(torch.bfloat16),
+                               dtype=torch.bfloat16)
+    proto, examples = setup(tiny_loaded, **{"lora.dropout": 0.05})
+    rec = train_cells(lm16, examples, proto, [Cell(2e-2, 2)], 0, [tmp_path / "bf16"])[0]
+    ref = train_cells(lm16, examples, proto, [Cell(2e-2, 2)], 0, [tmp_path / "fp32"], lora_autocast=False)[0]
+    assert (rec["lora_matmul"], ref["lora_matmul"]) == ("bf16 (autocast)", "fp32")
+    a, b = adapter(tmp_path / "bf16"), adapter(tmp_path / "fp32")
+    assert all(v.dtype == torch.float32 for v in a.values())
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+    den = sum(float(b[k].norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+    assert den > 1e-3 and num / den < 0.1, num / den
+    assert rec["loss_curve"][0]["loss"] == pytest.approx(ref["loss_curve"][0]["loss"], rel=0.02)

@@ -5,7 +5,11 @@ Every LoRA'd Linear of the base is replaced, for the duration of training, by a 
 cells being trained in this pass, `LoraBank.active`); block c only ever goes through adapter `active[c]`
 ("per-example adapter routing"), so the summed loss sum_c loss_c has d/d(adapter j) = d loss_j / d(adapter j)
 and every cell gets exactly the gradient a run of its own would. Same arithmetic as peft's LoRA Linear:
-    y = base(x) + B(A(dropout(x in the adapter dtype))) * alpha / r,   added in the adapter dtype, cast back.
+    y = base(x) + B(A(dropout(x))) * alpha / r
+over an fp32 base in fp32 (CPU; what the tests compare); over a bf16 base the adapter's matmuls run in bf16 from
+its fp32 master weights, which is what the seed's HF Trainer (bf16=True: torch.autocast) did with peft's fp32
+adapters. peft without autocast would cast the bf16 activations up and run them in fp32 instead: on a 7B model
+that keeps ~9 MB of fp32 copies per token for the backward pass (measured: BENCHMARKS.md).
 
 Dropout masks are not drawn from the global RNG (as peft's nn.Dropout would) but from a generator seeded per
 (sweep seed, epoch, example index), one stream per example covering every LoRA'd module: a mask then depends on
@@ -49,6 +53,7 @@ class _Routing:
     """Shared by every MultiLoRALinear of one bank: which cells this forward carries and the dropout keep-masks."""
     active: list[int] = field(default_factory=list)
     keep: torch.Tensor | None = None   # bool [rows of ONE block, width, total LoRA input features]
+    autocast: bool = True              # over a bf16/fp16 base, run the adapter's matmuls in that dtype
 
 
 class MultiLoRALinear(torch.nn.Module):
@@ -72,20 +77,29 @@ class MultiLoRALinear(torch.nn.Module):
         k = len(active)
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
-        xa = x.to(self.lora_A[active[0]].dtype)
+        if self.routing.autocast and x.dtype in (torch.bfloat16, torch.float16):
+            return result + self._delta(x, active, x.dtype) * self.scale  # the adapter's matmuls in bf16
+        delta = self._delta(x.to(self.lora_A[active[0]].dtype), active, None)
+        return (result + delta * self.scale).to(result.dtype)
+
+    def _delta(self, xa: torch.Tensor, active: list[int], cast: torch.dtype | None) -> torch.Tensor:
+        """B(A(dropout(xa))) of each row block with its cell's adapter; weights cast to `cast` if given (their
+        fp32 master copies receive the gradients)."""
+        k, x = len(active), xa
         keep = self.routing.keep
         if keep is not None and self.training:
             mask = keep[..., self.offset:self.offset + self.in_features]            # [block rows, width, in]
             xa = torch.where(mask, xa.reshape(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).reshape(x.shape)
+        def w(p):
+            return p if cast is None else p.to(cast)
         if k == 1:
             j = active[0]
-            delta = (xa @ self.lora_A[j].t()) @ self.lora_B[j].t()
-        else:
-            a = torch.stack([self.lora_A[j] for j in active])                       # [k, r, in]
-            b = torch.stack([self.lora_B[j] for j in active])                       # [k, out, r]
-            xs = xa.reshape(k, -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-        return (result + delta.reshape(result.shape) * self.scale).to(result.dtype)
+            return (xa @ w(self.lora_A[j]).t()) @ w(self.lora_B[j]).t()
+        a = torch.stack([w(self.lora_A[j]) for j in active])                       # [k, r, in]
+        b = torch.stack([w(self.lora_B[j]) for j in active])                       # [k, out, r]
+        xs = xa.reshape(k, -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
 def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:

@@ -203,7 +203,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 seed: int, out_dirs: Sequence[str | Path], data_hash: str = "", full_logits: bool = False,
                 progress: Callable[[str], None] | None = None,
                 checkpointers: Sequence[Checkpointer] | None = None,
-                on_cell_done: Callable[[int, dict], None] | None = None, allow_tf32: bool = True) -> list[dict]:
+                on_cell_done: Callable[[int, dict], None] | None = None, allow_tf32: bool = True,
+                lora_autocast: bool = True) -> list[dict]:
     """Train every cell of `cells` (any LRs, any epochs) in one pass over the data and write cell j's adapter
     (adapter_config.json + adapter_model.safetensors, a standard PEFT directory) and run record
     (train_run.json) into out_dirs[j]. Returns the run records in the order of `cells`. The shared base model is
@@ -212,6 +213,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     checkpointers[j] (core/checkpoint.py), optional: resume cell j from its checkpoint (cells may resume from
     different steps), write one every `protocol.train.checkpoint_every_steps` steps, and on SIGTERM one per
     unfinished cell before raising TrainingInterrupted.
+    lora_autocast: over a bf16 base, run the adapters' matmuls in bf16 (as the seed's autocast did; core/lora_bank.py);
+    False = peft's fp32 path. allow_tf32: TF32 for fp32 matmuls on CUDA.
     on_cell_done(j, record), optional: called as soon as cell j has finished and its directory is written (a cell
     with fewer epochs finishes early; the pipeline commits it then, so a later crash of the pass never retrains it).
     Raises ValueError on empty data, duplicate cells or mismatched lengths; FloatingPointError if a loss stops
@@ -245,6 +248,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         # `is_gradient_checkpointing`; the FutureWarning says nothing about this run
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         bank = LoraBank(loaded.model, protocol, seed, k)
+    bank.routing.autocast = lora_autocast
     with contextlib.ExitStack() as stack:
         stack.enter_context(bank)
         tf32 = allow_tf32 and dev.type == "cuda"
@@ -279,7 +283,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 loaded.model.train()
             rec = _record(loaded, protocol, cells, j, seed, states[j], plans[j], lr_steps[j], bp, len(examples),
                           data_hash, full_logits, states)
-            rec["lora_matmul"] = "tf32" if tf32 else str(bank.modules[next(iter(bank.modules))].lora_A[0].dtype)
+            rec["lora_matmul"] = ("bf16 (autocast)" if lora_autocast and loaded.dtype in (torch.bfloat16, torch.float16)
+                                  else "tf32" if tf32 else "fp32")
             (Path(out_dirs[j]) / "train_run.json").write_text(json.dumps(rec, indent=1))
             opts[j].state.clear()
             for prm in params[j]:
