@@ -13,18 +13,21 @@ Registry file: a YAML list. Each item is one of
 A follow-up file may also be a mapping {sweeps: [...], compare: {...}}; the registry reads its `sweeps`.
 
 Scheduling is artifact-driven, so it is idempotent: each step is requested only while its artifact is missing from
-the store, and with a run key `<sweep_id>:<partition or job>` that Dagster never launches twice for the sensor.
-A sweep that is already complete gets no run; a failed run is not retried by the sensor (retry from the UI).
+the store or does not verify (pipeline.cell_done, ObjectStore.artifact_problem), however often it was built before
+(sensors.py picks a run key Dagster has not seen). A sweep that is already complete gets no run; a step whose last
+run failed is not retried by the sensor (retry from the UI), and one whose run is still in flight is not requested
+again.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import layout
+from .. import layout, pipeline
 from ..core.protocol import ProtocolError, Sweep, _yaml_loader, sweep_from_dict
 from .partitions import CellKeyError, cell_position_key, check_grid
 
@@ -147,35 +150,38 @@ class PlannedRun:
         return f"{self.sweep_id}:{self.cell_position or self.job}"
 
 
-def cell_done(store, sweep: Sweep, cell) -> bool:
-    return all(store.artifact_exists(layout.cell_prefix(sweep.sweep_id, cell, a)) for a in ("marker_rates",
-                                                                                               "arc_scores"))
-
-
 def plan_runs(store, entry: RegistryEntry) -> list[PlannedRun]:
-    """The runs this sweep still needs, judged only by committed artifacts in `store`:
-    data job while on-policy data or base ARC is missing; once on-policy data exists (schedule=full) one cell_job
-    per cell without marker rates + ARC; once every cell is done, report_job while the report is outdated."""
+    """The runs this sweep still needs, judged only by committed, verified artifacts in `store` (a torn or partial
+    artifact counts as missing): data job while on-policy data or base ARC is missing; once on-policy data exists
+    (schedule=full) one cell_job per cell that is not done (pipeline.cell_done); once every cell is done,
+    report_job while the report is outdated. Raises StoreError when the store itself fails."""
     sweep, sid = entry.sweep, entry.sweep.sweep_id
     runs: list[PlannedRun] = []
-    has_data = store.artifact_exists(layout.onpolicy_prefix(sid))
-    if not has_data or not store.artifact_exists(layout.base_arc_prefix(sid)):
+    has_data = store.artifact_problem(layout.onpolicy_prefix(sid)) is None
+    if not has_data or store.artifact_problem(layout.base_arc_prefix(sid)) is not None:
         runs.append(PlannedRun(DATA_JOB, sid, None))
     if entry.schedule != "full" or not has_data:
         return runs
-    missing = [c for c in sweep.cells() if not cell_done(store, sweep, c)]
+    missing = [c for c in sweep.cells() if not pipeline.cell_done(store, sweep, c)]
     runs += [PlannedRun(CELL_JOB, sid, cell_position_key(sweep, c)) for c in missing]
-    if not missing and report_outdated(store, sid):
+    if not missing and report_outdated(store, sweep):
         runs.append(PlannedRun(REPORT_JOB, sid, None))
     return runs
 
 
-def report_outdated(store, sweep_id: str) -> bool:
-    """True while the heatmap is missing or the compiled results still list missing cells (a report made by hand
-    before the grid was finished)."""
-    if not store.artifact_exists(layout.heatmap_prefix(sweep_id)):
+def report_outdated(store, sweep: Sweep) -> bool:
+    """True while the heatmap or the compiled results are missing or do not verify, the compiled results still
+    list missing cells (a report made by hand before the grid was finished), or a cell's results were committed
+    after the compiled results (a cell rebuilt since)."""
+    sid = sweep.sweep_id
+    prefix = layout.compiled_prefix(sid)
+    if store.artifact_problem(layout.heatmap_prefix(sid)) or store.artifact_problem(prefix):
         return True
-    prefix = layout.compiled_prefix(sweep_id)
-    if not store.artifact_exists(prefix):
+    if json.loads(store.read_artifact_file(prefix, "compiled_results.json")).get("missing_cells"):
         return True
-    return bool(json.loads(store.read_artifact_file(prefix, "compiled_results.json")).get("missing_cells"))
+    def created(p: str) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(store.read_manifest(p)["created_at"])
+
+    compiled_at = created(prefix)
+    return any(created(layout.cell_prefix(sid, c, a)) > compiled_at for c in sweep.cells()
+               for a in pipeline.DONE_ARTIFACTS)

@@ -86,16 +86,21 @@ class Runner:
         print(f"sweep {sid}: {len(sweep.cells())} cells, protocol {sweep.protocol.name}, source "
               f"{sweep.source_persona}, seed {sweep.seed}, model {sweep.base_model}", flush=True)
         t_start = time.time()
-        if self.force or not self.store.artifact_exists(layout.onpolicy_prefix(sid)):
+        if self.force or self.store.artifact_problem(layout.onpolicy_prefix(sid)):  # verified, not just present
             print("[1/3] on-policy data + base-model ARC ...", flush=True)
             self._materialize([onpolicy_data, base_arc_scores], sid)
         else:
             print("[1/3] on-policy data already there: skipped", flush=True)
-            if not self.store.artifact_exists(layout.base_arc_prefix(sid)):
+            if self.store.artifact_problem(layout.base_arc_prefix(sid)):
                 self._materialize([base_arc_scores], sid)
         keys = partition_keys_for(sweep)
-        done = {c.key for c in pipeline.cells_done(self.store, sweep, "arc_scores")} & \
-            {c.key for c in pipeline.cells_done(self.store, sweep, "marker_rates")}
+        done = set()
+        for cell in [] if self.force else sweep.cells():  # pipeline.cell_problem: the verified "cell done" check
+            problem = pipeline.cell_problem(self.store, sweep, cell)
+            if problem is None:
+                done.add(cell.key)
+            elif not problem.endswith(" missing"):  # torn or corrupt: rebuilt, never counted
+                print(f"  {cell.key}: rebuilding, {problem}", flush=True)
         todo = [k for k in keys if self.force or
                 cell_from_position(sweep, split_partition_key(k)[1]).key not in done]
         print(f"[2/3] cells: {len(keys) - len(todo)} already done, {len(todo)} to run", flush=True)

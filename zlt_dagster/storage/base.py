@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "MANIFEST.json"
 LOCK_NAME = ".lock"  # a lease object; never part of an artifact
 MANIFEST_FORMAT_VERSION = 1
+ARTIFACT_MISSING = "missing"  # ObjectStore.artifact_problem: no manifest (never committed, or deleted)
 _HASH_CHUNK = 1024 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -393,8 +394,12 @@ class ObjectStore(abc.ABC):
 
     def artifact_problem(self, prefix: str) -> str | None:
         """None if the artifact at ``prefix`` is whole (``verify_artifact`` passes), else why it does not count:
-        missing, unreadable manifest, a listed file missing, torn or corrupt. Store failures (network,
+        ARTIFACT_MISSING ("missing": no manifest), or "<ErrorClass>: <message>" for an unreadable manifest, a listed
+        file missing, a torn or corrupt file. Store failures (network,
         permissions) are raised as StoreError, never taken for a missing artifact."""
+        prefix = normalize_prefix(prefix, allow_empty=False)
+        if not self.exists(join_key(prefix, MANIFEST_NAME)):
+            return ARTIFACT_MISSING
         try:
             self.verify_artifact(prefix)
         except (NotFoundError, ManifestError, ChecksumError) as e:

@@ -17,6 +17,7 @@ from .base import (
     StoreError,
     normalize_prefix,
     sha256_bytes,
+    sha256_file,
     temp_sibling,
     validate_key,
 )
