@@ -25,10 +25,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .. import layout, pipeline
-from ..core.protocol import ProtocolError, Sweep, _yaml_loader, sweep_from_dict
+from ..core.protocol import ProtocolError, Sweep, _yaml_loader, read_mapping, sweep_from_dict
 from .partitions import CellKeyError, cell_position_key, check_grid
 
 REGISTRY_ENV = "ZLT_SWEEP_REGISTRY"
@@ -103,10 +103,12 @@ def read_registry(path: str | Path | None = None, _seen: tuple[Path, ...] = ()
         where = f"{path} entry {i}{_entry_name(item)}"
         try:
             if not isinstance(item, dict):
-                raise ProtocolError(f"expected a mapping (a sweep entry or include:), got {item!r}")
+                raise ProtocolError(f"expected a mapping (a sweep entry or include:), got {item!r}",
+                                    field="(top level)")
             if "include" in item:
                 if set(item) != {"include"}:
-                    raise ProtocolError(f"an include entry holds only 'include', got keys {sorted(item)}")
+                    raise ProtocolError(f"an include entry holds only 'include', got keys {sorted(item)}",
+                                        field="include")
                 sub_entries, sub_problems = read_registry(path.parent / str(item["include"]), _seen + (resolved,))
                 entries += sub_entries
                 problems += sub_problems
@@ -114,13 +116,51 @@ def read_registry(path: str | Path | None = None, _seen: tuple[Path, ...] = ()
             item = dict(item)
             schedule = item.pop("schedule", "full")
             if schedule not in SCHEDULES:
-                raise ProtocolError(f"schedule={schedule!r}; expected one of {SCHEDULES}")
-            sweep = sweep_from_dict(item)
-            check_grid(sweep)
-            entries.append(RegistryEntry(sweep, schedule, where))
-        except (ProtocolError, CellKeyError, RegistryError, TypeError, ValueError) as e:
+                raise ProtocolError(f"schedule={schedule!r}; expected one of {SCHEDULES}", field="schedule")
+            entries.append(RegistryEntry(sweep_from_config(item), schedule, where))
+        except (ProtocolError, RegistryError) as e:
             problems.append(RegistryProblem(where, f"{type(e).__name__}: {e}"))
     return _dedupe(entries, problems)
+
+
+# --- the one sweep-config check: what the registry sensor and `zlt run` both accept --------------------------------
+def sweep_from_config(item: Mapping[str, Any]) -> Sweep:
+    """A sweep entry (sweep_from_dict: every field, types, cells, the model path) that Dagster can also hold: its
+    grid fits the cell dimension and its id is a valid partition key. The only place a sweep file is validated.
+
+    Raises ProtocolError naming the field (``<field>: <what>``)."""
+    sweep = sweep_from_dict(item)
+    try:
+        check_grid(sweep)
+    except CellKeyError as e:
+        raise ProtocolError(str(e), field="protocol.learning_rates/epochs") from e
+    check_partition_key(sweep)
+    return sweep
+
+
+def load_sweep_config(path: str | Path) -> Sweep:
+    """sweep_from_config of a YAML/JSON file (``zlt run``); ProtocolError naming the field, ``(file)`` when the file
+    is missing or unparsable."""
+    return sweep_from_config(read_mapping(path))
+
+
+def check_partition_key(sweep: Sweep) -> None:
+    """The sweep id becomes a key of the `sweeps` dynamic partitions and a dimension of the cell multi-partition key:
+    Dagster's rules apply (dagster 1.13: '...' is reserved for partition ranges in the UI, control characters do not
+    display; '|', ',', '[' and ']' delimit multi-partition keys). Raises ProtocolError naming `name` (or
+    `base_model`, from which an unnamed sweep's id is derived)."""
+    # dagster/_core/definitions/partitions/utils/{base,multi}.py (pinned dagster==1.13.27)
+    from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
+    from dagster._core.definitions.partitions.utils.multi import INVALID_STATIC_PARTITIONS_KEY_CHARACTERS
+
+    sid = sweep.sweep_id
+    bad = [sub for sub in INVALID_PARTITION_SUBSTRINGS if sub in sid]
+    bad += sorted(c for c in INVALID_STATIC_PARTITIONS_KEY_CHARACTERS if c in sid)
+    if bad:
+        field = "name" if sweep.name else "base_model"
+        fix = "choose another name" if sweep.name else "set `name` to a sweep id without them"
+        raise ProtocolError(f"sweep id {sid!r} contains {bad}, which Dagster reserves in partition keys ('...' marks "
+                            f"a partition range; '|', ',', '[', ']' delimit multi-partition keys); {fix}", field=field)
 
 
 def _dedupe(entries: list[RegistryEntry], problems: list[RegistryProblem]):

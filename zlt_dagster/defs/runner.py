@@ -29,10 +29,13 @@ def _instance_home() -> Path:
     return home
 
 
-def _resources(artifacts: str, device: str, backend: str, arc_source: str, threads: int) -> dict:
+def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int) -> dict:
+    """``artifacts``: a local directory, or an ArtifactStore resource (the CLI's store from the environment)."""
     from .resources import ArtifactStore, Compute
 
-    return {"store": ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())),
+    store = (artifacts if isinstance(artifacts, ArtifactStore)
+             else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
+    return {"store": store,
             "compute": Compute(device=device, generation_backend=backend, arc_source=arc_source,
                                torch_threads=threads)}
 
