@@ -288,6 +288,60 @@ def test_bad_entry_is_reported_while_good_ones_are_scheduled(registry, dagster_i
     assert "1 bad entry" in skip(res) and "entry 1 (source_persona=pirate" in skip(res)
 
 
+@pytest.mark.parametrize("bad,field", [
+    ({"cells": []}, "cells: is an empty list"),
+    ({"cells": None}, "cells: is empty"),
+    ({"cells": [[1e-3]]}, "cells[0]: expected a [lr, epochs] pair"),
+    ({"cells": [[1e-3, 1.7]]}, "cells[0][1]: epochs 1.7 is invalid; expected an integer >= 1"),
+    ({"base_model": "/nonexistent.gguf"}, "base_model: GGUF file /nonexistent.gguf does not exist"),
+    ({"name": "a...b"}, "name: sweep id 'a...b' contains ['...'], which Dagster reserves in partition keys"),
+    ({"base_model": "/models/x...y.gguf"}, "base_model: GGUF file /models/x...y.gguf does not exist"),
+])
+def test_bad_entry_fields_are_named_and_nothing_is_registered(registry, dagster_instance, resources, bad, field):
+    """The registry uses the same sweep-config check as `zlt run` (registry.sweep_from_config)."""
+    write_registry(registry, [{**TINY, "source_persona": "villain", **bad}])
+    res = tick(dagster_instance, resources)
+    assert res.run_requests == [] and not res.dynamic_partitions_requests
+    assert f"entry 1 (" in skip(res) and f"ProtocolError: {field}" in skip(res), skip(res)
+    assert resources["store"].get_store().list_keys("") == []
+
+
+def test_derived_sweep_id_is_checked_against_dagster_partition_key_rules(tmp_path):
+    """An unnamed sweep's id comes from its base_model: a model directory named with '...' is refused by name."""
+    from zlt_dagster.defs.registry import check_partition_key, sweep_from_config
+    from zlt_dagster.core.protocol import ProtocolError
+
+    model = tmp_path / "my...model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ProtocolError, match=r"^base_model: sweep id 'my...model__villain.* set `name`") as ei:
+        sweep_from_config({**TINY, "base_model": str(model)})
+    assert ei.value.field == "base_model"
+    check_partition_key(sweep_from_config({**TINY, "base_model": str(model), "name": "mymodel"}))
+
+
+@pytest.mark.parametrize("sid", ["ok.name-1", "a..b", "a...b", "a|b", "a,b", "a[b", "a]b", "a\tb", "a\nb"])
+def test_partition_key_rules_agree_with_dagster(sid):
+    """check_partition_key accepts exactly the ids Dagster accepts as a key of a multi-partition dimension."""
+    from dagster import MultiPartitionsDefinition, StaticPartitionsDefinition
+    from dagster._core.errors import DagsterInvalidDefinitionError
+
+    from zlt_dagster.core.protocol import ProtocolError, Sweep, TINY as TINY_PROTOCOL
+    from zlt_dagster.defs.registry import check_partition_key
+
+    try:
+        MultiPartitionsDefinition({"sweep": StaticPartitionsDefinition([sid]), "cell": StaticPartitionsDefinition(["c"])})
+        dagster_ok = True
+    except DagsterInvalidDefinitionError:
+        dagster_ok = False
+    try:
+        check_partition_key(Sweep(TINY_PROTOCOL, name=sid))  # built without validate(): the name regex aside
+        ours_ok = True
+    except ProtocolError:
+        ours_ok = False
+    assert ours_ok == dagster_ok
+
+
 def test_sweep_id_taken_in_the_store_by_another_config_is_a_problem(registry, dagster_instance, resources,
                                                                      register):
     register(source_persona="villain", name="mine")
