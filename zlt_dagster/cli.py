@@ -18,6 +18,7 @@ from pathlib import Path
 from .core.generation.base import BACKENDS
 
 DEFAULT_ARTIFACTS = ".zlt/artifacts"
+DEPLOYMENTS = ("local", "production")  # = defs.definitions.DEPLOYMENTS (tests/defs/test_cli.py checks)
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
 
@@ -47,13 +48,11 @@ def _store_resource(artifacts: str | None):
 
     if artifacts:
         return ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve()))
-    from .defs.definitions import DEPLOYMENTS, deployment, local_resources, production_resources
+    name = os.environ.get("ZLT_DEPLOYMENT", "local")
+    if name not in DEPLOYMENTS:  # checked before importing defs.definitions, which builds the deployment's defs
+        raise ConfigError("environment", "ZLT_DEPLOYMENT", f"{name!r} is not one of {list(DEPLOYMENTS)}")
+    from .defs.definitions import local_resources, production_resources
 
-    try:
-        name = deployment()
-    except ValueError as e:
-        raise ConfigError("environment", "ZLT_DEPLOYMENT", f"{os.environ.get('ZLT_DEPLOYMENT')!r} is not one of "
-                                                           f"{list(DEPLOYMENTS)}") from e
     return (production_resources() if name == "production" else local_resources())["store"]
 
 

@@ -165,3 +165,29 @@ def test_eta_counts_epochs_of_the_cells_left():
     # the demo's grid order (epochs 1..5 per LR): the estimate after the first cell is larger than the naive one
     left = [2, 3, 4, 5] + [1, 2, 3, 4, 5] * 4
     assert eta_seconds(36.0, 6.0, [1], left) > 36.0 * len(left)
+
+
+def test_deployment_environment_picks_the_store_of_every_command(tmp_path, monkeypatch, capsys, s3_server_url,
+                                                                 aws_env):
+    """ZLT_DEPLOYMENT=production + ZLT_S3_*: `zlt status` reads the S3 store the Dagster definitions use (after the
+    conditional-write probe); a bad ZLT_DEPLOYMENT is a config error."""
+    from zlt_dagster.storage import S3Store
+
+    S3Store("zlt-cli-test", endpoint_url=s3_server_url).create_bucket_if_missing()
+    monkeypatch.setenv("ZLT_DEPLOYMENT", "production")
+    monkeypatch.setenv("ZLT_S3_BUCKET", "zlt-cli-test")
+    monkeypatch.setenv("ZLT_S3_PREFIX", "p1")
+    monkeypatch.setenv("ZLT_S3_ENDPOINT_URL", s3_server_url)
+    assert main(["status"]) == 0
+    assert capsys.readouterr().out == "no sweeps in s3://zlt-cli-test/p1\n"
+    from zlt_dagster import cli
+    from zlt_dagster.defs import definitions
+
+    assert cli.DEPLOYMENTS == definitions.DEPLOYMENTS
+    # a fresh process (the console script): the deployment is checked before the definitions are imported
+    env = {**os.environ, "ZLT_DEPLOYMENT": "cloud", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([str(Path(sys.executable).parent / "zlt"), "status"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == "zlt: error: environment: ZLT_DEPLOYMENT: 'cloud' is not one of ['local', 'production']\n"
+    assert list(tmp_path.iterdir()) == []
