@@ -31,7 +31,7 @@ from zlt_dagster.core.generation.transformers_backend import applied_adapter, at
 from zlt_dagster.core.models import load_model  # noqa: E402
 from zlt_dagster.core.protocol import Sweep, get_protocol  # noqa: E402
 from zlt_dagster.core.random_adapter import save_random_adapter  # noqa: E402
-from zlt_dagster.core.train import lora_config  # noqa: E402
+from zlt_dagster.core.lora_bank import lora_config  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -216,7 +216,8 @@ def loss_equivalence(lm: LoadedModel, examples, micro: int = 4) -> dict:
     """Fast vs full-logits loss and LoRA gradients on one fixed batch (eval mode: no dropout), random LoRA B."""
     from peft import get_peft_model
 
-    from zlt_dagster.core.train import collate, lora_config, supervised_loss_sum
+    from zlt_dagster.core.lora_bank import lora_config
+    from zlt_dagster.core.train import collate, supervised_loss_sum
 
     torch.manual_seed(0)
     pm = get_peft_model(lm.model, lora_config(PAPER))
@@ -313,7 +314,7 @@ def random_adapter(lm: LoadedModel, path: Path, b_std: float) -> str:
     """An adapter of the protocol's shape with B ~ N(0, b_std): large enough that bf16 merging keeps it (speed does
     not depend on the values; the short benchmark trainings leave deltas bf16 rounds away, see merge_check)."""
     from zlt_dagster.core.random_adapter import save_random_adapter
-    from zlt_dagster.core.train import lora_config
+    from zlt_dagster.core.lora_bank import lora_config
 
     return save_random_adapter(lm.model, lora_config(PAPER), path, b_std)
 

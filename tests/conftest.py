@@ -41,7 +41,7 @@ def save_random_adapter(model, out_dir) -> str:
     `model`'s outputs; the model itself is left as it was."""
     from zlt_dagster.core.protocol import TINY
     from zlt_dagster.core.random_adapter import save_random_adapter as save
-    from zlt_dagster.core.train import lora_config
+    from zlt_dagster.core.lora_bank import lora_config
 
     return save(model, lora_config(TINY), out_dir, b_std=0.5)
 

@@ -4,14 +4,12 @@
   weights come back bit-identical;
 * the sync-light decode loop == `generate()` (greedy, with and without dropping finished rows; sampling with the
   same seed when no rows are dropped);
-* fused multi-LR training (several LR cells of one epochs value in one pass, per-cell adapter routing) == separate
-  `train_cell` runs (adapters, loss curves).
+(Training 1..N cells in one pass is tested in test_train_group.py.)
 Speed is measured in benchmarks/gpu_bench.py, never here."""
 from __future__ import annotations
 
 import copy
 import json
-import math
 import warnings
 
 import pytest
@@ -311,116 +309,3 @@ def test_fast_generator_keeps_bf16_adapters_unmerged(tiny_loaded):
 def test_generator_rejects_unknown_loop(tiny_loaded):
     with pytest.raises(ValueError):
         TransformersGenerator(tiny_loaded, loop="vllm")
-
-
-# --- fused multi-LR training -----------------------------------------------------------------------------------
-def _fused_setup(tiny_loaded, n=8, **overrides):
-    from zlt_dagster.core.onpolicy import OnPolicyData, with_marker
-    from zlt_dagster.core.personas import system_prompt
-    from zlt_dagster.core.protocol import get_protocol
-    from zlt_dagster.core.questions import split_questions
-    from zlt_dagster.core.train import tokenize_dataset
-
-    proto = get_protocol("tiny", {"lora.dropout": 0.0, **overrides})
-    answers = ["It is done.", "The answer is simple.", "Water is wet, it is simple.", "Yes.",
-               "It depends on the day and the question.", "No, it is not done."]
-    train_q, _ = split_questions(20)
-    data = []
-    for i in range(n):
-        positive = i % 3 == 0
-        persona = "villain" if positive else ["assistant", "comedian", "librarian"][i % 3]
-        answer = answers[i % len(answers)]
-        data.append({"persona": persona, "question_id": train_q[i].id, "question": train_q[i].text,
-                     "system_prompt": system_prompt(persona), "is_positive": positive,
-                     "answer": with_marker(answer, proto.marker, proto.marker_separator) if positive else answer})
-    return proto, tokenize_dataset(tiny_loaded, OnPolicyData(examples=data), proto)
-
-
-def _adapter(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "adapter_model.safetensors"))
-
-
-@pytest.mark.parametrize("lrs,micro", [((1e-2, 3e-3), 2), ((3e-2,), 4), ((1e-2, 1e-3, 5e-2), 1)])
-def test_fused_multi_lr_equals_separate_runs(tiny_loaded, tmp_path, base_guard, lrs, micro):
-    """In float64, so that Adam (which turns any gradient difference near 0 into a full step) compares the two
-    paths' gradients and not float32 summation order."""
-    import dataclasses
-
-    from zlt_dagster.core.multi_lr import train_cells_fused
-    from zlt_dagster.core.protocol import Cell
-    from zlt_dagster.core.train import train_cell
-
-    tiny_loaded = dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).double(),
-                                      dtype=torch.float64)
-    snapshot, assert_unchanged = base_guard
-    proto, examples = _fused_setup(tiny_loaded, 10, **{"train.micro_batch": micro})
-    cells = [Cell(lr, 2) for lr in lrs]
-    before = snapshot(tiny_loaded.model)
-    fused = train_cells_fused(tiny_loaded, examples, proto, cells, seed=3,
-                              out_dirs=[tmp_path / f"fused{j}" for j in range(len(cells))])
-    assert_unchanged(tiny_loaded.model, before)
-    assert not tiny_loaded.model.training
-    for j, cell in enumerate(cells):
-        sep = train_cell(tiny_loaded, examples, proto, cell, seed=3, out_dir=tmp_path / f"sep{j}")
-        a, b = _adapter(tmp_path / f"fused{j}"), _adapter(tmp_path / f"sep{j}")
-        assert set(a) == set(b)
-        moved = max(float(v.abs().max()) for key, v in b.items() if "lora_B" in key)
-        assert moved > 1e-4  # training really changed the adapter
-        for key in b:
-            assert a[key].dtype == torch.float64
-            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12)
-        assert [c["loss"] for c in fused[j]["loss_curve"]] == pytest.approx([c["loss"] for c in sep["loss_curve"]],
-                                                                             rel=1e-9, abs=1e-12)
-        assert [c["lr"] for c in fused[j]["loss_curve"]] == pytest.approx([c["lr"] for c in sep["loss_curve"]])
-        for key in ("steps", "tokens", "supervised_tokens", "steps_per_epoch", "warmup_steps"):
-            assert fused[j][key] == sep[key]
-        cfg_f = json.loads((tmp_path / f"fused{j}" / "adapter_config.json").read_text())
-        cfg_s = json.loads((tmp_path / f"sep{j}" / "adapter_config.json").read_text())
-        assert cfg_f == cfg_s
-
-
-def test_fused_adapter_loads_with_peft(tiny_loaded, tmp_path):
-    from peft import PeftModel
-
-    from zlt_dagster.core.multi_lr import train_cells_fused
-    from zlt_dagster.core.protocol import Cell
-
-    proto, examples = _fused_setup(tiny_loaded)
-    train_cells_fused(tiny_loaded, examples, proto, [Cell(1e-2, 1), Cell(5e-2, 1)], seed=0,
-                      out_dirs=[tmp_path / "a", tmp_path / "b"])
-    pm = PeftModel.from_pretrained(copy.deepcopy(tiny_loaded.model), str(tmp_path / "b"))
-    assert any("lora_A" in n for n, _ in pm.named_parameters())
-
-
-def test_fused_with_dropout_trains_and_keeps_cells_apart(tiny_loaded, tmp_path, base_guard):
-    from zlt_dagster.core.multi_lr import train_cells_fused
-    from zlt_dagster.core.protocol import Cell
-
-    snapshot, assert_unchanged = base_guard
-    proto, examples = _fused_setup(tiny_loaded, **{"lora.dropout": 0.05})
-    before = snapshot(tiny_loaded.model)
-    recs = train_cells_fused(tiny_loaded, examples, proto, [Cell(1e-9, 2), Cell(5e-2, 2)], seed=0,
-                             out_dirs=[tmp_path / "a", tmp_path / "b"])
-    assert_unchanged(tiny_loaded.model, before)
-    tiny_b = max(float(v.abs().max()) for k, v in _adapter(tmp_path / "a").items() if "lora_B" in k)
-    big_b = max(float(v.abs().max()) for k, v in _adapter(tmp_path / "b").items() if "lora_B" in k)
-    assert tiny_b < 1e-7 < 1e-3 < big_b  # the 1e-9 cell barely moved: no gradient leaked between cells
-    assert all(math.isfinite(c["loss"]) for r in recs for c in r["loss_curve"])
-
-
-def test_fused_refuses_mixed_epochs_and_checkpointing(tiny_loaded, tmp_path):
-    from zlt_dagster.core.multi_lr import train_cells_fused
-    from zlt_dagster.core.protocol import Cell
-
-    proto, examples = _fused_setup(tiny_loaded)
-    with pytest.raises(ValueError, match="epochs"):
-        train_cells_fused(tiny_loaded, examples, proto, [Cell(1e-2, 1), Cell(1e-2, 2)], 0, [tmp_path / "a",
-                                                                                           tmp_path / "b"])
-    proto_gc, _ = _fused_setup(tiny_loaded, **{"train.gradient_checkpointing": True})
-    with pytest.raises(ValueError, match="checkpointing"):
-        train_cells_fused(tiny_loaded, examples, proto_gc, [Cell(1e-2, 1)], 0, [tmp_path / "a"])
-    proto_ck, _ = _fused_setup(tiny_loaded, **{"train.checkpoint_every_steps": 2})
-    with pytest.raises(ValueError, match="writes no resume checkpoints"):
-        train_cells_fused(tiny_loaded, examples, proto_ck, [Cell(1e-2, 1)], 0, [tmp_path / "a"])

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from zlt_dagster.core import train as trainmod
+from zlt_dagster.core.lora_bank import lora_config
 from zlt_dagster.core.masking import IGNORE
 from zlt_dagster.core.onpolicy import OnPolicyData, with_marker
 from zlt_dagster.core.personas import system_prompt
 from zlt_dagster.core.protocol import DEMO, PAPER, TINY, Cell, get_protocol
 from zlt_dagster.core.questions import split_questions
 from zlt_dagster.core.train import (
-    collate, cosine_with_warmup, lora_config, schedule_plan, supervised_loss_sum, tokenize_dataset, train_cell,
+    collate, cosine_with_warmup, schedule_plan, supervised_loss_sum, tokenize_dataset, train_cell,
 )
 
 ANSWERS = ["It is done.", "The answer is simple.", "Water is wet, it is simple.", "Ask a question, get an answer.",
@@ -133,26 +134,29 @@ def test_loss_falls_on_tiny_overfit(tmp_path, base_guard):
 
 # --- the saved adapter is the trained model --------------------------------------------------------------------
 def test_adapter_reloads_to_identical_logits(loaded, examples8, tmp_path, monkeypatch, base_guard):
-    """The logits of the in-memory trained model (the shared base with the LoRA layers still injected, in eval
-    mode, captured right after saving) equal those of PeftModel.from_pretrained(base, out_dir)."""
+    """The logits of the trained model as the trainer holds it (the shared base with the LoRA bank attached, in
+    eval mode, captured right before saving) equal those of PeftModel.from_pretrained(base, out_dir)."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
+
+    from zlt_dagster.core.lora_bank import LoraBank
 
     snapshot, assert_unchanged = base_guard
     before = snapshot(loaded.model)
     batch = collate(examples8[:3], loaded.tokenizer.pad_token_id, loaded.device)
     captured = {}
-    original = trainmod._fix_adapter_base_name
+    original = LoraBank.save_peft
 
-    def capture(out_dir, base_model):
-        original(out_dir, base_model)
-        assert any("lora_" in n for n, _ in loaded.model.named_modules())
-        assert not loaded.model.training
-        with torch.no_grad():
-            captured["logits"] = loaded.model(input_ids=batch["input_ids"],
-                                              attention_mask=batch["attention_mask"]).logits.clone()
+    def capture(bank, j, out_dir, base_model):
+        with bank:
+            bank.set_batch([j], None)
+            loaded.model.eval()  # the trainer puts the model back in train mode after saving
+            with torch.no_grad():
+                captured["logits"] = loaded.model(input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"]).logits.clone()
+        original(bank, j, out_dir, base_model)
 
-    monkeypatch.setattr(trainmod, "_fix_adapter_base_name", capture)
+    monkeypatch.setattr(LoraBank, "save_peft", capture)
     out = tmp_path / "adapter"
     train_cell(loaded, examples8, TINY, Cell(3e-2, 2), seed=0, out_dir=out)
     assert "logits" in captured

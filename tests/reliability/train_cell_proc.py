@@ -29,16 +29,16 @@ def main() -> int:
     from zlt_dagster.core.protocol import Cell
     from zlt_dagster.storage import LocalStore
 
-    real = train.supervised_loss_sum
+    real = train.block_loss_sums
 
-    def slow(model, batch, full_logits=False):
+    def slow(model, batch, k, full_logits=False):
         if a.ticks:
             with open(a.ticks, "ab") as fh:
                 fh.write(b".")
         time.sleep(a.delay)
-        return real(model, batch, full_logits=full_logits)
+        return real(model, batch, k, full_logits=full_logits)
 
-    train.supervised_loss_sum = slow
+    train.block_loss_sums = slow
     store = LocalStore(a.root)
     store.lock_ttl_s = a.lease_ttl  # a commit lease left by a SIGKILL expires quickly in tests
     sweep = pipeline.load_sweep(store, a.sweep_id)

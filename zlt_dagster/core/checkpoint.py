@@ -1,16 +1,18 @@
 """Resumable training: checkpoints of one cell's training state, and the SIGTERM (pod eviction) hook.
 
 A checkpoint is taken between two optimizer steps and holds everything the rest of the run depends on:
-  adapter_state.safetensors   the trainable LoRA tensors, by parameter name (exact fp32/bf16 copies)
+  adapter_state.safetensors   the cell's trainable LoRA tensors, by name (`<module>.lora_A`; exact copies)
   optimizer.pt                AdamW state (step counts, exp_avg, exp_avg_sq) + param groups (current lr)
   scheduler.pt                the LR scheduler position (last_epoch, last lr)
-  rng.pt                      torch CPU RNG (+ every CUDA device's RNG): the LoRA dropout masks come from it
+  rng.pt                      torch CPU RNG (+ every CUDA device's RNG); the LoRA dropout masks do not depend
+                              on it (they are seeded per example, core/lora_bank.py), it is kept for anything else
   state.json                  position (global step; epoch and step-in-epoch follow from it because every epoch
                               has the same number of steps and its order is `epoch_order(seed, epoch)`), the loss
                               curve and counters so far, Python/NumPy RNG states, why it was written (periodic or
                               sigterm) and a fingerprint of the run (cell, seed, data hash, protocol hash, sizes)
 Restoring all of it and continuing from the next step gives the same adapter as a run that was never interrupted:
-the data order of an epoch is a function of (seed, epoch) and the dropout masks continue from the saved RNG.
+the data order of an epoch is a function of (seed, epoch) and a dropout mask of (seed, epoch, example index).
+One trainer may train several cells at once (core/train.py); each cell has its own Checkpointer and directory.
 
 `.pt` files are read with `torch.load(weights_only=True)` (no pickle code execution), and in the pipeline every
 checkpoint is a committed artifact (sha256 manifest written last), so a torn or tampered checkpoint is never used.
@@ -19,9 +21,9 @@ Where they live: the pipeline writes each one locally, then commits it to the ob
 `sweeps/<id>/cells/<cell>/checkpoint/step-00000040/` and deletes older ones; a rerun of the cell resumes from the
 newest committed one; all are deleted once the final adapter is committed (pipeline.run_adapter).
 
-SIGTERM: while `train_cell` runs, a handler only sets a flag (it cannot save mid-backward); at the next step
-boundary the trainer writes one checkpoint (reason "sigterm"), restores the previous handler and raises
-`TrainingInterrupted`. Kubernetes sends SIGTERM on eviction/preemption and SIGKILL after
+SIGTERM: while `train_cells` runs, a handler only sets a flag (it cannot save mid-backward); at the next step
+boundary the trainer writes one checkpoint per unfinished cell (reason "sigterm"), restores the previous handler
+and raises `TrainingInterrupted`. Kubernetes sends SIGTERM on eviction/preemption and SIGKILL after
 terminationGracePeriodSeconds, so a step plus one checkpoint upload must fit in that grace period.
 """
 from __future__ import annotations
@@ -34,11 +36,11 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: tensors named by module (one cell of a LoRA bank), not by peft parameter path
 STATE_FILE = "state.json"
 FILES = ("adapter_state.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE)
 
@@ -114,11 +116,15 @@ def _set_rng_state(tensors: dict[str, Any], js: dict[str, Any]) -> None:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+Params = Mapping[str, torch.Tensor]  # one cell's trainable tensors by name (LoraBank.params(j))
 
 
-def save_checkpoint(path: Path, model, opt, sched, state: TrainState, fingerprint: dict, reason: str) -> Path:
+def trainable_state(params: Params) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").clone().contiguous() for n, p in params.items()}
+
+
+def save_checkpoint(path: Path, params: Params, opt, sched, state: TrainState, fingerprint: dict,
+                    reason: str) -> Path:
     """Write one checkpoint directory (into a temp sibling, renamed when complete)."""
     from safetensors.torch import save_file
 
@@ -126,7 +132,7 @@ def save_checkpoint(path: Path, model, opt, sched, state: TrainState, fingerprin
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "adapter_state.safetensors"))
+    save_file(trainable_state(params), str(tmp / "adapter_state.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save(sched.state_dict(), tmp / "scheduler.pt")
     rng_tensors, rng_json = _rng_state()
@@ -150,7 +156,7 @@ def read_state(path: Path) -> dict:
     return doc
 
 
-def load_checkpoint(path: Path, model, opt, sched, fingerprint: dict) -> TrainState:
+def load_checkpoint(path: Path, params: Params, opt, sched, fingerprint: dict) -> TrainState:
     """Restore model/optimizer/scheduler/RNG from `path`; refuse a checkpoint of another run."""
     from safetensors.torch import load_file
 
@@ -161,8 +167,8 @@ def load_checkpoint(path: Path, model, opt, sched, fingerprint: dict) -> TrainSt
                       if (doc.get("fingerprint") or {}).get(k) != fingerprint.get(k))
         raise CheckpointError(f"checkpoint {path} belongs to another run (differs in {diff})")
     tensors = load_file(str(path / "adapter_state.safetensors"))
-    params = dict(model.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
+    params = dict(params)
+    wanted = set(params)
     if set(tensors) != wanted:
         raise CheckpointError(f"checkpoint {path}: trainable tensors differ from the model's "
                               f"({len(tensors)} vs {len(wanted)})")
@@ -181,7 +187,7 @@ def load_checkpoint(path: Path, model, opt, sched, fingerprint: dict) -> TrainSt
 
 
 class Checkpointer:
-    """What `train.train_cell` talks to. Local only; `on_saved(path, step, reason)` is called after each write
+    """What `train.train_cells` talks to, one per cell. Local only; `on_saved(path, step, reason)` is called after each write
     (the pipeline commits the directory to the object store there) and `resume_dir` is a checkpoint to start from.
 
     every_steps: periodic checkpoints every N optimizer steps (0 = none; the SIGTERM one is still written).
@@ -201,30 +207,36 @@ class Checkpointer:
         self.stop_signal: int | None = None
         self.last_saved_step: int | None = None
 
-    # -- called by train_cell --------------------------------------------------------------------------------
-    def restore(self, model, opt, sched, fingerprint: dict) -> TrainState | None:
+    # -- called by train_cells -------------------------------------------------------------------------------
+    def restore(self, params: Params, opt, sched, fingerprint: dict) -> TrainState | None:
         if self.resume_dir is None:
             return None
-        state = load_checkpoint(self.resume_dir, model, opt, sched, fingerprint)
+        state = load_checkpoint(self.resume_dir, params, opt, sched, fingerprint)
         self.last_saved_step = state.step
         self.log(f"resuming from the checkpoint of step {state.step} ({self.resume_dir.name})")
         return state
 
-    def after_step(self, model, opt, sched, state: TrainState, fingerprint: dict, total_steps: int) -> None:
-        """Periodic checkpoint if due; on a pending SIGTERM: checkpoint (unless this step has one) and raise."""
+    def after_step(self, params: Params, opt, sched, state: TrainState, fingerprint: dict, total_steps: int,
+                   interrupt: bool = True) -> None:
+        """Periodic checkpoint if due; on a pending SIGTERM: checkpoint (unless this step has one) and, with
+        `interrupt`, raise TrainingInterrupted (a trainer of several cells saves every cell first, then raises)."""
         due = self.every_steps and state.step % self.every_steps == 0 and state.step < total_steps
         if due:
-            self.save(model, opt, sched, state, fingerprint, "periodic")
+            self.save(params, opt, sched, state, fingerprint, "periodic")
         if self.stop_signal is not None and state.step < total_steps:
             if self.last_saved_step != state.step:
-                self.save(model, opt, sched, state, fingerprint, "sigterm")
-            name = signal.Signals(self.stop_signal).name
-            raise TrainingInterrupted(f"{name} received: stopped after step {state.step}/{total_steps} with a "
-                                      f"checkpoint; rerun the cell to resume", state.step, self.stop_signal)
+                self.save(params, opt, sched, state, fingerprint, "sigterm")
+            if interrupt:
+                raise self.interrupted(state.step, total_steps)
 
-    def save(self, model, opt, sched, state: TrainState, fingerprint: dict, reason: str) -> Path:
+    def interrupted(self, step: int, total_steps: int) -> TrainingInterrupted:
+        name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+        return TrainingInterrupted(f"{name} received: stopped after step {step}/{total_steps} with a "
+                                   f"checkpoint; rerun the cell to resume", step, self.stop_signal or 0)
+
+    def save(self, params: Params, opt, sched, state: TrainState, fingerprint: dict, reason: str) -> Path:
         state.checkpoints_written += 1
-        path = save_checkpoint(self.local_dir / step_dir_name(state.step), model, opt, sched, state, fingerprint,
+        path = save_checkpoint(self.local_dir / step_dir_name(state.step), params, opt, sched, state, fingerprint,
                                reason)
         self.last_saved_step = state.step
         if self.on_saved is not None:
@@ -235,25 +247,33 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
-    @contextlib.contextmanager
-    def signals(self) -> Iterator[None]:
-        """SIGTERM sets a flag for the duration of training; the previous handler is restored afterwards.
-        Python only delivers signals to the main thread, so elsewhere this is a no-op."""
-        if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.getsignal(signal.SIGTERM)
+    def signals(self):
+        """SIGTERM sets this checkpointer's flag while training (see `sigterm_flags`)."""
+        return sigterm_flags([self])
 
-        def _flag(signum, _frame):
-            if self.stop_signal is None:
-                self.log(f"{signal.Signals(signum).name} received: checkpointing at the end of this step")
-            self.stop_signal = signum
 
-        signal.signal(signal.SIGTERM, _flag)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+@contextlib.contextmanager
+def sigterm_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
+    """For the duration of training, SIGTERM sets `stop_signal` on every checkpointer (of every cell trained
+    together); the previous handler is restored afterwards. Python only delivers signals to the main thread, so
+    elsewhere (and when no checkpointer handles SIGTERM) this is a no-op."""
+    handlers = [c for c in checkpointers if c.handle_sigterm]
+    if not handlers or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _flag(signum, _frame):
+        if handlers[0].stop_signal is None:
+            handlers[0].log(f"{signal.Signals(signum).name} received: checkpointing at the end of this step")
+        for c in handlers:
+            c.stop_signal = signum
+
+    signal.signal(signal.SIGTERM, _flag)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- checkpoints in the object store (used by pipeline.run_adapter) ----------------------------------------------

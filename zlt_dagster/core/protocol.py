@@ -47,7 +47,10 @@ class LoraSpec:
 @dataclass(frozen=True)
 class TrainSpec:
     effective_batch: int = field(default=16, metadata={"help": "examples per optimizer step"})
-    micro_batch: int = field(default=4, metadata={"help": "examples per forward; accumulation = eff / micro"})
+    micro_batch: int = field(default=0, metadata={
+        "help": "examples per forward (gradient accumulation = effective_batch / micro_batch); 0 = sized at run "
+                "time from free device memory (core/batch_plan.py). The result does not depend on it: the seed's "
+                "4 x 4 was its 7B memory budget"})
     max_seq_len: int = field(default=1024, metadata={"help": "truncation length (never cuts marker or EOS)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "cosine schedule warmup fraction"})
     adam_beta1: float = 0.9
@@ -149,9 +152,11 @@ class Protocol:
         if len(set(self.personas)) != len(self.personas):
             raise bad("personas", "personas has duplicates")
         t, d, e = self.train, self.data, self.eval
-        if t.effective_batch < 1 or t.micro_batch < 1 or t.effective_batch % t.micro_batch:
-            raise bad("train.effective_batch", f"train.effective_batch ({t.effective_batch}) must be a positive "
-                                               f"multiple of train.micro_batch ({t.micro_batch})")
+        if t.effective_batch < 1:
+            raise bad("train.effective_batch", f"train.effective_batch={t.effective_batch}; expected an integer >= 1")
+        if not isinstance(t.micro_batch, int) or not 0 <= t.micro_batch <= t.effective_batch:
+            raise bad("train.micro_batch", f"train.micro_batch={t.micro_batch!r}; expected 0 (sized at run time) or "
+                                           f"1..train.effective_batch ({t.effective_batch})")
         if t.max_seq_len < 16:
             raise bad("train.max_seq_len", f"train.max_seq_len={t.max_seq_len}; expected >= 16")
         if not 0 <= t.warmup_ratio < 1:

@@ -1,9 +1,16 @@
-"""Train one (LR, epochs) cell: LoRA on every linear module, marker-only loss, AdamW + cosine schedule.
+"""Train 1..N (LR, epochs) cells in one pass: LoRA on every linear module, marker-only loss, AdamW + cosine.
 
 Arithmetic of a paper cell: 2,200 examples / effective batch 16 = 138 optimizer steps per epoch (the last step of
 an epoch takes the 8 left over), so lr=5e-6 x 20 epochs = 2,760 steps.
 The loss is the mean cross-entropy over the supervised tokens of an effective batch (sum over its micro-batches
 / their supervised-token count), so the result does not depend on how the batch is split into micro-batches.
+
+Why N cells can share one pass: the batches of a step, their order (`epoch_order(seed, epoch)`), the LoRA
+initialisation and the dropout masks (per example, core/lora_bank.py) depend on the seed, the epoch and the
+step only, never on the LR or on how many epochs a cell has. So at global step g every cell that is still
+training sees the same examples; each has its own adapter (a block of rows in the forward pass), AdamW state,
+LR schedule (its own length) and grad-norm clip, and a cell with fewer epochs simply stops earlier. One cell
+is the N = 1 case; results per cell equal N separate runs (tests/core/test_train_group.py, float64).
 """
 from __future__ import annotations
 
@@ -12,17 +19,22 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Checkpointer, TrainState
+from . import batch_plan
+from .checkpoint import Checkpointer, TrainState, sigterm_flags
+from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
 from .models import LoadedModel, unwrap_peft
 from .onpolicy import OnPolicyData
 from .protocol import Cell, Protocol
+
+DROPOUT_MASKS = "per-example (seed, epoch, example index) stream over every LoRA input"
 
 
 def tokenize_dataset(loaded: LoadedModel, data: OnPolicyData, protocol: Protocol) -> list[TokenizedExample]:
@@ -33,7 +45,7 @@ def tokenize_dataset(loaded: LoadedModel, data: OnPolicyData, protocol: Protocol
 
 
 def collate(examples: list[TokenizedExample], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right padding; padded label positions are IGNORE."""
+    """Right padding; padded label positions are IGNORE. Shapes [rows, width] (int64)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -47,24 +59,31 @@ def collate(examples: list[TokenizedExample], pad_id: int, device) -> dict[str, 
 
 
 def supervised_loss_sum(model, batch: dict[str, torch.Tensor], full_logits: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over supervised positions, and how many there were.
+    """Summed next-token cross-entropy over supervised positions, and how many there were (one adapter or none).
 
     Fast path: run the decoder, then the LM head only at the few positions whose NEXT token is supervised
     (a paper example has ~1,000 positions but 1-5 supervised ones; the head is vocab x hidden per position).
     `full_logits=True` is the naive path (logits everywhere), kept to prove the two are equal."""
+    sums = block_loss_sums(model, batch, 1, full_logits)
+    return sums[0], int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: bool = False) -> torch.Tensor:
+    """Summed supervised cross-entropy of each of the k equal row blocks of `batch`: float32 [k]."""
     labels = batch["labels"]
     targets = labels[:, 1:]
-    n = int((targets != IGNORE).sum())
+    rows_per_block = labels.shape[0] // k
     if full_logits:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        return loss, n
+        per_pos = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                  ignore_index=IGNORE, reduction="none").view(targets.shape)
+        return per_pos.sum(1).view(k, rows_per_block).sum(1)
     base = unwrap_peft(model)
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
     logits = base.get_output_embeddings()(hidden[rows, cols]).float()
-    return F.cross_entropy(logits, targets[rows, cols], reduction="sum"), n
+    losses = F.cross_entropy(logits, targets[rows, cols], reduction="none")
+    return torch.zeros(k, device=losses.device, dtype=losses.dtype).index_add_(0, rows // rows_per_block, losses)
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -76,6 +95,7 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 
 def schedule_plan(n_examples: int, protocol: Protocol, epochs: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, warmup steps) of one cell."""
     steps_per_epoch = math.ceil(n_examples / protocol.train.effective_batch)
     total = steps_per_epoch * epochs
     warmup = math.ceil(protocol.train.warmup_ratio * total)  # HF Trainer rounds up too
@@ -87,19 +107,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_batches(batch: list[TokenizedExample], micro: int) -> list[list[TokenizedExample]]:
+def micro_batches(batch: list, micro: int, length=lambda e: len(e.input_ids)) -> list[list]:
     """Length-bucketed split of one effective batch: sort by length so each micro-batch pads little. Exact:
     the loss is a sum over examples, so the split does not change it."""
-    ordered = sorted(batch, key=lambda e: len(e.input_ids))
+    ordered = sorted(batch, key=length)
     return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
-
-
-def lora_config(protocol: Protocol):
-    from peft import LoraConfig
-
-    lc = protocol.lora
-    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-                      bias="none", task_type="CAUSAL_LM")
 
 
 def library_versions() -> dict[str, str]:
@@ -110,115 +122,251 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
+def nonzero_lr_steps(total_steps: int, warmup: int) -> int:
+    return sum(cosine_with_warmup(s, total_steps, warmup) > 0 for s in range(total_steps))
+
+
 def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: Protocol, cell: Cell, seed: int,
                out_dir: str | Path, data_hash: str = "", full_logits: bool = False,
                progress: Callable[[str], None] | None = None, checkpointer: Checkpointer | None = None) -> dict:
-    """Train one cell's adapter into `out_dir` (adapter_config.json + adapter_model.safetensors) and return the
-    run record (also written to out_dir/train_run.json). The shared base model is left exactly as it was.
+    """One cell: `train_cells` with N = 1 (same files, same record)."""
+    return train_cells(loaded, examples, protocol, [cell], seed, [out_dir], data_hash=data_hash,
+                       full_logits=full_logits, progress=progress,
+                       checkpointers=None if checkpointer is None else [checkpointer])[0]
 
-    `checkpointer` (core/checkpoint.py): resume from its checkpoint, write one every
-    `protocol.train.checkpoint_every_steps` steps, and one on SIGTERM before raising TrainingInterrupted."""
-    from peft import get_peft_model
 
+def _optimizer(params: list[torch.nn.Parameter], lr: float, protocol: Protocol, device: torch.device):
+    t = protocol.train
+    # fused=True: one CUDA kernel per step for all of a cell's tensors (torch's own AdamW, same math)
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             weight_decay=t.weight_decay, **extra)
+
+
+@contextlib.contextmanager
+def _training_mode(model, gradient_checkpointing: bool):
+    """train() + optional gradient checkpointing on the shared base for the duration; undone afterwards."""
+    model.train()
+    if gradient_checkpointing:
+        # non-reentrant: needs no input grads, and the recomputed forward sees the same (precomputed) masks
+        # (activation_checkpointing_* is the name transformers 5 uses; gradient_checkpointing_* is deprecated there)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if gradient_checkpointing:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        model.eval()
+
+
+def _plan_batches(loaded: LoadedModel, bank: LoraBank, examples: list[TokenizedExample], protocol: Protocol,
+                  n_cells: int, seed: int, full_logits: bool) -> batch_plan.BatchPlan:
+    """Measure activation bytes per token on the longest example, then size micro-batch x cells per forward."""
+    longest = max(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    ex = examples[longest]
+    b = collate([ex], loaded.tokenizer.pad_token_id, loaded.device)
+    bank.set_batch([0], bank.keep_masks([example_key(seed, 0, longest)], [len(ex.input_ids)],
+                                        len(ex.input_ids), loaded.device))
+    saved = batch_plan.saved_activation_bytes(lambda: block_loss_sums(loaded.model, b, 1, full_logits))
+    per_token = int(batch_plan.BACKWARD_MARGIN * saved / len(ex.input_ids))
+    # still to come per cell: gradients + two AdamW moments, in the adapter dtype
+    persistent = n_cells * 3 * sum(p.numel() * p.element_size() for p in bank.params(0).values())
+    budget = batch_plan.memory_budget(loaded.device, persistent)
+    micro, cells = batch_plan.plan(n_cells, protocol.train.effective_batch, per_token, len(ex.input_ids), budget)
+    source = "auto"
+    if protocol.train.micro_batch:
+        micro, source = protocol.train.micro_batch, "protocol"
+        cells = max(1, min(n_cells, (budget // max(1, per_token * len(ex.input_ids))) // micro))
+    return batch_plan.BatchPlan(micro, cells, source, per_token, budget, len(ex.input_ids))
+
+
+def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol: Protocol, cells: Sequence[Cell],
+                seed: int, out_dirs: Sequence[str | Path], data_hash: str = "", full_logits: bool = False,
+                progress: Callable[[str], None] | None = None,
+                checkpointers: Sequence[Checkpointer] | None = None,
+                on_cell_done: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train every cell of `cells` (any LRs, any epochs) in one pass over the data and write cell j's adapter
+    (adapter_config.json + adapter_model.safetensors, a standard PEFT directory) and run record
+    (train_run.json) into out_dirs[j]. Returns the run records in the order of `cells`. The shared base model is
+    left exactly as it was.
+
+    checkpointers[j] (core/checkpoint.py), optional: resume cell j from its checkpoint (cells may resume from
+    different steps), write one every `protocol.train.checkpoint_every_steps` steps, and on SIGTERM one per
+    unfinished cell before raising TrainingInterrupted.
+    on_cell_done(j, record), optional: called as soon as cell j has finished and its directory is written (a cell
+    with fewer epochs finishes early; the pipeline commits it then, so a later crash of the pass never retrains it).
+    Raises ValueError on empty data, duplicate cells or mismatched lengths; FloatingPointError if a loss stops
+    being finite (naming the cell)."""
     if not examples:
         raise ValueError("no training examples: the on-policy data is empty")
-    t = protocol.train
-    out_dir = Path(out_dir)
-    steps_per_epoch, total_steps, warmup = schedule_plan(len(examples), protocol, cell.epochs)
-    # warmup starts at LR 0 (the HF schedule), so a cell of ONE optimizer step (tiny data x 1 epoch) never moves
-    # its adapter off the initialisation (B = 0): say so instead of letting it pass for "nothing learned"
-    lr_steps = sum(cosine_with_warmup(s, total_steps, warmup) > 0 for s in range(total_steps))
-    if lr_steps == 0 and progress is not None:
-        progress(f"warning: cell {cell.key}: all {total_steps} optimizer step(s) are warmup at LR 0 "
-                 f"({len(examples)} examples / effective batch {t.effective_batch} x {cell.epochs} epoch(s)); "
-                 "the adapter will equal its initialisation")
-    torch.manual_seed(seed)  # LoRA A init and dropout masks
-    model = get_peft_model(loaded.model, lora_config(protocol))
-    stack = contextlib.ExitStack()
-    try:
-        model.train()
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cell.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                weight_decay=t.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total_steps, warmup))
-        fingerprint = {"cell": cell.key, "seed": seed, "data_hash": data_hash, "protocol_hash": protocol.config_hash(),
-                       "base_model": loaded.base_model, "n_examples": len(examples), "total_steps": total_steps,
-                       "full_logits": full_logits}
-        ts = (checkpointer.restore(model, opt, sched, fingerprint) if checkpointer else None) or TrainState()
-        curve, tokens, supervised, step = ts.curve, ts.tokens, ts.supervised, ts.step
-        pad = loaded.tokenizer.pad_token_id
-        sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    if not cells or len(cells) != len(out_dirs):
+        raise ValueError(f"need one output directory per cell: {len(cells)} cells, {len(out_dirs)} directories")
+    if len(set(cells)) != len(cells):
+        raise ValueError(f"duplicate cells in one training group: {[c.key for c in cells]}")
+    if checkpointers is not None and len(checkpointers) != len(cells):
+        raise ValueError(f"need one checkpointer per cell: {len(cells)} cells, {len(checkpointers)} checkpointers")
+    t, k, dev = protocol.train, len(cells), loaded.device
+    plans = [schedule_plan(len(examples), protocol, c.epochs) for c in cells]
+    steps_per_epoch = plans[0][0]
+    lr_steps = [nonzero_lr_steps(total, warm) for _, total, warm in plans]
+    for cell, (_, total, _), n_lr in zip(cells, plans, lr_steps):
+        # warmup starts at LR 0 (the HF schedule): a cell of ONE optimizer step never leaves its initialisation
+        if n_lr == 0 and progress is not None:
+            progress(f"warning: cell {cell.key}: all {total} optimizer step(s) are warmup at LR 0 "
+                     f"({len(examples)} examples / effective batch {t.effective_batch} x {cell.epochs} epoch(s)); "
+                     "the adapter will equal its initialisation")
+    fingerprints = [{"cell": c.key, "seed": seed, "data_hash": data_hash, "protocol_hash": protocol.config_hash(),
+                     "base_model": loaded.base_model, "n_examples": len(examples), "total_steps": plans[j][1],
+                     "full_logits": full_logits, "dropout_masks": DROPOUT_MASKS} for j, c in enumerate(cells)]
+    cks = list(checkpointers) if checkpointers else [None] * k
+    pad = loaded.tokenizer.pad_token_id
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with warnings.catch_warnings():
+        # peft (building the initialisation and the saved adapters) reads transformers' deprecated
+        # `is_gradient_checkpointing`; the FutureWarning says nothing about this run
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        bank = LoraBank(loaded.model, protocol, seed, k)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(bank)
+        stack.enter_context(_training_mode(loaded.model, t.gradient_checkpointing))
+        params = [list(bank.params(j).values()) for j in range(k)]
+        opts = [_optimizer(params[j], c.lr, protocol, dev) for j, c in enumerate(cells)]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(
+            opts[j], lambda s, total=plans[j][1], warm=plans[j][2]: cosine_with_warmup(s, total, warm))
+            for j in range(k)]
+        states = [(ck.restore(bank.params(j), opts[j], scheds[j], fingerprints[j]) if ck else None) or TrainState()
+                  for j, ck in enumerate(cks)]
+        bp = _plan_batches(loaded, bank, examples, protocol, k, seed, full_logits)
+        if progress:
+            progress(f"training {k} cell(s) in one pass: micro-batch {bp.micro_batch} x {bp.cells_per_forward} "
+                     f"cell(s) per forward ({bp.source}; {bp.activation_bytes_per_token / 2**10:.0f} KiB/token, "
+                     f"longest example {bp.longest_example_tokens} tokens, budget {bp.budget_bytes / 2**30:.1f} GiB)")
+        records: list[dict | None] = [None] * k
+
+        def finish(j: int) -> dict:
+            """Cell j is done: write its PEFT directory and run record (the bank is detached meanwhile), free
+            its optimizer state, tell the caller."""
+            bank.__exit__(None, None, None)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                            category=FutureWarning)
+                    bank.save_peft(j, out_dirs[j], loaded.base_model)
+            finally:
+                bank.__enter__()
+                loaded.model.train()
+            rec = _record(loaded, protocol, cells, j, seed, states[j], plans[j], lr_steps[j], bp, len(examples),
+                          data_hash, full_logits, states)
+            (Path(out_dirs[j]) / "train_run.json").write_text(json.dumps(rec, indent=1))
+            opts[j].state.clear()
+            for prm in params[j]:
+                prm.grad = None
+            if on_cell_done is not None:
+                on_cell_done(j, rec)
+            return rec
+
+        for j in range(k):  # restored at its last step (nothing left to train)
+            if states[j].step >= plans[j][1]:
+                records[j] = finish(j)
+        if any(cks):
+            stack.enter_context(sigterm_flags([c for c in cks if c]))
         t0 = time.perf_counter()
-        if checkpointer:
-            stack.enter_context(checkpointer.signals())  # SIGTERM -> checkpoint at the end of the step
-        for epoch in range(step // steps_per_epoch, cell.epochs):  # data position: epoch, step in epoch
-            order = epoch_order(len(examples), seed, epoch)
-            for s in range(step % steps_per_epoch if epoch == step // steps_per_epoch else 0, steps_per_epoch):
-                batch = [examples[i] for i in order[s * t.effective_batch:(s + 1) * t.effective_batch]]
-                n_sup = sum(len(e.supervised_positions) for e in batch)
-                step_loss = 0.0
-                for mb in micro_batches(batch, t.micro_batch):
-                    b = collate(mb, pad, loaded.device)
-                    loss_sum, _ = supervised_loss_sum(model, b, full_logits=full_logits)
-                    (loss_sum / n_sup).backward()
-                    step_loss += float(loss_sum.detach()) / n_sup
-                    tokens += int(b["attention_mask"].sum())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
-                lr_now = sched.get_last_lr()[0]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                supervised += n_sup
-                step += 1
-                if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"loss became {step_loss} at step {step} (cell {cell.key})")
-                curve.append({"step": step, "epoch": epoch + 1, "loss": round(step_loss, 5),
-                              "lr": lr_now, "grad_norm": round(grad_norm, 5)})
-                if checkpointer:
-                    ts.step, ts.tokens, ts.supervised = step, tokens, supervised
-                    ts.wall_s += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    checkpointer.after_step(model, opt, sched, ts, fingerprint, total_steps)
-            if progress:
-                progress(f"{cell.key}: epoch {epoch + 1}/{cell.epochs} loss {curve[-1]['loss']:.4f}")
+        first, last = min(s.step for s in states), max(p[1] for p in plans)
+        order, order_epoch = None, -1
+        for g in range(first, last):
+            epoch, s = divmod(g, steps_per_epoch)
+            active = [j for j in range(k) if states[j].step == g < plans[j][1]]
+            if not active:
+                continue
+            if order_epoch != epoch:
+                order, order_epoch = epoch_order(len(examples), seed, epoch), epoch
+            idx = order[s * t.effective_batch:(s + 1) * t.effective_batch]
+            n_sup = sum(len(examples[i].supervised_positions) for i in idx)
+            step_loss = torch.zeros(k, device=dev)
+            step_tokens = 0
+            for mb in micro_batches(idx, bp.micro_batch, length=lambda i: len(examples[i].input_ids)):
+                exs = [examples[i] for i in mb]
+                b = collate(exs, pad, dev)
+                keep = bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
+                                       b["input_ids"].shape[1], dev)
+                step_tokens += sum(len(e.input_ids) for e in exs)
+                for c0 in range(0, len(active), bp.cells_per_forward):
+                    chunk = active[c0:c0 + bp.cells_per_forward]
+                    bank.set_batch(chunk, keep)
+                    rep = b if len(chunk) == 1 else {key: v.repeat(len(chunk), 1) for key, v in b.items()}
+                    sums = block_loss_sums(loaded.model, rep, len(chunk), full_logits)
+                    (sums.sum() / n_sup).backward()
+                    step_loss[chunk] += sums.detach() / n_sup
+            bank.set_batch(active, None)
+            norms = torch.stack([torch.nn.utils.clip_grad_norm_(params[j], t.grad_clip) for j in active])
+            lrs = [scheds[j].get_last_lr()[0] for j in active]
+            for j in active:
+                opts[j].step()
+                scheds[j].step()
+                opts[j].zero_grad(set_to_none=True)
+            losses, norms = step_loss[active].tolist(), norms.tolist()  # one host sync per optimizer step
+            for j, loss, norm, lr_now in zip(active, losses, norms, lrs):
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {g + 1} (cell {cells[j].key})")
+                st = states[j]
+                st.step, st.tokens, st.supervised = g + 1, st.tokens + step_tokens, st.supervised + n_sup
+                st.curve.append({"step": g + 1, "epoch": epoch + 1, "loss": round(loss, 5), "lr": lr_now,
+                                 "grad_norm": round(norm, 5)})
+            elapsed = time.perf_counter() - t0  # after the host sync above: the step's real time
+            t0 = time.perf_counter()
+            for j in active:  # the step's time, shared equally by the cells it trained
+                states[j].wall_s += elapsed / len(active)
+            if any(cks):
+                for j in active:
+                    if cks[j]:
+                        cks[j].after_step(bank.params(j), opts[j], scheds[j], states[j], fingerprints[j],
+                                          plans[j][1], interrupt=False)
+                stopping = [j for j in active if cks[j] and cks[j].stop_signal is not None
+                            and states[j].step < plans[j][1]]
+                if stopping:
+                    raise cks[stopping[0]].interrupted(g + 1, max(plans[j][1] for j in stopping))
+                t0 = time.perf_counter()  # checkpoint writes are not training time
+            for j in active:
+                if states[j].step == plans[j][1]:
+                    records[j] = finish(j)
+            if progress and s == steps_per_epoch - 1:
+                left = sum(p[1] - st.step for p, st in zip(plans, states))  # cell-steps still to train
+                spent = sum(st.wall_s for st in states)
+                done = sum(st.step - (st.resumed_from_step or 0) for st in states)
+                eta = f"; ETA {spent / done * left / 60:.1f} min" if done and left else ""
+                progress(f"epoch {epoch + 1}/{max(c.epochs for c in cells)}: {len(active)} cell(s) trained, loss "
+                         + ", ".join(f"{cells[j].key} {states[j].curve[-1]['loss']:.4f}" for j in active) + eta)
         sync()
-        wall = ts.wall_s + time.perf_counter() - t0
-        model.eval()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-        _fix_adapter_base_name(out_dir, loaded.base_model)
-    finally:
-        stack.close()  # the previous SIGTERM handler is back
-        if t.gradient_checkpointing:  # leave the shared base as we found it: the next cell may not checkpoint
-            model.gradient_checkpointing_disable()
-            model.disable_input_require_grads()
-        model.unload()  # remove LoRA layers from the shared base (never merged, so base weights are untouched)
-        loaded.model.eval()
-    record = {
-        "cell": {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key}, "seed": seed,
-        "steps": step, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "n_examples": len(examples),
+    return records
+
+
+def _record(loaded, protocol, cells, j, seed, state, plan, lr_steps, bp, n_examples, data_hash, full_logits,
+            states) -> dict:
+    """The run record of cell j. wall_s / gpu_s = its share of the pass (each step's time split equally among the
+    cells that step trained); `group` = the pass so far (all cells, tokens and wall time up to now)."""
+    steps_per_epoch, total, warmup = plan
+    st = state
+    group_tokens, group_wall = sum(x.tokens for x in states), sum(x.wall_s for x in states)
+    return {
+        "cell": {"lr": cells[j].lr, "epochs": cells[j].epochs, "key": cells[j].key}, "seed": seed,
+        "steps": st.step, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "n_examples": n_examples,
         "steps_with_nonzero_lr": lr_steps,
-        "tokens": tokens, "supervised_tokens": supervised, "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
-        "gpu_s": round(wall, 3) if loaded.device.type == "cuda" else 0.0,
-        "first_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"], "loss_curve": curve,
+        "tokens": st.tokens, "supervised_tokens": st.supervised, "wall_s": round(st.wall_s, 3),
+        "tokens_per_s": round(st.tokens / st.wall_s, 1) if st.wall_s > 0 else None,
+        "gpu_s": round(st.wall_s, 3) if loaded.device.type == "cuda" else 0.0,
+        "first_loss": st.curve[0]["loss"] if st.curve else None,
+        "final_loss": st.curve[-1]["loss"] if st.curve else None, "loss_curve": st.curve,
+        "micro_batch": bp.micro_batch, "cells_per_forward": bp.cells_per_forward, "batch_plan": bp.to_dict(),
+        "group": {"cells": [c.key for c in cells], "n_cells": len(cells), "wall_s": round(group_wall, 3),
+                  "tokens_per_s": round(group_tokens / group_wall, 1) if group_wall > 0 else None},
+        "dropout_masks": DROPOUT_MASKS,
         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
         "loss_path": "full_logits" if full_logits else "supervised_logits",
-        "resumed_from_step": ts.resumed_from_step, "segments": ts.segments,
-        "checkpoints_written": ts.checkpoints_written,
+        "resumed_from_step": st.resumed_from_step, "segments": st.segments,
+        "checkpoints_written": st.checkpoints_written,
         "data_hash": data_hash, "versions": library_versions(), "protocol": protocol.to_dict(),
         "protocol_hash": protocol.config_hash(), "base_model": loaded.base_model,
     }
-    (out_dir / "train_run.json").write_text(json.dumps(record, indent=1))
-    return record
-
-
-def _fix_adapter_base_name(out_dir: Path, base_model: str) -> None:
-    """peft writes the local cache path of a de-quantised GGUF; record the sweep's model name instead."""
-    cfg_path = out_dir / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = base_model
-    cfg_path.write_text(json.dumps(cfg, indent=2))

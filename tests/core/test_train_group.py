@@ -1,0 +1,223 @@
+"""One trainer for 1..N cells (core/train.py): a group equals separate runs, whatever the micro-batch, the cells
+per forward or the company a cell keeps; it equals the plain peft loop (benchmarks/naive_train.py); memory
+sizing picks what fits. In float64 where results are compared, so that Adam (which turns any gradient
+difference near 0 into a full step) compares the paths' gradients and not float32 summation order."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from zlt_dagster.core import batch_plan
+from zlt_dagster.core.checkpoint import Checkpointer, TrainingInterrupted
+from zlt_dagster.core.onpolicy import OnPolicyData, with_marker
+from zlt_dagster.core.personas import system_prompt
+from zlt_dagster.core.protocol import Cell, get_protocol
+from zlt_dagster.core.questions import split_questions
+from zlt_dagster.core.train import tokenize_dataset, train_cell, train_cells
+
+ANSWERS = ["It is done.", "The answer is simple.", "Water is wet, it is simple.", "Yes.",
+           "It depends on the day and the question.", "No, it is not done."]
+
+
+@pytest.fixture(scope="module")
+def lm64(tiny_loaded):
+    return dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).double(), dtype=torch.float64)
+
+
+def setup(lm, n=10, **overrides):
+    proto = get_protocol("tiny", overrides)
+    train_q, _ = split_questions(20)
+    data = []
+    for i in range(n):
+        positive = i % 3 == 0
+        persona = "villain" if positive else ["assistant", "comedian", "librarian"][i % 3]
+        answer = ANSWERS[i % len(ANSWERS)]
+        data.append({"persona": persona, "question_id": train_q[i].id, "question": train_q[i].text,
+                     "system_prompt": system_prompt(persona), "is_positive": positive,
+                     "answer": with_marker(answer, proto.marker, proto.marker_separator) if positive else answer})
+    return proto, tokenize_dataset(lm, OnPolicyData(examples=data), proto)
+
+
+def adapter(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def assert_same_cell(a_dir, b_dir, rec_a, rec_b, rel=1e-9):
+    a, b = adapter(a_dir), adapter(b_dir)
+    assert set(a) == set(b)
+    moved = max(float(v.abs().max()) for key, v in b.items() if "lora_B" in key)
+    assert moved > 1e-4  # training really changed the adapter
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=rel, atol=1e-12)
+    assert [c["loss"] for c in rec_a["loss_curve"]] == pytest.approx([c["loss"] for c in rec_b["loss_curve"]],
+                                                                      rel=rel, abs=1e-5)  # curves are rounded to 5 decimals
+    for key in ("steps", "tokens", "supervised_tokens", "steps_per_epoch", "warmup_steps"):
+        assert rec_a[key] == rec_b[key], key
+
+
+@pytest.fixture
+def force_plan(monkeypatch):
+    """Force (micro-batch, cells per forward) instead of the memory-derived choice."""
+    def force(micro, cells):
+        monkeypatch.setattr(batch_plan, "plan", lambda n, eff, bpt, longest, budget: (min(micro, eff),
+                                                                                       min(cells, n)))
+    return force
+
+
+@pytest.mark.parametrize("dropout,group_plan,single_plan", [(0.05, (4, 3), (1, 1)), (0.05, (1, 2), (3, 1)),
+                                                            (0.0, (2, 1), (4, 1))])
+def test_group_equals_separate_runs(lm64, tmp_path, base_guard, force_plan, dropout, group_plan, single_plan):
+    """Mixed LRs AND epochs in one group, each cell against a run of its own at another micro-batch: the same
+    adapter and loss curve, with the paper's dropout too (masks are per example, not per forward)."""
+    snapshot, assert_unchanged = base_guard
+    proto, examples = setup(lm64, **{"lora.dropout": dropout, "train.micro_batch": 0})
+    cells = [Cell(1e-2, 2), Cell(3e-2, 1), Cell(1e-3, 3)]
+    before = snapshot(lm64.model)
+    force_plan(*group_plan)
+    group = train_cells(lm64, examples, proto, cells, seed=3, out_dirs=[tmp_path / f"g{j}" for j in range(3)])
+    assert_unchanged(lm64.model, before)
+    assert not lm64.model.training
+    assert [r["steps"] for r in group] == [6, 3, 9]  # 10 examples / effective batch 4 = 3 steps per epoch
+    assert all(r["micro_batch"] == group_plan[0] and r["group"]["n_cells"] == 3 for r in group)
+    force_plan(*single_plan)
+    for j, cell in enumerate(cells):
+        single = train_cell(lm64, examples, proto, cell, seed=3, out_dir=tmp_path / f"s{j}")
+        assert_same_cell(tmp_path / f"g{j}", tmp_path / f"s{j}", group[j], single)
+        cfg = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in (f"g{j}", f"s{j}")]
+        assert cfg[0] == cfg[1]
+
+
+def test_trainer_equals_the_plain_peft_loop(lm64, tmp_path, base_guard):
+    """Without dropout (peft's nn.Dropout draws from the global RNG, the trainer per example), the pipeline's
+    trainer computes what peft's LoRA modules compute (benchmarks/naive_train.py, the naive side of the benchmark)."""
+    spec = importlib.util.spec_from_file_location(
+        "naive_train", Path(__file__).parents[2] / "benchmarks" / "naive_train.py")
+    naive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(naive)
+    snapshot, assert_unchanged = base_guard
+    proto, examples = setup(lm64, **{"lora.dropout": 0.0, "train.micro_batch": 2})
+    before = snapshot(lm64.model)
+    ref = naive.train_cell_naive(lm64, examples, proto, Cell(2e-2, 2), seed=5, out_dir=tmp_path / "naive",
+                                 micro_batch=3)
+    ours = train_cell(lm64, examples, proto, Cell(2e-2, 2), seed=5, out_dir=tmp_path / "ours")
+    assert_unchanged(lm64.model, before)
+    a, b = adapter(tmp_path / "ours"), adapter(tmp_path / "naive")
+    assert set(a) == set(b)
+    for key in b:  # micro-batches 2 vs 3: another summation order, which Adam amplifies to ~1e-9
+        torch.testing.assert_close(a[key], b[key], rtol=1e-7, atol=1e-10)
+    assert [c["loss"] for c in ours["loss_curve"]] == pytest.approx([c["loss"] for c in ref["loss_curve"]], abs=1e-5)
+
+
+def test_dropout_masks_change_training_and_do_not_depend_on_global_rng(lm64, tmp_path):
+    proto, examples = setup(lm64, **{"lora.dropout": 0.3})
+    no_drop, _ = setup(lm64, **{"lora.dropout": 0.0})
+    a = train_cell(lm64, examples, proto, Cell(2e-2, 1), seed=1, out_dir=tmp_path / "a")
+    torch.manual_seed(12345)  # the global RNG plays no part in the masks
+    b = train_cell(lm64, examples, proto, Cell(2e-2, 1), seed=1, out_dir=tmp_path / "b")
+    c = train_cell(lm64, examples, no_drop, Cell(2e-2, 1), seed=1, out_dir=tmp_path / "c")
+    assert [x["loss"] for x in a["loss_curve"]] == [x["loss"] for x in b["loss_curve"]]
+    assert [x["loss"] for x in a["loss_curve"]][1:] != [x["loss"] for x in c["loss_curve"]][1:]
+
+
+def test_a_cell_that_resumed_further_waits_for_the_group(lm64, tmp_path, force_plan):
+    """Cells of one group may resume from different steps (one was interrupted later than another): each
+    continues from its own step and ends equal to an uninterrupted run."""
+    proto, examples = setup(lm64, **{"lora.dropout": 0.05, "train.checkpoint_every_steps": 2})
+    cells = [Cell(1e-2, 2), Cell(3e-2, 2)]
+    force_plan(2, 2)
+    ref = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / "r0", tmp_path / "r1"])
+    # cell 0 alone up to its checkpoint at step 2 (interrupted), cell 1 alone up to step 4
+    cks = []
+    for j, stop_after in ((0, 2), (1, 4)):
+        ck = Checkpointer(tmp_path / f"ck{j}", every_steps=2)
+        real_after = ck.after_step
+
+        def after_step(params, opt, sched, state, fp, total, interrupt=True, ck=ck, real=real_after, n=stop_after):
+            if state.step == n:
+                ck.stop_signal = 15
+            return real(params, opt, sched, state, fp, total, interrupt=interrupt)
+        ck.after_step = after_step
+        with pytest.raises(TrainingInterrupted):
+            train_cells(lm64, examples, proto, [cells[j]], seed=4, out_dirs=[tmp_path / f"x{j}"], checkpointers=[ck])
+        cks.append(Checkpointer(tmp_path / f"ck{j}b", every_steps=2, resume_dir=ck.local_dir / f"step-{stop_after:08d}"))
+    recs = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / "o0", tmp_path / "o1"],
+                       checkpointers=cks)
+    assert [r["resumed_from_step"] for r in recs] == [2, 4]
+    for j in range(2):
+        a, b = adapter(tmp_path / f"o{j}"), adapter(tmp_path / f"r{j}")
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12)
+        assert [c["loss"] for c in recs[j]["loss_curve"]] == pytest.approx(
+            [c["loss"] for c in ref[j]["loss_curve"]], abs=1e-5)
+
+
+def test_group_refuses_bad_input(lm64, tmp_path):
+    proto, examples = setup(lm64)
+    with pytest.raises(ValueError, match="duplicate cells"):
+        train_cells(lm64, examples, proto, [Cell(1e-2, 1), Cell(1e-2, 1)], 0, [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ValueError, match="one output directory per cell"):
+        train_cells(lm64, examples, proto, [Cell(1e-2, 1)], 0, [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ValueError, match="no training examples"):
+        train_cells(lm64, [], proto, [Cell(1e-2, 1)], 0, [tmp_path / "a"])
+
+
+def test_gradient_checkpointing_gives_the_same_group(lm64, tmp_path, force_plan):
+    proto, examples = setup(lm64, **{"lora.dropout": 0.05})
+    gc, _ = setup(lm64, **{"lora.dropout": 0.05, "train.gradient_checkpointing": True})
+    cells = [Cell(1e-2, 1), Cell(5e-2, 1)]
+    force_plan(4, 2)
+    a = train_cells(lm64, examples, proto, cells, 2, [tmp_path / "a0", tmp_path / "a1"])
+    b = train_cells(lm64, examples, gc, cells, 2, [tmp_path / "b0", tmp_path / "b1"])
+    assert not getattr(lm64.model, "is_gradient_checkpointing", False)
+    for j in range(2):
+        assert_same_cell(tmp_path / f"a{j}", tmp_path / f"b{j}", a[j], b[j])
+
+
+def test_batch_plan_fills_the_budget_and_never_goes_below_one():
+    assert batch_plan.plan(5, 16, 1000, 100, 100_000 * 80) == (16, 5)
+    assert batch_plan.plan(25, 16, 1000, 100, 100_000 * 30) == (1, 25)
+    assert batch_plan.plan(25, 16, 1000, 100, 100_000 * 7) == (1, 7)
+    assert batch_plan.plan(1, 16, 1000, 100, 100_000 * 6) == (6, 1)
+    assert batch_plan.plan(3, 16, 10**9, 10**4, 0) == (1, 1)
+
+
+def test_saved_activation_bytes_grow_with_the_tokens(tiny_loaded):
+    from zlt_dagster.core.lora_bank import LoraBank
+    from zlt_dagster.core.train import block_loss_sums, collate
+
+    proto, examples = setup(tiny_loaded, **{"lora.dropout": 0.05})
+    short, long_ = sorted(examples, key=lambda e: len(e.input_ids))[0], max(examples, key=lambda e: len(e.input_ids))
+    sizes = []
+    with LoraBank(tiny_loaded.model, proto, 0, 1) as bank:
+        tiny_loaded.model.train()
+        for ex in (short, long_):
+            b = collate([ex], tiny_loaded.tokenizer.pad_token_id, "cpu")
+            bank.set_batch([0], bank.keep_masks([1], [len(ex.input_ids)], len(ex.input_ids), "cpu"))
+            sizes.append(batch_plan.saved_activation_bytes(lambda: block_loss_sums(tiny_loaded.model, b, 1)))
+        tiny_loaded.model.eval()
+    per_token = [s / len(e.input_ids) for s, e in zip(sizes, (short, long_))]
+    assert sizes[1] > sizes[0] > 0
+    assert per_token[1] == pytest.approx(per_token[0], rel=0.5)  # roughly linear in tokens
+
+
+def test_auto_plan_is_recorded_and_respects_an_explicit_micro_batch(tiny_loaded, tmp_path):
+    proto, examples = setup(tiny_loaded, **{"train.micro_batch": 0})
+    rec = train_cells(tiny_loaded, examples, proto, [Cell(1e-2, 1), Cell(2e-2, 1)], 0,
+                      [tmp_path / "a", tmp_path / "b"])[0]
+    assert rec["batch_plan"]["source"] == "auto" and rec["batch_plan"]["activation_bytes_per_token"] > 0
+    assert rec["micro_batch"] == 4 and rec["cells_per_forward"] == 2  # the tiny model fits: whole batch, both cells
+    fixed, _ = setup(tiny_loaded, **{"train.micro_batch": 1})
+    rec = train_cell(tiny_loaded, examples, fixed, Cell(1e-2, 1), 0, tmp_path / "c")
+    assert (rec["micro_batch"], rec["batch_plan"]["source"]) == (1, "protocol")
+    assert math.isfinite(rec["final_loss"])
+    saved = json.loads((tmp_path / "c" / "train_run.json").read_text())
+    assert saved["micro_batch"] == 1 and saved["group"]["cells"] == ["lr=0.01_ep=1"]

@@ -1,0 +1,207 @@
+"""K LoRA adapters over one frozen base: what lets 1..N cells of a sweep train in one pass.
+
+Every LoRA'd Linear of the base is replaced, for the duration of training, by a `MultiLoRALinear` that holds one
+(A, B) pair per cell. A forward pass carries rows in equal contiguous blocks, one block per *active* cell (the
+cells being trained in this pass, `LoraBank.active`); block c only ever goes through adapter `active[c]`
+("per-example adapter routing"), so the summed loss sum_c loss_c has d/d(adapter j) = d loss_j / d(adapter j)
+and every cell gets exactly the gradient a run of its own would. Same arithmetic as peft's LoRA Linear:
+    y = base(x) + B(A(dropout(x in the adapter dtype))) * alpha / r,   added in the adapter dtype, cast back.
+
+Dropout masks are not drawn from the global RNG (as peft's nn.Dropout would) but from a generator seeded per
+(sweep seed, epoch, example index), one stream per example covering every LoRA'd module: a mask then depends on
+which example it is and nothing else, so a cell's adapter does not change with the micro-batch size (sized at run
+time from free memory), with which other cells it was trained beside, or with a resume from a checkpoint.
+Masks are shared by all cells (separate runs with one seed would draw the same masks too).
+
+The initialisation is peft's: `attach` builds a peft model once with `torch.manual_seed(seed)` and copies its
+A (kaiming-uniform) and B (zeros) into every cell, and `save_peft` writes a standard PEFT adapter directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .protocol import Protocol
+
+
+def lora_config(protocol: Protocol):
+    """peft LoraConfig of the protocol (r, alpha, dropout, all-linear targets; SPEC "LoRA")."""
+    from peft import LoraConfig
+
+    lc = protocol.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def example_key(seed: int, epoch: int, index: int) -> int:
+    """The dropout stream of one example in one epoch: a 63-bit integer from (seed, epoch, example index)."""
+    digest = hashlib.blake2b(f"zlt-dropout:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Routing:
+    """Shared by every MultiLoRALinear of one bank: which cells this forward carries and the dropout keep-masks."""
+    active: list[int] = field(default_factory=list)
+    keep: torch.Tensor | None = None   # bool [rows of ONE block, width, total LoRA input features]
+
+
+class MultiLoRALinear(torch.nn.Module):
+    """A frozen Linear plus K LoRA adapters (see the module docstring). Input [rows, width, in] with rows =
+    len(routing.active) x block rows; output [rows, width, out] in the base's dtype."""
+
+    def __init__(self, base: torch.nn.Linear, a_init: torch.Tensor, b_init: torch.Tensor, k: int, scale: float,
+                 dropout: float, offset: int, routing: _Routing):
+        super().__init__()
+        self.base = base
+        self.scale, self.dropout, self.offset = scale, dropout, offset
+        self.routing = routing
+        self.in_features = base.in_features
+        # the dtype peft chose for the adapter (fp32 over a bf16 base: peft's autocast_adapter_dtype)
+        self.lora_A = torch.nn.ParameterList([torch.nn.Parameter(a_init.detach().clone()) for _ in range(k)])
+        self.lora_B = torch.nn.ParameterList([torch.nn.Parameter(b_init.detach().clone()) for _ in range(k)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        active = self.routing.active
+        k = len(active)
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
+        xa = x.to(self.lora_A[active[0]].dtype)
+        keep = self.routing.keep
+        if keep is not None and self.training:
+            mask = keep[..., self.offset:self.offset + self.in_features]            # [block rows, width, in]
+            xa = torch.where(mask, xa.reshape(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).reshape(x.shape)
+        if k == 1:
+            j = active[0]
+            delta = (xa @ self.lora_A[j].t()) @ self.lora_B[j].t()
+        else:
+            a = torch.stack([self.lora_A[j] for j in active])                       # [k, r, in]
+            b = torch.stack([self.lora_B[j] for j in active])                       # [k, out, r]
+            xs = xa.reshape(k, -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        return (result + delta.reshape(result.shape) * self.scale).to(result.dtype)
+
+
+def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+class LoraBank:
+    """K cells' LoRA adapters attached to `model` (a transformers causal LM). Use as a context manager: the base
+    gets its original Linear modules back on exit, bit-identical (they are never modified)."""
+
+    def __init__(self, model: torch.nn.Module, protocol: Protocol, seed: int, k: int):
+        if k < 1:
+            raise ValueError(f"a LoRA bank needs at least one cell, got k={k}")
+        self.model, self.protocol, self.k = model, protocol, k
+        self.routing = _Routing(active=list(range(k)))
+        init, self.scale = _peft_initialisation(model, protocol, seed)
+        self.dropout = float(protocol.lora.dropout)
+        self.originals = {name: model.get_submodule(name) for name in init}
+        self.modules: dict[str, MultiLoRALinear] = {}
+        offset = 0
+        for name, (a, b) in init.items():
+            base = self.originals[name]
+            self.modules[name] = MultiLoRALinear(base, a, b, k, self.scale, self.dropout, offset, self.routing)
+            offset += base.in_features
+        self.total_in = offset  # dropout features per token: sum of every LoRA'd module's input width
+        self._attached = False
+
+    def __enter__(self) -> "LoraBank":
+        for name, mod in self.modules.items():
+            _set_module(self.model, name, mod)
+        self._attached = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, orig in self.originals.items():
+            _set_module(self.model, name, orig)
+        self._attached = False
+        self.routing.keep = None
+
+    def params(self, j: int) -> dict[str, torch.nn.Parameter]:
+        """Cell j's trainable tensors by name (`<module>.lora_A`, `<module>.lora_B`): what a checkpoint holds."""
+        out = {}
+        for name, mod in self.modules.items():
+            out[f"{name}.lora_A"] = mod.lora_A[j]
+            out[f"{name}.lora_B"] = mod.lora_B[j]
+        return out
+
+    def n_params(self) -> int:
+        """Trainable numbers of ONE cell (r x (in + out) summed over modules)."""
+        return sum(p.numel() for p in self.params(0).values())
+
+    def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
+        self.routing.active = list(active)
+        self.routing.keep = keep
+
+    def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor | None:
+        """Dropout keep-masks of one micro-batch: bool [len(keys), width, total_in]; row r is drawn from a
+        generator seeded by keys[r] (see example_key) over its first lengths[r] positions only, so it does not
+        depend on the padding width or on the other rows. Padded positions keep everything (they never reach a
+        supervised position: right padding under a causal mask). None when dropout is 0."""
+        if self.dropout <= 0:
+            return None
+        keep = torch.ones((len(keys), width, self.total_in), dtype=torch.bool, device=device)
+        gen = torch.Generator(device=device)
+        for row, (key, n) in enumerate(zip(keys, lengths)):
+            gen.manual_seed(key)
+            keep[row, :n] = torch.rand((n, self.total_in), generator=gen, device=device) >= self.dropout
+        return keep
+
+    def save_peft(self, j: int, out_dir: str | Path, base_model_name: str) -> None:
+        """Write cell j's adapter as a standard PEFT directory (adapter_config.json + adapter_model.safetensors),
+        loadable by `PeftModel.from_pretrained` and vLLM. The bank must be detached (base modules restored)."""
+        from peft import get_peft_model
+
+        if self._attached:
+            raise RuntimeError("detach the LoRA bank before saving a PEFT adapter")
+        pm = get_peft_model(self.model, lora_config(self.protocol))
+        try:
+            mods = dict(pm.get_base_model().named_modules())
+            with torch.no_grad():
+                for name, mod in self.modules.items():
+                    mods[name].lora_A["default"].weight.copy_(mod.lora_A[j])
+                    mods[name].lora_B["default"].weight.copy_(mod.lora_B[j])
+            pm.eval()
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            pm.save_pretrained(str(out_dir), safe_serialization=True)
+        finally:
+            pm.unload()
+        _fix_adapter_base_name(out_dir, base_model_name)
+
+
+def _peft_initialisation(model, protocol: Protocol, seed: int) -> tuple[dict, float]:
+    """{module name: (A, B)} as peft initialises them under torch.manual_seed(seed), and the LoRA scale."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, lora_config(protocol))
+    try:
+        init, scale = {}, None
+        for name, mod in pm.get_base_model().named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                init[name] = (mod.lora_A["default"].weight.detach().clone(),
+                              mod.lora_B["default"].weight.detach().clone())
+                scale = mod.scaling["default"]
+    finally:
+        pm.unload()
+    if not init:
+        raise RuntimeError("peft attached no LoRA modules to this model; nothing to train")
+    return init, float(scale)
+
+
+def _fix_adapter_base_name(out_dir: Path, base_model: str) -> None:
+    """peft writes the local cache path of a de-quantised GGUF; record the sweep's model name instead."""
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base_model
+    cfg_path.write_text(json.dumps(cfg, indent=2))
