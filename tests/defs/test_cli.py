@@ -26,7 +26,7 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     assert main(["run", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "cells: 0 already done, 2 to run" in out
-    assert "cell 2/2" in out and "ETA" in out and "tok/s" in out
+    assert "cell 2/2" in out and "ETA" in out
     compiled = [p for p in art.rglob("compiled_results.json")]
     assert len(compiled) == 1
     data = json.loads(compiled[0].read_text())
@@ -38,7 +38,8 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     # the runs are Dagster runs in the instance the UI reads
     from dagster import DagsterInstance
     with DagsterInstance.get() as instance:
-        assert len(instance.get_runs()) == 1 + 2 + 1  # data+base ARC, 2 cells, compile+heatmap
+        # data+base ARC, 2 training runs (the two cells are not contiguous partitions), 2 evaluation runs, report
+        assert len(instance.get_runs()) == 1 + 2 + 2 + 1
 
     # rerun: everything done is skipped
     assert main(["run", str(cfg)]) == 0
