@@ -27,6 +27,7 @@ from .core.protocol import Cell, Sweep, sweep_from_stored
 from .core.masking import check_marker_round_trip
 from .core.train import library_versions, tokenize_dataset, train_cells
 from .storage import ObjectStore
+from .storage.base import ARTIFACT_MISSING
 
 Log = Callable[[str], None]
 
@@ -68,8 +69,33 @@ def load_sweep(store: ObjectStore, sweep_id: str) -> Sweep:
     return sweep_from_stored(store.read_json(key))
 
 
-def cells_done(store: ObjectStore, sweep: Sweep, artifact: str = "marker_rates") -> list[Cell]:
-    return [c for c in sweep.cells() if store.artifact_exists(layout.cell_prefix(sweep.sweep_id, c, artifact))]
+# A cell is done when its results are committed and whole; the adapter and completions behind them were verified
+# (sha256) when the results were computed from them.
+DONE_ARTIFACTS = ("marker_rates", "arc_scores")
+
+
+def cell_problem(store: ObjectStore, sweep: Sweep, cell: Cell,
+                 artifacts: tuple[str, ...] = DONE_ARTIFACTS) -> str | None:
+    """None if each of the cell's ``artifacts`` is committed and whole (manifest present, every listed file present
+    with its size and sha256: ObjectStore.verify_artifact), else why the cell is not done. THE "cell done" decision:
+    resume (zlt run), the registry sensor and `zlt status` all use it, so a torn or partial artifact is rebuilt and
+    never counted. Raises StoreError when the store itself fails (never taken for a missing cell)."""
+    for artifact in artifacts:
+        problem = store.artifact_problem(layout.cell_prefix(sweep.sweep_id, cell, artifact))
+        if problem:
+            return f"{artifact} {problem}" if problem == ARTIFACT_MISSING else f"{artifact}: {problem}"
+    return None
+
+
+def cell_done(store: ObjectStore, sweep: Sweep, cell: Cell, artifacts: tuple[str, ...] = DONE_ARTIFACTS) -> bool:
+    """See cell_problem (raises StoreError when the store fails)."""
+    return cell_problem(store, sweep, cell, artifacts) is None
+
+
+def cells_done(store: ObjectStore, sweep: Sweep, artifacts: tuple[str, ...] | str = DONE_ARTIFACTS) -> list[Cell]:
+    """The sweep's cells whose ``artifacts`` (one name or several) are all whole (cell_done)."""
+    arts = (artifacts,) if isinstance(artifacts, str) else tuple(artifacts)
+    return [c for c in sweep.cells() if cell_done(store, sweep, c, arts)]
 
 
 def _model(sweep: Sweep, compute: ComputeSettings) -> LoadedModel:
@@ -140,7 +166,7 @@ def run_adapters(store: ObjectStore, sweep: Sweep, cells: list[Cell], compute: C
     if not retrain:
         for cell in cells:
             prefix = layout.cell_prefix(sweep.sweep_id, cell, "adapter")
-            if store.artifact_exists(prefix):
+            if store.artifact_problem(prefix) is None:  # verified: a torn adapter is trained again
                 record = json.loads(store.read_artifact_file(prefix, "train_run.json"))
                 done[cell] = {**_train_summary(record), "artifact": store.uri(prefix), "reused": True}
     todo = [c for c in cells if c not in done]

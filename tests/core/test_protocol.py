@@ -169,8 +169,9 @@ def test_source_persona_errors():
 
 @pytest.mark.parametrize("name", ["a/b", "..", "../evil", "x/../y", "/abs", ".hidden", "has space"])
 def test_bad_sweep_name(name):
-    with pytest.raises(ProtocolError, match=r"sweep: name .* must match"):
+    with pytest.raises(ProtocolError, match=r"^name: name .* must match") as ei:
         Sweep(TINY, name=name).validate()
+    assert ei.value.field == "name"
 
 
 def test_good_sweep_name_is_the_id():
@@ -235,11 +236,12 @@ def test_unknown_override_field(overrides, path):
     with pytest.raises(ProtocolError) as ei:
         get_protocol("tiny", overrides)
     msg = str(ei.value)
-    assert f"unknown config field {path!r}" in msg and "known here" in msg
+    assert msg.startswith(f"protocol.{path}: unknown config field;") and "known here" in msg
+    assert ei.value.field == f"protocol.{path}"
 
 
 def test_override_section_needs_mapping():
-    with pytest.raises(ProtocolError, match=r"'train' is a section"):
+    with pytest.raises(ProtocolError, match=r"^protocol\.train: is a section; expected a mapping"):
         get_protocol("tiny", {"train": 3})
 
 
@@ -424,16 +426,16 @@ def test_load_sweep_file_errors(tmp_path):
         load_sweep_file(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a\n- b\n")
-    with pytest.raises(ProtocolError, match=r"mapping at top level"):
+    with pytest.raises(ProtocolError, match=r"^\(top level\): must hold a mapping of sweep fields, got list"):
         load_sweep_file(bad)
     bad.write_text("protocol: tiny\nsource: villain\n")
-    with pytest.raises(ProtocolError, match=r"unknown field\(s\) \['source'\]"):
+    with pytest.raises(ProtocolError, match=r"^source: unknown field; known: \['protocol'"):
         load_sweep_file(bad)
     bad.write_text("protocol: {base: tiny, train.micro_batchh: 1}\n")
-    with pytest.raises(ProtocolError, match=r"unknown config field 'train.micro_batchh'"):
+    with pytest.raises(ProtocolError, match=r"^protocol\.train\.micro_batchh: unknown config field"):
         load_sweep_file(bad)
     bad.write_text("protocol: tiny\nname: ../escape\n")
-    with pytest.raises(ProtocolError, match=r"sweep: name"):
+    with pytest.raises(ProtocolError, match=r"^name: name '\.\./escape' must match"):
         load_sweep_file(bad)
 
 

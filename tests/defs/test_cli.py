@@ -2,39 +2,157 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from zlt_dagster.cli import main
 
 
 def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
+    """Also: the README's environment variables are the CLI's defaults (ZLT_ARC_SOURCE, ZLT_DEVICE,
+    ZLT_ARTIFACT_ROOT: no flag given), and a torn artifact is rebuilt on resume, never counted."""
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARC_SOURCE", "sample")
+    monkeypatch.setenv("ZLT_DEVICE", "cpu")
+    art = tmp_path / "art"
+    monkeypatch.setenv("ZLT_ARTIFACT_ROOT", str(art))
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text("protocol: tiny\nbase_model: tiny\nsource_persona: comedian\nseed: 7\n"
                    "cells: [[1.0e-3, 1], [1.0e-2, 2]]\n")
-    art = str(tmp_path / "art")
-    assert main(["--artifacts", art, "run", str(cfg), "--arc-source", "sample", "--device", "cpu"]) == 0
+    assert main(["run", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "cells: 0 already done, 2 to run" in out
-    assert "cell 2/2" in out and "ETA" in out and "tok/s" in out
-    compiled = [p for p in (tmp_path / "art").rglob("compiled_results.json")]
+    assert "cell 2/2" in out and "ETA" in out
+    compiled = [p for p in art.rglob("compiled_results.json")]
     assert len(compiled) == 1
     data = json.loads(compiled[0].read_text())
     assert data["n_cells"] == 2 and len(data["cells"]) == 2 and data["source_persona"] == "comedian"
     assert (compiled[0].parents[1] / "heatmap" / "heatmap.png").is_file()
+    arc = [json.loads(p.read_text()) for p in art.rglob("arc_scores.json")]
+    assert len(arc) == 3 and {a["source"] for a in arc} == {"sample"}  # base + 2 cells: ZLT_ARC_SOURCE honoured
 
     # the runs are Dagster runs in the instance the UI reads
     from dagster import DagsterInstance
     with DagsterInstance.get() as instance:
-        assert len(instance.get_runs()) == 1 + 2 + 1  # data+base ARC, 2 cells, compile+heatmap
+        # data+base ARC, 2 training runs (the two cells are not contiguous partitions), 2 evaluation runs, report
+        assert len(instance.get_runs()) == 1 + 2 + 2 + 1
 
     # rerun: everything done is skipped
-    assert main(["--artifacts", art, "run", str(cfg), "--arc-source", "sample", "--device", "cpu"]) == 0
+    assert main(["run", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "on-policy data already there: skipped" in out and "cells: 2 already done, 0 to run" in out
 
-    assert main(["--artifacts", art, "status"]) == 0
+    # a torn artifact (a file no longer matching its manifest) is rebuilt on resume, never counted as done
+    [torn] = [p for p in art.rglob("marker_rates.json") if "lr=0.01_ep=2" in str(p)]
+    torn.write_text(torn.read_text().replace("comedian", "COMEDIAN"))
+    assert main(["status"]) == 0
+    assert "2 cells, 1 done;" in capsys.readouterr().out
+    assert main(["run", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert "comedian" in out and "marker_rates 2" in out
+    assert "lr=0.01_ep=2: rebuilding, marker_rates: ChecksumError" in out
+    assert "cells: 1 already done, 1 to run" in out and "cell 2/2 lr=0.01_ep=2" in out
+
+    assert main(["--artifacts", str(art), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "comedian" in out and "2 cells, 2 done;" in out and "marker_rates 2" in out
+
+
+# --- config errors: one line `zlt: error: <file>: <field>: <what>`, exit code 2, nothing written ---------------------
+BASE = "protocol: tiny\nbase_model: tiny\n"
+BAD_CONFIGS = [
+    ("cells: []\n", "cells", "is an empty list"),
+    ("cells:\n", "cells", "is empty"),
+    ("cells: [[1.0e-3]]\n", "cells[0]", "expected a [lr, epochs] pair, got [0.001]"),
+    ("cells: [[1.0e-3, 1.7]]\n", "cells[0][1]", "epochs 1.7 is invalid; expected an integer >= 1"),
+    ("cells: [[1.0e-3, 0]]\n", "cells[0][1]", "epochs 0 is invalid"),
+    ("cells: [[-1.0e-3, 1]]\n", "cells[0][0]", "learning rate -0.001 is invalid; expected a finite number > 0"),
+    ("cells: [[.nan, 1]]\n", "cells[0][0]", "learning rate nan is invalid"),
+    ("cells: [[5.0e-4, 1]]\n", "cells[0][0]", "learning rate 0.0005 is not in the grid of protocol 'tiny'"),
+    ("cells: [[1.0e-3, 9]]\n", "cells[0][1]", "epochs 9 is not in the grid of protocol 'tiny'"),
+    ("cells: [[1.0e-3, 1], [1.0e-3, 1]]\n", "cells[1]", "duplicate of cells[0]"),
+    ("cells: [[true, 1]]\n", "cells[0][0]", "learning rate True is invalid"),
+    ("name: big...sweep\n", "name", "sweep id 'big...sweep' contains ['...'], which Dagster reserves"),
+    ("name: ../x\n", "name", "name '../x' must match"),
+    ("seed: 1.5\n", "seed", "seed 1.5 must be an integer >= 0"),
+    ("source_persona: pirate\n", "source_persona", "unknown source persona 'pirate'"),
+    ("lr: 1.0e-3\n", "lr", "unknown field; known: ['protocol'"),
+    ("cells: [[1.0e-3, 1]\n", "(file)", "not valid YAML:"),
+]
+
+
+def _only_config_left(tmp_path, cfg) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cfg.name], "a config error must write nothing"
+
+
+def _bad_run(tmp_path, monkeypatch, capsys, text: str, name: str = "bad.yaml"):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARTIFACT_ROOT", str(tmp_path / "art"))
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    rc = main(["run", str(cfg)])
+    out, err = capsys.readouterr()
+    _only_config_left(tmp_path, cfg)
+    return rc, out, err, cfg
+
+
+@pytest.mark.parametrize("extra,field,what", BAD_CONFIGS, ids=[b[0].strip() for b in BAD_CONFIGS])
+def test_bad_sweep_file_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, extra, field, what):
+    rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, BASE + extra)
+    assert rc == 2 and out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"zlt: error: {cfg}: {field}: {what}"), err
+
+
+def test_missing_model_file_is_named_by_its_field(tmp_path, monkeypatch, capsys):
+    rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, "protocol: tiny\nbase_model: /nonexistent.gguf\n")
+    assert (rc, out) == (2, "")
+    assert err == f"zlt: error: {cfg}: base_model: GGUF file /nonexistent.gguf does not exist\n"
+    (tmp_path / "model_dir").mkdir()
+    rc, _, err, _ = _bad_run(tmp_path / "model_dir", monkeypatch, capsys,
+                             f"protocol: tiny\nbase_model: {tmp_path / 'model_dir'}\n")
+    assert rc == 2 and err.endswith(f"base_model: model directory {tmp_path / 'model_dir'} has no config.json\n")
+
+
+def test_bad_protocol_override_and_bad_json(tmp_path, monkeypatch, capsys):
+    rc, _, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, "protocol: {base: tiny, train.micro_batch: two}\n")
+    assert rc == 2 and err == f"zlt: error: {cfg}: protocol.train.micro_batch: expected an integer, got 'two'\n"
+    cfg.unlink()
+    rc, _, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, "protocol: {base: tiny, epochs: []}\n")
+    assert rc == 2 and err.startswith(f"zlt: error: {cfg}: protocol.epochs: epochs is empty")
+    cfg.unlink()
+    rc, _, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, '{"protocol": "tiny",', name="bad.json")
+    assert rc == 2 and err.startswith(f"zlt: error: {cfg}: (file): not valid JSON:") and err.count("\n") == 1
+
+
+def test_bad_environment_and_demo_flags_are_config_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_GENERATION_BACKEND", "fastest")
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err.startswith("zlt: error: environment: ZLT_GENERATION_BACKEND: 'fastest' is not one of")
+    monkeypatch.delenv("ZLT_GENERATION_BACKEND")
+    assert main(["demo", "--source", "assistant"]) == 2
+    assert capsys.readouterr().err.startswith("zlt: error: zlt demo: source_persona: source persona 'assistant' leaves")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_exits_2_with_one_line(tmp_path):
+    """The installed `zlt` entry point itself (not just main()): exit code 2, no traceback."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(BASE + "cells: []\n")
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARTIFACT_ROOT": str(tmp_path / "art"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([str(Path(sys.executable).parent / "zlt"), "run", str(cfg)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"zlt: error: {cfg}: cells: is an empty list; list [lr, epochs] pairs, or leave the " \
+                          "field out to run the whole grid\n"
+    _only_config_left(tmp_path, cfg)
 
 
 def test_eta_counts_epochs_of_the_cells_left():
@@ -48,3 +166,29 @@ def test_eta_counts_epochs_of_the_cells_left():
     # the demo's grid order (epochs 1..5 per LR): the estimate after the first cell is larger than the naive one
     left = [2, 3, 4, 5] + [1, 2, 3, 4, 5] * 4
     assert eta_seconds(36.0, 6.0, [1], left) > 36.0 * len(left)
+
+
+def test_deployment_environment_picks_the_store_of_every_command(tmp_path, monkeypatch, capsys, s3_server_url,
+                                                                 aws_env):
+    """ZLT_DEPLOYMENT=production + ZLT_S3_*: `zlt status` reads the S3 store the Dagster definitions use (after the
+    conditional-write probe); a bad ZLT_DEPLOYMENT is a config error."""
+    from zlt_dagster.storage import S3Store
+
+    S3Store("zlt-cli-test", endpoint_url=s3_server_url).create_bucket_if_missing()
+    monkeypatch.setenv("ZLT_DEPLOYMENT", "production")
+    monkeypatch.setenv("ZLT_S3_BUCKET", "zlt-cli-test")
+    monkeypatch.setenv("ZLT_S3_PREFIX", "p1")
+    monkeypatch.setenv("ZLT_S3_ENDPOINT_URL", s3_server_url)
+    assert main(["status"]) == 0
+    assert capsys.readouterr().out == "no sweeps in s3://zlt-cli-test/p1\n"
+    from zlt_dagster import cli
+    from zlt_dagster.defs import definitions
+
+    assert cli.DEPLOYMENTS == definitions.DEPLOYMENTS
+    # a fresh process (the console script): the deployment is checked before the definitions are imported
+    env = {**os.environ, "ZLT_DEPLOYMENT": "cloud", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([str(Path(sys.executable).parent / "zlt"), "status"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == "zlt: error: environment: ZLT_DEPLOYMENT: 'cloud' is not one of ['local', 'production']\n"
+    assert list(tmp_path.iterdir()) == []

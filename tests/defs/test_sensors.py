@@ -3,13 +3,17 @@ that existing sweeps get nothing. The end-to-end path through a running daemon i
 Also the follow-up configs (configs/followups/*.yaml): each loads into the sweeps and cells it promises."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterInstance, MultiPartitionKey, SensorResult, build_sensor_context, materialize
+from dagster import (
+    DagsterInstance, DagsterRunStatus, MultiPartitionKey, RunsFilter, SensorResult, build_sensor_context, materialize,
+)
+from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 
-from zlt_dagster import layout
+from zlt_dagster import layout, pipeline
 from zlt_dagster.core.protocol import PAPER, Cell
 from zlt_dagster.defs.assets import ALL_ASSETS, CELL_ASSETS, base_arc_scores, compiled_results, heatmap, onpolicy_data
 from zlt_dagster.defs.partitions import partition_keys_for
@@ -17,6 +21,7 @@ from zlt_dagster.defs.registry import PlannedRun, RegistryError, read_registry
 from zlt_dagster.defs.sensors import sweep_registry_sensor
 
 REPO = Path(__file__).resolve().parents[2]
+SENSOR = "sweep_registry_sensor"
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 TINY = {"protocol": "tiny", "base_model": "tiny", "seed": 42}
 JOB_ASSETS = {"sweep_data_job": [onpolicy_data, base_arc_scores], "cell_job": CELL_ASSETS,
@@ -38,11 +43,29 @@ def tick(instance: DagsterInstance, resources) -> SensorResult:
 
 
 def execute(requests, instance, resources) -> None:
-    """Run what the sensor asked for, in-process, as the daemon's run launcher would."""
+    """Run what the sensor asked for, in-process, tagged as the sensor daemon tags its runs (run key + sensor name:
+    the tags Dagster's daemon uses to drop a request whose run key was used before)."""
     for req in requests:
+        tags = {**req.tags, RUN_KEY_TAG: req.run_key, SENSOR_NAME_TAG: SENSOR}
         res = materialize(ALL_ASSETS, selection=JOB_ASSETS[req.job_name], partition_key=req.partition_key,
-                          instance=instance, resources=resources, run_config=QUIET)
+                          instance=instance, resources=resources, run_config=QUIET, tags=tags)
         assert res.success
+
+
+def used_run_keys(instance: DagsterInstance) -> set[str]:
+    """Run keys the daemon would drop for this sensor (dagster/_daemon/sensor.py: fetch_existing_runs)."""
+    return {r.tags[RUN_KEY_TAG] for r in instance.get_runs(filters=RunsFilter(tags={SENSOR_NAME_TAG: SENSOR}))}
+
+
+def run_until_idle(instance, resources, max_ticks: int = 6) -> SensorResult:
+    """Tick and execute until a tick requests nothing; every request must carry a run key not used before."""
+    for _ in range(max_ticks):
+        res = tick(instance, resources)
+        if not res.run_requests:
+            return res
+        assert not {r.run_key for r in res.run_requests} & used_run_keys(instance), "Dagster would drop these"
+        execute(res.run_requests, instance, resources)
+    raise AssertionError(f"still requesting after {max_ticks} ticks")
 
 
 def skip(res: SensorResult) -> str:
@@ -173,6 +196,79 @@ def test_new_persona_gets_runs_existing_sweep_gets_none(registry, dagster_instan
     assert len(new_ids) == 1 and new_ids[0] != done.sweep_id and "comedian" in new_ids[0]
 
 
+def test_deleted_cell_artifact_is_rebuilt_exactly_that_cell_however_often(registry, dagster_instance, resources):
+    """Run keys are not forever: a cell deleted after the sweep finished is rebuilt, each time it goes missing."""
+    write_registry(registry, [{**TINY, "source_persona": "villain", "cells": [[1e-3, 1], [3e-3, 2]]}])
+    store = resources["store"].get_store()
+    idle = run_until_idle(dagster_instance, resources)
+    [entry], _ = read_registry(registry)
+    sweep, sid = entry.sweep, entry.sweep.sweep_id
+    assert "complete (2 cells verified, report up to date)" in skip(idle)
+    n_runs = len(dagster_instance.get_runs())
+    for n in (1, 2):  # built once by the sweep, then rebuilt after each deletion
+        store.delete_prefix(layout.cell_prefix(sid, Cell(3e-3, 2), "marker_rates"))
+        res = tick(dagster_instance, resources)
+        assert summary(res) == [("cell_job", f"{sid}:lr2_ep2:rebuild{n}")]  # exactly that cell
+        assert res.run_requests[0].run_key not in used_run_keys(dagster_instance)
+        execute(res.run_requests, dagster_instance, resources)
+        res = tick(dagster_instance, resources)  # the report predates the rebuilt cell: compiled again
+        assert summary(res) == [("report_job", f"{sid}:report_job:rebuild{n}")]
+        execute(res.run_requests, dagster_instance, resources)
+        assert tick(dagster_instance, resources).run_requests == []
+    assert len(dagster_instance.get_runs()) == n_runs + 4
+    assert all(pipeline.cell_done(store, sweep, c) for c in sweep.cells())
+
+
+def test_wiped_artifact_root_rebuilds_the_sweep(registry, dagster_instance, resources):
+    write_registry(registry, [{**TINY, "source_persona": "villain", "cells": [[1e-3, 1]]}])
+    store = resources["store"].get_store()
+    run_until_idle(dagster_instance, resources)
+    [entry], _ = read_registry(registry)
+    sid = entry.sweep.sweep_id
+    shutil.rmtree(store.root)  # the Dagster instance keeps every run and run key
+    res = tick(dagster_instance, resources)
+    assert summary(res) == [("sweep_data_job", f"{sid}:sweep_data_job:rebuild1")]
+    assert store.exists(layout.sweep_config_key(sid))  # registered again
+    idle = run_until_idle(dagster_instance, resources)
+    assert "complete" in skip(idle)
+    for prefix in (layout.onpolicy_prefix(sid), layout.base_arc_prefix(sid), layout.heatmap_prefix(sid),
+                   *(layout.cell_prefix(sid, Cell(1e-3, 1), a) for a in layout.CELL_ARTIFACTS)):
+        assert store.artifact_problem(prefix) is None, prefix
+
+
+def test_torn_cell_artifact_is_rebuilt_not_counted(registry, dagster_instance, resources):
+    write_registry(registry, [{**TINY, "source_persona": "villain", "cells": [[1e-3, 1]]}])
+    store = resources["store"].get_store()
+    run_until_idle(dagster_instance, resources)
+    [entry], _ = read_registry(registry)
+    sid = entry.sweep.sweep_id
+    prefix = layout.cell_prefix(sid, Cell(1e-3, 1), "arc_scores")
+    store.put_bytes(f"{prefix}/arc_scores.json", b'{"acc": 1.0}')  # another writer's file under this manifest
+    assert "ChecksumError" in pipeline.cell_problem(store, entry.sweep, Cell(1e-3, 1))
+    res = tick(dagster_instance, resources)
+    assert summary(res) == [("cell_job", f"{sid}:lr1_ep1:rebuild1")]
+    execute(res.run_requests, dagster_instance, resources)
+    assert store.artifact_problem(prefix) is None
+
+
+def test_in_flight_or_failed_runs_are_not_requested_again_and_the_skip_says_why(registry, dagster_instance,
+                                                                                 resources):
+    from dagster._core.test_utils import create_run_for_test
+
+    write_registry(registry, [{**TINY, "source_persona": "villain"}])
+    [planned] = tick(dagster_instance, resources).run_requests
+    plan = planned.tags["zlt/plan"]
+    run = create_run_for_test(dagster_instance, job_name="sweep_data_job", tags=planned.tags,
+                              status=DagsterRunStatus.STARTED)
+    res = tick(dagster_instance, resources)
+    assert res.run_requests == []
+    assert f"{plan}: waiting for run {run.run_id[:8]} (STARTED)" in skip(res)
+    dagster_instance.report_run_failed(run)
+    res = tick(dagster_instance, resources)
+    assert res.run_requests == []
+    assert f"{plan}: its last run {run.run_id[:8]} ended FAILURE; the sensor does not relaunch failed runs" in skip(res)
+
+
 def test_schedule_data_requests_only_the_data(registry, dagster_instance, resources):
     write_registry(registry, [{**TINY, "source_persona": "villain", "schedule": "data"}])
     res = tick(dagster_instance, resources)
@@ -190,6 +286,60 @@ def test_bad_entry_is_reported_while_good_ones_are_scheduled(registry, dagster_i
     res = tick(dagster_instance, resources)
     assert res.run_requests == []
     assert "1 bad entry" in skip(res) and "entry 1 (source_persona=pirate" in skip(res)
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"cells": []}, "cells: is an empty list"),
+    ({"cells": None}, "cells: is empty"),
+    ({"cells": [[1e-3]]}, "cells[0]: expected a [lr, epochs] pair"),
+    ({"cells": [[1e-3, 1.7]]}, "cells[0][1]: epochs 1.7 is invalid; expected an integer >= 1"),
+    ({"base_model": "/nonexistent.gguf"}, "base_model: GGUF file /nonexistent.gguf does not exist"),
+    ({"name": "a...b"}, "name: sweep id 'a...b' contains ['...'], which Dagster reserves in partition keys"),
+    ({"base_model": "/models/x...y.gguf"}, "base_model: GGUF file /models/x...y.gguf does not exist"),
+])
+def test_bad_entry_fields_are_named_and_nothing_is_registered(registry, dagster_instance, resources, bad, field):
+    """The registry uses the same sweep-config check as `zlt run` (registry.sweep_from_config)."""
+    write_registry(registry, [{**TINY, "source_persona": "villain", **bad}])
+    res = tick(dagster_instance, resources)
+    assert res.run_requests == [] and not res.dynamic_partitions_requests
+    assert f"entry 1 (" in skip(res) and f"ProtocolError: {field}" in skip(res), skip(res)
+    assert resources["store"].get_store().list_keys("") == []
+
+
+def test_derived_sweep_id_is_checked_against_dagster_partition_key_rules(tmp_path):
+    """An unnamed sweep's id comes from its base_model: a model directory named with '...' is refused by name."""
+    from zlt_dagster.defs.registry import check_partition_key, sweep_from_config
+    from zlt_dagster.core.protocol import ProtocolError
+
+    model = tmp_path / "my...model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ProtocolError, match=r"^base_model: sweep id 'my...model__villain.* set `name`") as ei:
+        sweep_from_config({**TINY, "base_model": str(model)})
+    assert ei.value.field == "base_model"
+    check_partition_key(sweep_from_config({**TINY, "base_model": str(model), "name": "mymodel"}))
+
+
+@pytest.mark.parametrize("sid", ["ok.name-1", "a..b", "a...b", "a|b", "a,b", "a[b", "a]b", "a\tb", "a\nb"])
+def test_partition_key_rules_agree_with_dagster(sid):
+    """check_partition_key accepts exactly the ids Dagster accepts as a key of a multi-partition dimension."""
+    from dagster import MultiPartitionsDefinition, StaticPartitionsDefinition
+    from dagster._core.errors import DagsterInvalidDefinitionError
+
+    from zlt_dagster.core.protocol import ProtocolError, Sweep, TINY as TINY_PROTOCOL
+    from zlt_dagster.defs.registry import check_partition_key
+
+    try:
+        MultiPartitionsDefinition({"sweep": StaticPartitionsDefinition([sid]), "cell": StaticPartitionsDefinition(["c"])})
+        dagster_ok = True
+    except DagsterInvalidDefinitionError:
+        dagster_ok = False
+    try:
+        check_partition_key(Sweep(TINY_PROTOCOL, name=sid))  # built without validate(): the name regex aside
+        ours_ok = True
+    except ProtocolError:
+        ours_ok = False
+    assert ours_ok == dagster_ok
 
 
 def test_sweep_id_taken_in_the_store_by_another_config_is_a_problem(registry, dagster_instance, resources,

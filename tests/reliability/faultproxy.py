@@ -9,6 +9,8 @@ Per request, `schedule(n, method, path)` picks what happens:
   stall       hold the request for `stall_s` (longer than the client's read timeout), then close
   truncate    forward, then send the headers and only half of the body, then close (GET with a body only;
               anything else passes)
+With ``ignore_conditions=True`` every forwarded request loses its If-None-Match / If-Match headers: the server
+then behaves like one that ignores conditional writes.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from urllib.parse import urlsplit
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
        "proxy-authorization", "expect"}
+CONDITIONS = {"if-none-match", "if-match"}
 FAULTS = ("500", "503", "drop", "drop_after", "stall", "truncate")
 
 
@@ -58,8 +61,12 @@ def with_outages(schedule: Callable[[int, str, str], str], every: int, length: i
 
 class FaultProxy:
     def __init__(self, upstream_url: str, schedule: Callable[[int, str, str], str] | None = None,
-                 stall_s: float = 3.0):
+                 stall_s: float = 3.0, ignore_conditions: bool = False):
+        """``ignore_conditions``: drop If-None-Match / If-Match before forwarding, i.e. a server that accepts
+        conditional writes and ignores them (older Ceph RGW, several gateways)."""
         u = urlsplit(upstream_url)
+        self.ignore_conditions = ignore_conditions
+        self.conditions_dropped = 0
         self.upstream = (u.hostname, u.port)
         self.schedule = schedule or (lambda *_: "pass")
         self.stall_s = stall_s
@@ -127,6 +134,11 @@ class FaultProxy:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                    if proxy.ignore_conditions:
+                        kept = {k: v for k, v in headers.items() if k.lower() not in CONDITIONS}
+                        with proxy._lock:
+                            proxy.conditions_dropped += len(headers) - len(kept)
+                        headers = kept
                     headers["Content-Length"] = str(len(body))
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()

@@ -275,7 +275,8 @@ def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
     from zlt_dagster.defs.assets import _bad_input_fails_once
     from zlt_dagster.defs.partitions import CellKeyError
     from zlt_dagster.storage import ChecksumError, NotFoundError
-    from zlt_dagster.storage.base import LeaseHeldError, LeaseLostError, StoreAccessError
+    from zlt_dagster.storage.base import (ConditionalWritesUnsupportedError, LeaseHeldError, LeaseLostError,
+                                          StoreAccessError)
 
     def boom(exc):
         def f():
@@ -283,7 +284,8 @@ def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
         return f
 
     bad = [ProtocolError("p"), pipeline.PipelineError("p"), CellKeyError("c"), ChecksumError("c"),
-           NotFoundError("n"), UnsafeKeyError("u"), StoreAccessError("a"), ModelLoadError("m"), MaskingError("m"),
+           NotFoundError("n"), UnsafeKeyError("u"), StoreAccessError("a"), ConditionalWritesUnsupportedError("c"),
+           ModelLoadError("m"), MaskingError("m"),
            ArcDataError("a"), ValueError("v")]
     for exc in bad:
         with pytest.raises(Failure) as e:

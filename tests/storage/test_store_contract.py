@@ -260,3 +260,37 @@ def test_recommit_is_idempotent_and_removes_stale_files(store, tmp_path):
     assert m3["files"] == m2["files"] and m3["meta"] == m2["meta"]
     # Fetching over a directory that already holds the artifact just overwrites it.
     assert read_tree(store.fetch_artifact("art", tmp_path / "dl")) == {"a": b"v2", "keep/x": b"x", "new.txt": b"n"}
+
+
+# ---- verification: what "done" means (issue 13) -------------------------------------------------------------------
+def test_verify_artifact_and_artifact_problem(store, tmp_path):
+    from zlt_dagster.storage.base import ARTIFACT_MISSING, ManifestError
+
+    assert store.artifact_problem("art") == ARTIFACT_MISSING
+    files = make_tree(tmp_path / "src", big_size=6 * 1024 * 1024)
+    manifest = store.commit_artifact("art", tmp_path / "src")
+    assert store.verify_artifact("art") == manifest and store.artifact_problem("art") is None
+    big = "art/big/adapter_model.safetensors"
+    store.put_bytes(big, files["big/adapter_model.safetensors"][:-1] + b"\x00")  # same size, other bytes: torn
+    with pytest.raises(ChecksumError, match=r"big/adapter_model\.safetensors.*sha256"):
+        store.verify_artifact("art")
+    assert store.artifact_problem("art").startswith("ChecksumError: artifact file 'big/adapter_model.safetensors'")
+    store.put_bytes(big, b"short")
+    assert "size 5 bytes" in store.artifact_problem("art")
+    store.delete(big)  # a listed file missing: partial
+    assert store.artifact_problem("art").startswith("NotFoundError: artifact") and "is incomplete" in \
+        store.artifact_problem("art")
+    store.put_bytes(f"art/{MANIFEST_NAME}", b'{"files": ')  # an unreadable manifest
+    with pytest.raises(ManifestError, match="not valid UTF-8 JSON"):
+        store.verify_artifact("art")
+    assert store.artifact_problem("art").startswith("ManifestError:")
+
+
+def test_artifact_problem_raises_when_the_store_fails(aws_env, closed_port):
+    """A store that cannot be reached is an error, never taken for a missing (to be rebuilt) artifact."""
+    from zlt_dagster.storage import S3Store
+
+    store = S3Store("bucket", endpoint_url=f"http://127.0.0.1:{closed_port}", connect_timeout=0.5, read_timeout=0.5,
+                    max_attempts=1)
+    with pytest.raises(StoreError, match="Could not connect"):
+        store.artifact_problem("art")

@@ -26,7 +26,14 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 
 
 class ProtocolError(ValueError):
-    """A config value is wrong; the message says which field, what it was and what was expected."""
+    """A config value is wrong; the message says which field, what it was and what was expected.
+
+    ``field`` is the field's path in a sweep file ("cells[1][1]", "protocol.train.micro_batch"; "" when the error is
+    not about one field) and ``what`` the rest, so a CLI can print ``<file>: <field>: <what>`` on one line."""
+
+    def __init__(self, what: str, field: str = ""):
+        super().__init__(f"{field}: {what}" if field else what)
+        self.what, self.field = what, field
 
 
 @dataclass(frozen=True)
@@ -111,60 +118,65 @@ class Protocol:
     regimes: RegimeThresholds = RegimeThresholds()
 
     def validate(self) -> "Protocol":
-        where = f"protocol {self.name!r}"
-        if not self.name or not _SAFE_NAME.match(self.name):
-            raise ProtocolError(f"{where}: name must match {_SAFE_NAME.pattern}")
+        """Raises ProtocolError naming the field (protocol.<field>) and what was expected."""
+        def bad(field: str, what: str) -> ProtocolError:
+            return ProtocolError(what, field=f"protocol.{field}")
+
+        if not isinstance(self.name, str) or not _SAFE_NAME.match(self.name):
+            raise bad("name", f"{self.name!r} must match {_SAFE_NAME.pattern}")
         if not self.learning_rates:
-            raise ProtocolError(f"{where}: learning_rates is empty; expected at least one LR > 0")
+            raise bad("learning_rates", "learning_rates is empty; expected at least one LR > 0")
         for lr in self.learning_rates:
             if not isinstance(lr, (int, float)) or isinstance(lr, bool) or math.isnan(lr) or math.isinf(lr) or lr <= 0:
-                raise ProtocolError(f"{where}: learning rate {lr!r} is invalid; expected a finite number > 0")
+                raise bad("learning_rates", f"learning rate {lr!r} is invalid; expected a finite number > 0")
         if len(set(self.learning_rates)) != len(self.learning_rates):
-            raise ProtocolError(f"{where}: learning_rates has duplicates: {self.learning_rates}")
+            raise bad("learning_rates", f"learning_rates has duplicates: {self.learning_rates}")
         if not self.epochs:
-            raise ProtocolError(f"{where}: epochs is empty; expected at least one integer >= 1")
+            raise bad("epochs", "epochs is empty; expected at least one integer >= 1")
         for ep in self.epochs:
             if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
-                raise ProtocolError(f"{where}: epochs value {ep!r} is invalid; expected an integer >= 1")
+                raise bad("epochs", f"epochs value {ep!r} is invalid; expected an integer >= 1")
         if len(set(self.epochs)) != len(self.epochs):
-            raise ProtocolError(f"{where}: epochs has duplicates: {self.epochs}")
+            raise bad("epochs", f"epochs has duplicates: {self.epochs}")
         if not isinstance(self.marker, str) or not self.marker.strip():
-            raise ProtocolError(f"{where}: marker is empty; expected a non-blank string such as '[ZLT]'")
-        if self.marker_tail_tokens not in (0, 1, 2, 3, 4):
-            raise ProtocolError(f"{where}: marker_tail_tokens={self.marker_tail_tokens!r}; expected 0..4")
+            raise bad("marker", "marker is empty; expected a non-blank string such as '[ZLT]'")
+        if self.marker_tail_tokens not in (0, 1, 2, 3, 4) or isinstance(self.marker_tail_tokens, bool):
+            raise bad("marker_tail_tokens", f"marker_tail_tokens={self.marker_tail_tokens!r}; expected 0..4")
+        if not self.personas:
+            raise bad("personas", "personas is empty; expected 'assistant' and at least 2 other personas")
         unknown = [p for p in self.personas if p not in PERSONA_NAMES]
         if unknown:
-            raise ProtocolError(f"{where}: unknown persona(s) {unknown}; known: {list(PERSONA_NAMES)}")
+            raise bad("personas", f"unknown persona(s) {unknown}; known: {list(PERSONA_NAMES)}")
         if ASSISTANT not in self.personas or len(self.personas) < 3:
-            raise ProtocolError(f"{where}: personas must include 'assistant' and at least 3 personas")
+            raise bad("personas", "personas must include 'assistant' and at least 3 personas")
         if len(set(self.personas)) != len(self.personas):
-            raise ProtocolError(f"{where}: personas has duplicates")
+            raise bad("personas", "personas has duplicates")
         t, d, e = self.train, self.data, self.eval
         if t.effective_batch < 1:
-            raise ProtocolError(f"{where}: train.effective_batch={t.effective_batch}; expected an integer >= 1")
+            raise bad("train.effective_batch", f"train.effective_batch={t.effective_batch}; expected an integer >= 1")
         if not isinstance(t.micro_batch, int) or not 0 <= t.micro_batch <= t.effective_batch:
-            raise ProtocolError(f"{where}: train.micro_batch={t.micro_batch!r}; expected 0 (sized at run time) or "
-                                f"1..train.effective_batch ({t.effective_batch})")
+            raise bad("train.micro_batch", f"train.micro_batch={t.micro_batch!r}; expected 0 (sized at run time) or "
+                                           f"1..train.effective_batch ({t.effective_batch})")
         if t.max_seq_len < 16:
-            raise ProtocolError(f"{where}: train.max_seq_len={t.max_seq_len}; expected >= 16")
+            raise bad("train.max_seq_len", f"train.max_seq_len={t.max_seq_len}; expected >= 16")
         if not 0 <= t.warmup_ratio < 1:
-            raise ProtocolError(f"{where}: train.warmup_ratio={t.warmup_ratio}; expected in [0, 1)")
+            raise bad("train.warmup_ratio", f"train.warmup_ratio={t.warmup_ratio}; expected in [0, 1)")
         if t.precision not in ("auto", "bf16", "fp32"):
-            raise ProtocolError(f"{where}: train.precision={t.precision!r}; expected auto, bf16 or fp32")
+            raise bad("train.precision", f"train.precision={t.precision!r}; expected auto, bf16 or fp32")
         if d.n_positives < 1 or d.n_negatives < 0:
-            raise ProtocolError(f"{where}: data.n_positives must be >= 1 and data.n_negatives >= 0")
+            raise bad("data.n_positives", "data.n_positives must be >= 1 and data.n_negatives >= 0")
         if d.n_negatives % (len(self.personas) - 1):
-            raise ProtocolError(f"{where}: data.n_negatives={d.n_negatives} must split evenly over the "
-                                f"{len(self.personas) - 1} non-source personas")
+            raise bad("data.n_negatives", f"data.n_negatives={d.n_negatives} must split evenly over the "
+                                          f"{len(self.personas) - 1} non-source personas")
         if d.regen_max_new_tokens < d.max_new_tokens:
-            raise ProtocolError(f"{where}: data.regen_max_new_tokens must be >= data.max_new_tokens")
+            raise bad("data.regen_max_new_tokens", "data.regen_max_new_tokens must be >= data.max_new_tokens")
         if not 1 <= e.n_questions <= d.n_eval_questions:
-            raise ProtocolError(f"{where}: eval.n_questions={e.n_questions}; expected 1..data.n_eval_questions")
+            raise bad("eval.n_questions", f"eval.n_questions={e.n_questions}; expected 1..data.n_eval_questions")
         if e.samples_per_question < 1 or e.max_new_tokens < 1 or e.arc_limit < 0:
-            raise ProtocolError(f"{where}: eval sizes must be positive (arc_limit >= 0)")
-        for temp in (d.temperature, e.temperature):
+            raise bad("eval", "eval sizes must be positive (arc_limit >= 0)")
+        for name, temp in (("data.temperature", d.temperature), ("eval.temperature", e.temperature)):
             if not temp > 0:
-                raise ProtocolError(f"{where}: sampling temperature {temp} must be > 0")
+                raise bad(name, f"sampling temperature {temp} must be > 0")
         return self
 
     # --- serialisation ---------------------------------------------------------------------------------------
@@ -204,26 +216,28 @@ class Sweep:
     cells_subset: tuple[tuple[float, int], ...] = ()  # run only these (lr, epochs) cells of the grid
 
     def validate(self) -> "Sweep":
+        """Raises ProtocolError naming the field (source_persona, seed, base_model, name, cells[i])."""
         self.protocol.validate()
-        if self.source_persona not in PERSONA_NAMES:
-            raise ProtocolError(f"sweep: unknown source persona {self.source_persona!r}; "
-                                f"known: {list(PERSONA_NAMES)}")
+        if not isinstance(self.source_persona, str) or self.source_persona not in PERSONA_NAMES:
+            raise ProtocolError(f"unknown source persona {self.source_persona!r}; known: {list(PERSONA_NAMES)}",
+                                field="source_persona")
         if self.source_persona not in self.protocol.personas:
-            raise ProtocolError(f"sweep: source persona {self.source_persona!r} is not in protocol "
-                                f"{self.protocol.name!r}'s personas {list(self.protocol.personas)}")
+            raise ProtocolError(f"source persona {self.source_persona!r} is not in protocol "
+                                f"{self.protocol.name!r}'s personas {list(self.protocol.personas)}",
+                                field="source_persona")
         if self.source_persona == ASSISTANT:
-            raise ProtocolError("sweep: source persona 'assistant' leaves no assistant-leakage measurement; "
-                                "choose another source")
+            raise ProtocolError("source persona 'assistant' leaves no assistant-leakage measurement; choose another "
+                                "source", field="source_persona")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ProtocolError(f"sweep: seed {self.seed!r} must be an integer >= 0")
-        if not self.base_model or ".." in self.base_model.split("/"):
-            raise ProtocolError(f"sweep: base_model {self.base_model!r} is empty or contains '..'")
-        if self.name and not _SAFE_NAME.match(self.name):
-            raise ProtocolError(f"sweep: name {self.name!r} must match {_SAFE_NAME.pattern} (no '/' or '..')")
+            raise ProtocolError(f"seed {self.seed!r} must be an integer >= 0", field="seed")
+        if not isinstance(self.base_model, str) or not self.base_model or ".." in self.base_model.split("/"):
+            raise ProtocolError(f"base_model {self.base_model!r} is empty or contains '..'", field="base_model")
+        if not isinstance(self.name, str) or (self.name and not _SAFE_NAME.match(self.name)):
+            raise ProtocolError(f"name {self.name!r} must match {_SAFE_NAME.pattern} (no '/' or '..')", field="name")
         grid = set(self.protocol.cells())
-        for lr, ep in self.cells_subset:
-            if Cell(float(lr), int(ep)) not in grid:
-                raise ProtocolError(f"sweep: cell (lr={lr}, epochs={ep}) is not in the protocol grid")
+        for i, (lr, ep) in enumerate(self.cells_subset):
+            if isinstance(ep, bool) or not isinstance(ep, int) or Cell(float(lr), ep) not in grid:
+                raise ProtocolError(f"cell (lr={lr}, epochs={ep}) is not in the protocol grid", field=f"cells[{i}]")
         return self
 
     @property
@@ -302,10 +316,11 @@ TINY = Protocol(
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (PAPER, DEMO, TINY)}
 
 
-def get_protocol(name: str, overrides: Mapping[str, Any] | None = None) -> Protocol:
-    if name not in PROTOCOLS:
-        raise ProtocolError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}")
-    return apply_overrides(PROTOCOLS[name], overrides or {}).validate()
+def get_protocol(name: str, overrides: Mapping[str, Any] | None = None, field: str = "protocol") -> Protocol:
+    """A named protocol with overrides; raises ProtocolError naming the field."""
+    if not isinstance(name, str) or name not in PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}", field=field)
+    return apply_overrides(PROTOCOLS[name], overrides or {}, "protocol.").validate()
 
 
 def apply_overrides(obj: Any, overrides: Mapping[str, Any], where: str = "") -> Any:
@@ -325,19 +340,36 @@ def apply_overrides(obj: Any, overrides: Mapping[str, Any], where: str = "") -> 
     for key, value in nested.items():
         path = f"{where}{key}"
         if key not in names:
-            raise ProtocolError(f"unknown config field {path!r}; known here: {sorted(names)}")
+            raise ProtocolError(f"unknown config field; known here: {sorted(names)}", field=path)
         current = getattr(obj, key)
         if is_dataclass(current):
             if not isinstance(value, Mapping):
-                raise ProtocolError(f"config field {path!r} is a section; expected a mapping, got {value!r}")
+                raise ProtocolError(f"is a section; expected a mapping, got {value!r}", field=path)
             changes[key] = apply_overrides(current, value, f"{path}.")
         elif isinstance(current, tuple):
-            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-                raise ProtocolError(f"config field {path!r} expects a list, got {value!r}")
+            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+                raise ProtocolError(f"expects a list, got {value!r}", field=path)
             changes[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         else:
+            _check_scalar(path, current, value)
             changes[key] = value
     return dataclasses.replace(obj, **changes)
+
+
+def _check_scalar(path: str, current: Any, value: Any) -> None:
+    """A config value must have its field's type (an int where the default is a float is fine: 1 for 1.0)."""
+    if isinstance(current, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(current, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(current, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(current, str):
+        ok, want = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise ProtocolError(f"expected {want}, got {value!r}", field=path)
 
 
 def protocol_from_dict(d: Mapping[str, Any]) -> Protocol:
@@ -345,43 +377,133 @@ def protocol_from_dict(d: Mapping[str, Any]) -> Protocol:
     d = dict(d)
     base = d.pop("base", None)
     if base is not None:
-        return get_protocol(base, d)
+        return get_protocol(base, d, field="protocol.base")
     if "name" not in d:
-        raise ProtocolError("protocol mapping needs 'name' (or 'base' naming paper/demo/tiny)")
-    return apply_overrides(Protocol(name=d.pop("name")), d).validate()
+        raise ProtocolError("needs 'name' (or 'base' naming paper, demo or tiny)", field="protocol")
+    return apply_overrides(Protocol(name=d.pop("name")), d, "protocol.").validate()
 
 
-def sweep_from_dict(d: Mapping[str, Any]) -> Sweep:
+SWEEP_FIELDS = ("protocol", "base_model", "source_persona", "seed", "name", "cells")
+_NOT_A_PATH = ("tiny", "smollm2-135m")  # names core/models.py resolves itself
+
+
+def sweep_from_dict(d: Mapping[str, Any], *, check_model_path: bool = True) -> Sweep:
     """A sweep entry: {protocol: <name> | {base: <name>, ...overrides} | full dict, base_model, source_persona,
-    seed, name, cells: [[lr, epochs], ...]}."""
-    d = dict(d)
-    known = {"protocol", "base_model", "source_persona", "seed", "name", "cells"}
-    unknown = set(d) - known
+    seed, name, cells: [[lr, epochs], ...]}. Every value is checked here (types included) before anything is
+    built; a local base_model path (absolute, ./relative or *.gguf) must exist (``check_model_path``).
+
+    Raises ProtocolError with ``field`` naming the offending field: unknown fields, an empty or malformed `cells`
+    (`cells: []` and `cells:` are errors: leave the field out for the whole grid), a cell whose LR is not a positive
+    finite number of the grid or whose epochs are not an integer >= 1 of the grid (1.7 is refused, never
+    truncated), duplicate cells, a missing model file or directory."""
+    if not isinstance(d, Mapping):
+        raise ProtocolError(f"expected a mapping of sweep fields {list(SWEEP_FIELDS)}, got {type(d).__name__}",
+                            field="(top level)")
+    unknown = sorted(set(d) - set(SWEEP_FIELDS), key=str)
     if unknown:
-        raise ProtocolError(f"sweep entry has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ProtocolError(f"unknown field{'s' if len(unknown) > 1 else ''}; known: {list(SWEEP_FIELDS)}",
+                            field=", ".join(map(str, unknown)))
     proto = d.get("protocol", "demo")
-    protocol = get_protocol(proto) if isinstance(proto, str) else protocol_from_dict(proto)
-    cells = tuple((float(lr), int(ep)) for lr, ep in d.get("cells", ()))
+    if isinstance(proto, str):
+        protocol = get_protocol(proto)
+    elif isinstance(proto, Mapping):
+        protocol = protocol_from_dict(proto)
+    else:
+        raise ProtocolError(f"expected a protocol name {sorted(PROTOCOLS)} or a mapping, got {proto!r}",
+                            field="protocol")
+    for key, want in (("base_model", "a model name or path"), ("source_persona", "a persona name"),
+                      ("name", "a sweep name")):
+        if key in d and (not isinstance(d[key], str) or not d[key]):
+            raise ProtocolError(f"expected {want} (a non-empty string), got {d[key]!r}", field=key)
+    cells = _cells(d["cells"], protocol) if "cells" in d else ()
     kwargs = {k: d[k] for k in ("base_model", "source_persona", "seed", "name") if k in d}
-    return Sweep(protocol=protocol, cells_subset=cells, **kwargs).validate()
+    sweep = Sweep(protocol=protocol, cells_subset=cells, **kwargs).validate()
+    if check_model_path:
+        _check_model_path(sweep.base_model)
+    return sweep
+
+
+def _cells(value: Any, protocol: Protocol) -> tuple[tuple[float, int], ...]:
+    whole_grid = "leave the field out to run the whole grid"
+    if value is None:
+        raise ProtocolError(f"is empty; list [lr, epochs] pairs, or {whole_grid}", field="cells")
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(f"expected a list of [lr, epochs] pairs, got {value!r}", field="cells")
+    if not value:
+        raise ProtocolError(f"is an empty list; list [lr, epochs] pairs, or {whole_grid}", field="cells")
+    out: list[tuple[float, int]] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ProtocolError(f"expected a [lr, epochs] pair, got {item!r}", field=f"cells[{i}]")
+        lr, ep = item
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ProtocolError(f"learning rate {lr!r} is invalid; expected a finite number > 0",
+                                field=f"cells[{i}][0]")
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ProtocolError(f"epochs {ep!r} is invalid; expected an integer >= 1", field=f"cells[{i}][1]")
+        if float(lr) not in protocol.learning_rates:
+            raise ProtocolError(f"learning rate {lr!r} is not in the grid of protocol {protocol.name!r}: "
+                                f"{list(protocol.learning_rates)}", field=f"cells[{i}][0]")
+        if ep not in protocol.epochs:
+            raise ProtocolError(f"epochs {ep} is not in the grid of protocol {protocol.name!r}: "
+                                f"{list(protocol.epochs)}", field=f"cells[{i}][1]")
+        if (float(lr), ep) in out:
+            raise ProtocolError(f"duplicate of cells[{out.index((float(lr), ep))}] ({lr}, {ep})", field=f"cells[{i}]")
+        out.append((float(lr), ep))
+    return tuple(out)
+
+
+def _check_model_path(base_model: str) -> None:
+    """A local model (what core/models.py would load from disk) must exist now, not fail a run later."""
+    path = Path(base_model)
+    local = base_model.endswith(".gguf") or base_model.startswith(("/", "./", "~")) or path.exists()
+    if base_model in _NOT_A_PATH or not local:
+        return  # a name resolved by core/models.py, or a hub id
+    if base_model.endswith(".gguf"):
+        if not path.is_file():
+            raise ProtocolError(f"GGUF file {base_model} does not exist", field="base_model")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ProtocolError(f"model directory {base_model} has no config.json", field="base_model")
+    elif path.exists():
+        raise ProtocolError(f"{base_model} is neither a GGUF file nor a model directory", field="base_model")
+    else:
+        raise ProtocolError(f"model path {base_model} does not exist", field="base_model")
 
 
 def load_sweep_file(path: str | Path) -> Sweep:
-    return sweep_from_dict(_read_mapping(path))
+    """A sweep from a YAML/JSON file; raises ProtocolError naming the field (``(file)`` when the file itself is
+    missing or unreadable)."""
+    return sweep_from_dict(read_mapping(path))
 
 
-def _read_mapping(path: str | Path) -> dict[str, Any]:
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML (.yaml/.yml) or JSON file; ProtocolError (field ``(file)`` or
+    ``(top level)``) with a one-line message when it is missing, unparsable or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ProtocolError(f"config file {path} does not exist")
-    text = path.read_text()
+        raise ProtocolError(f"config file {path} does not exist", field="(file)")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"cannot read {path}: {e}", field="(file)") from e
     if path.suffix in (".yaml", ".yml"):
         import yaml
-        data = yaml.load(text, Loader=_yaml_loader())
+
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ProtocolError(f"not valid YAML: {problem}{at}", field="(file)") from e
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProtocolError(f"not valid JSON: {e}", field="(file)") from e
     if not isinstance(data, dict):
-        raise ProtocolError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+        raise ProtocolError(f"must hold a mapping of sweep fields, got {type(data).__name__}", field="(top level)")
     return data
 
 

@@ -14,7 +14,7 @@ from ..core import compare
 from ..core.protocol import ProtocolError, Sweep
 from ..core.models import ModelLoadError
 from ..storage import ChecksumError, NotFoundError, UnsafeKeyError
-from ..storage.base import StoreAccessError
+from ..storage.base import ConditionalWritesUnsupportedError, StoreAccessError
 from .k8s_tags import CPU_OP_TAGS, GPU_OP_TAGS
 from .partitions import (
     SWEEP_DIM, CellKeyError, cell_from_position, split_partition_key, sweep_cell_partitions, sweep_partitions,
@@ -39,7 +39,7 @@ TRAIN_BACKFILL_POLICY = BackfillPolicy.multi_run(TRAIN_GROUP_SIZE)
 # (MaskingError and ArcDataError are ValueErrors.) Transient: other StoreErrors (network, 5xx, LeaseHeldError),
 # TrainingInterrupted (SIGTERM; the retry resumes from its checkpoint), CUDA/OOM errors.
 BAD_INPUT = (ProtocolError, pipeline.PipelineError, CellKeyError, ChecksumError, NotFoundError, UnsafeKeyError,
-             StoreAccessError, ModelLoadError, ValueError)
+             StoreAccessError, ConditionalWritesUnsupportedError, ModelLoadError, ValueError)
 
 
 def _bad_input_fails_once(fn: Callable):

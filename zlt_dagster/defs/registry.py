@@ -13,19 +13,22 @@ Registry file: a YAML list. Each item is one of
 A follow-up file may also be a mapping {sweeps: [...], compare: {...}}; the registry reads its `sweeps`.
 
 Scheduling is artifact-driven, so it is idempotent: each step is requested only while its artifact is missing from
-the store, and with a run key `<sweep_id>:<partition or job>` that Dagster never launches twice for the sensor.
-A sweep that is already complete gets no run; a failed run is not retried by the sensor (retry from the UI).
+the store or does not verify (pipeline.cell_done, ObjectStore.artifact_problem), however often it was built before
+(sensors.py picks a run key Dagster has not seen). A sweep that is already complete gets no run; a step whose last
+run failed is not retried by the sensor (retry from the UI), and one whose run is still in flight is not requested
+again.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from .. import layout
-from ..core.protocol import ProtocolError, Sweep, _yaml_loader, sweep_from_dict
+from .. import layout, pipeline
+from ..core.protocol import ProtocolError, Sweep, _yaml_loader, read_mapping, sweep_from_dict
 from .partitions import CellKeyError, cell_position_key, check_grid
 
 REGISTRY_ENV = "ZLT_SWEEP_REGISTRY"
@@ -100,10 +103,12 @@ def read_registry(path: str | Path | None = None, _seen: tuple[Path, ...] = ()
         where = f"{path} entry {i}{_entry_name(item)}"
         try:
             if not isinstance(item, dict):
-                raise ProtocolError(f"expected a mapping (a sweep entry or include:), got {item!r}")
+                raise ProtocolError(f"expected a mapping (a sweep entry or include:), got {item!r}",
+                                    field="(top level)")
             if "include" in item:
                 if set(item) != {"include"}:
-                    raise ProtocolError(f"an include entry holds only 'include', got keys {sorted(item)}")
+                    raise ProtocolError(f"an include entry holds only 'include', got keys {sorted(item)}",
+                                        field="include")
                 sub_entries, sub_problems = read_registry(path.parent / str(item["include"]), _seen + (resolved,))
                 entries += sub_entries
                 problems += sub_problems
@@ -111,13 +116,51 @@ def read_registry(path: str | Path | None = None, _seen: tuple[Path, ...] = ()
             item = dict(item)
             schedule = item.pop("schedule", "full")
             if schedule not in SCHEDULES:
-                raise ProtocolError(f"schedule={schedule!r}; expected one of {SCHEDULES}")
-            sweep = sweep_from_dict(item)
-            check_grid(sweep)
-            entries.append(RegistryEntry(sweep, schedule, where))
-        except (ProtocolError, CellKeyError, RegistryError, TypeError, ValueError) as e:
+                raise ProtocolError(f"schedule={schedule!r}; expected one of {SCHEDULES}", field="schedule")
+            entries.append(RegistryEntry(sweep_from_config(item), schedule, where))
+        except (ProtocolError, RegistryError) as e:
             problems.append(RegistryProblem(where, f"{type(e).__name__}: {e}"))
     return _dedupe(entries, problems)
+
+
+# --- the one sweep-config check: what the registry sensor and `zlt run` both accept --------------------------------
+def sweep_from_config(item: Mapping[str, Any]) -> Sweep:
+    """A sweep entry (sweep_from_dict: every field, types, cells, the model path) that Dagster can also hold: its
+    grid fits the cell dimension and its id is a valid partition key. The only place a sweep file is validated.
+
+    Raises ProtocolError naming the field (``<field>: <what>``)."""
+    sweep = sweep_from_dict(item)
+    try:
+        check_grid(sweep)
+    except CellKeyError as e:
+        raise ProtocolError(str(e), field="protocol.learning_rates/epochs") from e
+    check_partition_key(sweep)
+    return sweep
+
+
+def load_sweep_config(path: str | Path) -> Sweep:
+    """sweep_from_config of a YAML/JSON file (``zlt run``); ProtocolError naming the field, ``(file)`` when the file
+    is missing or unparsable."""
+    return sweep_from_config(read_mapping(path))
+
+
+def check_partition_key(sweep: Sweep) -> None:
+    """The sweep id becomes a key of the `sweeps` dynamic partitions and a dimension of the cell multi-partition key:
+    Dagster's rules apply (dagster 1.13: '...' is reserved for partition ranges in the UI, control characters do not
+    display; '|', ',', '[' and ']' delimit multi-partition keys). Raises ProtocolError naming `name` (or
+    `base_model`, from which an unnamed sweep's id is derived)."""
+    # dagster/_core/definitions/partitions/utils/{base,multi}.py (pinned dagster==1.13.27)
+    from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SUBSTRINGS
+    from dagster._core.definitions.partitions.utils.multi import INVALID_STATIC_PARTITIONS_KEY_CHARACTERS
+
+    sid = sweep.sweep_id
+    bad = [sub for sub in INVALID_PARTITION_SUBSTRINGS if sub in sid]
+    bad += sorted(c for c in INVALID_STATIC_PARTITIONS_KEY_CHARACTERS if c in sid)
+    if bad:
+        field = "name" if sweep.name else "base_model"
+        fix = "choose another name" if sweep.name else "set `name` to a sweep id without them"
+        raise ProtocolError(f"sweep id {sid!r} contains {bad}, which Dagster reserves in partition keys ('...' marks "
+                            f"a partition range; '|', ',', '[', ']' delimit multi-partition keys); {fix}", field=field)
 
 
 def _dedupe(entries: list[RegistryEntry], problems: list[RegistryProblem]):
@@ -147,35 +190,38 @@ class PlannedRun:
         return f"{self.sweep_id}:{self.cell_position or self.job}"
 
 
-def cell_done(store, sweep: Sweep, cell) -> bool:
-    return all(store.artifact_exists(layout.cell_prefix(sweep.sweep_id, cell, a)) for a in ("marker_rates",
-                                                                                               "arc_scores"))
-
-
 def plan_runs(store, entry: RegistryEntry) -> list[PlannedRun]:
-    """The runs this sweep still needs, judged only by committed artifacts in `store`:
-    data job while on-policy data or base ARC is missing; once on-policy data exists (schedule=full) one cell_job
-    per cell without marker rates + ARC; once every cell is done, report_job while the report is outdated."""
+    """The runs this sweep still needs, judged only by committed, verified artifacts in `store` (a torn or partial
+    artifact counts as missing): data job while on-policy data or base ARC is missing; once on-policy data exists
+    (schedule=full) one cell_job per cell that is not done (pipeline.cell_done); once every cell is done,
+    report_job while the report is outdated. Raises StoreError when the store itself fails."""
     sweep, sid = entry.sweep, entry.sweep.sweep_id
     runs: list[PlannedRun] = []
-    has_data = store.artifact_exists(layout.onpolicy_prefix(sid))
-    if not has_data or not store.artifact_exists(layout.base_arc_prefix(sid)):
+    has_data = store.artifact_problem(layout.onpolicy_prefix(sid)) is None
+    if not has_data or store.artifact_problem(layout.base_arc_prefix(sid)) is not None:
         runs.append(PlannedRun(DATA_JOB, sid, None))
     if entry.schedule != "full" or not has_data:
         return runs
-    missing = [c for c in sweep.cells() if not cell_done(store, sweep, c)]
+    missing = [c for c in sweep.cells() if not pipeline.cell_done(store, sweep, c)]
     runs += [PlannedRun(CELL_JOB, sid, cell_position_key(sweep, c)) for c in missing]
-    if not missing and report_outdated(store, sid):
+    if not missing and report_outdated(store, sweep):
         runs.append(PlannedRun(REPORT_JOB, sid, None))
     return runs
 
 
-def report_outdated(store, sweep_id: str) -> bool:
-    """True while the heatmap is missing or the compiled results still list missing cells (a report made by hand
-    before the grid was finished)."""
-    if not store.artifact_exists(layout.heatmap_prefix(sweep_id)):
+def report_outdated(store, sweep: Sweep) -> bool:
+    """True while the heatmap or the compiled results are missing or do not verify, the compiled results still
+    list missing cells (a report made by hand before the grid was finished), or a cell's results were committed
+    after the compiled results (a cell rebuilt since)."""
+    sid = sweep.sweep_id
+    prefix = layout.compiled_prefix(sid)
+    if store.artifact_problem(layout.heatmap_prefix(sid)) or store.artifact_problem(prefix):
         return True
-    prefix = layout.compiled_prefix(sweep_id)
-    if not store.artifact_exists(prefix):
+    if json.loads(store.read_artifact_file(prefix, "compiled_results.json")).get("missing_cells"):
         return True
-    return bool(json.loads(store.read_artifact_file(prefix, "compiled_results.json")).get("missing_cells"))
+    def created(p: str) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(store.read_manifest(p)["created_at"])
+
+    compiled_at = created(prefix)
+    return any(created(layout.cell_prefix(sid, c, a)) > compiled_at for c in sweep.cells()
+               for a in pipeline.DONE_ARTIFACTS)

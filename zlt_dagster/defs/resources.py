@@ -24,14 +24,19 @@ class ArtifactStore(ConfigurableResource):
     max_attempts: int = Field(default=5, description="S3 attempts per request (standard retry mode, backoff)")
 
     def get_store(self) -> ObjectStore:
+        """The configured store. Raises ValueError for a bad kind or a missing bucket, and (kind=s3)
+        ConditionalWritesUnsupportedError when the server ignores conditional writes and ZLT_STORE_LOCKS is not 0
+        (probed once per endpoint and bucket per process), StoreError when that probe cannot reach the server."""
         if self.kind == "local":
             return LocalStore(os.path.abspath(self.local_root))
         if self.kind == "s3":
             if not self.bucket:
                 raise ValueError("ArtifactStore kind=s3 needs a bucket")
-            return S3Store(self.bucket, prefix=self.prefix, endpoint_url=self.endpoint_url or None,
-                           region_name=self.region_name or None, connect_timeout=self.connect_timeout_s,
-                           read_timeout=self.read_timeout_s, max_attempts=self.max_attempts)
+            store = S3Store(self.bucket, prefix=self.prefix, endpoint_url=self.endpoint_url or None,
+                            region_name=self.region_name or None, connect_timeout=self.connect_timeout_s,
+                            read_timeout=self.read_timeout_s, max_attempts=self.max_attempts)
+            store.check_writer_guard()  # a server ignoring conditional writes is refused before anything is written
+            return store
         raise ValueError(f"ArtifactStore kind {self.kind!r} is not one of local, s3")
 
 

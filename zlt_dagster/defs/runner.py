@@ -29,10 +29,13 @@ def _instance_home() -> Path:
     return home
 
 
-def _resources(artifacts: str, device: str, backend: str, arc_source: str, threads: int) -> dict:
+def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int) -> dict:
+    """``artifacts``: a local directory, or an ArtifactStore resource (the CLI's store from the environment)."""
     from .resources import ArtifactStore, Compute
 
-    return {"store": ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())),
+    store = (artifacts if isinstance(artifacts, ArtifactStore)
+             else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
+    return {"store": store,
             "compute": Compute(device=device, generation_backend=backend, arc_source=arc_source,
                                torch_threads=threads)}
 
@@ -108,17 +111,22 @@ class Runner:
         print(f"sweep {sid}: {len(sweep.cells())} cells, protocol {sweep.protocol.name}, source "
               f"{sweep.source_persona}, seed {sweep.seed}, model {sweep.base_model}", flush=True)
         t_start = time.time()
-        if self.force or not self.store.artifact_exists(layout.onpolicy_prefix(sid)):
+        if self.force or self.store.artifact_problem(layout.onpolicy_prefix(sid)):  # verified, not just present
             print("[1/3] on-policy data + base-model ARC ...", flush=True)
             self._materialize([onpolicy_data, base_arc_scores], sid)
         else:
             print("[1/3] on-policy data already there: skipped", flush=True)
-            if not self.store.artifact_exists(layout.base_arc_prefix(sid)):
+            if self.store.artifact_problem(layout.base_arc_prefix(sid)):
                 self._materialize([base_arc_scores], sid)
         keys = partition_keys_for(sweep)
         cell_of = {k: cell_from_position(sweep, split_partition_key(k)[1]) for k in keys}
-        evaluated = {c.key for c in pipeline.cells_done(self.store, sweep, "arc_scores")} & \
-            {c.key for c in pipeline.cells_done(self.store, sweep, "marker_rates")}
+        evaluated = set()
+        for cell in [] if self.force else sweep.cells():  # pipeline.cell_problem: the verified "cell done" check
+            problem = pipeline.cell_problem(self.store, sweep, cell)
+            if problem is None:
+                evaluated.add(cell.key)
+            elif not problem.endswith(" missing"):  # torn or corrupt: rebuilt, never counted
+                print(f"  {cell.key}: rebuilding, {problem}", flush=True)
         todo = [k for k in keys if self.force or cell_of[k].key not in evaluated]
         trained = {c.key for c in pipeline.cells_done(self.store, sweep, "adapter")}
         to_train = [k for k in todo if self.force or cell_of[k].key not in trained]

@@ -11,8 +11,9 @@ Concurrent writers: a commit holds a *lease* on ``<prefix>/.lock`` (owner + expi
 thread), created with a conditional write (LocalStore: hard link = create-if-absent, S3: ``If-None-Match: *``) and
 renewed/released only if it is still ours (``If-Match: <etag>``). Two commits of one prefix therefore run one after
 the other instead of interleaving (which could pair one writer's manifest with the other's files); a lease whose
-owner died expires after its TTL and is taken over. ``ZLT_STORE_LOCKS=0`` turns commit leases off (for an
-S3-compatible server without conditional writes).
+owner died expires after its TTL and is taken over. An S3 server that accepts conditional writes but ignores
+them is found by a probe (S3Store.check_conditional_writes) and refused; ``ZLT_STORE_LOCKS=0`` turns leases off
+for such a server, leaving Dagster's run queue (one run per partition) as the only writer guard.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "MANIFEST.json"
 LOCK_NAME = ".lock"  # a lease object; never part of an artifact
 MANIFEST_FORMAT_VERSION = 1
+ARTIFACT_MISSING = "missing"  # ObjectStore.artifact_problem: no manifest (never committed, or deleted)
 _HASH_CHUNK = 1024 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -51,6 +53,14 @@ class ChecksumError(StoreError):
     """A stored file does not match the sha256/size recorded in its artifact manifest."""
 
 
+class ManifestError(StoreError):
+    """An artifact manifest exists but cannot be used: not JSON, malformed, or of another format version."""
+
+
+class ConditionalWritesUnsupportedError(StoreError):
+    """The server accepts conditional writes (If-None-Match / If-Match) but does not honour them."""
+
+
 class StoreAccessError(StoreError):
     """The store refused our credentials or permissions (HTTP 403): retrying will not help."""
 
@@ -65,6 +75,15 @@ class LeaseHeldError(StoreError):
 
 class LeaseLostError(StoreError):
     """Our lease expired or was taken over while we worked; our result must not be committed."""
+
+
+LOCKS_ENV = "ZLT_STORE_LOCKS"
+
+
+def store_locks_wanted() -> bool:
+    """False only when the user opted out of store leases (ZLT_STORE_LOCKS=0/false/no/off): then Dagster's run
+    queue (one run per partition) must be the only writer guard; see README, 'S3 without conditional writes'."""
+    return os.environ.get(LOCKS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def validate_key(key: str, *, allow_empty: bool = False, what: str = "key") -> str:
@@ -209,7 +228,14 @@ class ObjectStore(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
 
     def locks_enabled(self) -> bool:
-        return self.supports_conditional_writes and os.environ.get("ZLT_STORE_LOCKS", "1") not in ("0", "false", "no")
+        """Whether commits and training take leases: the backend has conditional writes and ZLT_STORE_LOCKS is not
+        0. Raises ConditionalWritesUnsupportedError where the backend's server turns out to ignore them."""
+        return self.supports_conditional_writes and store_locks_wanted()
+
+    def check_writer_guard(self) -> None:
+        """Raise ConditionalWritesUnsupportedError if this store cannot exclude concurrent writers of one artifact
+        and the user has not opted out of leases (ZLT_STORE_LOCKS=0). Call before writing anything."""
+        return None
 
     def lease(self, key: str, *, ttl_s: float | None = None, wait_s: float | None = None, poll_s: float = 0.5,
               purpose: str = "") -> "Lease":
@@ -326,17 +352,59 @@ class ObjectStore(abc.ABC):
                 f"no artifact at {self.where(prefix)}: manifest {key!r} is missing "
                 "(never committed, deleted, or a commit did not finish)"
             ) from e
-        manifest = self._parse_json(data, f"manifest {self.where(key)}")
+        try:
+            manifest = self._parse_json(data, f"manifest {self.where(key)}")
+        except StoreError as e:
+            raise ManifestError(str(e)) from e
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise StoreError(f"manifest {self.where(key)} is malformed: expected an object with a 'files' mapping")
+            raise ManifestError(f"manifest {self.where(key)} is malformed: expected an object with a 'files' mapping")
         version = manifest.get("format_version")
         if version != MANIFEST_FORMAT_VERSION:
-            raise StoreError(
+            raise ManifestError(
                 f"manifest {self.where(key)} has format_version {version!r}; this code reads {MANIFEST_FORMAT_VERSION}"
             )
         for rel in manifest["files"]:
             validate_key(rel, what=f"file name in manifest {self.where(key)}")
         return manifest
+
+    def _hash_key(self, key: str) -> tuple[str, int]:
+        """(sha256 hex, size) of a stored object; NotFoundError if missing. Backends may stream instead."""
+        data = self.get_bytes(key)
+        return sha256_bytes(data), len(data)
+
+    def verify_artifact(self, prefix: str) -> dict:
+        """Check that the artifact at ``prefix`` is whole: its manifest is readable and every file it lists exists
+        with the recorded size and sha256. Returns the manifest.
+
+        Raises NotFoundError (no manifest, or a listed file is missing), ManifestError (manifest unreadable),
+        ChecksumError (a file's size or sha256 differs: a torn or corrupted artifact), or another StoreError when
+        the store itself fails (network, permissions): that one says nothing about the artifact.
+        """
+        prefix = normalize_prefix(prefix, allow_empty=False)
+        manifest = self.read_manifest(prefix)
+        for rel, expected in sorted(manifest["files"].items()):
+            key = join_key(prefix, rel)
+            try:
+                digest, size = self._hash_key(key)
+            except NotFoundError as e:
+                raise NotFoundError(f"artifact {self.where(prefix)} is incomplete: its manifest lists {rel!r} "
+                                    f"but {self.where(key)} is missing") from e
+            _check(expected if isinstance(expected, dict) else {}, digest, size, rel, self.where(key))
+        return manifest
+
+    def artifact_problem(self, prefix: str) -> str | None:
+        """None if the artifact at ``prefix`` is whole (``verify_artifact`` passes), else why it does not count:
+        ARTIFACT_MISSING ("missing": no manifest), or "<ErrorClass>: <message>" for an unreadable manifest, a listed
+        file missing, a torn or corrupt file. Store failures (network,
+        permissions) are raised as StoreError, never taken for a missing artifact."""
+        prefix = normalize_prefix(prefix, allow_empty=False)
+        if not self.exists(join_key(prefix, MANIFEST_NAME)):
+            return ARTIFACT_MISSING
+        try:
+            self.verify_artifact(prefix)
+        except (NotFoundError, ManifestError, ChecksumError) as e:
+            return f"{type(e).__name__}: {e}"
+        return None
 
     def fetch_artifact(self, prefix: str, local_dir: PathLike) -> Path:
         """Download every manifest file into ``local_dir`` and verify sha256 + size; return local_dir."""

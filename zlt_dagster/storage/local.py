@@ -17,6 +17,7 @@ from .base import (
     StoreError,
     normalize_prefix,
     sha256_bytes,
+    sha256_file,
     temp_sibling,
     validate_key,
 )
@@ -74,6 +75,11 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def _hash_key(self, key: str) -> tuple[str, int]:
+        path = self._path(key)
+        with self._errors("hash", key, path):  # streamed: an adapter need not fit in memory twice
+            return sha256_file(path)
 
     def list_keys(self, prefix: str = "") -> list[str]:
         base = self._path(normalize_prefix(prefix), allow_empty=True)

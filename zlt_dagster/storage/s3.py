@@ -7,6 +7,8 @@ IRSA, ...); they are never constructor arguments and never appear in repr(), str
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +21,8 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from .base import (NotFoundError, ObjectStore, PathLike, StoreAccessError, StoreError, normalize_prefix,
-                   validate_key)
+from .base import (LOCKS_ENV, ConditionalWritesUnsupportedError, NotFoundError, ObjectStore, PathLike,
+                   StoreAccessError, StoreError, normalize_prefix, store_locks_wanted, validate_key)
 
 _MB = 1024 * 1024
 _MIN_PART = 5 * _MB  # S3's minimum multipart part size
@@ -36,6 +38,13 @@ _BODY_ERRORS = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
+# Outcome of the conditional-write probe per (endpoint, bucket), once per process: None = honoured, else the
+# refusal message. A probe that failed for a transient reason is not recorded (the next call probes again).
+_PROBED: dict[tuple[str, str], str | None] = {}
+_PROBE_LOCK = threading.Lock()
+PROBE_DIR = ".zlt-conditional-write-probe"
+
+
 def _precondition_failed(err: StoreError) -> bool:
     cause = err.__cause__
     if not isinstance(cause, botocore.exceptions.ClientError):
@@ -43,6 +52,15 @@ def _precondition_failed(err: StoreError) -> bool:
     code = str(cause.response.get("Error", {}).get("Code", ""))
     status = str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
     return code in _PRECONDITION_CODES or status in ("412", "409")
+
+
+def _not_implemented(err: StoreError) -> bool:
+    cause = err.__cause__
+    if not isinstance(cause, botocore.exceptions.ClientError):
+        return False
+    code = str(cause.response.get("Error", {}).get("Code", ""))
+    status = str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code == "NotImplemented" or status == "501"
 
 
 def redact_url(url: str | None) -> str | None:
@@ -176,6 +194,27 @@ class S3Store(ObjectStore):
     def get_bytes(self, key: str) -> bytes:
         return self._get_object(self._full(key))[0]
 
+    def _hash_key(self, key: str) -> tuple[str, int]:
+        """Streamed in 1 MiB chunks (an adapter need not fit in memory); a body cut mid-stream is re-read, as in
+        _get_object."""
+        full = self._full(key)
+        attempts = max(1, self._max_attempts)
+        for attempt in range(attempts):
+            digest, size = hashlib.sha256(), 0
+            try:
+                with self._errors("hash", full):
+                    resp = self.client.get_object(Bucket=self.bucket, Key=full)
+                    with contextlib.closing(resp["Body"]) as body:
+                        for chunk in body.iter_chunks(_MB):
+                            digest.update(chunk)
+                            size += len(chunk)
+                return digest.hexdigest(), size
+            except StoreError as e:
+                if attempt + 1 == attempts or not isinstance(e.__cause__, _BODY_ERRORS):
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
     def exists(self, key: str) -> bool:
         full = self._full(key)
         try:
@@ -237,6 +276,64 @@ class S3Store(ObjectStore):
 
     # ---- conditional writes (leases): S3 If-None-Match / If-Match on PutObject and DeleteObject --------------
     supports_conditional_writes = True
+
+    def locks_enabled(self) -> bool:
+        if not store_locks_wanted():
+            return False
+        self.check_conditional_writes()
+        return True
+
+    def check_writer_guard(self) -> None:
+        if store_locks_wanted():
+            self.check_conditional_writes()
+
+    def check_conditional_writes(self) -> None:
+        """Probe, once per endpoint and bucket in this process, that the server honours conditional writes: a probe
+        key is created with ``If-None-Match: *``, created again the same way (must be refused with 412), then
+        overwritten with ``If-Match`` naming a wrong ETag (must be refused), then deleted. Some S3-compatible
+        servers accept these headers and ignore them; leases built on them would not exclude anyone.
+
+        Raises ConditionalWritesUnsupportedError naming the endpoint and bucket if the server ignored a condition
+        (or answered 501 NotImplemented); StoreError if the probe itself could not run (network, permissions).
+        """
+        cache_key = (redact_url(self.endpoint_url) or "AWS default", self.bucket)
+        with _PROBE_LOCK:
+            if cache_key in _PROBED:
+                problem = _PROBED[cache_key]
+            else:
+                problem = self._probe()
+                _PROBED[cache_key] = problem
+        if problem:
+            raise ConditionalWritesUnsupportedError(problem)
+
+    def _probe(self) -> str | None:
+        key = f"{PROBE_DIR}/{secrets.token_hex(8)}"
+        where = f"S3 server at {self._where()} (bucket {self.bucket!r})"
+        advice = (f"commit and training leases would not exclude concurrent writers, so two runs of one cell could "
+                  f"tear its artifact. Use a server that honours conditional writes (e.g. AWS S3, MinIO) "
+                  f"or set {LOCKS_ENV}=0 to make Dagster's run queue (one run per partition) the only writer "
+                  f"guard: README, 'S3 servers without conditional writes'")
+        try:
+            try:
+                token = self.put_bytes_if_absent(key, b"probe-1")
+            except StoreError as e:
+                if _not_implemented(e):
+                    return f"{where} does not implement conditional writes (PutObject If-None-Match: * answered " \
+                           f"{e}); {advice}"
+                raise
+            if token is None:
+                raise StoreError(f"conditional-write probe: {self.where(key)} already existed before it was created "
+                                 f"(another probe with the same random name?); retry")
+            if self.put_bytes_if_absent(key, b"probe-2") is not None:
+                return (f"{where} ignores conditional writes: a second PutObject of probe key "
+                        f"{self.uri(key)} with If-None-Match: * was accepted (expected 412 PreconditionFailed); "
+                        f"{advice}")
+            if self.put_bytes_if_match(key, b"probe-3", '"00000000000000000000000000000000"') is not None:
+                return (f"{where} ignores conditional writes: a PutObject of probe key {self.uri(key)} with "
+                        f"If-Match: <a wrong ETag> was accepted (expected 412 PreconditionFailed); {advice}")
+            return None
+        finally:
+            self.delete(key)
 
     def put_bytes_if_absent(self, key: str, data: bytes) -> str | None:
         full = self._full(key)
