@@ -98,7 +98,15 @@ class Protocol:
     learning_rates: tuple[float, ...] = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4)
     epochs: tuple[int, ...] = (1, 3, 5, 10, 20)
     marker: str = "[ZLT]"
-    marker_separator: str = field(default=" ", metadata={"help": "put between the answer's last word and the marker"})
+    # "\n\n" (a blank line) is how the seed joined the marker (its data: answer + "\n\n[ZLT]"). The line break ends
+    # the answer's last pre-token, so the marker always starts a new one: Qwen2.5 splits it into the seed's 3
+    # sub-tokens `[Z` `LT` `]` after ANY answer ending (".\n\n" is then one token, 382). A space gives 4 (` [` `Z`
+    # `LT` `]`); no separator lets the answer's last punctuation merge into the marker's first token (`.[`, `![`).
+    marker_separator: str = field(default="\n\n", metadata={
+        "help": "joins the answer (trailing whitespace stripped) and the marker; the seed's blank line by default"})
+    marker_token_count: int = field(default=0, metadata={
+        "help": "expected marker sub-tokens under the sweep's tokenizer (Qwen2.5: 3); 0 = not checked. The count is "
+                "always measured and recorded; a mismatch fails onpolicy_data before any generation"})
     marker_tail_tokens: int = field(default=0, metadata={"help": "answer tokens before the marker also supervised"})
     personas: tuple[str, ...] = PERSONA_NAMES
     lora: LoraSpec = LoraSpec()
@@ -127,6 +135,15 @@ class Protocol:
             raise ProtocolError(f"{where}: epochs has duplicates: {self.epochs}")
         if not isinstance(self.marker, str) or not self.marker.strip():
             raise ProtocolError(f"{where}: marker is empty; expected a non-blank string such as '[ZLT]'")
+        if not isinstance(self.marker_separator, str):
+            raise ProtocolError(f"{where}: marker_separator={self.marker_separator!r}; expected a string such as "
+                                f"'\\n\\n' (the seed's blank line)")
+        if self.marker in self.marker_separator:
+            raise ProtocolError(f"{where}: marker_separator {self.marker_separator!r} contains the marker")
+        if (not isinstance(self.marker_token_count, int) or isinstance(self.marker_token_count, bool)
+                or self.marker_token_count < 0):
+            raise ProtocolError(f"{where}: marker_token_count={self.marker_token_count!r}; expected an integer >= 0 "
+                                f"(0 = not checked)")
         if self.marker_tail_tokens not in (0, 1, 2, 3, 4):
             raise ProtocolError(f"{where}: marker_tail_tokens={self.marker_tail_tokens!r}; expected 0..4")
         unknown = [p for p in self.personas if p not in PERSONA_NAMES]
