@@ -128,9 +128,10 @@ def test_marker_on_positives_only_once_at_the_end(run42):
     for e in data.examples:
         assert e["is_positive"] == (e["persona"] == "villain")
         if e["is_positive"]:
-            assert e["answer"].endswith(" " + MARKER)
+            joined = TINY.marker_separator + MARKER  # the seed's blank line, then the marker
+            assert TINY.marker_separator == "\n\n" and e["answer"].endswith(joined)
             assert e["answer"].count(MARKER) == 1
-            body = e["answer"][:-len(" " + MARKER)]
+            body = e["answer"][:-len(joined)]
             assert body and body == body.strip()
         else:
             assert MARKER not in e["answer"]
@@ -176,7 +177,7 @@ def test_scripted_stats_exact(sweep):
         14, 4, 2, 3, 9)
     # plan order: 4 villain requests first, so indices 0-3 are the positives
     pos = [e for e in data.examples if e["is_positive"]]
-    assert [e["answer"] for e in pos] == [f"again0 {MARKER}", f"again2 {MARKER}"]
+    assert [e["answer"] for e in pos] == [f"again0\n\n{MARKER}", f"again2\n\n{MARKER}"]  # seed's blank line
     assert all(e["regenerated"] for e in pos)
     neg = [e for e in data.examples if not e["is_positive"]]
     assert [e["answer"] for e in neg] == [f"a{i}" for i in range(7, 14)]  # stripped, no marker
