@@ -29,6 +29,10 @@ class Recording(Generator):
     def __init__(self, inner: Generator):
         self.inner, self.name, self.calls = inner, inner.name, []
 
+    @property
+    def stop_token_ids(self):
+        return self.inner.stop_token_ids
+
     def generate(self, prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir=None,
                  batch_size=32):
         self.calls.append({"prompts": list(prompts), "n_samples": n_samples, "temperature": temperature,
@@ -146,6 +150,7 @@ def test_stats_consistent(run42):
     assert s["positives"] == sum(e["is_positive"] for e in data.examples)
     assert s["dropped_cut"] <= s["cut_first_pass"] <= s["requested"]
     assert s["generator"] == "transformers" and s["data_hash"] == data.data_hash
+    assert s["stop_token_ids"] == [rec.inner.loaded.end_of_turn_id]  # the tiny model lists no other stop id
     assert sum(e["regenerated"] for e in data.examples) <= s["cut_first_pass"]
     assert (len(rec.calls) > 1) == (s["cut_first_pass"] > 0)
     for e in data.examples:

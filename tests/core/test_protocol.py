@@ -108,6 +108,16 @@ def test_bad_epochs(ep):
     assert "epochs value" in msg and repr(ep) in msg and "integer >= 1" in msg
 
 
+def test_marker_join_fields():
+    """The seed's join by default (a blank line, issue 12); the expected sub-token count is off unless stated."""
+    assert PAPER.marker_separator == "\n\n" and PAPER.marker_token_count == 0
+    _bad(r"marker_separator=1; expected a string", marker_separator=1)
+    _bad(r"marker_separator ' \[ZLT\]' contains the marker", marker_separator=" [ZLT]")
+    for bad in (-1, 2.5, True, "3"):
+        _bad(rf"marker_token_count={bad!r}; expected an integer >= 0", marker_token_count=bad)
+    assert get_protocol("paper", {"marker_token_count": 3, "marker_separator": "\n"}).marker_token_count == 3
+
+
 def test_empty_grids():
     _bad(r"learning_rates is empty", learning_rates=())
     _bad(r"epochs is empty", epochs=())
