@@ -92,6 +92,12 @@ class RegimeThresholds:
     degenerate_short_share: float = field(default=0.5, metadata={"help": "... or this share near-empty = degenerate"})
 
 
+# Protocol fields added after sweeps were first stored, with the value that means "as before": left out of the
+# serialised config (and so of the hash and the sweep id) while they hold it, so that a sweep.json written before
+# the field existed still loads under its own id.
+ADDED_LATER: dict[str, Any] = {"marker_token_count": 0}
+
+
 @dataclass(frozen=True)
 class Protocol:
     name: str
@@ -181,7 +187,11 @@ class Protocol:
 
     # --- serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(dataclasses.asdict(self))
+        d = _to_jsonable(dataclasses.asdict(self))
+        for key, neutral in ADDED_LATER.items():
+            if d.get(key) == neutral:
+                del d[key]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
