@@ -34,7 +34,8 @@ def register_dir(dagster_instance, resources, model_dir: str, cells=()) -> Sweep
 
 
 # The grid's diagonal: every LR and every epoch count of the tiny grid once, through the same assets. All 25 cells
-# took 225 s on the shared 2-core machine (a Dagster run per cell, ~3.5 s of work each); the diagonal takes ~30 s.
+# took 225 s on the shared 2-core machine under load (a Dagster run per cell, ~3.5 s of work each); the diagonal
+# takes 19-45 s there.
 DIAGONAL = tuple(zip(TINY.learning_rates, TINY.epochs))
 
 
