@@ -99,8 +99,8 @@ def run_onpolicy(store: ObjectStore, sweep: Sweep, compute: ComputeSettings, log
     # Before generating data no cell could train on: the template must mask (the adapter step's own check, on one
     # rendered conversation) and the marker must have the protocol's sub-token count. Measured once, recorded.
     marker = probe_sweep(sweep, lm.tokenizer, lm.end_of_turn_id)
-    log(f"marker {sweep.protocol.marker!r} = {marker.count} sub-tokens {list(marker.tokens)} (ids {list(marker.ids)}) "
-        f"after marker_separator {sweep.protocol.marker_separator!r}; generation stops at ids "
+    log(f"marker {sweep.protocol.marker!r} = {marker.count} sub-tokens {list(marker.tokens)} (ids "
+        f"{list(marker.ids)}) after marker_separator {sweep.protocol.marker_separator!r}; generation stops at ids "
         f"{list(lm.stop_token_ids)}")
     gen = make_generator(compute.generation_backend, lm)
     t0 = time.perf_counter()

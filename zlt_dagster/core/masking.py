@@ -174,14 +174,14 @@ def probe_masking(tokenizer, eot_id: int, protocol: Protocol, system: str, user:
             raise MaskingError(f"chat template check before generation: masking a rendered conversation failed "
                                f"({e}); every adapter step would fail the same way") from e
 
+    def pieces(ids) -> tuple[str, ...]:
+        return tuple(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids)
+
     masked(ANSWER_ENDINGS["end of sentence"], False)
     seen: dict[tuple[int, ...], list[str]] = {}
     for name, answer in ANSWER_ENDINGS.items():
         ex = masked(with_marker(answer, marker, sep), True)
         seen.setdefault(tuple(ex.input_ids[i] for i in ex.marker_positions), []).append(name)
-    def pieces(ids) -> tuple[str, ...]:
-        return tuple(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids)
-
     if len(seen) > 1:
         variants = "; ".join(f"{list(pieces(ids))} after {', '.join(names)}" for ids, names in seen.items())
         raise MaskingError(f"marker {marker!r} joined with marker_separator {sep!r} splits into different "
