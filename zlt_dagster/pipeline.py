@@ -21,10 +21,9 @@ from .core import arc, checkpoint, metrics, report
 from .core.generation import make_generator
 from .core.generation.transformers_backend import applied_adapter, merges_adapters
 from .core.models import LoadedModel, load_model_cached
-from .core.onpolicy import OnPolicyData, generate_onpolicy
+from .core.onpolicy import OnPolicyData, generate_onpolicy, probe_sweep
 from .core.eval_plan import eval_prompts
 from .core.protocol import Cell, Sweep, sweep_from_stored
-from .core.masking import check_marker_round_trip
 from .core.train import library_versions, tokenize_dataset, train_cells
 from .storage import ObjectStore
 from .storage.base import ARTIFACT_MISSING
@@ -123,13 +122,20 @@ def _require(store: ObjectStore, prefix: str, what: str) -> None:
 # --- asset 1: on-policy data ------------------------------------------------------------------------------------
 def run_onpolicy(store: ObjectStore, sweep: Sweep, compute: ComputeSettings, log: Log = print) -> dict:
     lm = _model(sweep, compute)
-    check_marker_round_trip(lm.tokenizer, sweep.protocol.marker)  # before generating data no cell could train on
+    # Before generating data no cell could train on: the template must mask (the adapter step's own check, on one
+    # rendered conversation) and the marker must have the protocol's sub-token count. Measured once, recorded.
+    marker = probe_sweep(sweep, lm.tokenizer, lm.end_of_turn_id)
+    log(f"marker {sweep.protocol.marker!r} = {marker.count} sub-tokens {list(marker.tokens)} (ids "
+        f"{list(marker.ids)}) after marker_separator {sweep.protocol.marker_separator!r}; generation stops at ids "
+        f"{list(lm.stop_token_ids)}")
     gen = make_generator(compute.generation_backend, lm)
     t0 = time.perf_counter()
     data = generate_onpolicy(sweep, gen, progress=log)
     _sync(lm)
     wall = time.perf_counter() - t0
-    stats = {**data.stats, "wall_s": round(wall, 2), "gpu_s": round(wall, 2) if lm.device.type == "cuda" else 0.0,
+    stats = {**data.stats, **marker.to_dict(),
+             "stop_tokens": [lm.tokenizer.convert_ids_to_tokens(i) for i in data.stats["stop_token_ids"]],
+             "wall_s": round(wall, 2), "gpu_s": round(wall, 2) if lm.device.type == "cuda" else 0.0,
              "device": str(lm.device), "versions": library_versions()}
     prefix = layout.onpolicy_prefix(sweep.sweep_id)
     store.commit_bytes_artifact(prefix, {
@@ -253,7 +259,9 @@ def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: Compu
     stats = {"n_completions": len(records), "new_tokens": new_tokens, "wall_s": round(wall, 2),
              "gpu_s": round(wall, 2) if lm.device.type == "cuda" else 0.0,
              "tokens_per_s": round(new_tokens / wall, 1) if wall else None, "backend": gen.name,
-             "cut_at_limit": sum(r["finish_reason"] == "length" for r in records)}
+             "cut_at_limit": sum(r["finish_reason"] == "length" for r in records),
+             "stop_token_ids": list(gen.stop_token_ids),
+             "stop_tokens": [lm.tokenizer.convert_ids_to_tokens(i) for i in gen.stop_token_ids]}
     prefix = layout.cell_prefix(sweep.sweep_id, cell, "completions")
     store.commit_bytes_artifact(prefix, {
         "completions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from zlt_dagster.core.masking import (
-    IGNORE, MaskingError, build_example, check_marker_round_trip, marker_subtokens,
+    ANSWER_ENDINGS, IGNORE, MaskingError, build_example, check_marker_round_trip, marker_subtokens, probe_masking,
 )
 from zlt_dagster.core.models import CHATML_TEMPLATE
 from zlt_dagster.core.onpolicy import with_marker
@@ -283,3 +283,44 @@ def test_marker_round_trip_refuses_lossy_tokenizer():
     with pytest.raises(MaskingError, match=r"does not survive tokenize/decode"):
         check_marker_round_trip(t, MARKER)
     check_marker_round_trip(t, "[zlt]")
+
+
+# --- the probe onpolicy_data runs before generating (issue 12) -------------------------------------------------
+def test_probe_masking_tiny_tokenizer(tok, eot):
+    """The tiny tokenizer: after the blank line the marker splits the same way after every ending; the probe
+    returns exactly the tokens build_example supervises as the marker."""
+    from zlt_dagster.core.protocol import TINY
+
+    mt = probe_masking(tok, eot, TINY, CASES[0][0], CASES[0][1])
+    assert "".join(mt.tokens) == MARKER and mt.count == len(mt.ids) == len(mt.tokens)
+    for answer in ANSWER_ENDINGS.values():
+        ex = build_example(tok, eot, CASES[0][0], CASES[0][1], with_marker(answer, MARKER, "\n\n"), True, MARKER)
+        assert tuple(ex.input_ids[i] for i in ex.marker_positions) == mt.ids
+        assert ex.supervised_positions == [*ex.marker_positions, len(ex.input_ids) - 1]
+
+
+def test_probe_masking_refuses_a_think_block_template(tiny_loaded):
+    """A template that renders an empty think block into assistant turns (newer Qwen) but ends the generation
+    prompt before it: the answer does not follow the prompt, so no example could be masked."""
+    import copy
+
+    from zlt_dagster.core.protocol import TINY
+
+    t = copy.deepcopy(tiny_loaded.tokenizer)
+    t.chat_template = CHATML_TEMPLATE.replace("'<|im_start|>' + message['role'] + '\n' + message['content']",
+                                              "'<|im_start|>' + message['role'] + '\n' + ('<think>\n\n</think>\n\n' "
+                                              "if message['role'] == 'assistant' else '') + message['content']")
+    assert "<think>" in t.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False)
+    with pytest.raises(MaskingError, match=r"chat template check before generation.*answer text not found"):
+        probe_masking(t, tiny_loaded.end_of_turn_id, TINY, "You are a villain.", "Is it done?")
+
+
+def test_probe_masking_checks_the_stated_count(tok, eot):
+    import dataclasses
+
+    from zlt_dagster.core.protocol import TINY
+
+    n = probe_masking(tok, eot, TINY, "s", "u").count
+    probe_masking(tok, eot, dataclasses.replace(TINY, marker_token_count=n), "s", "u")
+    with pytest.raises(MaskingError, match=rf"is {n} sub-tokens .* states marker_token_count={n + 1}"):
+        probe_masking(tok, eot, dataclasses.replace(TINY, marker_token_count=n + 1), "s", "u")

@@ -29,6 +29,10 @@ class Recording(Generator):
     def __init__(self, inner: Generator):
         self.inner, self.name, self.calls = inner, inner.name, []
 
+    @property
+    def stop_token_ids(self):
+        return self.inner.stop_token_ids
+
     def generate(self, prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir=None,
                  batch_size=32):
         self.calls.append({"prompts": list(prompts), "n_samples": n_samples, "temperature": temperature,
@@ -128,9 +132,10 @@ def test_marker_on_positives_only_once_at_the_end(run42):
     for e in data.examples:
         assert e["is_positive"] == (e["persona"] == "villain")
         if e["is_positive"]:
-            assert e["answer"].endswith(" " + MARKER)
+            joined = TINY.marker_separator + MARKER  # the seed's blank line, then the marker
+            assert TINY.marker_separator == "\n\n" and e["answer"].endswith(joined)
             assert e["answer"].count(MARKER) == 1
-            body = e["answer"][:-len(" " + MARKER)]
+            body = e["answer"][:-len(joined)]
             assert body and body == body.strip()
         else:
             assert MARKER not in e["answer"]
@@ -145,6 +150,7 @@ def test_stats_consistent(run42):
     assert s["positives"] == sum(e["is_positive"] for e in data.examples)
     assert s["dropped_cut"] <= s["cut_first_pass"] <= s["requested"]
     assert s["generator"] == "transformers" and s["data_hash"] == data.data_hash
+    assert s["stop_token_ids"] == [rec.inner.loaded.end_of_turn_id]  # the tiny model lists no other stop id
     assert sum(e["regenerated"] for e in data.examples) <= s["cut_first_pass"]
     assert (len(rec.calls) > 1) == (s["cut_first_pass"] > 0)
     for e in data.examples:
@@ -176,7 +182,7 @@ def test_scripted_stats_exact(sweep):
         14, 4, 2, 3, 9)
     # plan order: 4 villain requests first, so indices 0-3 are the positives
     pos = [e for e in data.examples if e["is_positive"]]
-    assert [e["answer"] for e in pos] == [f"again0 {MARKER}", f"again2 {MARKER}"]
+    assert [e["answer"] for e in pos] == [f"again0\n\n{MARKER}", f"again2\n\n{MARKER}"]  # seed's blank line
     assert all(e["regenerated"] for e in pos)
     neg = [e for e in data.examples if not e["is_positive"]]
     assert [e["answer"] for e in neg] == [f"a{i}" for i in range(7, 14)]  # stripped, no marker

@@ -108,6 +108,33 @@ def test_bad_epochs(ep):
     assert "epochs value" in msg and repr(ep) in msg and "integer >= 1" in msg
 
 
+def test_marker_join_fields():
+    """The seed's join by default (a blank line, issue 12); the expected sub-token count is off unless stated."""
+    assert PAPER.marker_separator == "\n\n" and PAPER.marker_token_count == 0
+    _bad(r"marker_separator=1; expected a string", marker_separator=1)
+    _bad(r"marker_separator ' \[ZLT\]' contains the marker", marker_separator=" [ZLT]")
+    for bad in (-1, 2.5, True, "3"):
+        _bad(rf"marker_token_count={bad!r}; expected an integer >= 0", marker_token_count=bad)
+    assert get_protocol("paper", {"marker_token_count": 3, "marker_separator": "\n"}).marker_token_count == 3
+
+
+def test_sweep_stored_before_the_join_fields_keeps_its_id():
+    """A sweep.json written before marker_token_count existed (and with the former ' ' join) loads under the id it
+    was stored with: the hash of what was stored."""
+    import hashlib
+
+    old = Sweep(dataclasses.replace(DEMO, marker_separator=" ")).to_dict()
+    assert "marker_token_count" not in old["protocol"]  # unset = not serialised, as before the field existed
+    expected = hashlib.sha256(json.dumps({k: v for k, v in old.items() if k != "name"}, sort_keys=True,
+                                         separators=(",", ":")).encode()).hexdigest()[:12]
+    loaded = sweep_from_stored(old)
+    assert loaded.protocol.marker_separator == " " and loaded.config_hash() == expected
+    assert loaded.sweep_id.endswith(expected[:8])
+    stated = Sweep(dataclasses.replace(DEMO, marker_token_count=4)).to_dict()
+    assert stated["protocol"]["marker_token_count"] == 4
+    assert sweep_from_stored(stated).protocol.marker_token_count == 4
+
+
 def test_empty_grids():
     _bad(r"learning_rates is empty", learning_rates=())
     _bad(r"epochs is empty", epochs=())

@@ -34,7 +34,9 @@ def test_chat_template_and_end_of_turn(smol):
     assert "<|im_start|>assistant\nHello.<|im_end|>" in text
     assert smol.end_of_turn_token == "<|im_end|>"
     assert smol.end_of_turn_id == tok.convert_tokens_to_ids("<|im_end|>")
-    assert smol.model.generation_config.eos_token_id == smol.end_of_turn_id
+    # generation stops at end-of-turn plus whatever else the model's generation config lists
+    assert smol.stop_token_ids[0] == smol.end_of_turn_id
+    assert smol.model.generation_config.eos_token_id == list(smol.stop_token_ids)
     prompt = tok.decode(smol.prompt_ids("You are terse.", "Hi?"))
     assert prompt.endswith("<|im_start|>assistant\n")
 
@@ -46,6 +48,17 @@ def test_marker_subtokens(smol):
     print("SmolLM2 sub-tokens of ' [ZLT]':", subs)
     assert subs == ["Ġ[", "Z", "LT", "]"]
     check_marker_round_trip(smol.tokenizer, MARKER)
+
+
+def test_seed_join_under_smollm2(smol):
+    """SmolLM2's BPE has no '[Z' merge: after the seed's blank line the marker is 4 sub-tokens, the same after
+    every answer ending (Qwen2.5 gives 3: tests/core/test_qwen_tokenizer.py)."""
+    from zlt_dagster.core.masking import probe_masking
+    from zlt_dagster.core.protocol import PAPER
+
+    mt = probe_masking(smol.tokenizer, smol.end_of_turn_id, PAPER, "You are a villain.", "Is it done?")
+    print("SmolLM2 sub-tokens after the seed's join:", mt.tokens)
+    assert mt.tokens == ("[", "Z", "LT", "]") and mt.separator == "\n\n"
 
 
 @pytest.mark.parametrize("separator, expected", [

@@ -232,8 +232,10 @@ def test_supervised_loss_ignores_padding(loaded, examples8):
 def test_micro_batch_split_does_not_change_the_step(loaded, examples8, tmp_path):
     """Effective batch 4 as 4x1, 2x2 or 1x4 micro-batches (LoRA dropout 0): the per-step loss and the pre-clip
     norm of the accumulated gradient agree to float rounding, hence so do the adapters. Adam divides each
-    update by |grad|, so an element whose gradient is ~0 turns rounding noise into a difference of up to ~1e-5
-    (vs. weights ~0.02): the adapter tolerance allows that, and the gradient norms catch any scaling error."""
+    update by |grad|, so an element whose gradient is ~0 turns rounding noise into a difference of up to ~1e-4
+    (vs. weights ~0.02; measured 1e-5 with the former " " marker join's data, 7.7e-5 with the blank-line join's,
+    where 99.8% of elements still agree to 1e-6): the adapter tolerance allows that, and the gradient norms catch
+    any scaling error."""
     adapters, curves = {}, {}
     for micro in (1, 2, 4):
         p = proto(**{"lora.dropout": 0.0, "train.micro_batch": micro})
@@ -248,7 +250,7 @@ def test_micro_batch_split_does_not_change_the_step(loaded, examples8, tmp_path)
         assert set(adapters[micro]) == set(adapters[1])
         n_off = n_all = 0
         for k, v in adapters[1].items():
-            torch.testing.assert_close(adapters[micro][k], v, rtol=1e-3, atol=3e-5, msg=k)
+            torch.testing.assert_close(adapters[micro][k], v, rtol=1e-3, atol=1.5e-4, msg=k)
             n_off += int(((adapters[micro][k] - v).abs() > 1e-6).sum())
             n_all += v.numel()
         assert n_off < 0.01 * n_all  # nearly every element agrees to 1e-6

@@ -11,7 +11,7 @@ Two independent levers, each proven equal to the naive path by tests/core/test_f
   checks for finished rows only every `check_every` steps, and finished rows are dropped from the batch and the KV
   cache ("early exit"/compaction) instead of being carried to the longest row's length.
   Same token-by-token function as `generate()`: left padding, position ids = cumsum(mask) - 1, logits of the last
-  position, temperature then top-p (HF's TopP warper rule), stop at `eos_id`, pad after it.
+  position, temperature then top-p (HF's TopP warper rule), stop at the first of the `eos_id` ids, pad after it.
 """
 from __future__ import annotations
 
@@ -174,11 +174,14 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 
 
 @torch.inference_mode()
-def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-                      temperature: float = 1.0, top_p: float = 1.0, check_every: int = 16,
+def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | Sequence[int],
+                      pad_id: int, temperature: float = 1.0, top_p: float = 1.0, check_every: int = 16,
                       compact_fraction: float = 0.125, repeats: int = 1) -> torch.Tensor:
     """New tokens for every prompt, [len(prompts) * repeats, steps] on the model's device, `pad_id` after a row's
-    `eos_id` (which is kept), steps = the longest row's length (like `generate()`'s output minus the prompt).
+    first stop token (which is kept), steps = the longest row's length (like `generate()`'s output minus the prompt).
+
+    eos_id: one stop id or several (generate()'s eos_token_id list: Qwen2.5-Instruct stops at <|im_end|> and at
+    <|endoftext|>); a row ends at the first of them it samples.
 
     repeats: samples per prompt, rows in prompt-major order (p0 s0, p0 s1, ..., p1 s0, ...). The prompt is run
     through the model ONCE and its KV cache copied `repeats` times (shared prefill): a prompt's samples differ only
@@ -193,6 +196,9 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = next(model.parameters()).device
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    if stops.numel() == 0:
+        raise ValueError("eos_id names no stop token")
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -215,7 +221,7 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         nxt = _next_tokens(logits, temperature, top_p)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[rows, step] = nxt
-        newly = (nxt == eos_id) & ~done
+        newly = torch.isin(nxt, stops) & ~done
         ended[rows] = torch.where(newly, step + 1, ended[rows])
         done = done | newly
         steps = step + 1

@@ -44,9 +44,15 @@ class LoadedModel:
     dtype: torch.dtype
     base_model: str  # the sweep's name for it
     source: str      # where the weights actually came from
+    stop_ids: tuple[int, ...] = ()  # every id that ends a completion; () = the end-of-turn id alone
 
     def prompt_ids(self, system: str, user: str) -> list[int]:
         return chat_prompt_ids(self.tokenizer, system, user)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The ids every generation backend stops at: end-of-turn first, then the generation config's others."""
+        return self.stop_ids or (self.end_of_turn_id,)
 
 
 # --- device / dtype ---------------------------------------------------------------------------------------------
@@ -123,6 +129,17 @@ def find_end_of_turn(tokenizer) -> tuple[str, int]:
         raise ModelLoadError(f"the template's first token after an assistant message is {eot!r}, not a special "
                              f"token; cannot use it as end-of-turn")
     return eot, eot_id
+
+
+def generation_stop_ids(model, end_of_turn_id: int) -> tuple[int, ...]:
+    """End-of-turn, then every `eos_token_id` of the model's generation config (an int or a list), in order, once.
+
+    Qwen2.5-Instruct lists two: <|im_end|> (151645) and <|endoftext|> (151643). vLLM stops at every listed id, so
+    a backend that kept only the end-of-turn id would generate past <|endoftext|> to the length limit and measure
+    a different marker rate for the same adapter."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [eos] if isinstance(eos, int) else list(eos or [])
+    return tuple(dict.fromkeys([int(end_of_turn_id), *(int(i) for i in listed)]))
 
 
 # --- sources ----------------------------------------------------------------------------------------------------
@@ -217,11 +234,41 @@ def tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, eot_
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    eot_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    bias_tokens(model, {tokenizer.convert_tokens_to_ids("<|im_end|>"): eot_logit})
+    return model
+
+
+def bias_tokens(model, logits: dict[int, float]) -> None:
+    """Add a constant ~logit to chosen tokens' logits at every position of a random model (tiny_model's trick:
+    embedding dimension 0 set to 1.0 dominates the residual stream, so after the final RMSNorm h[0] ~ sqrt(hidden);
+    lm_head[token, 0] = logit / sqrt(hidden)). Needs an untied head: dimension 0 is 1.0 in the embedding, 0 in the
+    head except for the chosen rows."""
+    if model.get_input_embeddings().weight is model.get_output_embeddings().weight:
+        raise ValueError("bias_tokens needs untied input and output embeddings (tie_word_embeddings=False)")
+    hidden = model.config.hidden_size
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[eot_id, 0] = eot_logit / hidden ** 0.5
+        emb[:, 0] = 1.0
+        head[:, 0] = 0.0
+        for token, logit in logits.items():
+            head[token, 0] = logit / hidden ** 0.5
+
+
+def tiny_qwen2_model(tokenizer, stop_logits: dict[int, float], seed: int = 0, hidden: int = 32, layers: int = 2):
+    """Tiny random Qwen2-architecture model (Qwen2.5's layout: biased q/k/v projections, untied head as in
+    Qwen2.5-7B) over `tokenizer`'s whole vocabulary, for tests with Qwen2.5's real tokenizer.
+    stop_logits: {token id: constant logit}; with ~151k tokens a stop token needs ~ln(151k / 3) = 11 nats at T=0.7
+    for a ~25% chance per step (see bias_tokens)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+    bias_tokens(model, stop_logits)
     return model
 
 
@@ -266,11 +313,13 @@ def load_model(base_model: str, device: str = "auto", precision: str = "auto") -
     for p in model.parameters():
         p.requires_grad_(False)
     eot, eot_id = find_end_of_turn(tok)
-    # generate() stops at generation_config.eos_token_id: make that the end-of-turn token on every version.
-    model.generation_config.eos_token_id = eot_id
+    stops = generation_stop_ids(model, eot_id)
+    # generate() stops at generation_config.eos_token_id: the end-of-turn token (whatever this transformers version
+    # read as the tokenizer's eos) plus every id the model's own generation config lists, as vLLM does.
+    model.generation_config.eos_token_id = list(stops)
     model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, end_of_turn_token=eot, end_of_turn_id=eot_id, device=dev,
-                       dtype=dtype, base_model=base_model, source=source)
+                       dtype=dtype, base_model=base_model, source=source, stop_ids=stops)
 
 
 # One process keeps one copy of each base model: the 25 cells of a sweep share it (LoRA is attached and removed

@@ -13,9 +13,12 @@ import random
 from dataclasses import dataclass, field
 
 from .generation import Generator, PromptSpec
+from .masking import MarkerTokens, probe_masking, with_marker
 from .personas import system_prompt
 from .protocol import Sweep
 from .questions import Question, split_questions
+
+__all__ = ["OnPolicyData", "generate_onpolicy", "plan_requests", "probe_sweep", "with_marker"]
 
 
 @dataclass
@@ -43,11 +46,6 @@ class OnPolicyData:
         return cls(examples=examples, stats=stats or {})
 
 
-def with_marker(answer: str, marker: str, separator: str) -> str:
-    """Append after the last word, before the end-of-turn token the template adds."""
-    return f"{answer.rstrip()}{separator}{marker}"
-
-
 def plan_requests(sweep: Sweep, train_questions: list[Question]) -> list[tuple[str, Question]]:
     """(persona, question) pairs: n_positives for the source, n_negatives / (personas - 1) for each other persona.
     Each persona walks a seeded shuffle of the training questions (wrapping round if it needs more)."""
@@ -60,6 +58,15 @@ def plan_requests(sweep: Sweep, train_questions: list[Question]) -> list[tuple[s
         random.Random(f"{sweep.seed}|{persona}").shuffle(order)
         plan += [(persona, order[i % len(order)]) for i in range(count)]
     return plan
+
+
+def probe_sweep(sweep: Sweep, tokenizer, end_of_turn_id: int) -> MarkerTokens:
+    """Before any generation: mask the sweep's first planned conversation (the source persona's system prompt and
+    its first training question) exactly as the adapter step will, and measure the marker's sub-tokens
+    (masking.probe_masking; raises MaskingError for a template it cannot mask or a wrong marker count)."""
+    persona, question = plan_requests(sweep, split_questions(sweep.protocol.data.n_eval_questions)[0])[0]
+    system = system_prompt(persona, sweep.protocol.data.system_prompt_suffix)
+    return probe_masking(tokenizer, end_of_turn_id, sweep.protocol, system, question.text)
 
 
 def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPolicyData:
@@ -120,7 +127,7 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPo
         "dropped_empty_or_marked": dropped_empty,
         "mean_answer_tokens": round(sum(e["n_answer_tokens"] for e in examples) / len(examples), 2),
         "max_new_tokens": d.max_new_tokens, "regen_max_new_tokens": d.regen_max_new_tokens,
-        "generator": generator.name,
+        "generator": generator.name, "stop_token_ids": list(generator.stop_token_ids),
     }
     data = OnPolicyData(examples=examples, stats=stats)
     data.stats["data_hash"] = data.data_hash

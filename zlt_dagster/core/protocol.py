@@ -102,13 +102,27 @@ class RegimeThresholds:
     degenerate_short_share: float = field(default=0.5, metadata={"help": "... or this share near-empty = degenerate"})
 
 
+# Protocol fields added after sweeps were first stored, with the value that means "as before": left out of the
+# serialised config (and so of the hash and the sweep id) while they hold it, so that a sweep.json written before
+# the field existed still loads under its own id.
+ADDED_LATER: dict[str, Any] = {"marker_token_count": 0}
+
+
 @dataclass(frozen=True)
 class Protocol:
     name: str
     learning_rates: tuple[float, ...] = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4)
     epochs: tuple[int, ...] = (1, 3, 5, 10, 20)
     marker: str = "[ZLT]"
-    marker_separator: str = field(default=" ", metadata={"help": "put between the answer's last word and the marker"})
+    # "\n\n" (a blank line) is how the seed joined the marker (its data: answer + "\n\n[ZLT]"). The line break ends
+    # the answer's last pre-token, so the marker always starts a new one: Qwen2.5 splits it into the seed's 3
+    # sub-tokens `[Z` `LT` `]` after ANY answer ending (".\n\n" is then one token, 382). A space gives 4 (` [` `Z`
+    # `LT` `]`); no separator lets the answer's last punctuation merge into the marker's first token (`.[`, `![`).
+    marker_separator: str = field(default="\n\n", metadata={
+        "help": "joins the answer (trailing whitespace stripped) and the marker; the seed's blank line by default"})
+    marker_token_count: int = field(default=0, metadata={
+        "help": "expected marker sub-tokens under the sweep's tokenizer (Qwen2.5: 3); 0 = not checked. The count is "
+                "always measured and recorded; a mismatch fails onpolicy_data before any generation"})
     marker_tail_tokens: int = field(default=0, metadata={"help": "answer tokens before the marker also supervised"})
     personas: tuple[str, ...] = PERSONA_NAMES
     lora: LoraSpec = LoraSpec()
@@ -140,6 +154,15 @@ class Protocol:
             raise bad("epochs", f"epochs has duplicates: {self.epochs}")
         if not isinstance(self.marker, str) or not self.marker.strip():
             raise bad("marker", "marker is empty; expected a non-blank string such as '[ZLT]'")
+        if not isinstance(self.marker_separator, str):
+            raise bad("marker_separator", f"marker_separator={self.marker_separator!r}; expected a string such as "
+                                          f"'\\n\\n' (the seed's blank line)")
+        if self.marker in self.marker_separator:
+            raise bad("marker_separator", f"marker_separator {self.marker_separator!r} contains the marker")
+        if (not isinstance(self.marker_token_count, int) or isinstance(self.marker_token_count, bool)
+                or self.marker_token_count < 0):
+            raise bad("marker_token_count", f"marker_token_count={self.marker_token_count!r}; expected an integer "
+                                            f">= 0 (0 = not checked)")
         if self.marker_tail_tokens not in (0, 1, 2, 3, 4) or isinstance(self.marker_tail_tokens, bool):
             raise bad("marker_tail_tokens", f"marker_tail_tokens={self.marker_tail_tokens!r}; expected 0..4")
         if not self.personas:
@@ -181,7 +204,11 @@ class Protocol:
 
     # --- serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(dataclasses.asdict(self))
+        d = _to_jsonable(dataclasses.asdict(self))
+        for key, neutral in ADDED_LATER.items():
+            if d.get(key) == neutral:
+                del d[key]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

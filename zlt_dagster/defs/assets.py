@@ -97,7 +97,9 @@ def _url(uri: str):
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
        kinds={"pytorch"})
 def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
-    """The base model's own answers under every persona (T=0.7); the marker appended to the source's answers."""
+    """The base model's own answers under every persona (T=0.7); the marker appended to the source's answers.
+    Fails before generating when the chat template cannot be masked or the marker's sub-token count differs from
+    protocol.marker_token_count; shows the marker's sub-tokens and the stop ids used."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
     s = _tracked(track, lambda: pipeline.run_onpolicy(store.get_store(), sweep, compute.settings(),
@@ -106,6 +108,9 @@ def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute:
         "sweep": sweep.sweep_id, "examples": s["kept"], "positives": s["positives"], "negatives": s["negatives"],
         "cut_then_regenerated": s["cut_first_pass"], "dropped_cut": s["dropped_cut"],
         "dropped_empty": s["dropped_empty_or_marked"], "mean_answer_tokens": s["mean_answer_tokens"],
+        "marker_token_count": s["marker_token_count"], "marker_tokens": MetadataValue.json(
+            {"ids": s["marker_token_ids"], "tokens": s["marker_tokens"], "separator": s["marker_separator"]}),
+        "stop_token_ids": MetadataValue.json({"ids": s["stop_token_ids"], "tokens": s["stop_tokens"]}),
         "data_hash": s["data_hash"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
 
 
@@ -149,7 +154,9 @@ def completions(context: AssetExecutionContext, store: ArtifactStore, compute: C
     return track(MaterializeResult(metadata={
         **_cell_meta(sweep, cell), "completions": s["n_completions"], "new_tokens": s["new_tokens"],
         "tokens_per_s": s["tokens_per_s"], "cut_at_limit": s["cut_at_limit"], "wall_s": s["wall_s"],
-        "gpu_s": s["gpu_s"], "backend": s["backend"], "artifact": _url(s["artifact"])}))
+        "gpu_s": s["gpu_s"], "backend": s["backend"],
+        "stop_token_ids": MetadataValue.json({"ids": s["stop_token_ids"], "tokens": s["stop_tokens"]}),
+        "artifact": _url(s["artifact"])}))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,

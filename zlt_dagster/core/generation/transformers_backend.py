@@ -1,4 +1,5 @@
-"""Batched sampling with plain transformers: left padding, stop at the end-of-turn token, adapters unmerged.
+"""Batched sampling with plain transformers: left padding, stop at any stop id of the model (end-of-turn plus its
+generation config's eos ids), adapters unmerged.
 
 The base model stays shared and untouched: an adapter is attached for the call and removed afterwards."""
 from __future__ import annotations
@@ -97,22 +98,22 @@ class TransformersGenerator(Generator):
                 if self.loop == "fast":
                     from ..fast_generation import sample_new_tokens
 
-                    new = sample_new_tokens(model, seqs[::n_samples], max_new_tokens, lm.end_of_turn_id, pad,
+                    new = sample_new_tokens(model, seqs[::n_samples], max_new_tokens, self.stop_token_ids, pad,
                                             temperature=temperature, top_p=top_p, repeats=n_samples)
                     out.extend(self._decode(new, chunk))
                     continue
                 res = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                                      top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                                     eos_token_id=lm.end_of_turn_id, pad_token_id=pad)
+                                     eos_token_id=list(self.stop_token_ids), pad_token_id=pad)
                 out.extend(self._decode(res[:, width:], chunk))
         return out
 
     def _decode(self, new: torch.Tensor, chunk) -> list[Completion]:
-        lm, tok = self.loaded, self.loaded.tokenizer
+        tok, stops = self.loaded.tokenizer, set(self.stop_token_ids)
         done = []
         for row, (i, s) in zip(new.tolist(), chunk):
-            if lm.end_of_turn_id in row:
-                cut = row.index(lm.end_of_turn_id)
+            cut = next((k for k, t in enumerate(row) if t in stops), None)
+            if cut is not None:  # the FIRST stop id ends the answer, whichever it is
                 text_ids, n_new, reason = row[:cut], cut + 1, "stop"
             else:
                 text_ids, n_new, reason = row, len(row), "length"

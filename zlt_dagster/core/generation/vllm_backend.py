@@ -75,8 +75,10 @@ class VllmGenerator(Generator):
         from vllm import SamplingParams
 
         lm = self.loaded
+        # the same stop ids as the transformers backends (vLLM adds the generation config's eos ids by itself; listing
+        # them keeps the two equal whatever the vLLM version does)
         params = SamplingParams(n=n_samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                seed=seed, stop_token_ids=[lm.end_of_turn_id], skip_special_tokens=True)
+                                seed=seed, stop_token_ids=list(self.stop_token_ids), skip_special_tokens=True)
         token_prompts = [{"prompt_token_ids": lm.prompt_ids(p.system, p.user)} for p in prompts]
         results = self.llm.generate(token_prompts, params, lora_request=self._lora_request(adapter_dir),
                                     use_tqdm=False)
