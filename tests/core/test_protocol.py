@@ -174,9 +174,12 @@ def test_n_negatives_must_split_evenly():
     assert "n_negatives=11" in msg and "10 non-source personas" in msg
 
 
-def test_micro_batch_must_divide_effective_batch():
-    with pytest.raises(ProtocolError, match=r"effective_batch \(4\).*micro_batch \(3\)"):
-        get_protocol("tiny", {"train.micro_batch": 3})
+def test_micro_batch_is_auto_or_at_most_the_effective_batch():
+    assert get_protocol("tiny", {"train.micro_batch": 3}).train.micro_batch == 3  # the last one takes the rest
+    assert PAPER.train.micro_batch == 0  # sized at run time: the seed's 4 x 4 was its 7B memory budget
+    for bad in (5, -1, 1.5):
+        with pytest.raises(ProtocolError, match=r"train\.micro_batch"):
+            get_protocol("tiny", {"train.micro_batch": bad})
 
 
 def test_source_persona_errors():
@@ -236,7 +239,7 @@ def test_get_protocol_dotted_and_nested_overrides():
     assert dotted.train.effective_batch == 16 and dotted.lora.r == 32
     assert dotted.learning_rates == PAPER.learning_rates
     # the named protocol itself is not mutated
-    assert PAPER.train.micro_batch == 4 and PAPER.lora.dropout == 0.05
+    assert PAPER.train.micro_batch == 0 and PAPER.lora.dropout == 0.05
 
 
 def test_override_lists_become_tuples():

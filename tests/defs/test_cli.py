@@ -155,17 +155,13 @@ def test_console_script_exits_2_with_one_line(tmp_path):
     _only_config_left(tmp_path, cfg)
 
 
-def test_eta_counts_epochs_of_the_cells_left():
-    """Training time grows with epochs, the rest of a cell does not: after one 1-epoch cell that trained 10 s of
-    its 30 s, cells of 2 and 3 epochs need 2 x 20 s + (2 + 3) x 10 s."""
+def test_eta_of_the_evaluation_is_time_per_cell_times_cells_left():
+    """Training runs first, in one pass with its own ETA; what is left after it is the same evaluation per cell."""
     from zlt_dagster.defs.runner import eta_seconds
 
-    assert eta_seconds(30.0, 10.0, [1], [2, 3]) == 90.0
-    assert eta_seconds(30.0, 10.0, [1], []) == 0.0
-    assert eta_seconds(0.0, 0.0, [], [1, 2]) == 0.0
-    # the demo's grid order (epochs 1..5 per LR): the estimate after the first cell is larger than the naive one
-    left = [2, 3, 4, 5] + [1, 2, 3, 4, 5] * 4
-    assert eta_seconds(36.0, 6.0, [1], left) > 36.0 * len(left)
+    assert eta_seconds(30.0, 2, 4) == 60.0
+    assert eta_seconds(30.0, 2, 0) == 0.0
+    assert eta_seconds(0.0, 0, 5) == 0.0
 
 
 def test_deployment_environment_picks_the_store_of_every_command(tmp_path, monkeypatch, capsys, s3_server_url,
