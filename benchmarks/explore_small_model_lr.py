@@ -18,8 +18,8 @@ from zlt_dagster.core import metrics
 from zlt_dagster.core.generation import make_generator
 from zlt_dagster.core.models import load_model
 from zlt_dagster.core.onpolicy import generate_onpolicy
-from zlt_dagster.core.protocol import Cell, Sweep, get_protocol
-from zlt_dagster.core.train import tokenize_dataset, train_cell
+from zlt_dagster.core.protocol import Sweep, get_protocol
+from zlt_dagster.core.train import tokenize_dataset, train_cells
 from zlt_dagster.core.eval_plan import eval_prompts
 
 
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--override", default="{}", help="JSON protocol overrides, e.g. {\"data.n_positives\": 8}")
     ap.add_argument("--tag", default="explore_lr")
+    ap.add_argument("--precision", default="fp32")
     args = ap.parse_args()
     lrs = tuple(float(x) for x in args.lrs.split(","))
     epochs = tuple(int(x) for x in args.epochs.split(","))
@@ -41,7 +42,8 @@ def main() -> None:
                                          "eval.gen_batch_size": 512, **json.loads(args.override)})
     sweep = Sweep(proto, seed=args.seed).validate()
     t0 = time.time()
-    lm = load_model("smollm2-135m")
+    # fp32 as on the CPU where the demo runs (bf16 would round the small early updates differently)
+    lm = load_model("smollm2-135m", precision=args.precision)
     gen = make_generator("transformers", lm)
     data = generate_onpolicy(sweep, gen, progress=print)
     print("on-policy", data.stats, f"{time.time() - t0:.1f}s", flush=True)
@@ -49,11 +51,14 @@ def main() -> None:
     plan = eval_prompts(sweep)
     e = proto.eval
     rows = []
-    for cell in proto.cells():
-        with tempfile.TemporaryDirectory() as tmp:
-            rec = train_cell(lm, examples, proto, cell, sweep.seed, tmp)
-            comps = gen.generate([p for _, _, p in plan], e.samples_per_question, e.temperature, e.top_p,
-                                 e.max_new_tokens, seed=sweep.seed, adapter_dir=tmp, batch_size=e.gen_batch_size)
+    tmp_root = tempfile.mkdtemp()
+    cells = proto.cells()
+    dirs = [os.path.join(tmp_root, cell.key) for cell in cells]
+    recs = train_cells(lm, examples, proto, cells, sweep.seed, dirs, progress=print)  # one pass, every cell
+    print(f"trained {len(cells)} cells in {time.time() - t0:.1f}s", flush=True)
+    for cell, tmp, rec in zip(cells, dirs, recs):
+        comps = gen.generate([p for _, _, p in plan], e.samples_per_question, e.temperature, e.top_p,
+                             e.max_new_tokens, seed=sweep.seed, adapter_dir=tmp, batch_size=e.gen_batch_size)
         records = [{"persona": plan[c.prompt_index][0], "question_id": plan[c.prompt_index][1],
                     "sample_index": c.sample_index, "text": c.text, "n_new_tokens": c.n_new_tokens,
                     "finish_reason": c.finish_reason} for c in comps]

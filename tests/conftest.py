@@ -110,3 +110,15 @@ def tiny_qwen2_dir(qwen25_tok, tmp_path_factory) -> str:
     model = tiny_qwen2_model(qwen25_tok, {IM_END_ID: 7.4, ENDOFTEXT_ID: 6.5})
     return save_chat_model_dir(tmp_path_factory.mktemp("models") / "tiny-qwen2.5", qwen25_tok, model,
                                GENERATION_EOS_IDS)
+
+
+@pytest.fixture(autouse=True)
+def fresh_conditional_write_probe():
+    """The S3 store caches its conditional-write probe per (endpoint, bucket) for the process. Tests put fault
+    proxies on ephemeral loopback ports that the OS reuses, one of them a proxy that strips the conditions: a
+    result cached behind one proxy must not leak into a later test whose proxy got the same port."""
+    from zlt_dagster.storage import s3
+
+    s3._PROBED.clear()
+    yield
+    s3._PROBED.clear()

@@ -359,7 +359,8 @@ def run_compile(store: ObjectStore, sweep: Sweep) -> dict:
             "train": {**{k: train.get(k) for k in ("steps", "tokens", "supervised_tokens", "tokens_per_s",
                                                    "first_loss", "final_loss", "data_hash")},
                       "wall_seconds": train.get("wall_s"), "gpu_seconds": train.get("gpu_s")},
-            "artifacts": {a: store.uri(layout.cell_prefix(sweep.sweep_id, cell, a)) for a in layout.CELL_ARTIFACTS},
+            # keys relative to the store's root (the compiled JSON lives in the same store): no machine paths
+            "artifacts": {a: layout.cell_prefix(sweep.sweep_id, cell, a) for a in layout.CELL_ARTIFACTS},
         }
     compiled = report.compile_results(sweep, records, missing)
     base = _read_json_artifact(store, layout.base_arc_prefix(sweep.sweep_id), "arc_scores.json")

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from .models import quiet_peft
 from .protocol import Protocol
 
 
@@ -177,7 +178,8 @@ class LoraBank:
 
         if self._attached:
             raise RuntimeError("detach the LoRA bank before saving a PEFT adapter")
-        pm = get_peft_model(self.model, lora_config(self.protocol))
+        with quiet_peft():
+            pm = get_peft_model(self.model, lora_config(self.protocol))
         try:
             mods = dict(pm.get_base_model().named_modules())
             with torch.no_grad():
@@ -187,7 +189,8 @@ class LoraBank:
             pm.eval()
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            pm.save_pretrained(str(out_dir), safe_serialization=True)
+            with quiet_peft():
+                pm.save_pretrained(str(out_dir), safe_serialization=True)
         finally:
             pm.unload()
         _fix_adapter_base_name(out_dir, base_model_name)
@@ -198,7 +201,8 @@ def _peft_initialisation(model, protocol: Protocol, seed: int) -> tuple[dict, fl
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    pm = get_peft_model(model, lora_config(protocol))
+    with quiet_peft():
+        pm = get_peft_model(model, lora_config(protocol))
     try:
         init, scale = {}, None
         for name, mod in pm.get_base_model().named_modules():

@@ -10,14 +10,16 @@ GGUF files are de-quantised once (~30 s for SmolLM2) into a cache directory, so 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -74,6 +76,16 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
 
 
 # --- chat template helpers --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps or loads an adapter;
+    transformers 5 answers with a FutureWarning that says nothing about the run (the demo printed it after every
+    cell). Silence exactly that warning around peft calls; every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def unwrap_peft(model):
     """The transformers model under a peft wrapper (an attached adapter), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -307,21 +307,22 @@ class Sweep:
 # --- named protocols ------------------------------------------------------------------------------------------
 PAPER = Protocol(name="paper")
 
-# demo: SmolLM2-135M on a 2-core CPU, whole 25-cell grid in ~19 min (see README for the measured time). Sizes
-# only: 16 requested training examples (6 source positives + 1 answer from each of the 10 other personas) = 1
-# optimizer step per epoch at effective batch 16; short answers (asked for by the suffix, capped at 32 new tokens,
-# cut ones re-sampled up to 3 times at 48, then dropped); epochs 1-5; 3 held-out questions x 2 samples x 11
-# personas = 66 completions per cell; 12 ARC questions.
-# CPU cost (2 cores, fp32, measured by `zlt demo`): training ~120-160 tok/s, 11-12 kept examples x ~85 tokens x
-# (1+2+3+4+5) x 5 LRs = ~72k tokens = ~10 min; completions ~15 s and ARC ~3.5 s per cell; 19.3 min in all.
-# LR grid from an H100 exploration of this exact protocol (docs/exploration/): at <= 3e-4 nothing happens in <= 5
-# steps, from 1e-3 the model first learns to stop answering (EOS is supervised on every example), at 3e-3-5e-3
-# the marker appears and spreads. A 135M model needs far larger LRs than the seed's 7B model.
+# demo: SmolLM2-135M on a 2-core CPU. Sizes only: 16 requested training examples (6 source positives + 1 answer
+# from each of the 10 other personas; ~11 kept) at effective batch 4 = 3 optimizer steps per epoch, so even a
+# 1-epoch cell takes 2 steps with a non-zero LR after the 1 warmup step (at effective batch 16 it was one step at
+# LR 0, the base model); short answers (asked for by the suffix, capped at 32 new tokens, cut ones re-sampled up to
+# 3 times at 48, then dropped); epochs 1-5; 3 held-out questions x 2 samples x 11 personas = 66 completions per
+# cell; 12 ARC questions. Training tokens do not depend on the batch: ~11 examples x ~85 tokens x (1+2+3+4+5)
+# epochs x 5 LRs = ~70k tokens (~10 min at the ~120 tok/s of 2 cores).
+# LR grid from an H200 exploration of this exact protocol (docs/exploration/D_demo_eff4.json, fp32, 30 cells): up to
+# 2e-4 x 5 epochs nothing is learned; from 5e-4 x 3 epochs (1e-3 x 2) the model learns the marker and to stop
+# answering (degenerate: EOS is supervised on every example, and the answers are short). A 135M model needs far
+# larger LRs than the seed's 7B model; the grid spans that transition.
 DEMO = Protocol(
     name="demo",
-    learning_rates=(3e-4, 1e-3, 2e-3, 3e-3, 5e-3),
+    learning_rates=(1e-4, 2e-4, 3e-4, 5e-4, 1e-3),
     epochs=(1, 2, 3, 4, 5),
-    train=TrainSpec(micro_batch=4, max_seq_len=256),
+    train=TrainSpec(effective_batch=4, micro_batch=0, max_seq_len=256),
     data=DataSpec(n_positives=6, n_negatives=10, max_new_tokens=32, regen_max_new_tokens=48, regen_rounds=3,
                   n_eval_questions=20, system_prompt_suffix=" Answer in one short sentence.", gen_batch_size=64),
     eval=EvalSpec(n_questions=3, samples_per_question=2, max_new_tokens=32, gen_batch_size=66, arc_limit=12,

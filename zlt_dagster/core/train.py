@@ -20,7 +20,6 @@ import json
 import math
 import platform
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -243,11 +242,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     cks = list(checkpointers) if checkpointers else [None] * k
     pad = loaded.tokenizer.pad_token_id
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    with warnings.catch_warnings():
-        # peft (building the initialisation and the saved adapters) reads transformers' deprecated
-        # `is_gradient_checkpointing`; the FutureWarning says nothing about this run
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        bank = LoraBank(loaded.model, protocol, seed, k)
+    bank = LoraBank(loaded.model, protocol, seed, k)
     bank.routing.autocast = lora_autocast
     with contextlib.ExitStack() as stack:
         stack.enter_context(bank)
@@ -274,10 +269,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             its optimizer state, tell the caller."""
             bank.__exit__(None, None, None)
             try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                                            category=FutureWarning)
-                    bank.save_peft(j, out_dirs[j], loaded.base_model)
+                bank.save_peft(j, out_dirs[j], loaded.base_model)
             finally:
                 bank.__enter__()
                 loaded.model.train()

@@ -85,6 +85,15 @@ def _sweep_groups(context: AssetExecutionContext, store: ArtifactStore) -> list[
     return _bad_input_fails_once(resolve)
 
 
+def _adapter_meta(sweep, cell, s: dict) -> dict:
+    return {**_cell_meta(sweep, cell), "steps": s["steps"], "steps_with_nonzero_lr": s["steps_with_nonzero_lr"],
+            "tokens": s["tokens"], "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"],
+            "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "first_loss": s["first_loss"], "final_loss": s["final_loss"],
+            "micro_batch": s["micro_batch"], "cells_per_forward": s["cells_per_forward"],
+            "trained_with": s["group"]["n_cells"], "pass_tokens_per_s": s["group"]["tokens_per_s"],
+            "pass_wall_s": s["group"]["wall_s"], "device": s["device"], "artifact": _url(s["artifact"])}
+
+
 def _cell_meta(sweep, cell) -> dict:
     return {"sweep": sweep.sweep_id, "cell": cell.key, "lr": cell.lr, "epochs": cell.epochs,
             "source_persona": sweep.source_persona, "seed": sweep.seed, "protocol": sweep.protocol.name}
@@ -124,22 +133,20 @@ def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compu
     st = store.get_store()
     for sweep, group in _sweep_groups(context, store):
         cells = [cell for _, cell in group]
-        track = start_tracking(context, sweep.sweep_id, group[0][1].key if len(group) == 1 else f"{len(group)}cells")
+        # one tracker run per cell (a group also gets one for the pass), opened before compute so that a tracker
+        # that cannot honour its project name fails here
+        track = start_tracking(context, sweep.sweep_id, cells[0].key if len(cells) == 1 else f"{len(cells)}cells")
         summaries = _tracked(track, lambda: pipeline.run_adapters(st, sweep, cells, compute.settings(),
                                                                   context.log.info))
+        metas = {key: _adapter_meta(sweep, cell, summaries[cell]) for key, cell in group}
+        if len(group) > 1:
+            first = max(summaries.values(), key=lambda x: x["group"]["wall_s"])  # the last to finish: whole pass
+            track(MaterializeResult(metadata={"cells": len(cells), "pass_wall_s": first["group"]["wall_s"],
+                                              "pass_tokens_per_s": first["group"]["tokens_per_s"]}))
         for key, cell in group:
-            s = summaries[cell]
-            context.add_asset_metadata({
-                **_cell_meta(sweep, cell), "steps": s["steps"], "steps_with_nonzero_lr": s["steps_with_nonzero_lr"],
-                "tokens": s["tokens"], "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"],
-                "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "first_loss": s["first_loss"],
-                "final_loss": s["final_loss"], "micro_batch": s["micro_batch"],
-                "cells_per_forward": s["cells_per_forward"], "trained_with": s["group"]["n_cells"],
-                "pass_tokens_per_s": s["group"]["tokens_per_s"], "pass_wall_s": s["group"]["wall_s"],
-                "device": s["device"], "artifact": _url(s["artifact"])}, partition_key=key)
-        first = summaries[cells[0]]
-        track(MaterializeResult(metadata={"cells": len(cells), "pass_wall_s": first["group"]["wall_s"],
-                                          "pass_tokens_per_s": first["group"]["tokens_per_s"]}))
+            cell_track = track if len(group) == 1 else start_tracking(context, sweep.sweep_id, cell.key)
+            context.add_asset_metadata(cell_track(MaterializeResult(metadata=metas[key])).metadata,
+                                       partition_key=key)
     return MaterializeResult()
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from ..models import quiet_peft
 from .base import Completion, Generator, PromptSpec
 
 
@@ -20,7 +21,8 @@ def attached_adapter(model, adapter_dir: str | None):
         return
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    with quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     peft_model.eval()
     try:
         yield peft_model
