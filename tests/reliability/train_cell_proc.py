@@ -1,6 +1,9 @@
 """Run pipeline.run_adapter for one cell in its own process, so a test can SIGKILL/SIGTERM it like a pod.
 
     python tests/reliability/train_cell_proc.py STORE_ROOT SWEEP_ID LR EPOCHS [--delay S] [--ticks FILE]
+    python tests/reliability/train_cell_proc.py STORE_ROOT SWEEP_ID 0 0 --cells LR:EP,LR:EP,... [--keep-done]
+
+--cells trains a group of cells in one pass (pipeline.run_adapters); --keep-done reuses committed adapters.
 
 --delay slows every forward pass (so a test has time to kill it mid-run); --ticks appends one byte per forward
 pass to FILE (so a test knows which step is running). Exit 143 after TrainingInterrupted (SIGTERM handled).
@@ -21,6 +24,8 @@ def main() -> int:
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--ticks", default="")
     ap.add_argument("--lease-ttl", type=float, default=3.0)
+    ap.add_argument("--cells", default="")
+    ap.add_argument("--keep-done", action="store_true")
     a = ap.parse_args()
 
     from zlt_dagster import pipeline
@@ -44,6 +49,12 @@ def main() -> int:
     sweep = pipeline.load_sweep(store, a.sweep_id)
     compute = pipeline.ComputeSettings(device="cpu", torch_threads=1, lease_ttl_s=a.lease_ttl)
     try:
+        if a.cells:
+            cells = [Cell(float(lr), int(ep)) for lr, ep in (c.split(":") for c in a.cells.split(","))]
+            recs = pipeline.run_adapters(store, sweep, cells, compute, log=lambda m: print(m, flush=True),
+                                         retrain=not a.keep_done)
+            print("DONE " + " ".join(f"{c.key}:{r['steps']}" for c, r in recs.items()), flush=True)
+            return 0
         rec = pipeline.run_adapter(store, sweep, Cell(a.lr, a.epochs), compute, log=lambda m: print(m, flush=True))
     except TrainingInterrupted as e:
         print(f"INTERRUPTED step={e.step} signal={e.signum}: {e}", flush=True)

@@ -86,12 +86,17 @@ def _sweep_groups(context: AssetExecutionContext, store: ArtifactStore) -> list[
 
 
 def _adapter_meta(sweep, cell, s: dict) -> dict:
-    return {**_cell_meta(sweep, cell), "steps": s["steps"], "steps_with_nonzero_lr": s["steps_with_nonzero_lr"],
+    """A cell's adapter metadata from its run record (a reused record of an older version may lack the
+    pass fields: shown as absent, never invented)."""
+    group = s.get("group") or {}
+    optional = {"micro_batch": s.get("micro_batch"), "cells_per_forward": s.get("cells_per_forward"),
+                "trained_with": group.get("n_cells"), "pass_tokens_per_s": group.get("tokens_per_s"),
+                "pass_wall_s": group.get("wall_s")}
+    return {**_cell_meta(sweep, cell), "steps": s["steps"], "steps_with_nonzero_lr": s.get("steps_with_nonzero_lr"),
             "tokens": s["tokens"], "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"],
             "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "first_loss": s["first_loss"], "final_loss": s["final_loss"],
-            "micro_batch": s["micro_batch"], "cells_per_forward": s["cells_per_forward"],
-            "trained_with": s["group"]["n_cells"], "pass_tokens_per_s": s["group"]["tokens_per_s"],
-            "pass_wall_s": s["group"]["wall_s"], "device": s["device"], "artifact": _url(s["artifact"])}
+            **{k: v for k, v in optional.items() if v is not None}, "reused": bool(s.get("reused")),
+            "device": s["device"], "artifact": _url(s["artifact"])}
 
 
 def _cell_meta(sweep, cell) -> dict:
@@ -131,18 +136,25 @@ def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compu
     by the asset's BackfillPolicy, ZLT_TRAIN_GROUP_SIZE) trains them in one pass over the frozen base
     (core/train.py) and still commits one adapter artifact and one materialization per partition."""
     st = store.get_store()
+    # a retry of this step (preempted pod, SIGTERM) or a re-execution of a failed run ("retry from failure")
+    # keeps the adapters the failed attempt already committed (cells with fewer epochs finish first) and resumes
+    # the others from their checkpoints; a new materialization retrains every partition it names
+    resumed = context.retry_number > 0 or "dagster/parent_run_id" in context.run.tags
     for sweep, group in _sweep_groups(context, store):
         cells = [cell for _, cell in group]
         # one tracker run per cell (a group also gets one for the pass), opened before compute so that a tracker
         # that cannot honour its project name fails here
         track = start_tracking(context, sweep.sweep_id, cells[0].key if len(cells) == 1 else f"{len(cells)}cells")
         summaries = _tracked(track, lambda: pipeline.run_adapters(st, sweep, cells, compute.settings(),
-                                                                  context.log.info))
+                                                                  context.log.info, retrain=not resumed))
         metas = {key: _adapter_meta(sweep, cell, summaries[cell]) for key, cell in group}
         if len(group) > 1:
-            first = max(summaries.values(), key=lambda x: x["group"]["wall_s"])  # the last to finish: whole pass
-            track(MaterializeResult(metadata={"cells": len(cells), "pass_wall_s": first["group"]["wall_s"],
-                                              "pass_tokens_per_s": first["group"]["tokens_per_s"]}))
+            trained = [x for x in summaries.values() if not x.get("reused")]
+            last = max(trained, key=lambda x: x["group"]["wall_s"]) if trained else None  # the whole pass
+            track(MaterializeResult(metadata={"cells": len(cells), "reused": len(cells) - len(trained),
+                                              **({"pass_wall_s": last["group"]["wall_s"],
+                                                  "pass_tokens_per_s": last["group"]["tokens_per_s"]}
+                                                 if last else {})}))
         for key, cell in group:
             cell_track = track if len(group) == 1 else start_tracking(context, sweep.sweep_id, cell.key)
             context.add_asset_metadata(cell_track(MaterializeResult(metadata=metas[key])).metadata,
