@@ -106,6 +106,9 @@ def _main(argv: list[str] | None) -> int:
     env_backend = os.environ.get("ZLT_GENERATION_BACKEND", "") or "auto"
     if env_backend not in BACKENDS:
         raise ConfigError("environment", "ZLT_GENERATION_BACKEND", f"{env_backend!r} is not one of {list(BACKENDS)}")
+    if _env_int("ZLT_TRAIN_GROUP_SIZE", 25) < 1:  # read by the Dagster definitions on import; checked here first
+        raise ConfigError("environment", "ZLT_TRAIN_GROUP_SIZE",
+                          f"{os.environ['ZLT_TRAIN_GROUP_SIZE']!r}; expected an integer >= 1 (partitions per run)")
     ap = argparse.ArgumentParser(prog="zlt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--artifacts", default=None,
                     help="local artifact directory (default: the deployment's store: $ZLT_ARTIFACT_ROOT or "

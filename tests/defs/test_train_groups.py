@@ -84,3 +84,67 @@ def test_contiguous_groups_follow_the_partition_order(size, expect):
     ordered = [f"k{i}" for i in range(10)]
     picked = ["k7", "k0", "k2", "k1", "k4", "k6"]
     assert contiguous_groups(picked, ordered, size) == [[f"k{i}" for i in g] for g in expect]
+
+
+def test_zlt_run_records_adapters_an_interrupted_pass_committed(tmp_path, monkeypatch, capsys):
+    """A pass killed after its 1-epoch cell was committed: Dagster never recorded that materialization (a run
+    records them when it ends). `zlt run` reports it to the instance from the committed run record, does not train
+    the cell again, and evaluates it."""
+    from dagster import DagsterInstance
+
+    from zlt_dagster import pipeline
+    from zlt_dagster.cli import main
+    from zlt_dagster.core.protocol import load_sweep_file
+    from zlt_dagster.storage import LocalStore
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARC_SOURCE", "sample")
+    monkeypatch.setenv("ZLT_DEVICE", "cpu")
+    art = tmp_path / "art"
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 3\ncells: [[1.0e-3, 1], [1.0e-3, 2]]\n")
+    sweep = load_sweep_file(cfg)
+    store = LocalStore(str(art))
+    compute = pipeline.ComputeSettings(device="cpu")
+    pipeline.register_sweep(store, sweep)
+    pipeline.run_onpolicy(store, sweep, compute, log=lambda _m: None)
+    first = sweep.cells()[0]
+    pipeline.run_adapters(store, sweep, [first], compute, log=lambda _m: None)  # "the killed pass"
+    manifest = store.get_bytes(f"{layout.cell_prefix(sweep.sweep_id, first, 'adapter')}/MANIFEST.json")
+    assert main(["--artifacts", str(art), "run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "2 to run (1 to train)" in out and "recorded in the instance" in out
+    assert store.get_bytes(f"{layout.cell_prefix(sweep.sweep_id, first, 'adapter')}/MANIFEST.json") == manifest
+    with DagsterInstance.get() as instance:
+        assert len(instance.get_materialized_partitions(AssetKey("adapter"))) == 2
+        assert len(instance.get_materialized_partitions(AssetKey("marker_rates"))) == 2
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "abc"])
+def test_a_bad_train_group_size_is_a_one_line_config_error(bad, tmp_path, monkeypatch, capsys):
+    from zlt_dagster.cli import main
+
+    monkeypatch.setenv("ZLT_TRAIN_GROUP_SIZE", bad)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\n")
+    assert main(["--artifacts", str(tmp_path / "art"), "run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zlt: error: environment: ZLT_TRAIN_GROUP_SIZE:")
+    assert not (tmp_path / "art").exists() and not (tmp_path / "home").exists()
+
+
+def test_a_range_with_positions_outside_a_subset_sweep_fails_before_training(dagster_instance, resources, register):
+    sweep = register(source_persona="villain", cells_subset=((1e-3, 1), (1e-3, 3)))
+    store = resources["store"].get_store()
+    assert materialize(ALL_ASSETS, selection=[onpolicy_data], partition_key=sweep.sweep_id,
+                       instance=dagster_instance, resources=resources, run_config=QUIET).success
+    keys = partition_keys_for(sweep)  # lr1_ep1 and lr1_ep3: the range lr1_ep1..lr1_ep3 holds lr1_ep2 too
+    res = materialize(ALL_ASSETS, selection=[adapter], instance=dagster_instance, resources=resources,
+                      run_config=QUIET, raise_on_error=False,
+                      tags={"dagster/asset_partition_range_start": str(keys[0]),
+                            "dagster/asset_partition_range_end": str(keys[-1])})
+    assert not res.success
+    failure = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "lr1_ep2" in failure.event_specific_data.error.message
+    assert not store.list_keys(f"{layout.sweep_prefix(sweep.sweep_id)}/cells")  # nothing trained

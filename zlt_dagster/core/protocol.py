@@ -48,9 +48,10 @@ class LoraSpec:
 class TrainSpec:
     effective_batch: int = field(default=16, metadata={"help": "examples per optimizer step"})
     micro_batch: int = field(default=0, metadata={
-        "help": "examples per forward (gradient accumulation = effective_batch / micro_batch); 0 = sized at run "
-                "time from free device memory (core/batch_plan.py). The result does not depend on it: the seed's "
-                "4 x 4 was its 7B memory budget"})
+        "help": "examples per forward per cell (a pass of N cells runs micro_batch x up to N rows per forward; "
+                "gradient accumulation = effective_batch / micro_batch); 0 = sized at run time from free device "
+                "memory (core/batch_plan.py). The result does not depend on it: the seed's 4 x 4 was its 7B "
+                "memory budget"})
     max_seq_len: int = field(default=1024, metadata={"help": "truncation length (never cuts marker or EOS)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "cosine schedule warmup fraction"})
     adam_beta1: float = 0.9

@@ -32,9 +32,16 @@ PER_SWEEP = MultiToSingleDimensionPartitionMapping(partition_dimension_name=SWEE
 # dagster-io/dagster BackfillPolicy). Measured on dagster 1.13.27 (tests/defs/test_train_groups.py): a whole sweep
 # or any run of partitions contiguous in Dagster's key order (cell-major: lr1_ep1 .. lr5_ep5) becomes one run per
 # chunk; a selection with gaps becomes one run per contiguous stretch (at worst one per partition, never wrong).
-TRAIN_GROUP_SIZE = int(os.environ.get("ZLT_TRAIN_GROUP_SIZE", "25"))
-if TRAIN_GROUP_SIZE < 1:
-    raise ValueError(f"ZLT_TRAIN_GROUP_SIZE={TRAIN_GROUP_SIZE}; expected an integer >= 1 (partitions per run)")
+def _train_group_size() -> int:
+    raw = os.environ.get("ZLT_TRAIN_GROUP_SIZE", "").strip()
+    if not raw:
+        return 25
+    if not raw.lstrip("-").isdigit() or int(raw) < 1:
+        raise ValueError(f"ZLT_TRAIN_GROUP_SIZE={raw!r}; expected an integer >= 1 (partitions per run)")
+    return int(raw)
+
+
+TRAIN_GROUP_SIZE = _train_group_size()
 TRAIN_BACKFILL_POLICY = BackfillPolicy.multi_run(TRAIN_GROUP_SIZE)
 # (MaskingError and ArcDataError are ValueErrors.) Transient: other StoreErrors (network, 5xx, LeaseHeldError),
 # TrainingInterrupted (SIGTERM; the retry resumes from its checkpoint), CUDA/OOM errors.
@@ -80,7 +87,18 @@ def _sweep_groups(context: AssetExecutionContext, store: ArtifactStore) -> list[
         groups = []
         for sweep_id, keys in by_sweep.items():
             sweep = pipeline.load_sweep(store.get_store(), sweep_id)
-            groups.append((sweep, [(key, cell_from_position(sweep, position)) for key, position in keys]))
+            cells, outside = [], []
+            for key, position in keys:
+                try:
+                    cells.append((key, cell_from_position(sweep, position)))
+                except CellKeyError:
+                    outside.append(position)
+            if outside:  # before any training: a group run is all or nothing in Dagster's records
+                raise CellKeyError(
+                    f"{len(outside)} of this run's {len(keys)} partitions are not cells of sweep {sweep_id} "
+                    f"({', '.join(outside)}); materialize only the sweep's own cells "
+                    f"({', '.join(c.key for c in sweep.cells())}): the registry sensor and `zlt run` do")
+            groups.append((sweep, cells))
         return groups
     return _bad_input_fails_once(resolve)
 
@@ -89,9 +107,10 @@ def _adapter_meta(sweep, cell, s: dict) -> dict:
     """A cell's adapter metadata from its run record (a reused record of an older version may lack the
     pass fields: shown as absent, never invented)."""
     group = s.get("group") or {}
+    # the pass's figures when this cell finished and was committed (cells with fewer epochs finish first)
     optional = {"micro_batch": s.get("micro_batch"), "cells_per_forward": s.get("cells_per_forward"),
-                "trained_with": group.get("n_cells"), "pass_tokens_per_s": group.get("tokens_per_s"),
-                "pass_wall_s": group.get("wall_s")}
+                "trained_with": group.get("n_cells"), "pass_tokens_per_s_so_far": group.get("tokens_per_s"),
+                "pass_wall_s_so_far": group.get("wall_s")}
     return {**_cell_meta(sweep, cell), "steps": s["steps"], "steps_with_nonzero_lr": s.get("steps_with_nonzero_lr"),
             "tokens": s["tokens"], "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"],
             "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "first_loss": s["first_loss"], "final_loss": s["final_loss"],

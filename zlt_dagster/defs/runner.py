@@ -94,6 +94,28 @@ class Runner:
         return {e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
                 for e in res.get_asset_materialization_events()}
 
+    def _record_adapters_of_interrupted_passes(self, sweep, keys: list, cell_of: dict) -> None:
+        """A pass killed mid-way has committed the adapters of the cells that finished (fewer epochs first), but
+        Dagster records a run's materializations only when it ends: report each such adapter to the instance as
+        Dagster's own runless materialization, with its committed run record as metadata, so the UI does not
+        show a trained cell as missing (and a "materialize missing" does not train it again)."""
+        from dagster import AssetKey, AssetMaterialization
+
+        from .. import pipeline
+        from .assets import _adapter_meta
+
+        recorded = self.instance.get_materialized_partitions(AssetKey("adapter"))
+        for key in keys:
+            if str(key) in recorded:
+                continue
+            cell = cell_of[key]
+            summary = pipeline.run_adapters(self.store, sweep, [cell], self.resources["compute"].settings(),
+                                            log=lambda _m: None, retrain=False)[cell]
+            meta = {**_adapter_meta(sweep, cell, summary), "recorded_by": "zlt run, after an interrupted pass"}
+            self.instance.report_runless_asset_event(AssetMaterialization(
+                asset_key="adapter", partition=str(key), metadata=meta))
+            print(f"  {cell.key}: adapter committed by an interrupted pass, recorded in the instance", flush=True)
+
     def run(self, sweep) -> dict:
         from .. import layout, pipeline
         from .assets import (
@@ -132,6 +154,7 @@ class Runner:
         to_train = [k for k in todo if self.force or cell_of[k].key not in trained]
         print(f"[2/3] cells: {len(keys) - len(todo)} already done, {len(todo)} to run "
               f"({len(to_train)} to train)", flush=True)
+        self._record_adapters_of_interrupted_passes(sweep, [k for k in todo if k not in to_train], cell_of)
         t_train = time.time()
         ordered = [k for k in sweep_cell_partitions.get_partition_keys(dynamic_partitions_store=self.instance)
                    if split_partition_key(k)[0] == sid]
