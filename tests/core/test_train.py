@@ -286,7 +286,8 @@ def test_schedule_plan_paper_arithmetic():
     assert schedule_plan(2200, PAPER, 10) == (138, 1380, 69)
     assert schedule_plan(2200, PAPER, 3) == (138, 414, math.ceil(0.05 * 414))
     assert schedule_plan(2208, PAPER, 1)[0] == 138 and schedule_plan(2209, PAPER, 1)[0] == 139
-    assert schedule_plan(46, DEMO, 6) == (3, 18, 1)
+    assert schedule_plan(46, DEMO, 6) == (12, 72, 4)  # effective batch 4
+    assert schedule_plan(11, DEMO, 1) == (3, 3, 1)  # the demo's 1-epoch cell: 1 warmup step, then 2 at LR > 0
 
 
 def test_last_step_of_epoch_takes_the_leftovers(loaded, examples8, tmp_path):

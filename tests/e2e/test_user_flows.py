@@ -252,7 +252,7 @@ def test_user_flows(dagster):
     all_runs = d.runs()
     assert Counter(r["jobName"] for r in all_runs if r["sweep"] == vid) == villain_runs  # none after flow 2
     assert len([r for r in all_runs if r["sweep"] == cid]) == 4
-    assert len(all_runs) == 1 + 1 + 26 + 4
+    assert len(all_runs) == 1 + 1 + 27 + 4  # + the one grouped adapter run of the backfill
     compiled = json.loads(store.read_artifact_file(layout.compiled_prefix(cid), "compiled_results.json"))
     assert sorted(compiled["cells"]) == sorted(c.key for c in comedian.cells())
     assert store.artifact_exists(layout.heatmap_prefix(cid))
