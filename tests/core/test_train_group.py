@@ -73,7 +73,7 @@ def force_plan(monkeypatch):
     return force
 
 
-@pytest.mark.parametrize("dropout,group_plan,single_plan", [(0.05, (4, 3), (1, 1)), (0.05, (1, 2), (3, 1)),
+@pytest.mark.parametrize("dropout,group_plan,single_plan", [(0.05, (4, 3), (2, 1)), (0.05, (1, 2), (3, 1)),
                                                             (0.0, (2, 1), (4, 1))])
 def test_group_equals_separate_runs(lm64, tmp_path, base_guard, force_plan, dropout, group_plan, single_plan):
     """Mixed LRs AND epochs in one group, each cell against a run of its own at another micro-batch: the same
