@@ -95,9 +95,9 @@ def _sweep_groups(context: AssetExecutionContext, store: ArtifactStore) -> list[
                     outside.append(position)
             if outside:  # before any training: a group run is all or nothing in Dagster's records
                 raise CellKeyError(
-                    f"{len(outside)} of this run's {len(keys)} partitions are not cells of sweep {sweep_id} "
-                    f"({', '.join(outside)}); materialize only the sweep's own cells "
-                    f"({', '.join(c.key for c in sweep.cells())}): the registry sensor and `zlt run` do")
+                    f"cell(s) {', '.join(outside)} ({len(outside)} of this run's {len(keys)} partitions) are not one "
+                    f"of sweep {sweep_id}'s chosen cells ({', '.join(c.key for c in sweep.cells())}); materialize "
+                    f"only those (the registry sensor and `zlt run` do)")
             groups.append((sweep, cells))
         return groups
     return _bad_input_fails_once(resolve)
