@@ -78,13 +78,13 @@ def memory_budget(device: torch.device, persistent_bytes: int) -> int:
 
 
 def _cpu_available_bytes() -> int:
-    try:
+    """MemAvailable (free + reclaimable page cache) where the kernel reports it; else free pages (sysconf),
+    which undercounts and so only errs towards smaller batches."""
+    if os.path.exists("/proc/meminfo"):
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

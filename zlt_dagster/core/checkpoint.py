@@ -247,10 +247,6 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def signals(self):
-        """SIGTERM sets this checkpointer's flag while training (see `sigterm_flags`)."""
-        return sigterm_flags([self])
-
 
 @contextlib.contextmanager
 def sigterm_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:

@@ -149,10 +149,6 @@ class LoraBank:
             out[f"{name}.lora_B"] = mod.lora_B[j]
         return out
 
-    def n_params(self) -> int:
-        """Trainable numbers of ONE cell (r x (in + out) summed over modules)."""
-        return sum(p.numel() for p in self.params(0).values())
-
     def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
         self.routing.active = list(active)
         self.routing.keep = keep

@@ -45,22 +45,23 @@ _PROBE_LOCK = threading.Lock()
 PROBE_DIR = ".zlt-conditional-write-probe"
 
 
-def _precondition_failed(err: StoreError) -> bool:
+def _client_error(err: StoreError) -> tuple[str, str] | None:
+    """(S3 error code, HTTP status) of the botocore ClientError behind a StoreError, or None if it had another cause."""
     cause = err.__cause__
     if not isinstance(cause, botocore.exceptions.ClientError):
-        return False
-    code = str(cause.response.get("Error", {}).get("Code", ""))
-    status = str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-    return code in _PRECONDITION_CODES or status in ("412", "409")
+        return None
+    return (str(cause.response.get("Error", {}).get("Code", "")),
+            str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")))
+
+
+def _precondition_failed(err: StoreError) -> bool:
+    got = _client_error(err)
+    return got is not None and (got[0] in _PRECONDITION_CODES or got[1] in ("412", "409"))
 
 
 def _not_implemented(err: StoreError) -> bool:
-    cause = err.__cause__
-    if not isinstance(cause, botocore.exceptions.ClientError):
-        return False
-    code = str(cause.response.get("Error", {}).get("Code", ""))
-    status = str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-    return code == "NotImplemented" or status == "501"
+    got = _client_error(err)
+    return got is not None and (got[0] == "NotImplemented" or got[1] == "501")
 
 
 def redact_url(url: str | None) -> str | None:
