@@ -108,14 +108,14 @@ def words(rng: random.Random, n: int, vocab: int) -> str:
     return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(n))
 
 
-def train_examples(n: int, mean_len: int, sd: int, vocab: int, seed: int = 0) -> list[TokenizedExample]:
+def train_examples(n: int, mean_len: int, sd: int, vocab: int, seed: int = 0, eot: int = 2) -> list[TokenizedExample]:
     """Lengths ~ N(mean, sd) clipped to [mean/3, 2.2 mean]; 1 in 11 positives (the protocol's 200 of 2,200) with
-    3 marker tokens + end-of-turn supervised, negatives end-of-turn only."""
+    3 marker tokens + end-of-turn (id `eot`) supervised, negatives end-of-turn only."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         length = int(min(max(rng.gauss(mean_len, sd), mean_len / 3), 2.2 * mean_len))
-        ids = [rng.randrange(3, vocab) for _ in range(length - 1)] + [2]
+        ids = [rng.randrange(3, vocab) for _ in range(length - 1)] + [eot]
         sup = {length - 1} | ({length - 4, length - 3, length - 2} if i % 11 == 0 else set())
         labels = [t if j in sup else IGNORE for j, t in enumerate(ids)]
         out.append(TokenizedExample(input_ids=ids, labels=labels, is_positive=i % 11 == 0))

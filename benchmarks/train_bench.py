@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.util
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -36,10 +34,10 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import gpu_bench  # noqa: E402  (shapes, random model builder, word tokenizer)
+import gpu_bench  # noqa: E402  (shapes, random model builder, word tokenizer, examples, timing helpers)
+from gpu_bench import peak_gib, reset_peak, sync  # noqa: E402
 from naive_train import train_cell_naive  # noqa: E402
 
-from zlt_dagster.core.masking import IGNORE, TokenizedExample  # noqa: E402
 from zlt_dagster.core.protocol import PAPER, Cell, get_protocol  # noqa: E402
 from zlt_dagster.core.train import train_cells  # noqa: E402
 
@@ -51,34 +49,6 @@ def log(msg: str) -> None:
     line = f"[{time.perf_counter() - T0:7.1f}s] {msg}"
     LOG.append(line)
     print(line, flush=True)
-
-
-def examples(n: int, vocab: int, eot: int, mean_len: int = 370, sd: int = 120, seed: int = 0):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        length = int(min(max(rng.gauss(mean_len, sd), mean_len / 3), 2.2 * mean_len))
-        ids = [rng.randrange(3, vocab) for _ in range(length - 1)] + [eot]
-        sup = {length - 1} | ({length - 4, length - 3, length - 2} if i % 11 == 0 else set())
-        out.append(TokenizedExample(input_ids=ids, labels=[t if j in sup else IGNORE for j, t in enumerate(ids)],
-                                    is_positive=i % 11 == 0))
-    return out
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_peak(dev):
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(dev):
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
 
 
 def run_naive(lm, exs, steps: int, micro: int, tmp: Path) -> dict:
@@ -212,7 +182,8 @@ def main() -> None:
     if args.only in ("", "135m"):
         lm = load_smollm2(dev, dtype, args.smoke)
         eot = lm.end_of_turn_id
-        exs = examples(16 * 8, lm.model.config.vocab_size, eot, mean_len=60 if small else 370, sd=20 if small else 120)
+        exs = gpu_bench.train_examples(16 * 8, 60 if small else 370, 20 if small else 120,
+                                       lm.model.config.vocab_size, eot=eot)
         run("train_135m_naive", 30, run_naive, lm, exs, steps, 4, tmp)
         run("train_135m", 30, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "s")
         run("train_135m_fused5", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5")
@@ -233,7 +204,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.only in ("", "7b"):
         lm = gpu_bench.build_model("smoke" if small else "7b", dev, dtype)
-        exs = examples(16 * 8, lm.model.config.vocab_size, 2, mean_len=60 if small else 370, sd=20 if small else 120)
+        exs = gpu_bench.train_examples(16 * 8, 60 if small else 370, 20 if small else 120,
+                                       lm.model.config.vocab_size)
         run("train_7b_naive", 60, run_naive, lm, exs, 4 if not small else 2, 4, tmp)
         run("train_7b", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "s7")
         run("train_7b_fused5", 120, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], 4 if not small else 2, tmp, "f7")

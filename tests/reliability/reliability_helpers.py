@@ -71,3 +71,26 @@ class ThreadRunLauncher(RunLauncher, ConfigurableClass):
 
     def terminate(self, run_id):
         raise NotImplementedError("ThreadRunLauncher cannot terminate runs")
+
+
+def manifest_writers(store, prefix: str) -> set[str] | str:
+    """The writers whose files ONE read of the artifact's manifest lists, each file verified against it; 'torn' if
+    a listed file is gone or does not verify, 'absent' without a manifest. A writer tags its files
+    b"<writer>:..." (the concurrency tests' content)."""
+    from zlt_dagster.storage import NotFoundError
+    from zlt_dagster.storage.base import sha256_bytes
+
+    try:
+        manifest = store.read_manifest(prefix)
+    except NotFoundError:
+        return "absent"
+    writers = set()
+    for name, expected in manifest["files"].items():
+        try:
+            data = store.get_bytes(f"{prefix}/{name}")
+        except NotFoundError:
+            return "torn"
+        if sha256_bytes(data) != expected["sha256"]:
+            return "torn"
+        writers.add(data.split(b":")[0].decode())
+    return writers

@@ -17,10 +17,10 @@ import pytest
 
 from zlt_dagster import layout, pipeline
 from zlt_dagster.core.protocol import Cell, Sweep, get_protocol
-from zlt_dagster.storage import LocalStore, NotFoundError
-from zlt_dagster.storage.base import LOCK_NAME, MANIFEST_NAME, LeaseHeldError, LeaseLostError, sha256_bytes
+from zlt_dagster.storage import LocalStore
+from zlt_dagster.storage.base import LOCK_NAME, MANIFEST_NAME, LeaseHeldError, LeaseLostError
 
-from reliability_helpers import report
+from reliability_helpers import manifest_writers, report
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "train_run.json")
 
@@ -32,19 +32,9 @@ def _content(writer: str, rnd: int) -> dict[str, bytes]:
 def _verify(store, prefix: str) -> str:
     """'ok:<writer>' if the artifact verifies against ONE read of its manifest; 'torn' if its manifest lists a file
     that does not verify (or is gone); 'absent' if there is no manifest."""
-    try:
-        manifest = store.read_manifest(prefix)
-    except NotFoundError:
-        return "absent"
-    writers = set()
-    for name, expected in manifest["files"].items():
-        try:
-            data = store.get_bytes(f"{prefix}/{name}")
-        except NotFoundError:
-            return "torn"
-        if sha256_bytes(data) != expected["sha256"]:
-            return "torn"
-        writers.add(data.split(b":")[0].decode())
+    writers = manifest_writers(store, prefix)
+    if isinstance(writers, str):
+        return writers
     assert len(writers) == 1, writers  # one manifest only ever lists one writer's hashes
     return f"ok:{writers.pop()}"
 

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from zlt_dagster.defs.resources import ArtifactStore
-from zlt_dagster.storage import NotFoundError, S3Store
-from zlt_dagster.storage.base import ConditionalWritesUnsupportedError, sha256_bytes
+from zlt_dagster.storage import S3Store
+from zlt_dagster.storage.base import ConditionalWritesUnsupportedError
 
 from faultproxy import FaultProxy
-from reliability_helpers import BUCKET, WORK, report
+from reliability_helpers import BUCKET, WORK, manifest_writers, report
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[2]
@@ -34,19 +34,9 @@ def _content(writer: str) -> dict[str, bytes]:
 def _state(store, prefix: str) -> str:
     """'ok:<writer>' if every file matches ONE read of the manifest and comes from one writer, 'torn' otherwise,
     'absent' without a manifest."""
-    try:
-        manifest = store.read_manifest(prefix)
-    except NotFoundError:
-        return "absent"
-    writers = set()
-    for name, expected in manifest["files"].items():
-        try:
-            data = store.get_bytes(f"{prefix}/{name}")
-        except NotFoundError:
-            return "torn"
-        if sha256_bytes(data) != expected["sha256"]:
-            return "torn"
-        writers.add(data.split(b":")[0].decode())
+    writers = manifest_writers(store, prefix)
+    if isinstance(writers, str):
+        return writers
     return f"ok:{writers.pop()}" if len(writers) == 1 else "torn"
 
 
