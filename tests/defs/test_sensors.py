@@ -219,12 +219,17 @@ def test_deleted_cell_artifact_is_rebuilt_exactly_that_cell_however_often(regist
     assert all(pipeline.cell_done(store, sweep, c) for c in sweep.cells())
 
 
-def test_wiped_artifact_root_rebuilds_the_sweep(registry, dagster_instance, resources):
+def finished_one_cell_sweep(registry, dagster_instance, resources):
+    """A registry of one villain sweep of one cell, run by the sensor until idle: (store, its entry, sweep id)."""
     write_registry(registry, [{**TINY, "source_persona": "villain", "cells": [[1e-3, 1]]}])
     store = resources["store"].get_store()
     run_until_idle(dagster_instance, resources)
     [entry], _ = read_registry(registry)
-    sid = entry.sweep.sweep_id
+    return store, entry, entry.sweep.sweep_id
+
+
+def test_wiped_artifact_root_rebuilds_the_sweep(registry, dagster_instance, resources):
+    store, entry, sid = finished_one_cell_sweep(registry, dagster_instance, resources)
     shutil.rmtree(store.root)  # the Dagster instance keeps every run and run key
     res = tick(dagster_instance, resources)
     assert summary(res) == [("sweep_data_job", f"{sid}:sweep_data_job:rebuild1")]
@@ -237,11 +242,7 @@ def test_wiped_artifact_root_rebuilds_the_sweep(registry, dagster_instance, reso
 
 
 def test_torn_cell_artifact_is_rebuilt_not_counted(registry, dagster_instance, resources):
-    write_registry(registry, [{**TINY, "source_persona": "villain", "cells": [[1e-3, 1]]}])
-    store = resources["store"].get_store()
-    run_until_idle(dagster_instance, resources)
-    [entry], _ = read_registry(registry)
-    sid = entry.sweep.sweep_id
+    store, entry, sid = finished_one_cell_sweep(registry, dagster_instance, resources)
     prefix = layout.cell_prefix(sid, Cell(1e-3, 1), "arc_scores")
     store.put_bytes(f"{prefix}/arc_scores.json", b'{"acc": 1.0}')  # another writer's file under this manifest
     assert "ChecksumError" in pipeline.cell_problem(store, entry.sweep, Cell(1e-3, 1))
