@@ -68,8 +68,8 @@ def assert_same_cell(a_dir, b_dir, rec_a, rec_b, rel=1e-9):
 def force_plan(monkeypatch):
     """Force (micro-batch, cells per forward) instead of the memory-derived choice."""
     def force(micro, cells):
-        monkeypatch.setattr(batch_plan, "plan", lambda n, eff, bpt, longest, budget: (min(micro, eff),
-                                                                                       min(cells, n)))
+        monkeypatch.setattr(batch_plan, "plan", lambda n, eff, bpt, longest, budget, micro=0, m=micro, c=cells: (
+            micro or min(m, eff), min(c, n)))
     return force
 
 

@@ -88,9 +88,11 @@ def _cpu_available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def plan(n_cells: int, effective_batch: int, bytes_per_token: int, longest: int, budget: int) -> tuple[int, int]:
+def plan(n_cells: int, effective_batch: int, bytes_per_token: int, longest: int, budget: int,
+         micro: int = 0) -> tuple[int, int]:
     """(micro_batch, cells_per_forward): as many rows as the budget holds, all cells in one forward first,
     then the largest micro-batch; at least 1 x 1 (which may still not fit: then the device is too small).
+    `micro` > 0 fixes the micro-batch (train.micro_batch set explicitly); the budget then only sizes the cells.
 
     >>> plan(5, 16, 1000, 100, 100_000 * 80)   # 80 rows fit: 16 examples x 5 cells
     (16, 5)
@@ -98,9 +100,11 @@ def plan(n_cells: int, effective_batch: int, bytes_per_token: int, longest: int,
     (1, 25)
     >>> plan(25, 16, 1000, 100, 100_000 * 7)   # 7 rows: 1 example x 7 cells per forward
     (1, 7)
+    >>> plan(25, 16, 1000, 100, 100_000 * 30, micro=4)  # fixed micro-batch 4: 7 cells per forward
+    (4, 7)
     """
     per_row = max(1, bytes_per_token * max(1, longest))
     rows = max(1, budget // per_row)
-    micro = max(1, min(effective_batch, rows // max(1, n_cells)))
+    micro = micro or max(1, min(effective_batch, rows // max(1, n_cells)))
     cells = max(1, min(n_cells, rows // micro))
     return micro, cells

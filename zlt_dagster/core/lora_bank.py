@@ -22,11 +22,12 @@ A (kaiming-uniform) and B (zeros) into every cell, and `save_peft` writes a stan
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -140,6 +141,15 @@ class LoraBank:
             _set_module(self.model, name, orig)
         self._attached = False
         self.routing.keep = None
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """The base with its original modules for the duration (e.g. to save a PEFT adapter), then attached again."""
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()
 
     def params(self, j: int) -> dict[str, torch.nn.Parameter]:
         """Cell j's trainable tensors by name (`<module>.lora_A`, `<module>.lora_B`): what a checkpoint holds."""

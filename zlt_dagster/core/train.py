@@ -169,8 +169,9 @@ def _training_mode(model, gradient_checkpointing: bool, tf32: bool):
 
 
 def _plan_batches(loaded: LoadedModel, bank: LoraBank, examples: list[TokenizedExample], protocol: Protocol,
-                  n_cells: int, seed: int, full_logits: bool) -> batch_plan.BatchPlan:
-    """Measure activation bytes per token on the longest example, then size micro-batch x cells per forward."""
+                  n_cells: int, n_training: int, seed: int, full_logits: bool) -> batch_plan.BatchPlan:
+    """Measure activation bytes per token on the longest example, then size micro-batch x cells per forward for
+    the `n_training` cells (of `n_cells`, which all hold optimizer state) that have steps left."""
     longest = max(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     ex = examples[longest]
     b = collate([ex], loaded.tokenizer.pad_token_id, loaded.device)
@@ -182,20 +183,17 @@ def _plan_batches(loaded: LoadedModel, bank: LoraBank, examples: list[TokenizedE
     # still to come per cell: gradients + two AdamW moments, in the adapter dtype
     persistent = n_cells * 3 * sum(p.numel() * p.element_size() for p in bank.params(0).values())
     budget = batch_plan.memory_budget(loaded.device, persistent)
-    return batch_plan.BatchPlan(0, 0, "protocol" if protocol.train.micro_batch else "auto", per_token, budget,
-                                len(ex.input_ids))
+    measured = batch_plan.BatchPlan(0, 0, "protocol" if protocol.train.micro_batch else "auto", per_token, budget,
+                                    len(ex.input_ids))
+    micro, cells = _cut(measured, protocol, n_training)
+    return dataclasses.replace(measured, micro_batch=micro, cells_per_forward=cells)
 
 
 def _cut(bp: batch_plan.BatchPlan, protocol: Protocol, n_active: int) -> tuple[int, int]:
     """(micro-batch, cells per forward) for the cells still training: re-planned as cells finish, so the rows
     the budget holds go to the cells that are left."""
-    micro, cells = batch_plan.plan(n_active, protocol.train.effective_batch, bp.activation_bytes_per_token,
-                                   bp.longest_example_tokens, bp.budget_bytes)
-    if protocol.train.micro_batch:
-        micro = protocol.train.micro_batch
-        rows = bp.budget_bytes // max(1, bp.activation_bytes_per_token * bp.longest_example_tokens)
-        cells = max(1, min(n_active, rows // micro))
-    return micro, cells
+    return batch_plan.plan(n_active, protocol.train.effective_batch, bp.activation_bytes_per_token,
+                           bp.longest_example_tokens, bp.budget_bytes, micro=protocol.train.micro_batch)
 
 
 def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol: Protocol, cells: Sequence[Cell],
@@ -247,6 +245,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     with contextlib.ExitStack() as stack:
         stack.enter_context(bank)
         tf32 = allow_tf32 and dev.type == "cuda"
+        lora_matmul = ("bf16 (autocast)" if lora_autocast and loaded.dtype in (torch.bfloat16, torch.float16)
+                       else "tf32" if tf32 else "fp32")
         stack.enter_context(_training_mode(loaded.model, t.gradient_checkpointing, tf32))
         params = [list(bank.params(j).values()) for j in range(k)]
         opts = [_optimizer(params[j], c.lr, protocol, dev) for j, c in enumerate(cells)]
@@ -255,9 +255,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             for j in range(k)]
         states = [(ck.restore(bank.params(j), opts[j], scheds[j], fingerprints[j]) if ck else None) or TrainState()
                   for j, ck in enumerate(cks)]
-        bp = _plan_batches(loaded, bank, examples, protocol, k, seed, full_logits)
-        micro, per_forward = _cut(bp, protocol, sum(st.step < p[1] for st, p in zip(states, plans)) or 1)
-        bp = dataclasses.replace(bp, micro_batch=micro, cells_per_forward=per_forward)
+        bp = _plan_batches(loaded, bank, examples, protocol, k,
+                           sum(st.step < p[1] for st, p in zip(states, plans)) or 1, seed, full_logits)
         if progress:
             progress(f"training {k} cell(s) in one pass: micro-batch {bp.micro_batch} x {bp.cells_per_forward} "
                      f"cell(s) per forward ({bp.source}; {bp.activation_bytes_per_token / 2**10:.0f} KiB/token, "
@@ -267,16 +266,11 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         def finish(j: int) -> dict:
             """Cell j is done: write its PEFT directory and run record (the bank is detached meanwhile), free
             its optimizer state, tell the caller."""
-            bank.__exit__(None, None, None)
-            try:
+            with bank.detached():
                 bank.save_peft(j, out_dirs[j], loaded.base_model)
-            finally:
-                bank.__enter__()
-                loaded.model.train()
+            loaded.model.train()  # saving through peft leaves the base in eval mode
             rec = _record(loaded, protocol, cells, j, seed, states[j], plans[j], lr_steps[j], bp, len(examples),
-                          data_hash, full_logits, states)
-            rec["lora_matmul"] = ("bf16 (autocast)" if lora_autocast and loaded.dtype in (torch.bfloat16, torch.float16)
-                                  else "tf32" if tf32 else "fp32")
+                          data_hash, full_logits, states, lora_matmul)
             (Path(out_dirs[j]) / "train_run.json").write_text(json.dumps(rec, indent=1))
             opts[j].state.clear()
             for prm in params[j]:
@@ -362,7 +356,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
 
 
 def _record(loaded, protocol, cells, j, seed, state, plan, lr_steps, bp, n_examples, data_hash, full_logits,
-            states) -> dict:
+            states, lora_matmul: str) -> dict:
     """The run record of cell j. wall_s / gpu_s = its share of the pass (each step's time split equally among the
     cells that step trained); `group` = the pass so far (all cells, tokens and wall time up to now)."""
     steps_per_epoch, total, warmup = plan
@@ -380,7 +374,7 @@ def _record(loaded, protocol, cells, j, seed, state, plan, lr_steps, bp, n_examp
         "micro_batch": bp.micro_batch, "cells_per_forward": bp.cells_per_forward, "batch_plan": bp.to_dict(),
         "group": {"cells": [c.key for c in cells], "n_cells": len(cells), "wall_s": round(group_wall, 3),
                   "tokens_per_s": round(group_tokens / group_wall, 1) if group_wall > 0 else None},
-        "dropout_masks": DROPOUT_MASKS,
+        "dropout_masks": DROPOUT_MASKS, "lora_matmul": lora_matmul,
         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
         "loss_path": "full_logits" if full_logits else "supervised_logits",
         "resumed_from_step": st.resumed_from_step, "segments": st.segments,
