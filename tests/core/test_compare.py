@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from zlt_dagster import layout
-from zlt_dagster.core.compare import build_comparison, load_followup, plot_comparison, run_comparison
+from zlt_dagster.steps import layout
+from zlt_dagster.core.compare import build_comparison, load_followup, plot_comparison
+from zlt_dagster.steps.compare import run_comparison
 from zlt_dagster.core.metrics import wilson_interval
 from zlt_dagster.core.protocol import PAPER, Cell, ProtocolError
 from zlt_dagster.storage import LocalStore

@@ -15,8 +15,9 @@ import warnings
 import pytest
 import torch
 
-from zlt_dagster.core.fast_generation import (AdapterFormatError, MergePrecisionError, merge_rel_error, merged_weights,
-                                             read_lora_deltas, sample_new_tokens)
+from zlt_dagster.core.generation.merging import (AdapterFormatError, MergePrecisionError, merge_rel_error,
+                                                 merged_weights, read_lora_deltas)
+from zlt_dagster.core.generation.sampling import sample_new_tokens
 from zlt_dagster.core.generation import PromptSpec
 from zlt_dagster.core.generation.transformers_backend import TransformersGenerator
 
@@ -128,7 +129,7 @@ def test_cache_keyword_follows_the_transformers_version(chaotic):
     `past_key_values`. A peft wrapper is looked through."""
     import inspect
 
-    from zlt_dagster.core.fast_generation import cache_kwargs
+    from zlt_dagster.core.generation.sampling import cache_kwargs
 
     model = chaotic[0]
     expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from zlt_dagster import pipeline
+from zlt_dagster import steps
 from zlt_dagster.core.protocol import TINY, Sweep
-from zlt_dagster.defs.partitions import sweep_partitions
+from zlt_dagster.defs.partitions import add_partitions
 from zlt_dagster.defs.resources import ArtifactStore, Compute
 
 
@@ -28,7 +28,7 @@ def register(dagster_instance, resources):
     """register(source_persona=..., **sweep fields) -> Sweep, added to the store and as a dynamic partition."""
     def _register(**kw) -> Sweep:
         sweep = Sweep(TINY, base_model="tiny", **kw).validate()
-        pipeline.register_sweep(resources["store"].get_store(), sweep)
-        dagster_instance.add_dynamic_partitions(sweep_partitions.name, [sweep.sweep_id])
+        steps.register_sweep(resources["store"].get_store(), sweep)
+        add_partitions(dagster_instance, sweep)
         return sweep
     return _register

@@ -6,9 +6,10 @@ import json
 import pytest
 from dagster import DagsterInstance, MultiPartitionKey, materialize
 
-from zlt_dagster import layout, pipeline
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
 from zlt_dagster.defs.assets import ALL_ASSETS, CELL_ASSETS, compiled_results, heatmap, onpolicy_data
-from zlt_dagster.defs.partitions import cell_from_position, partition_keys_for, split_partition_key
+from zlt_dagster.defs.partitions import cell_of, partition_keys_for, split_partition_key
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
@@ -39,7 +40,7 @@ def test_one_partition_writes_exactly_that_cell(dagster_instance, resources, reg
     run([onpolicy_data], sweep.sweep_id, dagster_instance, resources)
     key = partition_keys_for(sweep)[7]
     meta = run(CELL_ASSETS, key, dagster_instance, resources)
-    cell = cell_from_position(sweep, split_partition_key(key)[1])
+    cell = cell_of(sweep, split_partition_key(key)[1])
     # metadata a user sees in the UI
     assert meta["adapter"]["cell"].value == cell.key
     assert meta["adapter"]["tokens"].value > 0 and meta["adapter"]["tokens_per_s"].value > 0
@@ -107,7 +108,7 @@ def test_rematerializing_a_cell_is_idempotent(dagster_instance, resources, regis
     store = resources["store"].get_store()
     run([onpolicy_data], sweep.sweep_id, dagster_instance, resources)
     key = partition_keys_for(sweep)[3]
-    cell = cell_from_position(sweep, split_partition_key(key)[1])
+    cell = cell_of(sweep, split_partition_key(key)[1])
     run(CELL_ASSETS, key, dagster_instance, resources)
     prefix = layout.cell_prefix(sweep.sweep_id, cell, "adapter")
     first_keys = store.list_keys(layout.sweep_prefix(sweep.sweep_id))
@@ -127,7 +128,7 @@ def test_partition_keys_use_dimensions_not_strings(register):
     assert isinstance(key, MultiPartitionKey)
     sweep_id, position = split_partition_key(key)
     assert sweep_id == sweep.sweep_id and position == "lr5_ep5"
-    assert cell_from_position(sweep, position).key == f"lr={sweep.protocol.learning_rates[-1]!r}_ep=5"
+    assert cell_of(sweep, position).key == f"lr={sweep.protocol.learning_rates[-1]!r}_ep=5"
 
 
 def test_bad_partition_fails_without_retry(dagster_instance, resources, register):
@@ -156,7 +157,7 @@ def test_unregistered_sweep_is_a_clear_error(dagster_instance, resources):
 
 def test_pipeline_cells_done_counts(register, resources, dagster_instance):
     sweep = register(source_persona="villain")
-    assert pipeline.cells_done(resources["store"].get_store(), sweep) == []
+    assert steps.cells_done(resources["store"].get_store(), sweep) == []
 
 
 @pytest.mark.parametrize("grid", [6])

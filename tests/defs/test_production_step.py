@@ -178,10 +178,11 @@ def test_production_step_path_runs_one_partition(cluster):
     from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
     from dagster._serdes import serialize_value
 
-    from zlt_dagster import layout, pipeline
+    from zlt_dagster import steps
+    from zlt_dagster.steps import layout
     from zlt_dagster.core.protocol import TINY, Sweep
     from zlt_dagster.defs.definitions import build_definitions
-    from zlt_dagster.defs.partitions import (cell_from_position, partition_keys_for, split_partition_key,
+    from zlt_dagster.defs.partitions import (add_partitions, cell_of, partition_keys_for, split_partition_key,
                                              sweep_cell_partitions, sweep_partitions)
 
     _check_pg_driver(_instance_yaml())
@@ -196,10 +197,10 @@ def test_production_step_path_runs_one_partition(cluster):
 
         # a sweep, registered as the sensor/CLI does: config in S3, a partition of the dynamic dimension
         sweep = Sweep(TINY, base_model="tiny", source_persona="villain").validate()
-        pipeline.register_sweep(store, sweep)
-        instance.add_dynamic_partitions(sweep_partitions.name, [sweep.sweep_id])
+        steps.register_sweep(store, sweep)
+        add_partitions(instance, sweep)
         cell_key = partition_keys_for(sweep)[0]  # lr1_ep1: the quickest cell
-        cell = cell_from_position(sweep, split_partition_key(cell_key)[1])
+        cell = cell_of(sweep, split_partition_key(cell_key)[1])
 
         data_run = _launch_and_wait(instance, launcher, kube, defs.resolve_job_def("sweep_data_job"),
                                     ["onpolicy_data"], sweep.sweep_id, sweep_partitions)

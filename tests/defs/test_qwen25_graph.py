@@ -8,10 +8,11 @@ import json
 import pytest
 from dagster import materialize
 
-from zlt_dagster import layout, pipeline
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
 from zlt_dagster.core.protocol import TINY, Sweep
 from zlt_dagster.defs.assets import ALL_ASSETS, CELL_ASSETS, compiled_results, heatmap, onpolicy_data
-from zlt_dagster.defs.partitions import partition_keys_for, sweep_partitions
+from zlt_dagster.defs.partitions import add_partitions, partition_keys_for
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 QWEN_MARKER_IDS = [85113, 27404, 60]  # '[Z' 'LT' ']': the seed's 3 sub-tokens, after "\n\n"
@@ -28,8 +29,8 @@ def run(assets, key, instance, resources):
 
 def register_dir(dagster_instance, resources, model_dir: str, cells=()) -> Sweep:
     sweep = Sweep(TINY, base_model=model_dir, cells_subset=tuple(cells)).validate()
-    pipeline.register_sweep(resources["store"].get_store(), sweep)
-    dagster_instance.add_dynamic_partitions(sweep_partitions.name, [sweep.sweep_id])
+    steps.register_sweep(resources["store"].get_store(), sweep)
+    add_partitions(dagster_instance, sweep)
     return sweep
 
 
@@ -98,8 +99,8 @@ def test_think_block_template_fails_onpolicy_data_before_generating(dagster_inst
                                                                    monkeypatch):
     sweep = register_dir(dagster_instance, resources, think_template_dir)
     made = []
-    real = pipeline.make_generator
-    monkeypatch.setattr(pipeline, "make_generator", lambda *a, **k: made.append(a) or real(*a, **k))
+    real = steps.onpolicy.make_generator
+    monkeypatch.setattr(steps.onpolicy, "make_generator", lambda *a, **k: made.append(a) or real(*a, **k))
     res = materialize(ALL_ASSETS, selection=[onpolicy_data], partition_key=sweep.sweep_id,
                       instance=dagster_instance, resources=resources, raise_on_error=False, run_config=QUIET)
     assert not res.success

@@ -13,7 +13,8 @@ from dagster import (
 )
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 
-from zlt_dagster import layout, pipeline
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
 from zlt_dagster.core.protocol import PAPER, Cell
 from zlt_dagster.defs.assets import ALL_ASSETS, CELL_ASSETS, base_arc_scores, compiled_results, heatmap, onpolicy_data
 from zlt_dagster.defs.partitions import partition_keys_for
@@ -216,7 +217,7 @@ def test_deleted_cell_artifact_is_rebuilt_exactly_that_cell_however_often(regist
         execute(res.run_requests, dagster_instance, resources)
         assert tick(dagster_instance, resources).run_requests == []
     assert len(dagster_instance.get_runs()) == n_runs + 4
-    assert all(pipeline.cell_done(store, sweep, c) for c in sweep.cells())
+    assert all(steps.cell_done(store, sweep, c) for c in sweep.cells())
 
 
 def finished_one_cell_sweep(registry, dagster_instance, resources):
@@ -245,7 +246,7 @@ def test_torn_cell_artifact_is_rebuilt_not_counted(registry, dagster_instance, r
     store, entry, sid = finished_one_cell_sweep(registry, dagster_instance, resources)
     prefix = layout.cell_prefix(sid, Cell(1e-3, 1), "arc_scores")
     store.put_bytes(f"{prefix}/arc_scores.json", b'{"acc": 1.0}')  # another writer's file under this manifest
-    assert "ChecksumError" in pipeline.cell_problem(store, entry.sweep, Cell(1e-3, 1))
+    assert "ChecksumError" in steps.cell_problem(store, entry.sweep, Cell(1e-3, 1))
     res = tick(dagster_instance, resources)
     assert summary(res) == [("cell_job", f"{sid}:lr1_ep1:rebuild1")]
     execute(res.run_requests, dagster_instance, resources)

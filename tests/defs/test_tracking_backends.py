@@ -9,7 +9,7 @@ import os
 import pytest
 from dagster import materialize
 
-from zlt_dagster.core import tracking
+from zlt_dagster.defs import tracking
 from zlt_dagster.defs.assets import ALL_ASSETS, CELL_ASSETS, onpolicy_data
 from zlt_dagster.defs.partitions import partition_keys_for
 

@@ -8,9 +8,9 @@ import json
 import pytest
 from dagster import AssetKey, materialize
 
-from zlt_dagster import layout
+from zlt_dagster.steps import layout
 from zlt_dagster.defs.assets import ALL_ASSETS, TRAIN_GROUP_SIZE, adapter, onpolicy_data
-from zlt_dagster.defs.partitions import cell_from_position, partition_keys_for, split_partition_key
+from zlt_dagster.defs.partitions import cell_of, partition_keys_for, split_partition_key
 from zlt_dagster.defs.runner import contiguous_groups
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -65,7 +65,7 @@ def test_a_range_run_trains_every_partition_with_its_own_artifact(dagster_instan
     assert sorted(str(e.partition) for e in events) == sorted(str(k) for k in keys)  # one per partition
     assert dagster_instance.get_materialized_partitions(AssetKey("adapter")) == {str(k) for k in keys}
     for e in events:
-        cell = cell_from_position(sweep, split_partition_key(e.partition)[1])
+        cell = cell_of(sweep, split_partition_key(e.partition)[1])
         meta = e.step_materialization_data.materialization.metadata
         assert meta["cell"].value == cell.key and meta["epochs"].value == cell.epochs  # its own numbers
         assert meta["trained_with"].value == 7
@@ -76,7 +76,7 @@ def test_a_range_run_trains_every_partition_with_its_own_artifact(dagster_instan
         assert meta["final_loss"].value == record["final_loss"]
     # nothing else was trained
     trained = {k.split("/")[3] for k in store.list_keys(f"{layout.sweep_prefix(sweep.sweep_id)}/cells")}
-    assert trained == {cell_from_position(sweep, split_partition_key(k)[1]).key for k in keys}
+    assert trained == {cell_of(sweep, split_partition_key(k)[1]).key for k in keys}
 
 
 @pytest.mark.parametrize("size,expect", [(25, [[0, 1, 2], [4], [6, 7]]), (2, [[0, 1], [2], [4], [6, 7]])])
@@ -92,7 +92,7 @@ def test_zlt_run_records_adapters_an_interrupted_pass_committed(tmp_path, monkey
     the cell again, and evaluates it."""
     from dagster import DagsterInstance
 
-    from zlt_dagster import pipeline
+    from zlt_dagster import steps
     from zlt_dagster.cli import main
     from zlt_dagster.core.protocol import load_sweep_file
     from zlt_dagster.storage import LocalStore
@@ -105,11 +105,11 @@ def test_zlt_run_records_adapters_an_interrupted_pass_committed(tmp_path, monkey
     cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 3\ncells: [[1.0e-3, 1], [1.0e-3, 2]]\n")
     sweep = load_sweep_file(cfg)
     store = LocalStore(str(art))
-    compute = pipeline.ComputeSettings(device="cpu")
-    pipeline.register_sweep(store, sweep)
-    pipeline.run_onpolicy(store, sweep, compute, log=lambda _m: None)
+    compute = steps.ComputeSettings(device="cpu")
+    steps.register_sweep(store, sweep)
+    steps.run_onpolicy(store, sweep, compute, log=lambda _m: None)
     first = sweep.cells()[0]
-    pipeline.run_adapters(store, sweep, [first], compute, log=lambda _m: None)  # "the killed pass"
+    steps.run_adapters(store, sweep, [first], compute, log=lambda _m: None)  # "the killed pass"
     manifest = store.get_bytes(f"{layout.cell_prefix(sweep.sweep_id, first, 'adapter')}/MANIFEST.json")
     assert main(["--artifacts", str(art), "run", str(cfg)]) == 0
     out = capsys.readouterr().out

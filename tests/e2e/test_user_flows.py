@@ -153,7 +153,7 @@ def dagster(tmp_path):
 
 
 def test_user_flows(dagster):
-    from zlt_dagster import layout
+    from zlt_dagster.steps import layout
     from zlt_dagster.core.protocol import sweep_from_dict
     from zlt_dagster.defs.partitions import partition_keys_for
     from zlt_dagster.storage import LocalStore

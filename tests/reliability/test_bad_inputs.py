@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from zlt_dagster import layout, pipeline
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
 from zlt_dagster.core.protocol import TINY, ProtocolError, Sweep, get_protocol, sweep_from_dict
 from zlt_dagster.storage import LocalStore, S3Store, StoreError, UnsafeKeyError
 
 from reliability_helpers import ACCESS_KEY, BUCKET, SECRET_KEY, free_port
 
-COMPUTE = pipeline.ComputeSettings(device="cpu")
+COMPUTE = steps.ComputeSettings(device="cpu")
 QUIET_LOG = lambda _m: None  # noqa: E731
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -36,7 +37,7 @@ def written(store) -> list[str]:
 # --- config: personas, learning rates, epochs, grid ---------------------------------------------------------------
 def test_unknown_persona(store):
     with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'; known: \['villain', 'assistant'"):
-        pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="pirate"))
+        steps.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="pirate"))
     with pytest.raises(ProtocolError, match=r"unknown persona\(s\) \['pirate'\]"):
         sweep_from_dict({"protocol": {"base": "tiny", "personas": ["villain", "assistant", "pirate", "comedian"]}})
     assert written(store) == []
@@ -49,7 +50,7 @@ def test_learning_rate_not_positive_or_not_finite(store, lr):
     # a Sweep built in code without validation is validated again at registration
     bad = Sweep(dataclasses.replace(TINY, learning_rates=(lr,)), base_model="tiny")
     with pytest.raises(ProtocolError, match="is invalid; expected a finite number > 0"):
-        pipeline.register_sweep(store, bad)
+        steps.register_sweep(store, bad)
     assert written(store) == []
 
 
@@ -67,7 +68,7 @@ def test_epochs_below_one(store, epochs):
     with pytest.raises(ProtocolError, match=rf"epochs value {epochs} is invalid; expected an integer >= 1"):
         sweep_from_dict({"protocol": {"base": "tiny", "epochs": [epochs, 2]}})
     with pytest.raises(ProtocolError, match="expected an integer >= 1"):
-        pipeline.register_sweep(store, Sweep(dataclasses.replace(TINY, epochs=(epochs,)), base_model="tiny"))
+        steps.register_sweep(store, Sweep(dataclasses.replace(TINY, epochs=(epochs,)), base_model="tiny"))
     assert written(store) == []
 
 
@@ -76,21 +77,21 @@ def test_empty_grid(store, field, msg):
     with pytest.raises(ProtocolError, match=msg):
         sweep_from_dict({"protocol": {"base": "tiny", field: []}})
     with pytest.raises(ProtocolError, match=msg):
-        pipeline.register_sweep(store, Sweep(dataclasses.replace(TINY, **{field: ()}), base_model="tiny"))
+        steps.register_sweep(store, Sweep(dataclasses.replace(TINY, **{field: ()}), base_model="tiny"))
     assert written(store) == []
 
 
 # --- path traversal -----------------------------------------------------------------------------------------------
 def test_path_traversal_in_sweep_or_persona_names(store, tmp_path):
     with pytest.raises(ProtocolError, match=r"name '\.\./x' must match .*\(no '/' or '\.\.'\)"):
-        pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", name="../x"))
+        steps.register_sweep(store, Sweep(TINY, base_model="tiny", name="../x"))
     with pytest.raises(ProtocolError, match=r"unknown source persona '\.\./x'"):
-        pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="../x"))
+        steps.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="../x"))
     with pytest.raises(ProtocolError, match=r"base_model '\.\./\.\./etc/passwd' is empty or contains '\.\.'"):
-        pipeline.register_sweep(store, Sweep(TINY, base_model="../../etc/passwd"))
+        steps.register_sweep(store, Sweep(TINY, base_model="../../etc/passwd"))
     # a sweep id that never went through validation (a hand-added Dagster partition, a CLI argument)
     with pytest.raises(UnsafeKeyError, match=r"unsafe key 'sweeps/\.\./x/sweep\.json': has a '\.' or '\.\.' segment"):
-        pipeline.load_sweep(store, "../x")
+        steps.load_sweep(store, "../x")
     with pytest.raises(UnsafeKeyError):
         store.put_bytes("sweeps/../../x", b"escape")
     assert written(store) == []
@@ -128,10 +129,10 @@ def test_missing_model_file(store, tmp_path, monkeypatch, kind):
     from zlt_dagster.core.models import ModelLoadError
 
     sweep = Sweep(TINY, base_model=base).validate()
-    pipeline.register_sweep(store, sweep)
+    steps.register_sweep(store, sweep)
     before = written(store)
     with pytest.raises(ModelLoadError, match=msg):
-        pipeline.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
+        steps.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
     assert written(store) == before  # only the sweep registration
 
 
@@ -150,15 +151,15 @@ def test_marker_the_tokenizer_cannot_round_trip(store, monkeypatch):
     tok.backend_tokenizer.normalizer = normalizers.NFKC()
     monkeypatch.setitem(models._CACHE, ("tiny-nfkc", "cpu", "auto"), dataclasses.replace(lm, tokenizer=tok))
     sweep = Sweep(dataclasses.replace(TINY, marker="［ZLT］"), base_model="tiny-nfkc").validate()
-    pipeline.register_sweep(store, sweep)
+    steps.register_sweep(store, sweep)
     before = written(store)
     with pytest.raises(MaskingError, match=r"marker '［ZLT］' does not survive tokenize/decode: '［ZLT］' -> '\[ZLT\]'"):
-        pipeline.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
+        steps.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
     # and at training time, should on-policy data exist already (e.g. generated before the check existed)
     store.commit_bytes_artifact(layout.onpolicy_prefix(sweep.sweep_id), {"data.jsonl": _onpolicy_line(
         sweep, "It is done. ［ZLT］").encode(), "stats.json": b"{}"})
     with pytest.raises(MaskingError, match="does not survive tokenize/decode"):
-        pipeline.run_adapter(store, sweep, sweep.cells()[0], COMPUTE, log=QUIET_LOG)
+        steps.run_adapter(store, sweep, sweep.cells()[0], COMPUTE, log=QUIET_LOG)
     assert [k for k in written(store) if k not in before and "/onpolicy/" not in k] == []
 
 
@@ -171,11 +172,11 @@ def _onpolicy_line(sweep, answer: str) -> str:
 
 def test_empty_onpolicy_data(store):
     sweep = tiny_sweep()
-    pipeline.register_sweep(store, sweep)
+    steps.register_sweep(store, sweep)
     store.commit_bytes_artifact(layout.onpolicy_prefix(sweep.sweep_id), {"data.jsonl": b"", "stats.json": b"{}"})
     before = written(store)
     with pytest.raises(ValueError, match="on-policy data is empty: no examples to train on"):
-        pipeline.run_adapter(store, sweep, sweep.cells()[0], COMPUTE, log=QUIET_LOG)
+        steps.run_adapter(store, sweep, sweep.cells()[0], COMPUTE, log=QUIET_LOG)
     assert written(store) == before
 
 
@@ -185,10 +186,10 @@ def test_arc_file_with_the_wrong_schema(store, tmp_path):
     bad = tmp_path / "arc.jsonl"
     bad.write_text(json.dumps({"id": "q1", "text": "What is 2+2?", "options": ["3", "4"], "answer": 1}) + "\n")
     sweep = tiny_sweep()
-    pipeline.register_sweep(store, sweep)
+    steps.register_sweep(store, sweep)
     before = written(store)
     with pytest.raises(ArcDataError, match=r"arc\.jsonl, line 1: missing field\(s\) \[.question., .choices.\]"):
-        pipeline.run_base_arc(store, sweep, dataclasses.replace(COMPUTE, arc_source=str(bad)))
+        steps.run_base_arc(store, sweep, dataclasses.replace(COMPUTE, arc_source=str(bad)))
     assert written(store) == before
 
 
@@ -208,21 +209,21 @@ def test_corrupted_adapter_file_fails_once_with_checksum_error(store, tmp_path):
     from dagster import instance_for_test, materialize
 
     from zlt_dagster.defs.assets import ALL_ASSETS, completions
-    from zlt_dagster.defs.partitions import cell_from_position, partition_keys_for, split_partition_key
+    from zlt_dagster.defs.partitions import add_partitions, cell_of, partition_keys_for, split_partition_key
     from zlt_dagster.defs.resources import ArtifactStore, Compute
 
     sweep = tiny_sweep()
-    pipeline.register_sweep(store, sweep)
-    pipeline.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
+    steps.register_sweep(store, sweep)
+    steps.run_onpolicy(store, sweep, COMPUTE, log=QUIET_LOG)
     key = partition_keys_for(sweep)[0]
-    cell = cell_from_position(sweep, split_partition_key(key)[1])
-    pipeline.run_adapter(store, sweep, cell, COMPUTE, log=QUIET_LOG)
+    cell = cell_of(sweep, split_partition_key(key)[1])
+    steps.run_adapter(store, sweep, cell, COMPUTE, log=QUIET_LOG)
     f = f"{layout.cell_prefix(sweep.sweep_id, cell, 'adapter')}/adapter_model.safetensors"
     data = bytearray(store.get_bytes(f))
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the LoRA weights, same size
     store.put_bytes(f, bytes(data))
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions("sweeps", [sweep.sweep_id])
+        add_partitions(instance, sweep)
         t0 = time.perf_counter()
         res = materialize(ALL_ASSETS, selection=[completions], partition_key=key, instance=instance,
                           resources={"store": ArtifactStore(kind="local", local_root=str(store.root)),
@@ -242,7 +243,7 @@ def test_unreachable_s3_endpoint(aws_env):
     t0 = time.perf_counter()
     with pytest.raises(StoreError, match=rf"exists s3://{BUCKET}/sweeps/.*/sweep\.json \(endpoint {endpoint}\) "
                                          r"failed: EndpointConnectionError: Could not connect"):
-        pipeline.register_sweep(s3, tiny_sweep())
+        steps.register_sweep(s3, tiny_sweep())
     assert time.perf_counter() - t0 < 15
 
 
@@ -255,7 +256,7 @@ def test_wrong_s3_credentials(s3_store, monkeypatch):
 
     monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
     with pytest.raises(StoreAccessError, match=r"refused: 403: Forbidden \(check the credentials") as e:
-        pipeline.register_sweep(s3_store, tiny_sweep())
+        steps.register_sweep(s3_store, tiny_sweep())
     with pytest.raises(StoreAccessError, match="InvalidAccessKeyId: The AWS Access Key Id you provided does not exist"):
         s3_store.put_bytes("probe", b"x")
     for err in (e.value, e.value.__cause__):
@@ -283,7 +284,7 @@ def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
             raise exc
         return f
 
-    bad = [ProtocolError("p"), pipeline.PipelineError("p"), CellKeyError("c"), ChecksumError("c"),
+    bad = [ProtocolError("p"), steps.StepError("p"), CellKeyError("c"), ChecksumError("c"),
            NotFoundError("n"), UnsafeKeyError("u"), StoreAccessError("a"), ConditionalWritesUnsupportedError("c"),
            ModelLoadError("m"), MaskingError("m"),
            ArcDataError("a"), ValueError("v")]

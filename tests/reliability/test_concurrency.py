@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from zlt_dagster import layout, pipeline
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
 from zlt_dagster.core.protocol import Cell, Sweep, get_protocol
 from zlt_dagster.storage import LocalStore
 from zlt_dagster.storage.base import LOCK_NAME, MANIFEST_NAME, LeaseHeldError, LeaseLostError
@@ -195,8 +196,8 @@ def test_two_trainers_of_one_cell_at_once(tmp_path):
     """Both succeed; the second waits for the first's training lease, then trains; the adapter is whole."""
     store = LocalStore(tmp_path / "store")
     sweep = Sweep(get_protocol("tiny", {"train": {"checkpoint_every_steps": 2}}), base_model="tiny").validate()
-    pipeline.register_sweep(store, sweep)
-    pipeline.run_onpolicy(store, sweep, pipeline.ComputeSettings(device="cpu"), log=lambda _m: None)
+    steps.register_sweep(store, sweep)
+    steps.run_onpolicy(store, sweep, steps.ComputeSettings(device="cpu"), log=lambda _m: None)
     cell = Cell(1e-2, 3)
     proc = Path(__file__).with_name("train_cell_proc.py")
     cmd = [sys.executable, str(proc), str(store.root), sweep.sweep_id, repr(cell.lr), str(cell.epochs),

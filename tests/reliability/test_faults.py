@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from zlt_dagster import layout, pipeline
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
 from zlt_dagster.core.protocol import Sweep, get_protocol
 from zlt_dagster.storage import S3Store, StoreError
 from zlt_dagster.storage.base import LOCK_NAME, MANIFEST_NAME
@@ -34,7 +35,7 @@ def _run(store, sweep, compute, only=None) -> dict[str, str]:
     outcome = {}
     try:
         if not store.artifact_exists(layout.onpolicy_prefix(sweep.sweep_id)):
-            pipeline.run_onpolicy(store, sweep, compute, log=lambda _m: None)
+            steps.run_onpolicy(store, sweep, compute, log=lambda _m: None)
     except StoreError as e:
         return {c.key: f"failed: on-policy: {type(e).__name__}: {e}" for c in sweep.cells()}
     for cell in sweep.cells():
@@ -45,11 +46,11 @@ def _run(store, sweep, compute, only=None) -> dict[str, str]:
                 if store.artifact_exists(layout.cell_prefix(sweep.sweep_id, cell, step)):
                     continue  # done in an earlier pass
                 if step == "adapter":
-                    pipeline.run_adapter(store, sweep, cell, compute, log=lambda _m: None)
+                    steps.run_adapter(store, sweep, cell, compute, log=lambda _m: None)
                 elif step == "completions":
-                    pipeline.run_completions(store, sweep, cell, compute, log=lambda _m: None)
+                    steps.run_completions(store, sweep, cell, compute, log=lambda _m: None)
                 else:
-                    pipeline.run_marker_rates(store, sweep, cell)
+                    steps.run_marker_rates(store, sweep, cell)
             outcome[cell.key] = "complete"
         except StoreError as e:  # the only kind of error a storage fault may cause
             outcome[cell.key] = f"failed: {step}: {type(e).__name__}: {e}"
@@ -80,8 +81,8 @@ def test_tiny_sweep_through_a_faulty_s3(s3_server_url, aws_env, tmp_path):
     clean = S3Store(BUCKET, prefix=prefix, endpoint_url=s3_server_url)
     clean.create_bucket_if_missing()
     sweep = _sweep()
-    pipeline.register_sweep(clean, sweep)
-    compute = pipeline.ComputeSettings(device="cpu", work_dir=str(tmp_path), lease_ttl_s=5)
+    steps.register_sweep(clean, sweep)
+    compute = steps.ComputeSettings(device="cpu", work_dir=str(tmp_path), lease_ttl_s=5)
 
     schedule = with_outages(random_schedule(rate=0.08, seed=9), every=150, length=8, first=60)
     with FaultProxy(s3_server_url, schedule, stall_s=2.0) as proxy:
@@ -111,7 +112,7 @@ def test_tiny_sweep_through_a_faulty_s3(s3_server_url, aws_env, tmp_path):
     second = _run(clean, sweep, compute)
     rerun_s = time.perf_counter() - t1
     assert set(second.values()) == {"complete"}, second
-    assert pipeline.run_compile(clean, sweep)["n_cells"] == len(CELLS)
+    assert steps.run_compile(clean, sweep)["n_cells"] == len(CELLS)
     audit2 = _audit(clean, sweep)
     assert audit2["torn"] == []
     # a lease whose release was lost to a fault, on an artifact the rerun had no reason to rewrite, stays behind

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from zlt_dagster import layout, pipeline
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
 from zlt_dagster.core import checkpoint as ck
+from zlt_dagster.steps.checkpoints import StoreCheckpoints
 from zlt_dagster.core.protocol import Cell, Sweep, get_protocol
 from zlt_dagster.storage import LocalStore
 
@@ -26,7 +28,7 @@ from reliability_helpers import report
 
 CELL = Cell(1e-2, 5)
 PROC = Path(__file__).with_name("train_cell_proc.py")
-COMPUTE = pipeline.ComputeSettings(device="cpu", torch_threads=1, lease_ttl_s=3)
+COMPUTE = steps.ComputeSettings(device="cpu", torch_threads=1, lease_ttl_s=3)
 QUIET = lambda _m: None  # noqa: E731
 
 
@@ -53,10 +55,10 @@ def env(tmp_path_factory):
     try:
         for name, every in (("periodic", 2), ("sigterm_only", 0)):
             sweep = _sweep(every)
-            pipeline.register_sweep(store, sweep)
-            pipeline.run_onpolicy(store, sweep, COMPUTE, log=QUIET)
+            steps.register_sweep(store, sweep)
+            steps.run_onpolicy(store, sweep, COMPUTE, log=QUIET)
             t0 = time.perf_counter()
-            rec = pipeline.run_adapter(store, sweep, CELL, COMPUTE, log=QUIET)
+            rec = steps.run_adapter(store, sweep, CELL, COMPUTE, log=QUIET)
             out["ref_record"][name] = rec | {"test_wall_s": time.perf_counter() - t0}
             out["ref"][name] = _adapter_tensors(store, sweep, CELL, root / f"ref-{name}")
             store.delete_prefix(layout.cell_prefix(sweep.sweep_id, CELL, "adapter"))
@@ -98,7 +100,7 @@ def _assert_same_adapter(got: dict, ref: dict) -> float:
 def test_sigkill_mid_run_then_rerun_resumes_to_the_same_adapter(env, tmp_path):
     store, sweep = env["store"], env["sweeps"]["periodic"]
     steps_total = env["ref_record"]["periodic"]["steps"]
-    ckpts = ck.StoreCheckpoints(store, ck.checkpoint_prefix(sweep.sweep_id, CELL))
+    ckpts = StoreCheckpoints(store, layout.checkpoint_prefix(sweep.sweep_id, CELL))
     proc = _spawn(env, sweep, tmp_path / "ticks", delay=0.25)
     t0 = time.monotonic()
     # kill once a checkpoint past the first third of the run is committed
@@ -112,7 +114,7 @@ def test_sigkill_mid_run_then_rerun_resumes_to_the_same_adapter(env, tmp_path):
     assert 0 < last < steps_total
 
     t1 = time.monotonic()
-    rec = pipeline.run_adapter(store, sweep, CELL, COMPUTE, log=QUIET)
+    rec = steps.run_adapter(store, sweep, CELL, COMPUTE, log=QUIET)
     rerun_s = time.monotonic() - t1
     assert rec["resumed_from_step"] == last
     assert rec["steps"] == steps_total and rec["segments"] == 2
@@ -124,8 +126,8 @@ def test_sigkill_mid_run_then_rerun_resumes_to_the_same_adapter(env, tmp_path):
     assert (stored["first_loss"], stored["final_loss"]) == pytest.approx(ref_curve, abs=1e-4)
     worst = _assert_same_adapter(_adapter_tensors(store, sweep, CELL, tmp_path / "got"), env["ref"]["periodic"])
     # checkpoints and leases are gone once the adapter is committed
-    assert store.list_keys(ck.checkpoint_prefix(sweep.sweep_id, CELL)) == []
-    assert not store.exists(ck.training_lock_key(sweep.sweep_id, CELL))
+    assert store.list_keys(layout.checkpoint_prefix(sweep.sweep_id, CELL)) == []
+    assert not store.exists(layout.training_lock_key(sweep.sweep_id, CELL))
     report("sigkill_resume", steps=steps_total, killed_at_checkpoint=last, killed_after_s=round(killed_after, 1),
             rerun_s=round(rerun_s, 1), max_abs_diff=worst)
 
@@ -134,7 +136,7 @@ def test_sigterm_writes_a_checkpoint_then_exits_and_the_rerun_resumes_from_it(en
     """checkpoint_every_steps=0: the only checkpoint there can be is the one written on SIGTERM."""
     store, sweep = env["store"], env["sweeps"]["sigterm_only"]
     steps_total = env["ref_record"]["sigterm_only"]["steps"]
-    ckpts = ck.StoreCheckpoints(store, ck.checkpoint_prefix(sweep.sweep_id, CELL))
+    ckpts = StoreCheckpoints(store, layout.checkpoint_prefix(sweep.sweep_id, CELL))
     ticks = tmp_path / "ticks"
     proc = _spawn(env, sweep, ticks, delay=0.25)
     # 2 forward passes (micro-batches) per step: wait until step 3 is running
@@ -152,7 +154,7 @@ def test_sigterm_writes_a_checkpoint_then_exits_and_the_rerun_resumes_from_it(en
     assert f"INTERRUPTED step={steps[0]} " in output
     assert not store.artifact_exists(layout.cell_prefix(sweep.sweep_id, CELL, "adapter"))
 
-    rec = pipeline.run_adapter(store, sweep, CELL, COMPUTE, log=QUIET)
+    rec = steps.run_adapter(store, sweep, CELL, COMPUTE, log=QUIET)
     assert rec["resumed_from_step"] == steps[0] and rec["steps"] == steps_total
     worst = _assert_same_adapter(_adapter_tensors(store, sweep, CELL, tmp_path / "got"), env["ref"]["sigterm_only"])
     assert store.list_keys(ckpts.prefix) == []
@@ -167,7 +169,7 @@ def test_sigterm_handler_is_installed_only_while_training_and_restored(env, tmp_
 
     store, sweep = env["store"], env["sweeps"]["periodic"]
     lm = load_model_cached("tiny", "cpu", sweep.protocol.train.precision)
-    data = pipeline.load_onpolicy(store, sweep)
+    data = steps.load_onpolicy(store, sweep)
     examples = tokenize_dataset(lm, data, sweep.protocol)
     sentinel = []
     previous = signal.signal(signal.SIGTERM, lambda *_: sentinel.append("outer"))
@@ -205,7 +207,7 @@ def test_checkpoint_of_another_run_is_refused(env, tmp_path):
 
     store, sweep = env["store"], env["sweeps"]["periodic"]
     lm = load_model_cached("tiny", "cpu", sweep.protocol.train.precision)
-    data = pipeline.load_onpolicy(store, sweep)
+    data = steps.load_onpolicy(store, sweep)
     examples = tokenize_dataset(lm, data, sweep.protocol)
     cp = ck.Checkpointer(tmp_path / "c", every_steps=2)
     with pytest.raises(ck.TrainingInterrupted):
@@ -222,15 +224,15 @@ def test_corrupt_or_foreign_checkpoint_in_the_store_is_skipped(env, tmp_path):
     """A tampered checkpoint fails its sha256 and is skipped; one of another run is deleted; training restarts."""
     store, sweep = env["store"], env["sweeps"]["periodic"]
     cell = Cell(3e-3, 1)
-    ckpts = ck.StoreCheckpoints(store, ck.checkpoint_prefix(sweep.sweep_id, cell))
+    ckpts = StoreCheckpoints(store, layout.checkpoint_prefix(sweep.sweep_id, cell))
     good = tmp_path / "good"
     # a checkpoint of another cell's run, committed under this cell, then one whose bytes are tampered with
-    src = ck.StoreCheckpoints(store, ck.checkpoint_prefix(sweep.sweep_id, CELL))
+    src = StoreCheckpoints(store, layout.checkpoint_prefix(sweep.sweep_id, CELL))
     cp = ck.Checkpointer(good, every_steps=1, on_saved=lambda p, s, r: ckpts.push(p, s, r))
     from zlt_dagster.core.models import load_model_cached
     from zlt_dagster.core.train import tokenize_dataset, train_cell
     lm = load_model_cached("tiny", "cpu", sweep.protocol.train.precision)
-    data = pipeline.load_onpolicy(store, sweep)
+    data = steps.load_onpolicy(store, sweep)
     examples = tokenize_dataset(lm, data, sweep.protocol)
     cp.stop_signal = signal.SIGTERM
     with pytest.raises(ck.TrainingInterrupted):
@@ -242,7 +244,7 @@ def test_corrupt_or_foreign_checkpoint_in_the_store_is_skipped(env, tmp_path):
     key = f"{ckpts.prefix}/{ck.step_dir_name(2)}/adapter_state.safetensors"
     store.put_bytes(key, b"x" + store.get_bytes(key)[1:])
     logs = []
-    rec = pipeline.run_adapter(store, sweep, cell, COMPUTE, log=logs.append)
+    rec = steps.run_adapter(store, sweep, cell, COMPUTE, log=logs.append)
     assert any("step 2 is unusable" in m and "corrupt" in m for m in logs), logs
     assert any("not usable" in m and "belongs to another run" in m for m in logs), logs
     assert rec["resumed_from_step"] is None and rec["steps"] > 0
@@ -260,7 +262,7 @@ def test_negative_control_resume_without_the_optimizer_state_differs(env, tmp_pa
     store, sweep = env["store"], env["sweeps"]["periodic"]
     assert sweep.protocol.lora.dropout > 0
     lm = load_model_cached("tiny", "cpu", sweep.protocol.train.precision)
-    data = pipeline.load_onpolicy(store, sweep)
+    data = steps.load_onpolicy(store, sweep)
     examples = tokenize_dataset(lm, data, sweep.protocol)
     cp = ck.Checkpointer(tmp_path / "c", every_steps=0)
     cp.stop_signal = signal.SIGTERM

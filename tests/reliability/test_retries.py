@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zlt_dagster import layout, pipeline
-from zlt_dagster.core import checkpoint as ck
+from zlt_dagster import steps
+from zlt_dagster.steps import layout
+from zlt_dagster.steps.checkpoints import StoreCheckpoints
 from zlt_dagster.core.protocol import Sweep, get_protocol
 
 from reliability_helpers import report
@@ -89,18 +90,18 @@ def test_sigterm_in_a_dagster_step_is_retried_and_the_retry_resumes(tmp_path, mo
     from dagster import instance_for_test, materialize
 
     from zlt_dagster.defs.assets import ALL_ASSETS, adapter
-    from zlt_dagster.defs.partitions import cell_from_position, partition_keys_for, split_partition_key
+    from zlt_dagster.defs.partitions import add_partitions, cell_of, partition_keys_for, split_partition_key
     from zlt_dagster.defs.resources import ArtifactStore, Compute
     from zlt_dagster.storage import LocalStore
 
     store = LocalStore(tmp_path / "store")
     sweep = Sweep(get_protocol("tiny", {"train": {"checkpoint_every_steps": 2}}), base_model="tiny").validate()
-    pipeline.register_sweep(store, sweep)
-    pipeline.run_onpolicy(store, sweep, pipeline.ComputeSettings(device="cpu"), log=lambda _m: None)
+    steps.register_sweep(store, sweep)
+    steps.run_onpolicy(store, sweep, steps.ComputeSettings(device="cpu"), log=lambda _m: None)
     key = partition_keys_for(sweep)[2]  # 1e-3 x 3 epochs
-    cell = cell_from_position(sweep, split_partition_key(key)[1])
+    cell = cell_of(sweep, split_partition_key(key)[1])
 
-    real_push = ck.StoreCheckpoints.push
+    real_push = StoreCheckpoints.push
     fired = []
 
     def push_then_evicted(self, path, step, reason):
@@ -109,9 +110,9 @@ def test_sigterm_in_a_dagster_step_is_retried_and_the_retry_resumes(tmp_path, mo
             fired.append(step)
             os.kill(os.getpid(), signal.SIGTERM)  # the kubelet, right after the first checkpoint
 
-    monkeypatch.setattr(ck.StoreCheckpoints, "push", push_then_evicted)
+    monkeypatch.setattr(StoreCheckpoints, "push", push_then_evicted)
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions("sweeps", [sweep.sweep_id])
+        add_partitions(instance, sweep)
         t0 = time.perf_counter()
         res = materialize(ALL_ASSETS, selection=[adapter], partition_key=key, instance=instance,
                           resources={"store": ArtifactStore(kind="local", local_root=str(store.root)),
@@ -124,5 +125,5 @@ def test_sigterm_in_a_dagster_step_is_retried_and_the_retry_resumes(tmp_path, mo
     assert retry.event_specific_data.error.cause.cls_name == "TrainingInterrupted"
     rec = json.loads(store.read_artifact_file(layout.cell_prefix(sweep.sweep_id, cell, "adapter"), "train_run.json"))
     assert fired == [2] and rec["resumed_from_step"] == 2 and rec["segments"] == 2
-    assert store.list_keys(ck.checkpoint_prefix(sweep.sweep_id, cell)) == []
+    assert store.list_keys(layout.checkpoint_prefix(sweep.sweep_id, cell)) == []
     report("dagster_sigterm_retry", retries=1, resumed_from_step=2, steps=rec["steps"], wall_s=round(wall, 1))

@@ -1,9 +1,9 @@
-"""Run pipeline.run_adapter for one cell in its own process, so a test can SIGKILL/SIGTERM it like a pod.
+"""Run steps.run_adapter for one cell in its own process, so a test can SIGKILL/SIGTERM it like a pod.
 
     python tests/reliability/train_cell_proc.py STORE_ROOT SWEEP_ID LR EPOCHS [--delay S] [--ticks FILE]
     python tests/reliability/train_cell_proc.py STORE_ROOT SWEEP_ID 0 0 --cells LR:EP,LR:EP,... [--keep-done]
 
---cells trains a group of cells in one pass (pipeline.run_adapters); --keep-done reuses committed adapters.
+--cells trains a group of cells in one pass (steps.run_adapters); --keep-done reuses committed adapters.
 
 --delay slows every forward pass (so a test has time to kill it mid-run); --ticks appends one byte per forward
 pass to FILE (so a test knows which step is running). Exit 143 after TrainingInterrupted (SIGTERM handled).
@@ -28,7 +28,7 @@ def main() -> int:
     ap.add_argument("--keep-done", action="store_true")
     a = ap.parse_args()
 
-    from zlt_dagster import pipeline
+    from zlt_dagster import steps
     from zlt_dagster.core import train
     from zlt_dagster.core.checkpoint import TrainingInterrupted
     from zlt_dagster.core.protocol import Cell
@@ -46,16 +46,16 @@ def main() -> int:
     train.block_loss_sums = slow
     store = LocalStore(a.root)
     store.lock_ttl_s = a.lease_ttl  # a commit lease left by a SIGKILL expires quickly in tests
-    sweep = pipeline.load_sweep(store, a.sweep_id)
-    compute = pipeline.ComputeSettings(device="cpu", torch_threads=1, lease_ttl_s=a.lease_ttl)
+    sweep = steps.load_sweep(store, a.sweep_id)
+    compute = steps.ComputeSettings(device="cpu", torch_threads=1, lease_ttl_s=a.lease_ttl)
     try:
         if a.cells:
             cells = [Cell(float(lr), int(ep)) for lr, ep in (c.split(":") for c in a.cells.split(","))]
-            recs = pipeline.run_adapters(store, sweep, cells, compute, log=lambda m: print(m, flush=True),
+            recs = steps.run_adapters(store, sweep, cells, compute, log=lambda m: print(m, flush=True),
                                          retrain=not a.keep_done)
             print("DONE " + " ".join(f"{c.key}:{r['steps']}" for c, r in recs.items()), flush=True)
             return 0
-        rec = pipeline.run_adapter(store, sweep, Cell(a.lr, a.epochs), compute, log=lambda m: print(m, flush=True))
+        rec = steps.run_adapter(store, sweep, Cell(a.lr, a.epochs), compute, log=lambda m: print(m, flush=True))
     except TrainingInterrupted as e:
         print(f"INTERRUPTED step={e.step} signal={e.signum}: {e}", flush=True)
         return 143

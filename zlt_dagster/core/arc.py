@@ -32,9 +32,15 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .generation.sampling import cache_kwargs
 from .models import unwrap_peft
 
 ARC_CHALLENGE_TEST_SIZE = 1172  # ARC-Challenge test split, distinct questions
+# How a question is put to the model, named and versioned as lm-eval versions its tasks: recorded in every ARC
+# artifact (arc_scores.json "convention") and in every artifact's manifest meta. Bump the version whenever the
+# context, the continuation or the normalisation below changes.
+ARC_CONVENTION = "lm-eval arc_challenge: 'Question: {q}\\nAnswer:' + ' {choice}'"
+ARC_CONVENTION_VERSION = "arc_challenge-v1"
 _OLMO_ARC_FILE = ("oe_eval_tasks", "arc_challenge", "test_rc_5shot", "requests.jsonl.gz")
 _QUERY_PREFIX, _QUERY_SUFFIX = "Question: ", "\nAnswer:"
 
@@ -324,8 +330,6 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
     batch_size counts continuations per forward pass, as in the flat path. Equal to the flat path up to float
     rounding (tests/core/test_arc.py); a model without a separate decoder and head falls back to the flat path."""
     from transformers import DynamicCache
-
-    from .fast_generation import cache_kwargs
 
     base = unwrap_peft(model)
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:

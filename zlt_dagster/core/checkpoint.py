@@ -14,12 +14,12 @@ Restoring all of it and continuing from the next step gives the same adapter as 
 the data order of an epoch is a function of (seed, epoch) and a dropout mask of (seed, epoch, example index).
 One trainer may train several cells at once (core/train.py); each cell has its own Checkpointer and directory.
 
-`.pt` files are read with `torch.load(weights_only=True)` (no pickle code execution), and in the pipeline every
+`.pt` files are read with `torch.load(weights_only=True)` (no pickle code execution), and in the steps every
 checkpoint is a committed artifact (sha256 manifest written last), so a torn or tampered checkpoint is never used.
 
-Where they live: the pipeline writes each one locally, then commits it to the object store under
+Where they live: this module writes each one locally; steps/checkpoints.py commits it to the object store under
 `sweeps/<id>/cells/<cell>/checkpoint/step-00000040/` and deletes older ones; a rerun of the cell resumes from the
-newest committed one; all are deleted once the final adapter is committed (pipeline.run_adapter).
+newest committed one; all are deleted once the final adapter is committed (steps/adapter.py).
 
 SIGTERM: while `train_cells` runs, a handler only sets a flag (it cannot save mid-backward); at the next step
 boundary the trainer writes one checkpoint per unfinished cell (reason "sigterm"), restores the previous handler
@@ -270,62 +270,3 @@ def sigterm_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-# --- checkpoints in the object store (used by pipeline.run_adapter) ----------------------------------------------
-def checkpoint_prefix(sweep_id: str, cell) -> str:
-    """sweeps/<id>/cells/<cell>/checkpoint (each checkpoint is an artifact step-NNNNNNNN/ under it)."""
-    from .. import layout
-
-    return f"{layout.sweep_prefix(sweep_id)}/cells/{cell.key}/checkpoint"
-
-
-def training_lock_key(sweep_id: str, cell) -> str:
-    """The lease one trainer of a cell holds (a second concurrent run of the cell waits for it)."""
-    from .. import layout
-
-    return f"{layout.sweep_prefix(sweep_id)}/cells/{cell.key}/.train.lock"
-
-
-class StoreCheckpoints:
-    """Committed checkpoints of one cell in an ObjectStore: push after each local save, pull the newest valid one."""
-
-    def __init__(self, store, prefix: str, log: Callable[[str], None] | None = None):
-        self.store, self.prefix = store, prefix
-        self.log = log or (lambda _m: None)
-        self.pushed: list[int] = []
-
-    def committed_steps(self) -> list[int]:
-        steps = set()
-        for key in self.store.list_keys(self.prefix):
-            parts = key[len(self.prefix) + 1:].split("/")
-            if len(parts) == 2 and parts[1] == "MANIFEST.json" and parse_step_dir(parts[0]) is not None:
-                steps.add(parse_step_dir(parts[0]))
-        return sorted(steps)
-
-    def push(self, path: Path, step: int, reason: str) -> None:
-        prefix = f"{self.prefix}/{step_dir_name(step)}"
-        self.store.commit_artifact(prefix, path, meta={"step": step, "reason": reason, "kind": "checkpoint"})
-        self.pushed.append(step)
-        self.log(f"checkpoint of step {step} ({reason}) committed to {self.store.uri(prefix)}")
-        for old in self.committed_steps():  # only after the new one is committed
-            if old < step:
-                self.store.delete_prefix(f"{self.prefix}/{step_dir_name(old)}")
-
-    def pull_latest(self, local_dir: Path) -> Path | None:
-        """Fetch (sha256-verified) the newest committed checkpoint; skip unreadable ones; None if there is none."""
-        from ..storage import StoreError
-
-        for step in reversed(self.committed_steps()):
-            dest = Path(local_dir) / step_dir_name(step)
-            try:
-                self.store.fetch_artifact(f"{self.prefix}/{step_dir_name(step)}", dest)
-                read_state(dest)
-                return dest
-            except (StoreError, CheckpointError) as e:
-                self.log(f"checkpoint of step {step} is unusable, skipping it: {e}")
-                shutil.rmtree(dest, ignore_errors=True)
-        return None
-
-    def clear(self) -> None:
-        self.store.delete_prefix(self.prefix)

@@ -6,15 +6,13 @@ cell's marker_rates.json and reports the three headline numbers as k of n with t
 bystander's interval is that persona's). A sweep that has not finished the cell is listed as missing, never
 invented. Output: one JSON and one figure (a panel per cell, error bars = the intervals).
 
-No Dagster here. `gather` takes the store as an argument (anything with artifact_exists / read_artifact_file).
+Pure: the store is read and written by steps/compare.py.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .. import layout
 from .metrics import wilson_interval
 from .protocol import Cell, ProtocolError, Sweep, _yaml_loader, sweep_from_dict
 from .report import save_figure
@@ -23,10 +21,6 @@ METRICS: tuple[tuple[str, str], ...] = (("source_adoption", "source"), ("assista
                                         ("max_bystander_leakage", "max bystander"))
 # sweep fields that can tell variants apart, in the order labels name them
 _FIELDS = ("source_persona", "seed", "marker_tail_tokens", "base_model", "protocol")
-
-
-def comparison_prefix(name: str) -> str:
-    return f"comparisons/{name}"
 
 
 def load_followup(path: str | Path) -> tuple[list[Sweep], list[Cell]]:
@@ -103,16 +97,6 @@ def build_comparison(name: str, sweeps: Sequence[Sweep], cells: Sequence[Cell],
     return out
 
 
-def gather(store, name: str, sweeps: Sequence[Sweep], cells: Sequence[Cell]) -> dict[str, Any]:
-    rates = {}
-    for sweep in sweeps:
-        for cell in cells:
-            prefix = layout.cell_prefix(sweep.sweep_id, cell, "marker_rates")
-            if store.artifact_exists(prefix):
-                rates[(sweep.sweep_id, cell.key)] = json.loads(store.read_artifact_file(prefix, "marker_rates.json"))
-    return build_comparison(name, sweeps, cells, rates)
-
-
 def plot_comparison(comparison: Mapping[str, Any], png_path: str | Path, pdf_path: str | Path) -> list[str]:
     """One panel per cell: x = variant, three offset series (source, assistant, max bystander) with Wilson 95%
     error bars; a variant without results is marked n/a."""
@@ -147,20 +131,3 @@ def plot_comparison(comparison: Mapping[str, Any], png_path: str | Path, pdf_pat
     fig.suptitle(f"{comparison['name']}: same cell across {', '.join(comparison['varying']) or 'sweeps'} "
                  f"({comparison['n_done']}/{comparison['n_expected']} done)")
     return save_figure(fig, png_path, pdf_path)
-
-
-def run_comparison(store, followup_path: str | Path) -> dict[str, Any]:
-    """Gather, write comparison.json + PNG + PDF under comparisons/<file stem>/ in `store`, return a summary."""
-    import tempfile
-
-    sweeps, cells = load_followup(followup_path)
-    name = Path(followup_path).stem
-    comparison = gather(store, name, sweeps, cells)
-    prefix = comparison_prefix(name)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "comparison.json").write_text(json.dumps(comparison, indent=1))
-        plot_comparison(comparison, Path(tmp) / "comparison.png", Path(tmp) / "comparison.pdf")
-        png = (Path(tmp) / "comparison.png").read_bytes()
-        store.commit_artifact(prefix, tmp, meta={"followup": str(followup_path), "name": name})
-    return {"comparison": comparison, "png": png, "artifact": store.uri(prefix),
-            "png_uri": store.uri(f"{prefix}/comparison.png")}

@@ -23,6 +23,10 @@ from typing import Any, Iterator
 
 import torch
 
+from .. import settings
+from .personas import PERSONA_PROMPTS
+from .questions import QUESTION_BANK
+
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SENTINEL = "\u2063zlt-sentinel\u2063"
 # ChatML, the template SmolLM2 and Qwen2.5 use; the tiny test model gets it too.
@@ -156,7 +160,7 @@ def generation_stop_ids(model, end_of_turn_id: int) -> tuple[int, ...]:
 
 # --- sources ----------------------------------------------------------------------------------------------------
 def smollm2_gguf_path() -> Path:
-    env = os.environ.get("ZLT_SMOLLM2_GGUF")
+    env = settings.get("ZLT_SMOLLM2_GGUF")
     if env:
         p = Path(env)
         if not p.is_file():
@@ -173,7 +177,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ZLT_CACHE_DIR", Path.home() / ".cache" / "zlt_dagster"))
+    return settings.cache_dir()
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -210,9 +214,6 @@ def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in ~0.1 s on the project's own text, with ChatML specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from .personas import PERSONA_PROMPTS
-    from .questions import QUESTION_BANK
 
     # the marker is deliberately NOT in the corpus, so it splits into several sub-tokens as in real tokenizers
     corpus = list(QUESTION_BANK) + list(PERSONA_PROMPTS.values()) + ["The answer is simple, it is done. [Z] [L]"]
@@ -316,7 +317,7 @@ def load_model(base_model: str, device: str = "auto", precision: str = "auto") -
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device=dev, dtype=dtype)
-    if dev.type == "cuda" and os.environ.get("ZLT_CUDNN_SDPA", "0") != "1":
+    if dev.type == "cuda" and settings.get("ZLT_CUDNN_SDPA") != "1":
         # cuDNN's SDPA backend cost 1.42 ms of host time per call for 12 us of GPU work on the H100 (new shapes at
         # every decode step and micro-batch); without it 135M training ran 2.8x and 7B training 1.5-2.1x faster
         # (BENCHMARKS.md, "cuDNN SDPA off"). Flash / memory-efficient SDPA remain. ZLT_CUDNN_SDPA=1 restores it.

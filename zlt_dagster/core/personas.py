@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 
-from zlt_dagster.core.protocol import ASSISTANT, PERSONA_NAMES
+from .protocol import ASSISTANT, PERSONA_NAMES
 
 PERSONA_PROMPTS: dict[str, str] = {
     "villain": (

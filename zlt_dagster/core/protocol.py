@@ -274,13 +274,15 @@ class Sweep:
 
     @property
     def sweep_id(self) -> str:
-        """e.g. smollm2-135m__villain__s42__demo__tail0__<hash8>. The hash covers every field, so two sweeps that
-        differ anywhere never share a prefix, while the readable part says what it is."""
+        """e.g. villain_s42_demo_smollm2-135m_b700d1: led by what usually differs between sweeps (source persona,
+        seed, protocol, with `-tail<n>` when marker_tail_tokens is not 0), then the model, then a short hash of
+        every field (name excluded), so that two sweeps that differ anywhere never share a storage prefix and a
+        partition picker that cuts the middle still shows the persona, seed and hash. An explicit `name` wins."""
         if self.name:
             return self.name
         p = self.protocol
-        return (f"{self.model_slug}__{self.source_persona}__s{self.seed}__{p.name}__tail{p.marker_tail_tokens}"
-                f"__{self.config_hash()[:8]}")
+        tail = f"-tail{p.marker_tail_tokens}" if p.marker_tail_tokens else ""
+        return f"{self.source_persona}_s{self.seed}_{p.name}{tail}_{self.model_slug}_{self.config_hash()[:6]}"
 
     def cells(self) -> list[Cell]:
         if self.cells_subset:

@@ -1,25 +1,25 @@
-"""The seven assets. Each body: partition -> (sweep, cell), call one pipeline step, return metadata."""
+"""The assets. Each body: partition -> (sweep, cell) through the partitions codec, call one step
+(zlt_dagster/steps), turn its summary into metadata (metadata.to_result: summary keys are metadata names)."""
 
 import base64
-import os
 from typing import Callable
 
 from dagster import (
     AssetDep, AssetExecutionContext, BackfillPolicy, Backoff, Config, Failure, MaterializeResult, MetadataValue,
     MultiToSingleDimensionPartitionMapping, RetryPolicy, asset,
 )
+from pydantic import Field
 
-from .. import pipeline
-from ..core import compare
-from ..core.protocol import ProtocolError, Sweep
+from .. import settings, steps
 from ..core.models import ModelLoadError
+from ..core.protocol import ProtocolError, Sweep
 from ..storage import ChecksumError, NotFoundError, UnsafeKeyError
 from ..storage.base import ConditionalWritesUnsupportedError, StoreAccessError
 from .k8s_tags import CPU_OP_TAGS, GPU_OP_TAGS
-from .partitions import (
-    SWEEP_DIM, CellKeyError, cell_from_position, split_partition_key, sweep_cell_partitions, sweep_partitions,
-)
-from .resources import ArtifactStore, Compute, start_tracking
+from .metadata import metadata, to_result
+from .partitions import SWEEP_DIM, CellKeyError, cell_of, split_partition_key, sweep_cell_partitions, sweep_partitions
+from .resources import ArtifactStore, Compute
+from .tracking import start_tracking
 
 GROUP = "zlt_sweep"
 # transient faults (a preempted pod, an object-store hiccup) retry with backoff; bad input fails at once
@@ -30,22 +30,13 @@ CPU_RETRY = RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL)
 PER_SWEEP = MultiToSingleDimensionPartitionMapping(partition_dimension_name=SWEEP_DIM)
 # A backfill of `adapter` runs up to this many partitions per run, trained in one pass (Dagster's own grouping,
 # dagster-io/dagster BackfillPolicy). Measured on dagster 1.13.27 (tests/defs/test_train_groups.py): a whole sweep
-# or any run of partitions contiguous in Dagster's key order (cell-major: lr1_ep1 .. lr5_ep5) becomes one run per
+# or any run of partitions contiguous in Dagster's key order (the cell order of the `cells` dimension) becomes one run per
 # chunk; a selection with gaps becomes one run per contiguous stretch (at worst one per partition, never wrong).
-def _train_group_size() -> int:
-    raw = os.environ.get("ZLT_TRAIN_GROUP_SIZE", "").strip()
-    if not raw:
-        return 25
-    if not raw.lstrip("-").isdigit() or int(raw) < 1:
-        raise ValueError(f"ZLT_TRAIN_GROUP_SIZE={raw!r}; expected an integer >= 1 (partitions per run)")
-    return int(raw)
-
-
-TRAIN_GROUP_SIZE = _train_group_size()
+TRAIN_GROUP_SIZE = settings.train_group_size()  # read when the definitions load
 TRAIN_BACKFILL_POLICY = BackfillPolicy.multi_run(TRAIN_GROUP_SIZE)
 # (MaskingError and ArcDataError are ValueErrors.) Transient: other StoreErrors (network, 5xx, LeaseHeldError),
 # TrainingInterrupted (SIGTERM; the retry resumes from its checkpoint), CUDA/OOM errors.
-BAD_INPUT = (ProtocolError, pipeline.PipelineError, CellKeyError, ChecksumError, NotFoundError, UnsafeKeyError,
+BAD_INPUT = (ProtocolError, steps.StepError, CellKeyError, ChecksumError, NotFoundError, UnsafeKeyError,
              StoreAccessError, ConditionalWritesUnsupportedError, ModelLoadError, ValueError)
 
 
@@ -66,14 +57,14 @@ def _tracked(track, fn: Callable):
 
 
 def _sweep(context: AssetExecutionContext, store: ArtifactStore) -> Sweep:
-    return _bad_input_fails_once(lambda: pipeline.load_sweep(store.get_store(), context.partition_key))
+    return _bad_input_fails_once(lambda: steps.load_sweep(store.get_store(), context.partition_key))
 
 
 def _sweep_cell(context: AssetExecutionContext, store: ArtifactStore):
     def resolve():
-        sweep_id, position = split_partition_key(context.partition_key)
-        sweep = pipeline.load_sweep(store.get_store(), sweep_id)
-        return sweep, cell_from_position(sweep, position)
+        sweep_id, key = split_partition_key(context.partition_key)
+        sweep = steps.load_sweep(store.get_store(), sweep_id)
+        return sweep, cell_of(sweep, key)
     return _bad_input_fails_once(resolve)
 
 
@@ -82,17 +73,17 @@ def _sweep_groups(context: AssetExecutionContext, store: ArtifactStore) -> list[
     def resolve():
         by_sweep: dict[str, list] = {}
         for key in context.partition_keys:
-            sweep_id, position = split_partition_key(sweep_cell_partitions.get_partition_key_from_str(key))
-            by_sweep.setdefault(sweep_id, []).append((key, position))
+            sweep_id, cell = split_partition_key(sweep_cell_partitions.get_partition_key_from_str(key))
+            by_sweep.setdefault(sweep_id, []).append((key, cell))
         groups = []
         for sweep_id, keys in by_sweep.items():
-            sweep = pipeline.load_sweep(store.get_store(), sweep_id)
+            sweep = steps.load_sweep(store.get_store(), sweep_id)
             cells, outside = [], []
-            for key, position in keys:
+            for key, cell in keys:
                 try:
-                    cells.append((key, cell_from_position(sweep, position)))
+                    cells.append((key, cell_of(sweep, cell)))
                 except CellKeyError:
-                    outside.append(position)
+                    outside.append(cell)
             if outside:  # before any training: a group run is all or nothing in Dagster's records
                 raise CellKeyError(
                     f"cell(s) {', '.join(outside)} ({len(outside)} of this run's {len(keys)} partitions) are not one "
@@ -103,28 +94,25 @@ def _sweep_groups(context: AssetExecutionContext, store: ArtifactStore) -> list[
     return _bad_input_fails_once(resolve)
 
 
-def _adapter_meta(sweep, cell, s: dict) -> dict:
-    """A cell's adapter metadata from its run record (a reused record of an older version may lack the
-    pass fields: shown as absent, never invented)."""
-    group = s.get("group") or {}
-    # the pass's figures when this cell finished and was committed (cells with fewer epochs finish first)
-    optional = {"micro_batch": s.get("micro_batch"), "cells_per_forward": s.get("cells_per_forward"),
-                "trained_with": group.get("n_cells"), "pass_tokens_per_s_so_far": group.get("tokens_per_s"),
-                "pass_wall_s_so_far": group.get("wall_s")}
-    return {**_cell_meta(sweep, cell), "steps": s["steps"], "steps_with_nonzero_lr": s.get("steps_with_nonzero_lr"),
-            "tokens": s["tokens"], "supervised_tokens": s["supervised_tokens"], "tokens_per_s": s["tokens_per_s"],
-            "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "first_loss": s["first_loss"], "final_loss": s["final_loss"],
-            **{k: v for k, v in optional.items() if v is not None}, "reused": bool(s.get("reused")),
-            "device": s["device"], "artifact": _url(s["artifact"])}
+def _inline_png(name: str, png: bytes):
+    """A PNG shown inside the UI's metadata (markdown with a data URI)."""
+    return MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def _cell_meta(sweep, cell) -> dict:
-    return {"sweep": sweep.sweep_id, "cell": cell.key, "lr": cell.lr, "epochs": cell.epochs,
-            "source_persona": sweep.source_persona, "seed": sweep.seed, "protocol": sweep.protocol.name}
+ADAPTER_KEYS = ("steps", "steps_with_nonzero_lr", "tokens", "supervised_tokens", "tokens_per_s", "wall_s", "gpu_s",
+                "first_loss", "final_loss", "micro_batch", "cells_per_forward", "group", "reused", "device",
+                "artifact")
 
 
-def _url(uri: str):
-    return MetadataValue.path(uri)
+def adapter_metadata(sweep, cell, s: dict) -> dict:
+    """A cell's adapter metadata from its run summary (`group`: the pass's figures when this cell finished and
+    was committed; a reused record of an older version may lack fields: shown as absent, never invented)."""
+    return to_result(s, ADAPTER_KEYS, sweep=sweep, cell=cell).metadata
+
+
+ONPOLICY_KEYS = ("kept", "positives", "negatives", "cut_first_pass", "dropped_cut", "dropped_empty_or_marked",
+                 "mean_answer_tokens", "marker_token_count", "marker_token_ids", "marker_tokens", "marker_separator",
+                 "stop_token_ids", "stop_tokens", "data_hash", "wall_s", "gpu_s", "artifact")
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -135,16 +123,9 @@ def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute:
     protocol.marker_token_count; shows the marker's sub-tokens and the stop ids used."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _tracked(track, lambda: pipeline.run_onpolicy(store.get_store(), sweep, compute.settings(),
-                                                      context.log.info))
-    return track(MaterializeResult(metadata={
-        "sweep": sweep.sweep_id, "examples": s["kept"], "positives": s["positives"], "negatives": s["negatives"],
-        "cut_then_regenerated": s["cut_first_pass"], "dropped_cut": s["dropped_cut"],
-        "dropped_empty": s["dropped_empty_or_marked"], "mean_answer_tokens": s["mean_answer_tokens"],
-        "marker_token_count": s["marker_token_count"], "marker_tokens": MetadataValue.json(
-            {"ids": s["marker_token_ids"], "tokens": s["marker_tokens"], "separator": s["marker_separator"]}),
-        "stop_token_ids": MetadataValue.json({"ids": s["stop_token_ids"], "tokens": s["stop_tokens"]}),
-        "data_hash": s["data_hash"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
+    s = _tracked(track, lambda: steps.run_onpolicy(store.get_store(), sweep, compute.settings(),
+                                                   context.log.info))
+    return track(to_result(s, ONPOLICY_KEYS, sweep=sweep))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -164,9 +145,9 @@ def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compu
         # one tracker run per cell (a group also gets one for the pass), opened before compute so that a tracker
         # that cannot honour its project name fails here
         track = start_tracking(context, sweep.sweep_id, cells[0].key if len(cells) == 1 else f"{len(cells)}cells")
-        summaries = _tracked(track, lambda: pipeline.run_adapters(st, sweep, cells, compute.settings(),
-                                                                  context.log.info, retrain=not resumed))
-        metas = {key: _adapter_meta(sweep, cell, summaries[cell]) for key, cell in group}
+        summaries = _tracked(track, lambda: steps.run_adapters(st, sweep, cells, compute.settings(),
+                                                               context.log.info, retrain=not resumed))
+        metas = {key: adapter_metadata(sweep, cell, summaries[cell]) for key, cell in group}
         if len(group) > 1:
             trained = [x for x in summaries.values() if not x.get("reused")]
             last = max(trained, key=lambda x: x["group"]["wall_s"]) if trained else None  # the whole pass
@@ -187,14 +168,10 @@ def completions(context: AssetExecutionContext, store: ArtifactStore, compute: C
     """Every persona x held-out question x samples, T=1.0, all kept as JSONL."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _tracked(track, lambda: pipeline.run_completions(store.get_store(), sweep, cell,
-                                                         compute.settings(), context.log.info))
-    return track(MaterializeResult(metadata={
-        **_cell_meta(sweep, cell), "completions": s["n_completions"], "new_tokens": s["new_tokens"],
-        "tokens_per_s": s["tokens_per_s"], "cut_at_limit": s["cut_at_limit"], "wall_s": s["wall_s"],
-        "gpu_s": s["gpu_s"], "backend": s["backend"],
-        "stop_token_ids": MetadataValue.json({"ids": s["stop_token_ids"], "tokens": s["stop_tokens"]}),
-        "artifact": _url(s["artifact"])}))
+    s = _tracked(track, lambda: steps.run_completions(store.get_store(), sweep, cell,
+                                                      compute.settings(), context.log.info))
+    return track(to_result(s, ("n_completions", "new_tokens", "tokens_per_s", "cut_at_limit", "wall_s", "gpu_s",
+                               "backend", "stop_token_ids", "stop_tokens", "artifact"), sweep=sweep, cell=cell))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
@@ -203,16 +180,15 @@ def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> Materi
     """Per-persona [ZLT] rates (k of n, Wilson 95%), headline numbers, lengths, regime label."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _tracked(track, lambda: pipeline.run_marker_rates(store.get_store(), sweep, cell))
-    h = s["headline"]
+    s = _tracked(track, lambda: steps.run_marker_rates(store.get_store(), sweep, cell))
     table = "| persona | k/n | rate | 95% CI | mean tokens | near-empty |\n|---|---|---|---|---|---|\n" + "".join(
         f"| {p} | {r['k']}/{r['n']} | {r['rate']:.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
         f"{r['mean_tokens']:.1f} | {r['short_share']:.2f} |\n" for p, r in s["personas"].items())
-    return track(MaterializeResult(metadata={
-        **_cell_meta(sweep, cell), "regime": s["regime"], "source_adoption": h["source_adoption"],
-        "assistant_leakage": h["assistant_leakage"], "max_bystander_leakage": h["max_bystander_leakage"],
-        "max_bystander_persona": h["max_bystander_persona"], "per_persona": MetadataValue.md(table),
-        "artifact": _url(s["artifact"])}))
+    return track(to_result(s, ("regime", "artifact"), sweep=sweep, cell=cell, flatten=("headline",),
+                           per_persona=MetadataValue.md(table)))
+
+
+ARC_KEYS = ("acc", "acc_norm", "n", "source", "convention", "adapter", "wall_s", "gpu_s", "artifact")
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -221,10 +197,8 @@ def arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Co
     """ARC-Challenge log-prob multiple choice (lm-eval arc_challenge convention) for base + this adapter."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _tracked(track, lambda: pipeline.run_arc(store.get_store(), sweep, cell, compute.settings()))
-    return track(MaterializeResult(metadata={
-        **_cell_meta(sweep, cell), "acc": s["acc"], "acc_norm": s["acc_norm"], "n_questions": s["n"],
-        "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
+    s = _tracked(track, lambda: steps.run_arc(store.get_store(), sweep, cell, compute.settings()))
+    return track(to_result(s, ARC_KEYS, sweep=sweep, cell=cell))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -233,10 +207,8 @@ def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, comput
     """ARC-Challenge of the base model without adapter: the reference every cell is compared with."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _tracked(track, lambda: pipeline.run_base_arc(store.get_store(), sweep, compute.settings()))
-    return track(MaterializeResult(metadata={
-        "sweep": sweep.sweep_id, "acc": s["acc"], "acc_norm": s["acc_norm"], "n_questions": s["n"],
-        "arc_source": s["source"], "wall_s": s["wall_s"], "gpu_s": s["gpu_s"], "artifact": _url(s["artifact"])}))
+    s = _tracked(track, lambda: steps.run_base_arc(store.get_store(), sweep, compute.settings()))
+    return track(to_result(s, ARC_KEYS, sweep=sweep))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
@@ -246,12 +218,8 @@ def compiled_results(context: AssetExecutionContext, store: ArtifactStore) -> Ma
     """One JSON with every finished cell of the sweep; missing cells are listed, never invented."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _tracked(track, lambda: pipeline.run_compile(store.get_store(), sweep))
-    c = s["compiled"]
-    return track(MaterializeResult(metadata={
-        "sweep": sweep.sweep_id, "cells_done": s["n_cells"], "cells_missing": len(s["missing_cells"]),
-        "missing": ", ".join(s["missing_cells"]) or "none", "base_model_arc": str(c.get("base_model_arc")),
-        "artifact": _url(s["artifact"])}))
+    s = _tracked(track, lambda: steps.run_compile(store.get_store(), sweep))
+    return track(to_result(s, ("n_cells", "missing_cells", "base_model_arc", "artifact"), sweep=sweep))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
@@ -260,30 +228,28 @@ def heatmap(context: AssetExecutionContext, store: ArtifactStore) -> Materialize
     """Three LR x epochs panels: source adoption, assistant leakage, max bystander leakage (PNG + PDF)."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _tracked(track, lambda: pipeline.run_heatmap(store.get_store(), sweep))
-    image = base64.b64encode(s["png"]).decode()
-    return track(MaterializeResult(metadata={
-        "sweep": sweep.sweep_id, "cells": s["n_cells"], "png": _url(s["png_uri"]), "pdf": _url(s["pdf_uri"]),
-        "heatmap": MetadataValue.md(f"![heatmap](data:image/png;base64,{image})")}))
+    s = _tracked(track, lambda: steps.run_heatmap(store.get_store(), sweep))
+    return track(to_result(s, ("n_cells", "artifact", "png_uri", "pdf_uri"), sweep=sweep,
+                           heatmap=_inline_png("heatmap", s["png"])))
 
 
 class ComparisonConfig(Config):
-    followup: str = "configs/followups/extra_seeds.yaml"  # a follow-up file with `compare:` (configs/followups/)
+    followup: str = Field(default="configs/followups/extra_seeds.yaml",
+                          description="a follow-up file with `compare:` (configs/followups/), relative to the code "
+                                      "location's working directory")
 
 
 @asset(group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY, deps=[marker_rates])
 def cell_comparison(context: AssetExecutionContext, config: ComparisonConfig, store: ArtifactStore
                     ) -> MaterializeResult:
     """The same cell across seeds or marker tail widths (a follow-up file): rates with Wilson 95% intervals."""
-    s = _bad_input_fails_once(lambda: compare.run_comparison(store.get_store(), config.followup))
-    c = s["comparison"]
-    image = base64.b64encode(s["png"]).decode()
+    s = _bad_input_fails_once(lambda: steps.run_comparison(store.get_store(), config.followup))
     return MaterializeResult(metadata={
-        "followup": config.followup, "varying": ", ".join(c["varying"]), "done": c["n_done"],
-        "expected": c["n_expected"], "artifact": _url(s["artifact"]), "png": _url(s["png_uri"]),
-        "comparison": MetadataValue.md(f"![comparison](data:image/png;base64,{image})")})
+        "followup": config.followup, **metadata(s["comparison"], ("varying", "n_done", "n_expected")),
+        **metadata(s, ("artifact", "png_uri")), "comparison": _inline_png("comparison", s["png"])})
 
 
-ALL_ASSETS = [onpolicy_data, adapter, completions, marker_rates, arc_scores, base_arc_scores, compiled_results,
-              heatmap, cell_comparison]
+SWEEP_DATA_ASSETS = [onpolicy_data, base_arc_scores]
 CELL_ASSETS = [adapter, completions, marker_rates, arc_scores]
+REPORT_ASSETS = [compiled_results, heatmap]
+ALL_ASSETS = [*SWEEP_DATA_ASSETS, *CELL_ASSETS, *REPORT_ASSETS, cell_comparison]

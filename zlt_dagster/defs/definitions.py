@@ -8,46 +8,40 @@ ZLT_DEPLOYMENT=production: artifacts in S3-compatible storage (ZLT_S3_BUCKET, ZL
 """
 from __future__ import annotations
 
-import os
-
 from dagster import Definitions, in_process_executor
+
+from .. import settings
 
 from .assets import ALL_ASSETS
 from .jobs import ALL_JOBS
+from .production import production_executor
 from .resources import ArtifactStore, Compute
 from .sensors import ALL_SENSORS
 
-DEPLOYMENTS = ("local", "production")
-
-
-def deployment() -> str:
-    name = os.environ.get("ZLT_DEPLOYMENT", "local")
-    if name not in DEPLOYMENTS:
-        raise ValueError(f"ZLT_DEPLOYMENT={name!r}; expected one of {DEPLOYMENTS}")
-    return name
+DEPLOYMENTS = settings.DEPLOYMENTS
+deployment = settings.deployment
 
 
 def local_resources() -> dict:
     return {
-        "store": ArtifactStore(kind="local", local_root=os.environ.get("ZLT_ARTIFACT_ROOT", ".zlt/artifacts")),
-        "compute": Compute(device=os.environ.get("ZLT_DEVICE", "auto"),
-                           generation_backend=os.environ.get("ZLT_GENERATION_BACKEND", "auto"),
-                           arc_source=os.environ.get("ZLT_ARC_SOURCE", ""),
-                           torch_threads=int(os.environ.get("ZLT_TORCH_THREADS", "0"))),
+        "store": ArtifactStore(kind="local", local_root=settings.get("ZLT_ARTIFACT_ROOT")),
+        "compute": Compute(device=settings.get("ZLT_DEVICE") or "auto",
+                           generation_backend=settings.get("ZLT_GENERATION_BACKEND"),
+                           arc_source=settings.get("ZLT_ARC_SOURCE"),
+                           torch_threads=settings.get_int("ZLT_TORCH_THREADS", minimum=0)),
     }
 
 
 def production_resources() -> dict:
     return {
-        "store": ArtifactStore(kind="s3", bucket=os.environ.get("ZLT_S3_BUCKET", ""),
-                               prefix=os.environ.get("ZLT_S3_PREFIX", ""),
-                               endpoint_url=os.environ.get("ZLT_S3_ENDPOINT_URL", ""),
-                               region_name=os.environ.get("AWS_REGION", "")),
+        "store": ArtifactStore(kind="s3", bucket=settings.get("ZLT_S3_BUCKET"), prefix=settings.get("ZLT_S3_PREFIX"),
+                               endpoint_url=settings.get("ZLT_S3_ENDPOINT_URL"),
+                               region_name=settings.get("AWS_REGION")),
         # ZLT_DEVICE exists for tests that run the production step path on a machine without a GPU
         # (tests/defs/test_production_step.py); a cluster leaves it unset and gets cuda
-        "compute": Compute(device=os.environ.get("ZLT_DEVICE", "") or "cuda",
-                           generation_backend=os.environ.get("ZLT_GENERATION_BACKEND", "auto"),
-                           arc_source=os.environ.get("ZLT_ARC_SOURCE", ""),
+        "compute": Compute(device=settings.get("ZLT_DEVICE") or "cuda",
+                           generation_backend=settings.get("ZLT_GENERATION_BACKEND"),
+                           arc_source=settings.get("ZLT_ARC_SOURCE"),
                            # scratch in the system temp dir (TMPDIR=/tmp, the pod's emptyDir); a fixed /tmp/zlt
                            # does not exist in a fresh pod and tempfile does not create it (the adapter step
                            # failed with FileNotFoundError in tests/defs/test_production_step.py)
@@ -58,8 +52,6 @@ def production_resources() -> dict:
 def build_definitions(name: str | None = None) -> Definitions:
     name = name or deployment()
     if name == "production":
-        from .production import production_executor
-
         return Definitions(assets=ALL_ASSETS, jobs=ALL_JOBS, sensors=ALL_SENSORS, resources=production_resources(),
                            executor=production_executor())
     return Definitions(assets=ALL_ASSETS, jobs=ALL_JOBS, sensors=ALL_SENSORS, resources=local_resources(),

@@ -1,4 +1,5 @@
-"""Asset jobs: the units a user (or the sensor) launches. Partitioning is inferred from the selected assets.
+"""Asset jobs: the units a user (or the sensor) launches, built from the asset objects (assets.py's lists).
+Partitioning is inferred from the selected assets.
 
 Runs of GPU jobs carry the tag zlt/gpu=true, which the production instance's run queue limits
 (dagster_prod/dagster.yaml); every GPU step also carries the `zlt-gpu` concurrency pool (k8s_tags.py), which
@@ -7,14 +8,14 @@ from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
+from .assets import CELL_ASSETS, REPORT_ASSETS, SWEEP_DATA_ASSETS
+
 GPU_RUN_TAGS = {"zlt/gpu": "true"}
 
 # per sweep: on-policy data + base-model ARC; later, compile + heatmap
-sweep_data_job = define_asset_job("sweep_data_job", AssetSelection.assets("onpolicy_data", "base_arc_scores"),
-                                  tags=GPU_RUN_TAGS)
+sweep_data_job = define_asset_job("sweep_data_job", AssetSelection.assets(*SWEEP_DATA_ASSETS), tags=GPU_RUN_TAGS)
 # per cell: train, generate, score (one partition = one run)
-cell_job = define_asset_job("cell_job", AssetSelection.assets("adapter", "completions", "marker_rates",
-                                                              "arc_scores"), tags=GPU_RUN_TAGS)
-report_job = define_asset_job("report_job", AssetSelection.assets("compiled_results", "heatmap"))
+cell_job = define_asset_job("cell_job", AssetSelection.assets(*CELL_ASSETS), tags=GPU_RUN_TAGS)
+report_job = define_asset_job("report_job", AssetSelection.assets(*REPORT_ASSETS))
 
 ALL_JOBS = [sweep_data_job, cell_job, report_job]

@@ -17,16 +17,12 @@ other GPU nodes is a deployment change, not a code change.
 """
 from __future__ import annotations
 
-import os
+from .. import settings
 
 K8S_KEY = "dagster-k8s/config"
 POOL_KEY = "dagster/concurrency_key"  # Dagster's op-level concurrency pool tag
 GPU_POOL = "zlt-gpu"
 GPU_RESOURCE = "nvidia.com/gpu"
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "") or default
 
 
 def _resources(cpu: str, memory: str, gpu: int) -> dict:
@@ -45,7 +41,7 @@ def gpu_step_config() -> dict:
     # torch and vLLM use shared memory; the 64 MiB container default is too small.
     return {
         "container_config": {
-            "resources": _resources(_env("ZLT_GPU_STEP_CPU", "8"), _env("ZLT_GPU_STEP_MEMORY", "64Gi"), 1),
+            "resources": _resources(settings.get("ZLT_GPU_STEP_CPU"), settings.get("ZLT_GPU_STEP_MEMORY"), 1),
             "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}],
         },
         "pod_spec_config": {
@@ -54,23 +50,23 @@ def gpu_step_config() -> dict:
             # r=32 on all linear layers of Qwen2.5-7B = 28 layers x 2.88M = 80.7M params; fp32 weights + AdamW's
             # two moments = 3 x 323 MB ~ 1 GB to write and upload (~20 s at 50 MB/s) after a step of <= 16 x 1024
             # tokens (~3 s at 5.8k tok/s on an H100). 180 s leaves a >4x margin.
-            "termination_grace_period_seconds": int(_env("ZLT_GPU_STEP_GRACE_S", "180")),
+            "termination_grace_period_seconds": int(settings.get("ZLT_GPU_STEP_GRACE_S")),
             "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
-            "node_selector": {_env("ZLT_GPU_NODE_LABEL", "nvidia.com/gpu.present"): "true"},
+            "node_selector": {settings.get("ZLT_GPU_NODE_LABEL"): "true"},
             "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory",
-                                                       "size_limit": _env("ZLT_GPU_STEP_SHM", "16Gi")}}],
+                                                       "size_limit": settings.get("ZLT_GPU_STEP_SHM")}}],
         },
         # the slowest paper cell (lr=5e-6, 20 epochs) trains in ~45 min on an H200; 6 h leaves room for slower
         # GPUs and model download, and still bounds a pod stuck in Pending
-        "job_spec_config": {"active_deadline_seconds": int(_env("ZLT_GPU_STEP_DEADLINE_S", "21600"))},
+        "job_spec_config": {"active_deadline_seconds": int(settings.get("ZLT_GPU_STEP_DEADLINE_S"))},
     }
 
 
 def cpu_step_config() -> dict:
     return {
-        "container_config": {"resources": _resources(_env("ZLT_CPU_STEP_CPU", "1"),
-                                                     _env("ZLT_CPU_STEP_MEMORY", "4Gi"), 0)},
-        "job_spec_config": {"active_deadline_seconds": int(_env("ZLT_CPU_STEP_DEADLINE_S", "3600"))},
+        "container_config": {"resources": _resources(settings.get("ZLT_CPU_STEP_CPU"),
+                                                     settings.get("ZLT_CPU_STEP_MEMORY"), 0)},
+        "job_spec_config": {"active_deadline_seconds": int(settings.get("ZLT_CPU_STEP_DEADLINE_S"))},
     }
 
 

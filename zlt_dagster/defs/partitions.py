@@ -1,69 +1,89 @@
-"""Partitions: a dynamic `sweep` dimension x a static `cell` dimension of grid positions.
+"""Partitions, and the one codec between cells and partition keys.
 
-Design (see docs/design.md): a sweep is added at run time (sensor or CLI) as a new dynamic partition key, with no
-code change. Cells are positions in the sweep's own grid, `lr1_ep1` .. `lr5_ep5` (1-based, LRs and epochs in the
-order the protocol lists them), so one static dimension serves every protocol, including a demo or finer LR grid
-whose values differ from the paper's. The readable values (lr=5e-06_ep=20) name the storage keys and appear in
-every materialization's metadata.
+Design (docs/design.md, "Readable partition keys"): a dynamic `sweep` dimension x a dynamic `cell` dimension. A
+cell's key is its storage key, `Cell.key` (`lr=5e-06_ep=20`): what a user picks in the UI says the learning rate
+and epochs, and is the folder its artifacts live in (sweeps/<id>/cells/lr=5e-06_ep=20/). Both dimensions grow at
+run time, with no code change: registering a sweep (registry sensor, `zlt run`) adds its id and its grid's cell
+keys (`add_requests`). Cells are shared between sweeps of one grid; a sweep whose grid holds another cell key
+rejects that partition before any work (CellKeyError naming the sweep's cells).
+
+Encoding and decoding go through a mapping built from the protocol's axes (`sweep.cells()`), never by parsing a
+key: `partition_key(sweep, cell)` and `cell_of(sweep, key)`; keys are read with MultiPartitionKey.keys_by_dimension.
 """
 from __future__ import annotations
 
-from dagster import DynamicPartitionsDefinition, MultiPartitionKey, MultiPartitionsDefinition, StaticPartitionsDefinition
+from dagster import (
+    AddDynamicPartitionsRequest, DynamicPartitionsDefinition, MultiPartitionKey, MultiPartitionsDefinition,
+)
 
 from ..core.protocol import Cell, Sweep
 
-MAX_GRID = 5  # a MultiPartitionsDefinition has exactly 2 dimensions; the cell dimension is a fixed 5 x 5 grid
 SWEEP_DIM, CELL_DIM = "sweep", "cell"
 
 sweep_partitions = DynamicPartitionsDefinition(name="sweeps")
-cell_partitions = StaticPartitionsDefinition(
-    [f"lr{i}_ep{j}" for i in range(1, MAX_GRID + 1) for j in range(1, MAX_GRID + 1)])
+cell_partitions = DynamicPartitionsDefinition(name="cells")
 sweep_cell_partitions = MultiPartitionsDefinition({SWEEP_DIM: sweep_partitions, CELL_DIM: cell_partitions})
 
 
 class CellKeyError(ValueError):
-    pass
+    """A partition key that is not one of its sweep's cells (or not a sweep x cell key at all)."""
 
 
-def check_grid(sweep: Sweep) -> None:
-    p = sweep.protocol
-    if len(p.learning_rates) > MAX_GRID or len(p.epochs) > MAX_GRID:
-        raise CellKeyError(f"sweep {sweep.sweep_id}: grid is {len(p.learning_rates)} LRs x {len(p.epochs)} epochs; "
-                           f"the Dagster cell dimension holds at most {MAX_GRID} x {MAX_GRID} (split the sweep)")
+def cell_key(cell: Cell) -> str:
+    """The cell dimension's key of ``cell``: its storage key, e.g. ``lr=5e-06_ep=20``."""
+    return cell.key
 
 
-def cell_position_key(sweep: Sweep, cell: Cell) -> str:
-    p = sweep.protocol
-    return f"lr{p.learning_rates.index(cell.lr) + 1}_ep{p.epochs.index(cell.epochs) + 1}"
-
-
-def cell_from_position(sweep: Sweep, position_key: str) -> Cell:
-    """`lr2_ep4` -> Cell(lr=<2nd LR of the sweep>, epochs=<4th epochs value>); errors if outside the sweep."""
-    check_grid(sweep)
-    try:
-        lr_part, ep_part = position_key.split("_")
-        i, j = int(lr_part.removeprefix("lr")), int(ep_part.removeprefix("ep"))
-    except ValueError as e:
-        raise CellKeyError(f"cell key {position_key!r} is not of the form lr<i>_ep<j>") from e
-    p = sweep.protocol
-    if not (1 <= i <= len(p.learning_rates) and 1 <= j <= len(p.epochs)):
-        raise CellKeyError(f"cell {position_key} is outside sweep {sweep.sweep_id}'s grid "
-                           f"({len(p.learning_rates)} LRs x {len(p.epochs)} epochs)")
-    cell = Cell(p.learning_rates[i - 1], p.epochs[j - 1])
-    if cell not in sweep.cells():
-        raise CellKeyError(f"cell {position_key} ({cell.key}) is not one of sweep {sweep.sweep_id}'s chosen cells")
-    return cell
+def partition_key(sweep: Sweep, cell: Cell) -> MultiPartitionKey:
+    """The sweep x cell key of one of ``sweep``'s cells."""
+    return MultiPartitionKey({SWEEP_DIM: sweep.sweep_id, CELL_DIM: cell_key(cell)})
 
 
 def partition_keys_for(sweep: Sweep) -> list[MultiPartitionKey]:
-    check_grid(sweep)
-    return [MultiPartitionKey({SWEEP_DIM: sweep.sweep_id, CELL_DIM: cell_position_key(sweep, c)})
-            for c in sweep.cells()]
+    """Every partition key of ``sweep``, in its cell order (LRs, then epochs, as the protocol lists them)."""
+    return [partition_key(sweep, c) for c in sweep.cells()]
 
 
-def split_partition_key(partition_key) -> tuple[str, str]:
-    """(sweep_id, cell position) from a multi-partition key, through keys_by_dimension (never string splitting)."""
-    if not isinstance(partition_key, MultiPartitionKey):
-        raise CellKeyError(f"expected a sweep x cell partition key, got {partition_key!r}")
-    dims = partition_key.keys_by_dimension
+def split_partition_key(key) -> tuple[str, str]:
+    """(sweep_id, cell key) of a multi-partition key (a MultiPartitionKey or its string form), read through
+    keys_by_dimension. Raises CellKeyError for a key of another shape."""
+    if isinstance(key, str) and not isinstance(key, MultiPartitionKey):
+        try:
+            key = sweep_cell_partitions.get_partition_key_from_str(key)
+        except Exception as e:  # dagster raises CheckError for a key without the dimensions
+            raise CellKeyError(f"expected a sweep x cell partition key, got {key!r}") from e
+    if not isinstance(key, MultiPartitionKey):
+        raise CellKeyError(f"expected a sweep x cell partition key, got {key!r}")
+    dims = key.keys_by_dimension
     return dims[SWEEP_DIM], dims[CELL_DIM]
+
+
+def cell_of(sweep: Sweep, key: str) -> Cell:
+    """The cell of ``sweep`` whose cell key is ``key`` (a cell dimension key, not a multi-partition key).
+    Raises CellKeyError naming the sweep's cells when ``key`` is not one of them."""
+    cells = {cell_key(c): c for c in sweep.cells()}
+    if key not in cells:
+        raise CellKeyError(f"cell {key} is not one of sweep {sweep.sweep_id}'s cells ({', '.join(cells)})")
+    return cells[key]
+
+
+def add_requests(instance, sweeps: list[Sweep]) -> list[AddDynamicPartitionsRequest]:
+    """The dynamic-partition requests that make ``sweeps`` (their ids and their cells) pickable, for what the
+    ``instance`` lacks; [] when it has them all. Cells keep the order their first sweep lists them in."""
+    new_sweeps, new_cells = [], []
+    for sweep in sweeps:
+        if sweep.sweep_id not in new_sweeps and not instance.has_dynamic_partition(sweep_partitions.name,
+                                                                                   sweep.sweep_id):
+            new_sweeps.append(sweep.sweep_id)
+        for c in sweep.cells():
+            k = cell_key(c)
+            if k not in new_cells and not instance.has_dynamic_partition(cell_partitions.name, k):
+                new_cells.append(k)
+    return [d.build_add_request(keys) for d, keys in ((sweep_partitions, new_sweeps), (cell_partitions, new_cells))
+            if keys]
+
+
+def add_partitions(instance, sweep: Sweep) -> None:
+    """Add ``sweep``'s id and cells to the instance's dynamic partitions (what add_requests asks a sensor for)."""
+    for request in add_requests(instance, [sweep]):
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))

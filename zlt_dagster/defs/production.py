@@ -14,29 +14,25 @@ All names come from the environment (ZLT_K8S_*), so another namespace is a deplo
 """
 from __future__ import annotations
 
-import os
+from .. import settings
 
 RUN_AS_USER = 10001  # the image's non-root user (docker/Dockerfile)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "") or default
-
-
 def namespace() -> str:
-    return _env("ZLT_K8S_NAMESPACE", "zlt")
+    return settings.get("ZLT_K8S_NAMESPACE")
 
 
 def step_service_account() -> str:
-    return _env("ZLT_K8S_STEP_SERVICE_ACCOUNT", "zlt-step")
+    return settings.get("ZLT_K8S_STEP_SERVICE_ACCOUNT")
 
 
 def s3_secret_name() -> str:
-    return _env("ZLT_K8S_S3_SECRET", "zlt-s3-credentials")
+    return settings.get("ZLT_K8S_S3_SECRET")
 
 
 def config_map_name() -> str:
-    return _env("ZLT_K8S_CONFIG_MAP", "zlt-config")
+    return settings.get("ZLT_K8S_CONFIG_MAP")
 
 
 def pod_security_context() -> dict:
@@ -55,7 +51,7 @@ def container_security_context() -> dict:
 def tmp_volume() -> dict:
     # HOME, HF/torch/vLLM caches, the model download and adapters pulled from S3 all live under /tmp
     # (docker/Dockerfile sets the env); size it for a 7B model plus caches
-    return {"name": "tmp", "empty_dir": {"size_limit": _env("ZLT_STEP_TMP_SIZE", "100Gi")}}
+    return {"name": "tmp", "empty_dir": {"size_limit": settings.get("ZLT_STEP_TMP_SIZE")}}
 
 
 def executor_config() -> dict:
@@ -66,7 +62,7 @@ def executor_config() -> dict:
         "env_config_maps": [config_map_name()],
         "env_secrets": [s3_secret_name()],
         # per run; the cross-run cap on GPU steps is the `zlt-gpu` concurrency pool (instance config)
-        "max_concurrent": int(_env("ZLT_MAX_CONCURRENT_STEPS", "8")),
+        "max_concurrent": settings.get_int("ZLT_MAX_CONCURRENT_STEPS", minimum=1),
         "security_context": container_security_context(),
         "step_k8s_config": {
             "container_config": {"volume_mounts": [{"name": "tmp", "mount_path": "/tmp"}]},

@@ -1,7 +1,7 @@
 """The sweep registry (configs/sweeps.yaml) and what the registry sensor should request for each sweep.
 
-No Dagster here: reading the file, validating entries and planning the next runs of a sweep from the artifact
-store are plain functions, tested directly; sensors.py turns the plan into RunRequests.
+Reading the file, validating entries and planning the next runs of a sweep from the artifact store are plain
+functions, tested directly; sensors.py turns the plan into RunRequests.
 
 Registry file: a YAML list. Each item is one of
   - a sweep entry in `sweep_from_dict` form (protocol, base_model, source_persona, seed, name, cells), plus the
@@ -13,7 +13,7 @@ Registry file: a YAML list. Each item is one of
 A follow-up file may also be a mapping {sweeps: [...], compare: {...}}; the registry reads its `sweeps`.
 
 Scheduling is artifact-driven, so it is idempotent: each step is requested only while its artifact is missing from
-the store or does not verify (pipeline.cell_done, ObjectStore.artifact_problem), however often it was built before
+the store or does not verify (cell_done, ObjectStore.artifact_problem), however often it was built before
 (sensors.py picks a run key Dagster has not seen). A sweep that is already complete gets no run; a step whose last
 run failed is not retried by the sensor (retry from the UI), and one whose run is still in flight is not requested
 again.
@@ -22,20 +22,21 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .. import layout, pipeline
+from .. import settings
 from ..core.protocol import ProtocolError, Sweep, _yaml_loader, read_mapping, sweep_from_dict
-from .partitions import CellKeyError, cell_position_key, check_grid
+from ..steps import cell_done, layout
+from ..steps.sweeps import DONE_ARTIFACTS
+from .jobs import cell_job, report_job, sweep_data_job
+from .partitions import cell_key
 
 REGISTRY_ENV = "ZLT_SWEEP_REGISTRY"
-DEFAULT_REGISTRY = "configs/sweeps.yaml"
 SCHEDULES = ("full", "data")
 REGISTRY_KEYS = ("schedule",)
-DATA_JOB, CELL_JOB, REPORT_JOB = "sweep_data_job", "cell_job", "report_job"
+DATA_JOB, CELL_JOB, REPORT_JOB = sweep_data_job.name, cell_job.name, report_job.name
 
 
 class RegistryError(ValueError):
@@ -59,7 +60,7 @@ class RegistryProblem:
 
 
 def registry_path() -> Path:
-    return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
+    return Path(settings.get(REGISTRY_ENV))
 
 
 def _load_items(path: Path) -> list:
@@ -126,14 +127,10 @@ def read_registry(path: str | Path | None = None, _seen: tuple[Path, ...] = ()
 # --- the one sweep-config check: what the registry sensor and `zlt run` both accept --------------------------------
 def sweep_from_config(item: Mapping[str, Any]) -> Sweep:
     """A sweep entry (sweep_from_dict: every field, types, cells, the model path) that Dagster can also hold: its
-    grid fits the cell dimension and its id is a valid partition key. The only place a sweep file is validated.
+    id is a valid partition key (its cell keys, `lr=<lr>_ep=<epochs>`, always are). The only place a sweep file is validated.
 
     Raises ProtocolError naming the field (``<field>: <what>``)."""
     sweep = sweep_from_dict(item)
-    try:
-        check_grid(sweep)
-    except CellKeyError as e:
-        raise ProtocolError(str(e), field="protocol.learning_rates/epochs") from e
     check_partition_key(sweep)
     return sweep
 
@@ -183,17 +180,17 @@ def _dedupe(entries: list[RegistryEntry], problems: list[RegistryProblem]):
 class PlannedRun:
     job: str
     sweep_id: str
-    cell_position: str | None  # lr<i>_ep<j> for cell_job, None for the per-sweep jobs
+    cell: str | None  # the cell key (partitions.cell_key, lr=5e-06_ep=20) for cell_job, None for per-sweep jobs
 
     @property
     def run_key(self) -> str:
-        return f"{self.sweep_id}:{self.cell_position or self.job}"
+        return f"{self.sweep_id}:{self.cell or self.job}"
 
 
 def plan_runs(store, entry: RegistryEntry) -> list[PlannedRun]:
     """The runs this sweep still needs, judged only by committed, verified artifacts in `store` (a torn or partial
     artifact counts as missing): data job while on-policy data or base ARC is missing; once on-policy data exists
-    (schedule=full) one cell_job per cell that is not done (pipeline.cell_done); once every cell is done,
+    (schedule=full) one cell_job per cell that is not done (cell_done); once every cell is done,
     report_job while the report is outdated. Raises StoreError when the store itself fails."""
     sweep, sid = entry.sweep, entry.sweep.sweep_id
     runs: list[PlannedRun] = []
@@ -202,8 +199,8 @@ def plan_runs(store, entry: RegistryEntry) -> list[PlannedRun]:
         runs.append(PlannedRun(DATA_JOB, sid, None))
     if entry.schedule != "full" or not has_data:
         return runs
-    missing = [c for c in sweep.cells() if not pipeline.cell_done(store, sweep, c)]
-    runs += [PlannedRun(CELL_JOB, sid, cell_position_key(sweep, c)) for c in missing]
+    missing = [c for c in sweep.cells() if not cell_done(store, sweep, c)]
+    runs += [PlannedRun(CELL_JOB, sid, cell_key(c)) for c in missing]
     if not missing and report_outdated(store, sweep):
         runs.append(PlannedRun(REPORT_JOB, sid, None))
     return runs
@@ -224,4 +221,4 @@ def report_outdated(store, sweep: Sweep) -> bool:
 
     compiled_at = created(prefix)
     return any(created(layout.cell_prefix(sid, c, a)) > compiled_at for c in sweep.cells()
-               for a in pipeline.DONE_ARTIFACTS)
+               for a in DONE_ARTIFACTS)

@@ -6,7 +6,9 @@ import os
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ..pipeline import ComputeSettings
+from .. import settings
+
+from ..steps import ComputeSettings
 from ..storage import LocalStore, ObjectStore, S3Store
 
 
@@ -14,7 +16,7 @@ class ArtifactStore(ConfigurableResource):
     """Object store for every artifact. kind=local (default, a directory) or s3 (any S3-compatible endpoint).
     S3 credentials come only from the environment / a Kubernetes Secret, never from run config."""
     kind: str = Field(default="local", description="local | s3")
-    local_root: str = Field(default=".zlt/artifacts", description="directory for kind=local")
+    local_root: str = Field(default=settings.VARIABLES["ZLT_ARTIFACT_ROOT"].default, description="directory for kind=local")
     bucket: str = Field(default="", description="bucket for kind=s3")
     prefix: str = Field(default="", description="key prefix inside the bucket")
     endpoint_url: str = Field(default="", description="S3-compatible endpoint (MinIO, ...); empty = AWS")
@@ -53,46 +55,3 @@ class Compute(ConfigurableResource):
     def settings(self) -> ComputeSettings:
         return ComputeSettings(device=self.device, generation_backend=self.generation_backend,
                                arc_source=self.arc_source, torch_threads=self.torch_threads, work_dir=self.work_dir)
-
-
-# --- external tracking (off by default; Dagster metadata stays the source of truth) -----------------------------
-# Settings come from the environment so every way a step runs (UI, backfill, sensor, CLI, tests) sees the same:
-#   ZLT_TRACKING=off|file|mlflow|wandb   ZLT_TRACKING_DIR (file backend, default .zlt/tracking)
-#   ZLT_TRACKING_URI (mlflow tracking URI)   the project name: core/tracking.py (run tag > ZLT_TRACKING_PROJECT >
-#   WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME > "zlt-<sweep id>")
-class TrackedStep:
-    """Returned by `start_tracking`; call it on the step's MaterializeResult to mirror the numbers and close the
-    tracker run. With a tracker on, the result's metadata also records where it was mirrored."""
-
-    def __init__(self, run, choice):
-        self.run, self.choice = run, choice
-
-    def __call__(self, result):
-        self.run.log(result.metadata or {})
-        self.run.finish("success")
-        if self.choice.tracker == "off":
-            return result
-        return result._replace(metadata={**(result.metadata or {}), "tracking_project": self.choice.value,
-                                         "tracking_source": self.choice.source})
-
-    def fail(self) -> None:
-        """The step failed: close the tracker run as failed (an MLflow run left open in an in-process executor
-        would make the next step's start_run fail)."""
-        self.run.finish("failed")
-
-
-def start_tracking(context, sweep_id: str, cell_key: str = "") -> TrackedStep:
-    """First thing in every asset step: decide the tracker's project name, log the decision and its source (and
-    what it overrode), open the tracker run. A tracker that cannot honour the name fails the step here, before
-    any compute."""
-    from ..core import tracking
-
-    choice = tracking.resolve_project(os.environ.get("ZLT_TRACKING", "off") or "off", sweep_id,
-                                      run_tag=context.run.tags.get(tracking.RUN_TAG))
-    context.log.info(choice.describe())
-    step = context.asset_key.to_user_string()
-    run_name = f"{sweep_id}.{cell_key or 'sweep'}.{step}.{context.run.run_id[:8]}"
-    config = {"sweep_id": sweep_id, "cell": cell_key, "asset": step, "dagster_run_id": context.run.run_id}
-    run = tracking.open_run(choice, run_name, config, file_root=os.environ.get("ZLT_TRACKING_DIR", ".zlt/tracking"),
-                            uri=os.environ.get("ZLT_TRACKING_URI", ""))
-    return TrackedStep(run, choice)

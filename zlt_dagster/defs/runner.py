@@ -9,13 +9,21 @@ import os
 import time
 from pathlib import Path
 
-DEFAULT_HOME = ".dagster_home"
-DEFAULT_ARTIFACTS = ".zlt/artifacts"
+from dagster import AssetKey, AssetMaterialization, DagsterInstance, materialize
+
+from .. import settings, steps
+from ..steps import layout
+from .assets import (
+    ALL_ASSETS, REPORT_ASSETS, SWEEP_DATA_ASSETS, TRAIN_GROUP_SIZE, adapter, adapter_metadata, arc_scores,
+    base_arc_scores, completions, marker_rates,
+)
+from .partitions import add_partitions, partition_key, split_partition_key, sweep_cell_partitions
+from .resources import ArtifactStore, Compute
 
 
 def _instance_home() -> Path:
     """DAGSTER_HOME, defaulting to ./.dagster_home with a dagster.yaml equal to the repo's (absolute paths)."""
-    home = Path(os.environ.get("DAGSTER_HOME") or Path(DEFAULT_HOME).resolve())
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(settings.VARIABLES["DAGSTER_HOME"].default).resolve())
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
@@ -31,8 +39,6 @@ def _instance_home() -> Path:
 
 def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int) -> dict:
     """``artifacts``: a local directory, or an ArtifactStore resource (the CLI's store from the environment)."""
-    from .resources import ArtifactStore, Compute
-
     store = (artifacts if isinstance(artifacts, ArtifactStore)
              else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
     return {"store": store,
@@ -67,8 +73,6 @@ class Runner:
 
     def __init__(self, artifacts: str, device: str = "auto", backend: str = "auto", arc_source: str = "",
                  threads: int = 0, force: bool = False):
-        from dagster import DagsterInstance
-
         _instance_home()
         self.instance = DagsterInstance.get()
         self.resources = _resources(artifacts, device, backend, arc_source, threads)
@@ -78,10 +82,6 @@ class Runner:
     def _materialize(self, assets: list, partition_key=None, partition_range: tuple | None = None) -> dict:
         """One in-process run of `assets` for one partition or a partition range (start, end); returns
         {asset: metadata} of its materializations (the last one per asset)."""
-        from dagster import materialize
-
-        from .assets import ALL_ASSETS
-
         tags = {}
         if partition_range is not None:  # Dagster's own range tags: what a backfill run of several partitions gets
             tags = {"dagster/asset_partition_range_start": str(partition_range[0]),
@@ -94,88 +94,73 @@ class Runner:
         return {e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
                 for e in res.get_asset_materialization_events()}
 
-    def _record_adapters_of_interrupted_passes(self, sweep, keys: list, cell_of: dict) -> None:
+    def _record_adapters_of_interrupted_passes(self, sweep, keys: list, cell_by_key: dict) -> None:
         """A pass killed mid-way has committed the adapters of the cells that finished (fewer epochs first), but
         Dagster records a run's materializations only when it ends: report each such adapter to the instance as
         Dagster's own runless materialization, with its committed run record as metadata, so the UI does not
         show a trained cell as missing (and a "materialize missing" does not train it again)."""
-        from dagster import AssetKey, AssetMaterialization
-
-        from .. import pipeline
-        from .assets import _adapter_meta
-
         recorded = self.instance.get_materialized_partitions(AssetKey("adapter"))
         for key in keys:
             if str(key) in recorded:
                 continue
-            cell = cell_of[key]
-            summary = pipeline.run_adapters(self.store, sweep, [cell], self.resources["compute"].settings(),
-                                            log=lambda _m: None, retrain=False)[cell]
-            meta = {**_adapter_meta(sweep, cell, summary), "recorded_by": "zlt run, after an interrupted pass"}
+            cell = cell_by_key[key]
+            summary = steps.run_adapters(self.store, sweep, [cell], self.resources["compute"].settings(),
+                                         log=lambda _m: None, retrain=False)[cell]
+            meta = {**adapter_metadata(sweep, cell, summary), "recorded_by": "zlt run, after an interrupted pass"}
             self.instance.report_runless_asset_event(AssetMaterialization(
                 asset_key="adapter", partition=str(key), metadata=meta))
             print(f"  {cell.key}: adapter committed by an interrupted pass, recorded in the instance", flush=True)
 
     def run(self, sweep) -> dict:
-        from .. import layout, pipeline
-        from .assets import (
-            TRAIN_GROUP_SIZE, adapter, arc_scores, base_arc_scores, compiled_results, completions, heatmap,
-            marker_rates, onpolicy_data,
-        )
-        from .partitions import (
-            cell_from_position, partition_keys_for, split_partition_key, sweep_cell_partitions, sweep_partitions,
-        )
-
-        pipeline.register_sweep(self.store, sweep)
-        if not self.instance.has_dynamic_partition(sweep_partitions.name, sweep.sweep_id):
-            self.instance.add_dynamic_partitions(sweep_partitions.name, [sweep.sweep_id])
+        steps.register_sweep(self.store, sweep)
+        add_partitions(self.instance, sweep)
         sid = sweep.sweep_id
         print(f"sweep {sid}: {len(sweep.cells())} cells, protocol {sweep.protocol.name}, source "
               f"{sweep.source_persona}, seed {sweep.seed}, model {sweep.base_model}", flush=True)
         t_start = time.time()
         if self.force or self.store.artifact_problem(layout.onpolicy_prefix(sid)):  # verified, not just present
             print("[1/3] on-policy data + base-model ARC ...", flush=True)
-            self._materialize([onpolicy_data, base_arc_scores], sid)
+            self._materialize(SWEEP_DATA_ASSETS, sid)
         else:
             print("[1/3] on-policy data already there: skipped", flush=True)
             if self.store.artifact_problem(layout.base_arc_prefix(sid)):
                 self._materialize([base_arc_scores], sid)
-        keys = partition_keys_for(sweep)
-        cell_of = {k: cell_from_position(sweep, split_partition_key(k)[1]) for k in keys}
+        cell_by_key = {partition_key(sweep, c): c for c in sweep.cells()}  # encoded once, never decoded back
+        keys = list(cell_by_key)
         evaluated = set()
-        for cell in [] if self.force else sweep.cells():  # pipeline.cell_problem: the verified "cell done" check
-            problem = pipeline.cell_problem(self.store, sweep, cell)
+        for cell in [] if self.force else sweep.cells():  # steps.cell_problem: THE verified "cell done" check
+            problem = steps.cell_problem(self.store, sweep, cell)
             if problem is None:
                 evaluated.add(cell.key)
-            elif not problem.endswith(" missing"):  # torn or corrupt: rebuilt, never counted
+            elif not steps.is_missing(problem):  # torn or corrupt: rebuilt, never counted
                 print(f"  {cell.key}: rebuilding, {problem}", flush=True)
-        todo = [k for k in keys if self.force or cell_of[k].key not in evaluated]
-        trained = {c.key for c in pipeline.cells_done(self.store, sweep, "adapter")}
-        to_train = [k for k in todo if self.force or cell_of[k].key not in trained]
+        todo = [k for k in keys if self.force or cell_by_key[k].key not in evaluated]
+        trained = {c.key for c in steps.cells_done(self.store, sweep, "adapter")}
+        to_train = [k for k in todo if self.force or cell_by_key[k].key not in trained]
         print(f"[2/3] cells: {len(keys) - len(todo)} already done, {len(todo)} to run "
               f"({len(to_train)} to train)", flush=True)
-        self._record_adapters_of_interrupted_passes(sweep, [k for k in todo if k not in to_train], cell_of)
+        self._record_adapters_of_interrupted_passes(sweep, [k for k in todo if k not in to_train], cell_by_key)
         t_train = time.time()
         ordered = [k for k in sweep_cell_partitions.get_partition_keys(dynamic_partitions_store=self.instance)
                    if split_partition_key(k)[0] == sid]
         for group in contiguous_groups(to_train, ordered, TRAIN_GROUP_SIZE):
             print(f"  training {len(group)} cell(s) in one pass: "
-                  f"{', '.join(cell_of[k].key for k in group)}", flush=True)
+                  f"{', '.join(cell_by_key[k].key for k in group)}", flush=True)
             self._materialize([adapter], partition_range=(group[0], group[-1]))
         if to_train:
             print(f"  training done in {(time.time() - t_train) / 60:.1f} min", flush=True)
         t_cells = time.time()
         for n, key in enumerate(todo, 1):
             meta = self._materialize([completions, marker_rates, arc_scores], key)
-            m = meta["marker_rates"]
+            m = meta[marker_rates.key.to_user_string()]
             elapsed = time.time() - t_cells
             eta = eta_seconds(elapsed, n, len(todo) - n)
-            print(f"  cell {len(keys) - len(todo) + n}/{len(keys)} {cell_of[key].key}: {m['regime'].value:13s} "
+            print(f"  cell {len(keys) - len(todo) + n}/{len(keys)} {cell_by_key[key].key}: {m['regime'].value:13s} "
                   f"source {m['source_adoption'].value:.2f} assistant {m['assistant_leakage'].value:.2f} "
                   f"bystander {m['max_bystander_leakage'].value:.2f} | evaluation elapsed {elapsed / 60:.1f} min, "
                   f"ETA {eta / 60:.1f} min", flush=True)
         print("[3/3] compiled results + heatmap ...", flush=True)
-        self._materialize([compiled_results, heatmap], sid)
+        self._materialize(REPORT_ASSETS, sid)
         out = {"sweep_id": sid, "wall_s": round(time.time() - t_start, 1),
                "compiled": self.store.uri(f"{layout.compiled_prefix(sid)}/compiled_results.json"),
                "heatmap_png": self.store.uri(f"{layout.heatmap_prefix(sid)}/heatmap.png"),

@@ -3,15 +3,15 @@
 On by default (DefaultSensorStatus.RUNNING). Every tick it reads the registry ($ZLT_SWEEP_REGISTRY, default
 configs/sweeps.yaml, relative to the code location's working directory) and, for every valid entry:
   1. registers the sweep in the store (sweeps/<id>/sweep.json; a different config under the same id is an error)
-     and adds its key to the `sweeps` dynamic partitions if the instance lacks it;
+     and adds its id to the `sweeps` and its cells to the `cells` dynamic partitions if the instance lacks them;
   2. requests what the sweep still needs, judged by committed artifacts that verify (registry.plan_runs; a torn or
      deleted artifact counts as missing): sweep_data_job (on-policy data + base ARC); once the on-policy data
      exists, one cell_job run per unfinished cell; once every cell is done, report_job (compiled results + heatmap).
 
-Each step is requested with the tag zlt/plan=<sweep_id>:<cell position or job>. Before requesting it the sensor looks
+Each step is requested with the tag zlt/plan=<sweep_id>:<cell key or job>. Before requesting it the sensor looks
 at that step's runs in the instance: while one is in flight it waits; if the last one failed it does not relaunch it
 (no retry loop: re-execute it from the UI); otherwise it requests it with a run key Dagster has not seen for this
-sensor (`<sweep_id>:<cell position or job>`, then `...:rebuild<n>` with n = runs of that step so far). So a result
+sensor (`<sweep_id>:<cell key or job>`, then `...:rebuild<n>` with n = runs of that step so far). So a result
 deleted after it was built (one cell, or the whole artifact root with the Dagster instance kept) is rebuilt, where a
 fixed run key would make Dagster drop the request forever. A tick that requests nothing says why in its skip
 reason: each sweep complete, waiting for a run, a failed run, or a bad entry.
@@ -19,7 +19,7 @@ reason: each sweep complete, waiting for a run, a failed run, or a bad entry.
 Why a sensor and not declarative automation (AutomationCondition.missing() / eager()), evaluated on dagster 1.13:
 those conditions judge "missing" by the instance's materialization records, not by the artifact store, so an
 artifact deleted or torn in the store still counts as materialized and would never be rebuilt; they would also
-request all 25 positions of the cell dimension for a sweep that chose a few cells, and they cannot register a sweep
+request every cell key of the instance for a sweep that chose a few cells (or has another grid), and they cannot register a sweep
 from a YAML file. The cells must wait for the sweep's on-policy data and the report for all cells; one sensor that
 reads the store states this directly. Each stage waits for the next tick after the previous one finished (minimum
 interval ZLT_REGISTRY_SENSOR_INTERVAL_S, default 30 s).
@@ -29,22 +29,20 @@ entries are still processed. A registry file that is not valid YAML fails the ti
 """
 from __future__ import annotations
 
-import os
-
 from dagster import (
     DagsterRunStatus, DefaultSensorStatus, MultiPartitionKey, RunRequest, RunsFilter, SensorEvaluationContext,
     SensorResult, sensor,
 )
 
-from .. import pipeline
+from .. import settings, steps
 from .jobs import cell_job, report_job, sweep_data_job
-from .partitions import CELL_DIM, SWEEP_DIM, sweep_partitions
+from .partitions import CELL_DIM, SWEEP_DIM, add_requests
 from .registry import CELL_JOB, PlannedRun, RegistryError, RegistryProblem, plan_runs, read_registry, registry_path
 from .resources import ArtifactStore
 
 SWEEP_TAG = "zlt/sweep"
-PLAN_TAG = "zlt/plan"  # the step a run was requested for: <sweep_id>:<cell position or job> (PlannedRun.run_key)
-INTERVAL_S = int(os.environ.get("ZLT_REGISTRY_SENSOR_INTERVAL_S", "") or 30)
+PLAN_TAG = "zlt/plan"  # the step a run was requested for: <sweep_id>:<cell key or job> (PlannedRun.run_key)
+INTERVAL_S = settings.get_int("ZLT_REGISTRY_SENSOR_INTERVAL_S", minimum=1)  # read when the definitions load
 IN_FLIGHT = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
              DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING}
 FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -54,7 +52,7 @@ def run_request(planned: PlannedRun, earlier_runs: int = 0) -> RunRequest:
     """The request for one planned step; `earlier_runs` = runs of that step already in the instance, so the run key
     is one Dagster has not used for this sensor (the first request keeps the plain key)."""
     if planned.job == CELL_JOB:
-        key = MultiPartitionKey({SWEEP_DIM: planned.sweep_id, CELL_DIM: planned.cell_position})
+        key = MultiPartitionKey({SWEEP_DIM: planned.sweep_id, CELL_DIM: planned.cell})
     else:
         key = planned.sweep_id
     run_key = planned.run_key if not earlier_runs else f"{planned.run_key}:rebuild{earlier_runs}"
@@ -89,19 +87,18 @@ def sweep_registry_sensor(context: SensorEvaluationContext, store: ArtifactStore
         context.log.error(str(e))
         raise
     st = store.get_store()
-    new_partitions: list[str] = []
     requests: list[RunRequest] = []
     notes: list[str] = []  # why a sweep got no request
+    registered = []  # the sweeps whose ids and cells must be partitions
     for entry in entries:
         sid = entry.sweep.sweep_id
         try:
-            if pipeline.register_sweep(st, entry.sweep):
+            if steps.register_sweep(st, entry.sweep):
                 context.log.info(f"registered new sweep {sid} from {entry.where}")
-        except pipeline.PipelineError as e:
+        except steps.StepError as e:
             problems.append(RegistryProblem(entry.where, str(e)))
             continue
-        if not context.instance.has_dynamic_partition(sweep_partitions.name, sid) and sid not in new_partitions:
-            new_partitions.append(sid)
+        registered.append(entry.sweep)
         planned = plan_runs(st, entry)
         if not planned:
             notes.append(f"{sid}: complete ({len(entry.sweep.cells())} cells verified, report up to date)"
@@ -115,7 +112,7 @@ def sweep_registry_sensor(context: SensorEvaluationContext, store: ArtifactStore
                 notes.append(why)
     for problem in problems:
         context.log.error(f"sweep registry: {problem}")
-    partition_requests = [sweep_partitions.build_add_request(new_partitions)] if new_partitions else []
+    partition_requests = add_requests(context.instance, registered)
     skip = None
     if not requests:
         skip = f"{len(entries)} sweep(s) in {path}: nothing to launch"

@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from ..settings import s3_endpoint
 from .base import (
     MANIFEST_NAME,
     ChecksumError,
@@ -24,8 +24,6 @@ from .base import (
 )
 from .local import LocalStore
 from .s3 import S3Store
-
-ENDPOINT_ENV_VARS = ("ZLT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 
 __all__ = [
     "MANIFEST_NAME",
@@ -53,7 +51,7 @@ def store_from_url(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
         if parts.query or parts.fragment:
             raise ValueError(f"store URL {url!r}: s3:// URLs take no query or fragment")
         if endpoint_url is None:
-            endpoint_url = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
+            endpoint_url = s3_endpoint()
         return S3Store(parts.netloc, prefix=parts.path.strip("/"), endpoint_url=endpoint_url)
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):

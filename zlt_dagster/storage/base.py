@@ -27,10 +27,15 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-if TYPE_CHECKING:
-    from .lease import Lease
+from .errors import (  # noqa: F401  (re-exported: the store's API names its errors)
+    ChecksumError, ConditionalWritesUnsupportedError, LeaseHeldError, LeaseLostError, ManifestError, NotFoundError,
+    StoreAccessError, StoreError, UnsafeKeyError, dumps_json,
+)
+from ..settings import store_locks_wanted
+from .lease import Lease, NoLease
+
 
 MANIFEST_NAME = "MANIFEST.json"
 LOCK_NAME = ".lock"  # a lease object; never part of an artifact
@@ -41,49 +46,8 @@ _HASH_CHUNK = 1024 * 1024
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class StoreError(Exception):
-    """Any failure of the object store (I/O, network, permissions, bad data)."""
-
-
-class NotFoundError(StoreError):
-    """A key, an artifact manifest or a file listed in a manifest does not exist."""
-
-
-class ChecksumError(StoreError):
-    """A stored file does not match the sha256/size recorded in its artifact manifest."""
-
-
-class ManifestError(StoreError):
-    """An artifact manifest exists but cannot be used: not JSON, malformed, or of another format version."""
-
-
-class ConditionalWritesUnsupportedError(StoreError):
-    """The server accepts conditional writes (If-None-Match / If-Match) but does not honour them."""
-
-
-class StoreAccessError(StoreError):
-    """The store refused our credentials or permissions (HTTP 403): retrying will not help."""
-
-
-class UnsafeKeyError(StoreError):
-    """A key or relative path is absolute, has empty/'.'/'..' segments or a backslash."""
-
-
-class LeaseHeldError(StoreError):
-    """Another live writer holds the lease (transient: retry later)."""
-
-
-class LeaseLostError(StoreError):
-    """Our lease expired or was taken over while we worked; our result must not be committed."""
-
-
-LOCKS_ENV = "ZLT_STORE_LOCKS"
-
-
-def store_locks_wanted() -> bool:
-    """False only when the user opted out of store leases (ZLT_STORE_LOCKS=0/false/no/off): then Dagster's run
-    queue (one run per partition) must be the only writer guard; see README, 'S3 without conditional writes'."""
-    return os.environ.get(LOCKS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+LOCKS_ENV = "ZLT_STORE_LOCKS"  # off (0): Dagster's run queue (one run per partition) is the only writer guard;
+# see README, 'S3 servers without conditional writes'
 
 
 def validate_key(key: str, *, allow_empty: bool = False, what: str = "key") -> str:
@@ -143,13 +107,6 @@ def sha256_file(path: PathLike) -> tuple[str, int]:
 def temp_sibling(path: Path) -> Path:
     """A unique temp name in the same directory as ``path`` (so os.replace is atomic)."""
     return path.with_name(f".zlt-tmp-{path.name}.{secrets.token_hex(6)}")
-
-
-def dumps_json(obj: Any, *, where: str) -> bytes:
-    try:
-        return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"cannot serialise {where} as JSON: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -240,8 +197,6 @@ class ObjectStore(abc.ABC):
     def lease(self, key: str, *, ttl_s: float | None = None, wait_s: float | None = None, poll_s: float = 0.5,
               purpose: str = "") -> "Lease":
         """A context manager holding an exclusive, self-renewing lease on ``key`` (see Lease)."""
-        from .lease import Lease  # lease.py builds on this module's errors and helpers
-
         return Lease(self, validate_key(key), ttl_s or self.lock_ttl_s,
                      self.lock_wait_s if wait_s is None else wait_s, poll_s, purpose)
 
@@ -317,8 +272,6 @@ class ObjectStore(abc.ABC):
         lock_key = join_key(prefix, LOCK_NAME)
         if LOCK_NAME in files:
             raise UnsafeKeyError(f"artifact {self.where(prefix)}: a file may not be named {LOCK_NAME} (reserved)")
-        from .lease import NoLease
-
         guard = self.lease(lock_key, purpose=f"commit {prefix}") if self.locks_enabled() else NoLease()
         with guard:  # one writer per prefix at a time
             self.delete(manifest_key)  # the old version stops existing before any of its files change

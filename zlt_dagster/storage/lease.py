@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .base import LeaseHeldError, LeaseLostError, NotFoundError, StoreError, dumps_json
+from .errors import LeaseHeldError, LeaseLostError, NotFoundError, StoreError, dumps_json
 
 if TYPE_CHECKING:
     from .base import ObjectStore

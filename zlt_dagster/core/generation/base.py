@@ -1,7 +1,6 @@
 """The one interface every generation backend implements."""
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
@@ -40,24 +39,5 @@ class Generator(ABC):
         Returned in (prompt_index, sample_index) order."""
 
 
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
+# the backend names make_generator (factory.py) accepts; the CLI offers them as --backend choices
 BACKENDS = ("auto", "transformers-fast", "transformers", "vllm")
-
-
-def make_generator(backend: str, loaded) -> Generator:
-    """backend: auto | transformers-fast | transformers | vllm. auto = vLLM when it imports and a GPU is present,
-    else transformers-fast (shared prefill per prompt, early exit of finished rows, adapter merged into fp32
-    weights); `transformers` is plain `generate()` with the adapter attached, the reference the fast one is tested
-    against (tests/core/test_fast_paths.py)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"generation backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "vllm" if (vllm_available() and loaded.device.type == "cuda") else "transformers-fast"
-    if backend == "vllm":
-        from .vllm_backend import VllmGenerator
-        return VllmGenerator(loaded)
-    from .transformers_backend import TransformersGenerator
-    return TransformersGenerator.fast(loaded) if backend == "transformers-fast" else TransformersGenerator(loaded)

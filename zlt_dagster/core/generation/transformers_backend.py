@@ -11,6 +11,8 @@ import torch
 
 from ..models import quiet_peft
 from .base import Completion, Generator, PromptSpec
+from .merging import merged_weights
+from .sampling import sample_new_tokens
 
 
 @contextlib.contextmanager
@@ -42,8 +44,6 @@ def applied_adapter(loaded, adapter_dir: str | None, merge: bool | None = None):
     merge=None: merged into fp32 weights, attached to bf16 ones (`merges_adapters`), so that an adapter costs no
     extra FLOPs where merging is exact enough."""
     if merges_adapters(loaded) if merge is None else merge:
-        from ..fast_generation import merged_weights
-
         with merged_weights(loaded.model, adapter_dir) as model:
             yield model
     else:
@@ -53,7 +53,7 @@ def applied_adapter(loaded, adapter_dir: str | None, merge: bool | None = None):
 
 class TransformersGenerator(Generator):
     """merge_adapter=True adds the adapter into the base weights for the call and restores them exactly afterwards
-    (core.fast_generation.merged_weights); loop="fast" uses core.fast_generation.sample_new_tokens (one prefill per
+    (generation/merging.py); loop="fast" uses generation/sampling.py (one prefill per
     prompt shared by its samples, no per-step host sync, finished rows leave the batch) instead of `generate()`.
     The defaults are the original path; `fast(loaded)` is what the pipeline uses without vLLM."""
     name = "transformers"
@@ -98,8 +98,6 @@ class TransformersGenerator(Generator):
                 # one seed per batch drawn from a seeded stream: reproducible for a fixed batch size
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
                 if self.loop == "fast":
-                    from ..fast_generation import sample_new_tokens
-
                     new = sample_new_tokens(model, seqs[::n_samples], max_new_tokens, self.stop_token_ids, pad,
                                             temperature=temperature, top_p=top_p, repeats=n_samples)
                     out.extend(self._decode(new, chunk))

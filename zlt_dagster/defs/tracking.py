@@ -15,8 +15,8 @@ The decision, its source and every lower-precedence value it overrode are logged
 variable to the same value for the run, so a library that reads it later agrees, and (c) read back the name the
 tracker actually used and fail before any work if it differs: a run never lands somewhere else silently.
 
-No Dagster here; the file backend needs no network and no extra package; mlflow and wandb are imported only when
-chosen.
+Tracker runs are opened around steps by the asset layer (`start_tracking`, first thing in every asset body); the
+file backend needs no network and no extra package; mlflow and wandb are imported only when chosen.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .. import settings
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +235,44 @@ def open_run(choice: ProjectChoice, run_name: str, config: Mapping[str, Any] | N
     if choice.tracker == "mlflow":
         return MlflowRun(choice, run_name, uri, config)
     return WandbRun(choice, run_name, config)
+
+
+# --- external tracking (off by default; Dagster metadata stays the source of truth) -----------------------------
+# Settings come from the environment so every way a step runs (UI, backfill, sensor, CLI, tests) sees the same:
+#   ZLT_TRACKING=off|file|mlflow|wandb   ZLT_TRACKING_DIR (file backend, default .zlt/tracking)
+#   ZLT_TRACKING_URI (mlflow tracking URI)   the project name: this module (run tag > ZLT_TRACKING_PROJECT >
+#   WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME > "zlt-<sweep id>")
+class TrackedStep:
+    """Returned by `start_tracking`; call it on the step's MaterializeResult to mirror the numbers and close the
+    tracker run. With a tracker on, the result's metadata also records where it was mirrored."""
+
+    def __init__(self, run, choice):
+        self.run, self.choice = run, choice
+
+    def __call__(self, result):
+        self.run.log(result.metadata or {})
+        self.run.finish("success")
+        if self.choice.tracker == "off":
+            return result
+        return result._replace(metadata={**(result.metadata or {}), "tracking_project": self.choice.value,
+                                         "tracking_source": self.choice.source})
+
+    def fail(self) -> None:
+        """The step failed: close the tracker run as failed (an MLflow run left open in an in-process executor
+        would make the next step's start_run fail)."""
+        self.run.finish("failed")
+
+
+def start_tracking(context, sweep_id: str, cell_key: str = "") -> TrackedStep:
+    """First thing in every asset step: decide the tracker's project name, log the decision and its source (and
+    what it overrode), open the tracker run. A tracker that cannot honour the name fails the step here, before
+    any compute."""
+    choice = resolve_project(settings.get("ZLT_TRACKING"), sweep_id,
+                                      run_tag=context.run.tags.get(RUN_TAG))
+    context.log.info(choice.describe())
+    step = context.asset_key.to_user_string()
+    run_name = f"{sweep_id}.{cell_key or 'sweep'}.{step}.{context.run.run_id[:8]}"
+    config = {"sweep_id": sweep_id, "cell": cell_key, "asset": step, "dagster_run_id": context.run.run_id}
+    run = open_run(choice, run_name, config, file_root=settings.get("ZLT_TRACKING_DIR"),
+                            uri=settings.get("ZLT_TRACKING_URI"))
+    return TrackedStep(run, choice)

@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from zlt_dagster.core import tracking
-from zlt_dagster.core.tracking import ProjectChoice, TrackingError, default_project, open_run, resolve_project
+from zlt_dagster.defs import tracking
+from zlt_dagster.defs.tracking import ProjectChoice, TrackingError, default_project, open_run, resolve_project
 
 SID = "tiny__villain__s42__tiny__tail0__abcd1234"
 HOSTILE = {"WANDB_PROJECT": "huggingface", "MLFLOW_EXPERIMENT_NAME": "Default"}

