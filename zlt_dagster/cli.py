@@ -39,7 +39,7 @@ def _store_resource(artifacts: str | None):
     Dagster definitions build it (ZLT_DEPLOYMENT, ZLT_ARTIFACT_ROOT, ZLT_S3_BUCKET/PREFIX/ENDPOINT_URL, AWS_REGION)."""
     # defs/ imports dagster (seconds) and builds the deployment's definitions: only once the config is known good
     from .defs.definitions import local_resources, production_resources
-    from .defs.resources import ArtifactStore
+    from .defs.resources import ArtifactStore  # (see above)
 
     if artifacts:
         return ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve()))

@@ -129,7 +129,7 @@ def test_sweep_stored_before_the_join_fields_keeps_its_id():
                                          separators=(",", ":")).encode()).hexdigest()[:12]
     loaded = sweep_from_stored(old)
     assert loaded.protocol.marker_separator == " " and loaded.config_hash() == expected
-    assert loaded.sweep_id.endswith(expected[:8])
+    assert loaded.sweep_id.endswith(expected[:6])
     stated = Sweep(dataclasses.replace(DEMO, marker_token_count=4)).to_dict()
     assert stated["protocol"]["marker_token_count"] == 4
     assert sweep_from_stored(stated).protocol.marker_token_count == 4
@@ -358,10 +358,10 @@ def test_sweep_ids_differ():
     }
     assert len(ids) == 7
     sid = Sweep(PAPER).sweep_id
-    assert sid.startswith("smollm2-135m__villain__s42__paper__tail0__")
+    assert sid.startswith("villain_s42_paper_smollm2-135m_") and len(sid) == len("villain_s42_paper_smollm2-135m_") + 6
     assert "/" not in sid
     assert Sweep(get_protocol("paper", {"marker_tail_tokens": 2}), source_persona="comedian", seed=7
-                 ).sweep_id.startswith("smollm2-135m__comedian__s7__paper__tail2__")
+                 ).sweep_id.startswith("comedian_s7_paper-tail2_smollm2-135m_")
 
 
 def test_cell_key():

@@ -126,9 +126,10 @@ def test_partition_keys_use_dimensions_not_strings(register):
     sweep = register(source_persona="villain")
     key = partition_keys_for(sweep)[-1]
     assert isinstance(key, MultiPartitionKey)
-    sweep_id, position = split_partition_key(key)
-    assert sweep_id == sweep.sweep_id and position == "lr5_ep5"
-    assert cell_of(sweep, position).key == f"lr={sweep.protocol.learning_rates[-1]!r}_ep=5"
+    sweep_id, cell_key = split_partition_key(key)
+    lr = sweep.protocol.learning_rates[-1]
+    assert sweep_id == sweep.sweep_id and cell_key == f"lr={lr!r}_ep=5" == "lr=0.1_ep=5"  # readable: lr, epochs
+    assert cell_of(sweep, cell_key) == sweep.cells()[-1]  # decoded through the sweep's grid, not by parsing
 
 
 def test_bad_partition_fails_without_retry(dagster_instance, resources, register):
@@ -136,7 +137,8 @@ def test_bad_partition_fails_without_retry(dagster_instance, resources, register
     sweep = register(source_persona="villain", cells_subset=((1e-3, 1),))
     store = resources["store"].get_store()
     run([onpolicy_data], sweep.sweep_id, dagster_instance, resources)
-    bad = MultiPartitionKey({"sweep": sweep.sweep_id, "cell": "lr2_ep2"})
+    dagster_instance.add_dynamic_partitions("cells", ["lr=0.003_ep=2"])  # a cell of another sweep of the grid
+    bad = MultiPartitionKey({"sweep": sweep.sweep_id, "cell": "lr=0.003_ep=2"})
     res = materialize(ALL_ASSETS, selection=CELL_ASSETS, partition_key=bad, instance=dagster_instance,
                       resources=resources, raise_on_error=False, run_config=QUIET)
     assert not res.success
@@ -160,11 +162,10 @@ def test_pipeline_cells_done_counts(register, resources, dagster_instance):
     assert steps.cells_done(resources["store"].get_store(), sweep) == []
 
 
-@pytest.mark.parametrize("grid", [6])
-def test_grid_larger_than_partition_dimension_is_refused(grid):
+def test_any_grid_has_readable_partition_keys():
+    """Cells are keys of a dynamic dimension: a grid of any size (here 6 LRs) gets one readable key per cell."""
     from zlt_dagster.core.protocol import TINY, Sweep, apply_overrides
-    from zlt_dagster.defs.partitions import CellKeyError
 
-    proto = apply_overrides(TINY, {"learning_rates": [1e-3 * (i + 1) for i in range(grid)]}).validate()
-    with pytest.raises(CellKeyError, match="at most 5 x 5"):
-        partition_keys_for(Sweep(proto, base_model="tiny").validate())
+    proto = apply_overrides(TINY, {"learning_rates": [1e-3 * (i + 1) for i in range(6)]}).validate()
+    keys = [split_partition_key(k)[1] for k in partition_keys_for(Sweep(proto, base_model="tiny").validate())]
+    assert len(keys) == 30 and keys[0] == "lr=0.001_ep=1" and keys[-1] == "lr=0.006_ep=5"

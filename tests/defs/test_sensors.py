@@ -135,7 +135,7 @@ def test_duplicates_includes_and_unreadable_files(tmp_path):
 
 
 def test_run_keys_name_sweep_and_partition():
-    assert PlannedRun("cell_job", "s1", "lr2_ep3").run_key == "s1:lr2_ep3"
+    assert PlannedRun("cell_job", "s1", "lr=0.003_ep=3").run_key == "s1:lr=0.003_ep=3"
     assert PlannedRun("sweep_data_job", "s1", None).run_key == "s1:sweep_data_job"
 
 
@@ -148,6 +148,8 @@ def test_sensor_schedules_a_new_sweep_stage_by_stage_then_nothing(registry, dags
     sid = sweep_entry.sweep.sweep_id
     assert store.exists(layout.sweep_config_key(sid))  # registered
     assert dagster_instance.has_dynamic_partition("sweeps", sid)
+    assert [c for c in ("lr=0.001_ep=1", "lr=0.003_ep=2") if dagster_instance.has_dynamic_partition("cells", c)] == [
+        "lr=0.001_ep=1", "lr=0.003_ep=2"]  # its cells, readable, pickable
     assert summary(res) == [("sweep_data_job", f"{sid}:sweep_data_job")]
     assert res.run_requests[0].partition_key == sid and res.run_requests[0].tags["zlt/sweep"] == sid
     # the data run has not finished: the same request again (Dagster drops it: same run key), no cells yet
@@ -155,13 +157,13 @@ def test_sensor_schedules_a_new_sweep_stage_by_stage_then_nothing(registry, dags
     execute(res.run_requests, dagster_instance, resources)
 
     res = tick(dagster_instance, resources)
-    assert summary(res) == [("cell_job", f"{sid}:lr1_ep1"), ("cell_job", f"{sid}:lr2_ep2")]
-    assert res.run_requests[1].partition_key == MultiPartitionKey({"sweep": sid, "cell": "lr2_ep2"})
+    assert summary(res) == [("cell_job", f"{sid}:lr=0.001_ep=1"), ("cell_job", f"{sid}:lr=0.003_ep=2")]
+    assert res.run_requests[1].partition_key == MultiPartitionKey({"sweep": sid, "cell": "lr=0.003_ep=2"})
     execute(res.run_requests[:1], dagster_instance, resources)
     # a report made by hand from the UI halfway through does not satisfy the sensor
     materialize(ALL_ASSETS, selection=[compiled_results, heatmap], partition_key=sid, instance=dagster_instance,
                 resources=resources, run_config=QUIET)
-    assert summary(tick(dagster_instance, resources)) == [("cell_job", f"{sid}:lr2_ep2")]  # no report yet
+    assert summary(tick(dagster_instance, resources)) == [("cell_job", f"{sid}:lr=0.003_ep=2")]  # no report yet
     execute(res.run_requests[1:], dagster_instance, resources)
 
     res = tick(dagster_instance, resources)
@@ -209,7 +211,7 @@ def test_deleted_cell_artifact_is_rebuilt_exactly_that_cell_however_often(regist
     for n in (1, 2):  # built once by the sweep, then rebuilt after each deletion
         store.delete_prefix(layout.cell_prefix(sid, Cell(3e-3, 2), "marker_rates"))
         res = tick(dagster_instance, resources)
-        assert summary(res) == [("cell_job", f"{sid}:lr2_ep2:rebuild{n}")]  # exactly that cell
+        assert summary(res) == [("cell_job", f"{sid}:lr=0.003_ep=2:rebuild{n}")]  # exactly that cell
         assert res.run_requests[0].run_key not in used_run_keys(dagster_instance)
         execute(res.run_requests, dagster_instance, resources)
         res = tick(dagster_instance, resources)  # the report predates the rebuilt cell: compiled again
@@ -248,7 +250,7 @@ def test_torn_cell_artifact_is_rebuilt_not_counted(registry, dagster_instance, r
     store.put_bytes(f"{prefix}/arc_scores.json", b'{"acc": 1.0}')  # another writer's file under this manifest
     assert "ChecksumError" in steps.cell_problem(store, entry.sweep, Cell(1e-3, 1))
     res = tick(dagster_instance, resources)
-    assert summary(res) == [("cell_job", f"{sid}:lr1_ep1:rebuild1")]
+    assert summary(res) == [("cell_job", f"{sid}:lr=0.001_ep=1:rebuild1")]
     execute(res.run_requests, dagster_instance, resources)
     assert store.artifact_problem(prefix) is None
 
@@ -316,7 +318,7 @@ def test_derived_sweep_id_is_checked_against_dagster_partition_key_rules(tmp_pat
     model = tmp_path / "my...model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    with pytest.raises(ProtocolError, match=r"^base_model: sweep id 'my...model__villain.* set `name`") as ei:
+    with pytest.raises(ProtocolError, match=r"^base_model: sweep id 'villain_s42_tiny_my...model_.* set `name`") as ei:
         sweep_from_config({**TINY, "base_model": str(model)})
     assert ei.value.field == "base_model"
     check_partition_key(sweep_from_config({**TINY, "base_model": str(model), "name": "mymodel"}))
@@ -383,7 +385,7 @@ def test_followup_extra_seeds():
     for s in sweeps:
         assert s.protocol == PAPER and s.source_persona == "villain"
         assert s.cells() == [Cell(5e-6, 10), Cell(5e-6, 20)]
-        assert [k.keys_by_dimension["cell"] for k in partition_keys_for(s)] == ["lr2_ep4", "lr2_ep5"]
+        assert [k.keys_by_dimension["cell"] for k in partition_keys_for(s)] == ["lr=5e-06_ep=10", "lr=5e-06_ep=20"]
     assert len({s.sweep_id for s in sweeps}) == 2
 
 
@@ -394,7 +396,7 @@ def test_followup_marker_tail_tokens():
         assert s.cells() == [Cell(5e-6, 10)] and s.seed == 42
         # only the tail differs from the paper protocol
         assert s.protocol.to_dict() | {"marker_tail_tokens": 0} == PAPER.to_dict()
-    assert len({s.sweep_id for s in sweeps}) == 3 and all(f"tail{k}" in s.sweep_id for k, s in enumerate(sweeps))
+    assert len({s.sweep_id for s in sweeps}) == 3 and all((f"tail{k}" in s.sweep_id) == (k > 0) for k, s in enumerate(sweeps))
 
 
 def test_followup_fine_lr_grid():

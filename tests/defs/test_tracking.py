@@ -14,7 +14,7 @@ import pytest
 from zlt_dagster.defs import tracking
 from zlt_dagster.defs.tracking import ProjectChoice, TrackingError, default_project, open_run, resolve_project
 
-SID = "tiny__villain__s42__tiny__tail0__abcd1234"
+SID = "villain_s42_tiny_tiny_abcd12"
 HOSTILE = {"WANDB_PROJECT": "huggingface", "MLFLOW_EXPERIMENT_NAME": "Default"}
 
 

@@ -56,7 +56,7 @@ def test_a_range_run_trains_every_partition_with_its_own_artifact(dagster_instan
     store = resources["store"].get_store()
     assert materialize(ALL_ASSETS, selection=[onpolicy_data], partition_key=sweep.sweep_id,
                        instance=dagster_instance, resources=resources, run_config=QUIET).success
-    keys = partition_keys_for(sweep)[:7]  # lr1_ep1 .. lr2_ep2: two LRs, all five epochs values
+    keys = partition_keys_for(sweep)[:7]  # lr=0.001_ep=1 .. lr=0.003_ep=2: two LRs, all five epochs values
     res = materialize(ALL_ASSETS, selection=[adapter], instance=dagster_instance, resources=resources,
                       run_config=QUIET, tags={"dagster/asset_partition_range_start": str(keys[0]),
                                               "dagster/asset_partition_range_end": str(keys[-1])})
@@ -68,7 +68,7 @@ def test_a_range_run_trains_every_partition_with_its_own_artifact(dagster_instan
         cell = cell_of(sweep, split_partition_key(e.partition)[1])
         meta = e.step_materialization_data.materialization.metadata
         assert meta["cell"].value == cell.key and meta["epochs"].value == cell.epochs  # its own numbers
-        assert meta["trained_with"].value == 7
+        assert meta["group"].value["n_cells"] == 7
         record = json.loads(store.read_artifact_file(layout.cell_prefix(sweep.sweep_id, cell, "adapter"),
                                                      "train_run.json"))
         assert record["cell"]["key"] == cell.key and record["group"]["n_cells"] == 7
@@ -134,17 +134,18 @@ def test_a_bad_train_group_size_is_a_one_line_config_error(bad, tmp_path, monkey
     assert not (tmp_path / "art").exists() and not (tmp_path / "home").exists()
 
 
-def test_a_range_with_positions_outside_a_subset_sweep_fails_before_training(dagster_instance, resources, register):
+def test_a_range_with_cells_outside_a_subset_sweep_fails_before_training(dagster_instance, resources, register):
+    register(source_persona="librarian")  # a whole grid first: the cells dimension holds all 25, in grid order
     sweep = register(source_persona="villain", cells_subset=((1e-3, 1), (1e-3, 3)))
     store = resources["store"].get_store()
     assert materialize(ALL_ASSETS, selection=[onpolicy_data], partition_key=sweep.sweep_id,
                        instance=dagster_instance, resources=resources, run_config=QUIET).success
-    keys = partition_keys_for(sweep)  # lr1_ep1 and lr1_ep3: the range lr1_ep1..lr1_ep3 holds lr1_ep2 too
+    keys = partition_keys_for(sweep)  # lr=0.001_ep=1 and _ep=3: the range between them holds lr=0.001_ep=2 too
     res = materialize(ALL_ASSETS, selection=[adapter], instance=dagster_instance, resources=resources,
                       run_config=QUIET, raise_on_error=False,
                       tags={"dagster/asset_partition_range_start": str(keys[0]),
                             "dagster/asset_partition_range_end": str(keys[-1])})
     assert not res.success
     failure = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"][0]
-    assert "lr1_ep2" in failure.event_specific_data.error.message
+    assert "lr=0.001_ep=2" in failure.event_specific_data.error.message
     assert not store.list_keys(f"{layout.sweep_prefix(sweep.sweep_id)}/cells")  # nothing trained
