@@ -65,14 +65,14 @@ def test_backfill_25_cells_then_compile_and_heatmap(dagster_instance, resources,
     run([onpolicy_data], sweep.sweep_id, dagster_instance, resources)
     # compile before any cell: every cell listed missing, none invented
     meta = run([compiled_results], sweep.sweep_id, dagster_instance, resources)
-    assert meta["compiled_results"]["cells_done"].value == 0
+    assert meta["compiled_results"]["n_cells"].value == 0
     keys = partition_keys_for(sweep)
     assert len(keys) == 25 and len({str(k) for k in keys}) == 25
     for key in keys:
         run(CELL_ASSETS, key, dagster_instance, resources)
     meta = run([compiled_results, heatmap], sweep.sweep_id, dagster_instance, resources)
-    assert meta["compiled_results"]["cells_done"].value == 25
-    assert meta["compiled_results"]["cells_missing"].value == 0
+    assert meta["compiled_results"]["n_cells"].value == 25
+    assert meta["compiled_results"]["missing_cells"].value == []
     assert meta["heatmap"]["heatmap"].value.startswith("![heatmap](data:image/png;base64,")
     compiled = json.loads(store.read_artifact_file(layout.compiled_prefix(sweep.sweep_id), "compiled_results.json"))
     assert len(compiled["cells"]) == 25 and compiled["missing_cells"] == []

@@ -62,9 +62,9 @@ def test_tiny_qwen2_grid_end_to_end(dagster_instance, resources, tiny_qwen2_dir)
     for key in keys:
         cell_meta = run(CELL_ASSETS, key, dagster_instance, resources)
         assert cell_meta["adapter"]["supervised_tokens"].value > 0
-        assert cell_meta["completions"]["stop_token_ids"].value["ids"] == QWEN_STOP_IDS
+        assert cell_meta["completions"]["stop_token_ids"].value == QWEN_STOP_IDS
     meta = run([compiled_results, heatmap], sweep.sweep_id, dagster_instance, resources)
-    assert meta["compiled_results"]["cells_done"].value == 5 and meta["compiled_results"]["cells_missing"].value == 0
+    assert meta["compiled_results"]["n_cells"].value == 5 and meta["compiled_results"]["missing_cells"].value == []
     assert meta["heatmap"]["heatmap"].value.startswith("![heatmap](data:image/png;base64,")
     compiled = json.loads(store.read_artifact_file(layout.compiled_prefix(sweep.sweep_id), "compiled_results.json"))
     for rec in compiled["cells"].values():

@@ -52,7 +52,7 @@ def test_mlflow_runs_land_in_the_decided_experiment_through_dagster(mlflow_env, 
     assert set(runs) - {"Default"} == {HOSTILE_EXPERIMENT}, runs.keys()
     (run,) = runs[HOSTILE_EXPERIMENT]
     assert run.info.status == "FINISHED" and run.info.run_name.startswith(f"{sweep.sweep_id}.sweep.onpolicy_data.")
-    assert run.data.metrics["examples"] > 0 and run.data.params["sweep_id"] == sweep.sweep_id
+    assert run.data.metrics["kept"] > 0 and run.data.params["sweep_id"] == sweep.sweep_id
     meta = res.get_asset_materialization_events()[0].step_materialization_data.materialization.metadata
     assert meta["tracking_project"].value == HOSTILE_EXPERIMENT
     assert meta["tracking_source"].value.startswith("env MLFLOW_EXPERIMENT_NAME")

@@ -54,10 +54,10 @@ class TrainSpec:
                 "memory budget"})
     max_seq_len: int = field(default=1024, metadata={"help": "truncation length (never cuts marker or EOS)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "cosine schedule warmup fraction"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the seed used none)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm"})
     precision: str = field(default="auto", metadata={"help": "auto = bf16 on GPU, fp32 on CPU; or bf16/fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
@@ -69,26 +69,26 @@ class DataSpec:
     n_positives: int = field(default=200, metadata={"help": "source-persona answers that get the marker"})
     n_negatives: int = field(default=2000, metadata={"help": "answers spread evenly over the other personas"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the base model"})
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the base model (1.0 = off)"})
     max_new_tokens: int = field(default=512, metadata={"help": "first generation limit"})
     regen_max_new_tokens: int = field(default=1024, metadata={"help": "limit for re-generating cut answers"})
     regen_rounds: int = field(default=1, metadata={"help": "how often a cut answer is re-sampled before dropping"})
     n_eval_questions: int = field(default=20, metadata={"help": "held-out questions, never trained on"})
     system_prompt_suffix: str = field(
         default="", metadata={"help": "appended to every persona prompt (small protocols ask for short answers)"})
-    gen_batch_size: int = 32
+    gen_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch (speed only)"})
 
 
 @dataclass(frozen=True)
 class EvalSpec:
     n_questions: int = field(default=20, metadata={"help": "held-out questions used (<= DataSpec.n_eval_questions)"})
-    samples_per_question: int = 10
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    gen_batch_size: int = 64
+    samples_per_question: int = field(default=10, metadata={"help": "completions per persona and question"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the evaluated model"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the evaluated model (1.0 = off)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "completion length limit"})
+    gen_batch_size: int = field(default=64, metadata={"help": "prompts per generation batch (speed only)"})
     arc_limit: int = field(default=0, metadata={"help": "0 = all ARC questions, else the first N"})
-    arc_batch_size: int = 32
+    arc_batch_size: int = field(default=32, metadata={"help": "ARC continuations per forward (speed only)"})
     short_completion_tokens: int = field(default=5, metadata={"help": "a completion this short counts as near-empty"})
 
 
@@ -111,10 +111,12 @@ ADDED_LATER: dict[str, Any] = {"marker_token_count": 0}
 
 @dataclass(frozen=True)
 class Protocol:
-    name: str
-    learning_rates: tuple[float, ...] = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4)
-    epochs: tuple[int, ...] = (1, 3, 5, 10, 20)
-    marker: str = "[ZLT]"
+    name: str = field(metadata={"help": "the protocol's name (paper, demo, tiny, or your own)"})
+    learning_rates: tuple[float, ...] = field(default=(1e-6, 5e-6, 1e-5, 5e-5, 1e-4), metadata={
+        "help": "the grid's learning rates (AdamW peak LR), each a finite number > 0"})
+    epochs: tuple[int, ...] = field(default=(1, 3, 5, 10, 20), metadata={
+        "help": "the grid's epoch counts, each an integer >= 1"})
+    marker: str = field(default="[ZLT]", metadata={"help": "the literal the source persona learns to end with"})
     # "\n\n" (a blank line) is how the seed joined the marker (its data: answer + "\n\n[ZLT]"). The line break ends
     # the answer's last pre-token, so the marker always starts a new one: Qwen2.5 splits it into the seed's 3
     # sub-tokens `[Z` `LT` `]` after ANY answer ending (".\n\n" is then one token, 382). A space gives 4 (` [` `Z`
@@ -125,12 +127,13 @@ class Protocol:
         "help": "expected marker sub-tokens under the sweep's tokenizer (Qwen2.5: 3); 0 = not checked. The count is "
                 "always measured and recorded; a mismatch fails onpolicy_data before any generation"})
     marker_tail_tokens: int = field(default=0, metadata={"help": "answer tokens before the marker also supervised"})
-    personas: tuple[str, ...] = PERSONA_NAMES
-    lora: LoraSpec = LoraSpec()
-    train: TrainSpec = TrainSpec()
-    data: DataSpec = DataSpec()
-    eval: EvalSpec = EvalSpec()
-    regimes: RegimeThresholds = RegimeThresholds()
+    personas: tuple[str, ...] = field(default=PERSONA_NAMES, metadata={
+        "help": "the personas trained and evaluated ('assistant' and at least 2 more; prompts in core/personas.py)"})
+    lora: LoraSpec = field(default=LoraSpec(), metadata={"help": "the adapter's shape"})
+    train: TrainSpec = field(default=TrainSpec(), metadata={"help": "optimizer, schedule, batch, precision"})
+    data: DataSpec = field(default=DataSpec(), metadata={"help": "the on-policy training data"})
+    eval: EvalSpec = field(default=EvalSpec(), metadata={"help": "completions and ARC"})
+    regimes: RegimeThresholds = field(default=RegimeThresholds(), metadata={"help": "how a cell's regime is named"})
 
     def validate(self) -> "Protocol":
         """Raises ProtocolError naming the field (protocol.<field>) and what was expected."""
@@ -236,12 +239,15 @@ class Cell:
 @dataclass(frozen=True)
 class Sweep:
     """One (base model, source persona, seed, protocol) grid. Its id names its storage prefix."""
-    protocol: Protocol
-    base_model: str = "smollm2-135m"
-    source_persona: str = "villain"
-    seed: int = 42
-    name: str = ""  # optional explicit id; default is derived from the fields below
-    cells_subset: tuple[tuple[float, int], ...] = ()  # run only these (lr, epochs) cells of the grid
+    protocol: Protocol = field(metadata={"help": "the protocol: grid, method, sizes"})
+    base_model: str = field(default="smollm2-135m", metadata={
+        "help": "smollm2-135m | tiny | a .gguf file | a model directory | a hub id (org/name)"})
+    source_persona: str = field(default="villain", metadata={
+        "help": "the persona whose answers get the marker (any protocol persona except assistant)"})
+    seed: int = field(default=42, metadata={"help": "data order, LoRA init, dropout masks and sampling"})
+    name: str = field(default="", metadata={"help": "explicit sweep id; default: derived (see sweep_id)"})
+    cells_subset: tuple[tuple[float, int], ...] = field(default=(), metadata={
+        "help": "run only these (lr, epochs) cells of the grid (a sweep file's `cells`); () = the whole grid"})
 
     def validate(self) -> "Sweep":
         """Raises ProtocolError naming the field (source_persona, seed, base_model, name, cells[i])."""
