@@ -38,7 +38,7 @@ import torch
 warnings.filterwarnings("ignore")
 
 from zlt_dagster.core.arc import ArcQuestion, score_arc  # noqa: E402
-from zlt_dagster.core.fast_generation import merge_rel_error, merged_weights  # noqa: E402
+from zlt_dagster.core.generation.merging import merge_rel_error, merged_weights  # noqa: E402
 from zlt_dagster.core.generation import PromptSpec  # noqa: E402
 from zlt_dagster.core.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from zlt_dagster.core.masking import IGNORE, TokenizedExample  # noqa: E402

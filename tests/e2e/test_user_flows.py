@@ -110,10 +110,9 @@ class Dagster:
             tags = {t["key"]: t["value"] for t in r["tags"]}
             sweep = tags.get("dagster/partition/sweep") or tags.get("dagster/partition")
             if sweep is None and "dagster/asset_partition_range_start" in tags:  # a grouped adapter run
-                from zlt_dagster.defs.partitions import split_partition_key, sweep_cell_partitions
+                from zlt_dagster.defs.partitions import split_partition_key
 
-                start = sweep_cell_partitions.get_partition_key_from_str(tags["dagster/asset_partition_range_start"])
-                sweep = split_partition_key(start)[0]
+                sweep = split_partition_key(tags["dagster/asset_partition_range_start"])[0]
             out.append({**r, "tags": tags, "sweep": sweep})
         return out
 
@@ -182,7 +181,8 @@ def test_user_flows(dagster):
     timings["registered+data"] = time.monotonic() - t0
 
     # --- flow 1: one partition ---------------------------------------------------------------------------------
-    key = partition_keys_for(villain)[7]  # lr2_ep3
+    key = partition_keys_for(villain)[7]  # lr=0.003_ep=3: its LR and epochs, readable
+    assert key.keys_by_dimension["cell"] == "lr=0.003_ep=3"
     tags = [{"key": "dagster/partition", "value": str(key)}] + [
         {"key": f"dagster/partition/{dim}", "value": v} for dim, v in key.keys_by_dimension.items()]
     res = d.gql("""mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
@@ -247,7 +247,7 @@ def test_user_flows(dagster):
     comedian_runs = [r for r in d.runs() if r["sweep"] == cid]
     assert all(r["tags"].get("dagster/sensor_name") == "sweep_registry_sensor" for r in comedian_runs)
     assert {r["tags"]["dagster/run_key"] for r in comedian_runs} == {
-        f"{cid}:sweep_data_job", f"{cid}:lr1_ep1", f"{cid}:lr4_ep4", f"{cid}:report_job"}
+        f"{cid}:sweep_data_job", f"{cid}:lr=0.001_ep=1", f"{cid}:lr=0.03_ep=4", f"{cid}:report_job"}
     time.sleep(12)  # two more sensor ticks: still nothing for either sweep
     all_runs = d.runs()
     assert Counter(r["jobName"] for r in all_runs if r["sweep"] == vid) == villain_runs  # none after flow 2

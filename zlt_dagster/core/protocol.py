@@ -83,10 +83,14 @@ class DataSpec:
 class EvalSpec:
     n_questions: int = field(default=20, metadata={"help": "held-out questions used (<= DataSpec.n_eval_questions)"})
     samples_per_question: int = field(default=10, metadata={"help": "completions per persona and question"})
+
+    # sampling (the seed's: T=1.0, no nucleus cut)
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the evaluated model"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the evaluated model (1.0 = off)"})
     max_new_tokens: int = field(default=512, metadata={"help": "completion length limit"})
     gen_batch_size: int = field(default=64, metadata={"help": "prompts per generation batch (speed only)"})
+
+    # ARC-Challenge
     arc_limit: int = field(default=0, metadata={"help": "0 = all ARC questions, else the first N"})
     arc_batch_size: int = field(default=32, metadata={"help": "ARC continuations per forward (speed only)"})
     short_completion_tokens: int = field(default=5, metadata={"help": "a completion this short counts as near-empty"})
@@ -98,6 +102,8 @@ class RegimeThresholds:
     source_learned: float = field(default=0.5, metadata={"help": "source adoption >= this = learned"})
     source_partial: float = field(default=0.1, metadata={"help": "source adoption >= this = partial"})
     bystander_clean: float = field(default=0.1, metadata={"help": "max leakage < this = selective"})
+
+    # leakage and degenerate answers
     collapse_leakage: float = field(default=0.5, metadata={"help": "assistant or max bystander >= this = collapse"})
     degenerate_mean_tokens: float = field(default=8.0, metadata={"help": "mean completion tokens below this ..."})
     degenerate_short_share: float = field(default=0.5, metadata={"help": "... or this share near-empty = degenerate"})
@@ -234,6 +240,10 @@ class Cell:
     def key(self) -> str:
         """Human-readable storage key: lr=5e-06_ep=20 (Python's repr of the float, so 1e-05 stays exact)."""
         return f"lr={self.lr!r}_ep={self.epochs}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """How a cell appears in JSON artifacts and summaries: {"lr", "epochs", "key"}."""
+        return {"lr": self.lr, "epochs": self.epochs, "key": self.key}
 
 
 @dataclass(frozen=True)

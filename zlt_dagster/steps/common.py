@@ -64,8 +64,3 @@ def require(store: ObjectStore, prefix: str, what: str) -> None:
     if not store.artifact_exists(prefix):
         raise StepError(f"{what} is missing: no committed artifact at {store.where(prefix)} "
                         f"(materialize it first)")
-
-
-def cell_summary(cell) -> dict:
-    """A cell as it appears in summaries and JSON artifacts: {lr, epochs, key}."""
-    return {"lr": cell.lr, "epochs": cell.epochs, "key": cell.key}

@@ -9,7 +9,7 @@ from ..core import report
 from ..core.protocol import Sweep
 from ..storage import ObjectStore
 from . import layout
-from .common import artifact_meta, cell_summary, require
+from .common import artifact_meta, require
 
 
 def _read_json_artifact(store, prefix, name):
@@ -31,7 +31,7 @@ def run_compile(store: ObjectStore, sweep: Sweep) -> dict:
         arc_res = _read_json_artifact(store, layout.cell_prefix(sweep.sweep_id, cell, "arc_scores"),
                                       "arc_scores.json")
         records[cell.key] = {
-            "cell": cell_summary(cell),
+            "cell": cell.to_dict(),
             "marker_rates": rates,
             "arc": None if arc_res is None else {k: arc_res[k] for k in ("acc", "acc_norm", "n")},
             "train": {**{k: train.get(k) for k in ("steps", "tokens", "supervised_tokens", "tokens_per_s",

@@ -166,11 +166,7 @@ class LocalStore(ObjectStore):
     def put_bytes_if_match(self, key: str, data: bytes, token: str) -> str | None:
         dest = self._path(key)
         with self._errors("put_bytes_if_match", key, dest), self._dir_lock(dest.parent):
-            try:
-                current = dest.read_bytes()
-            except FileNotFoundError:
-                return None
-            if sha256_bytes(current) != token:
+            if self._token(dest) != token:  # a missing file matches no token
                 return None
             self._atomic_write(dest, lambda fh: fh.write(data))
         return sha256_bytes(data)
@@ -182,14 +178,21 @@ class LocalStore(ObjectStore):
     def delete_if_match(self, key: str, token: str) -> bool:
         dest = self._path(key)
         with self._errors("delete_if_match", key, dest), self._dir_lock(dest.parent):
-            try:
-                current = dest.read_bytes()
-            except FileNotFoundError:
+            current = self._token(dest)
+            if current is None:
                 return True
-            if sha256_bytes(current) != token:
+            if current != token:
                 return False
             dest.unlink()
         return True
+
+    @staticmethod
+    def _token(dest: Path) -> str | None:
+        """The version token of a file (sha256 of its bytes), None when it does not exist; call under the lock."""
+        try:
+            return sha256_bytes(dest.read_bytes())
+        except FileNotFoundError:
+            return None
 
     def uri(self, key: str = "") -> str:
         # Keep RFC 3986 sub-delimiters such as '=' readable ("lr=5e-06_ep=20"), unlike Path.as_uri().

@@ -176,45 +176,39 @@ class S3Store(ObjectStore):
         with self._errors("put_bytes", full):
             self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
 
-    def _get_object(self, full: str) -> tuple[bytes, str]:
-        """GetObject + reading its body. botocore retries the request but not a body cut off mid-stream
-        (IncompleteRead, a read timeout while streaming): retry those here, with the same number of attempts."""
+    def _read_object(self, full: str, what: str, read):
+        """GetObject, then ``read(body, response)``. botocore retries the request but not a body cut off
+        mid-stream (IncompleteRead, a read timeout while streaming): retry those here, with the same number of
+        attempts."""
         attempts = max(1, self._max_attempts)
         for attempt in range(attempts):
             try:
-                with self._errors("get_bytes", full):
+                with self._errors(what, full):
                     resp = self.client.get_object(Bucket=self.bucket, Key=full)
                     with contextlib.closing(resp["Body"]) as body:
-                        return body.read(), resp["ETag"]
+                        return read(body, resp)
             except StoreError as e:
                 if attempt + 1 == attempts or not isinstance(e.__cause__, _BODY_ERRORS):
                     raise
                 time.sleep(min(2.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")
+
+    def _get_object(self, full: str) -> tuple[bytes, str]:
+        """(body, ETag) of one object."""
+        return self._read_object(full, "get_bytes", lambda body, resp: (body.read(), resp["ETag"]))
 
     def get_bytes(self, key: str) -> bytes:
         return self._get_object(self._full(key))[0]
 
     def _hash_key(self, key: str) -> tuple[str, int]:
-        """Streamed in 1 MiB chunks (an adapter need not fit in memory); a body cut mid-stream is re-read, as in
-        _get_object."""
-        full = self._full(key)
-        attempts = max(1, self._max_attempts)
-        for attempt in range(attempts):
-            digest, size = hashlib.sha256(), 0
-            try:
-                with self._errors("hash", full):
-                    resp = self.client.get_object(Bucket=self.bucket, Key=full)
-                    with contextlib.closing(resp["Body"]) as body:
-                        for chunk in body.iter_chunks(_MB):
-                            digest.update(chunk)
-                            size += len(chunk)
-                return digest.hexdigest(), size
-            except StoreError as e:
-                if attempt + 1 == attempts or not isinstance(e.__cause__, _BODY_ERRORS):
-                    raise
-                time.sleep(min(2.0, 0.1 * 2**attempt))
-        raise AssertionError("unreachable")
+        """(sha256, size), streamed in 1 MiB chunks (an adapter need not fit in memory)."""
+        def digest(body, _resp) -> tuple[str, int]:
+            h, size = hashlib.sha256(), 0
+            for chunk in body.iter_chunks(_MB):
+                h.update(chunk)
+                size += len(chunk)
+            return h.hexdigest(), size
+        return self._read_object(self._full(key), "hash", digest)
 
     def exists(self, key: str) -> bool:
         full = self._full(key)
