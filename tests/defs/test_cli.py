@@ -38,8 +38,9 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     # the runs are Dagster runs in the instance the UI reads
     from dagster import DagsterInstance
     with DagsterInstance.get() as instance:
-        # data+base ARC, 2 training runs (the two cells are not contiguous partitions), 2 evaluation runs, report
-        assert len(instance.get_runs()) == 1 + 2 + 2 + 1
+        # data+base ARC, 1 training run (the sweep's two cells are the only, so contiguous, keys of the `cells`
+        # dimension: one range run trains both in one pass), 2 evaluation runs, report
+        assert len(instance.get_runs()) == 1 + 1 + 2 + 1
 
     # rerun: everything done is skipped
     assert main(["run", str(cfg)]) == 0
@@ -177,10 +178,10 @@ def test_deployment_environment_picks_the_store_of_every_command(tmp_path, monke
     monkeypatch.setenv("ZLT_S3_ENDPOINT_URL", s3_server_url)
     assert main(["status"]) == 0
     assert capsys.readouterr().out == "no sweeps in s3://zlt-cli-test/p1\n"
-    from zlt_dagster import cli
+    from zlt_dagster import settings
     from zlt_dagster.defs import definitions
 
-    assert cli.DEPLOYMENTS == definitions.DEPLOYMENTS
+    assert definitions.DEPLOYMENTS is settings.DEPLOYMENTS  # one list, read by `zlt` and the definitions
     # a fresh process (the console script): the deployment is checked before the definitions are imported
     env = {**os.environ, "ZLT_DEPLOYMENT": "cloud", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([str(Path(sys.executable).parent / "zlt"), "status"], cwd=tmp_path, env=env,

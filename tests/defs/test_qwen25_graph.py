@@ -47,8 +47,10 @@ def test_tiny_qwen2_grid_end_to_end(dagster_instance, resources, tiny_qwen2_dir)
     store = resources["store"].get_store()
     meta = run([onpolicy_data], sweep.sweep_id, dagster_instance, resources)["onpolicy_data"]
     assert meta["marker_token_count"].value == 3
-    assert meta["marker_tokens"].value == {"ids": QWEN_MARKER_IDS, "tokens": ["[Z", "LT", "]"], "separator": "\n\n"}
-    assert meta["stop_token_ids"].value == {"ids": QWEN_STOP_IDS, "tokens": ["<|im_end|>", "<|endoftext|>"]}
+    assert meta["marker_token_ids"].value == QWEN_MARKER_IDS and meta["marker_tokens"].value == ["[Z", "LT", "]"]
+    assert meta["marker_separator"].value == "\n\n"
+    assert meta["stop_token_ids"].value == QWEN_STOP_IDS
+    assert meta["stop_tokens"].value == ["<|im_end|>", "<|endoftext|>"]
     stats = json.loads(store.read_artifact_file(layout.onpolicy_prefix(sweep.sweep_id), "stats.json"))
     assert (stats["marker_token_ids"], stats["marker_token_count"], stats["marker_separator"]) == (
         QWEN_MARKER_IDS, 3, "\n\n")

@@ -2,6 +2,7 @@
 (zlt_dagster/steps), turn its summary into metadata (metadata.to_result: summary keys are metadata names)."""
 
 import base64
+from pathlib import Path
 from typing import Callable
 
 from dagster import (
@@ -243,10 +244,12 @@ class ComparisonConfig(Config):
 def cell_comparison(context: AssetExecutionContext, config: ComparisonConfig, store: ArtifactStore
                     ) -> MaterializeResult:
     """The same cell across seeds or marker tail widths (a follow-up file): rates with Wilson 95% intervals."""
-    s = _bad_input_fails_once(lambda: steps.run_comparison(store.get_store(), config.followup))
-    return MaterializeResult(metadata={
+    # tracked like every step; its project is named for the follow-up file, as it spans several sweeps
+    track = start_tracking(context, f"comparison-{Path(config.followup).stem}")
+    s = _tracked(track, lambda: steps.run_comparison(store.get_store(), config.followup))
+    return track(MaterializeResult(metadata={
         "followup": config.followup, **metadata(s["comparison"], ("varying", "n_done", "n_expected")),
-        **metadata(s, ("artifact", "png_uri")), "comparison": _inline_png("comparison", s["png"])})
+        **metadata(s, ("artifact", "png_uri")), "comparison": _inline_png("comparison", s["png"])}))
 
 
 SWEEP_DATA_ASSETS = [onpolicy_data, base_arc_scores]

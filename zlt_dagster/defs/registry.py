@@ -30,13 +30,13 @@ from .. import settings
 from ..core.protocol import ProtocolError, Sweep, _yaml_loader, read_mapping, sweep_from_dict
 from ..steps import cell_done, layout
 from ..steps.sweeps import DONE_ARTIFACTS
-from .jobs import cell_job, report_job, sweep_data_job
 from .partitions import cell_key
 
 REGISTRY_ENV = "ZLT_SWEEP_REGISTRY"
 SCHEDULES = ("full", "data")
 REGISTRY_KEYS = ("schedule",)
-DATA_JOB, CELL_JOB, REPORT_JOB = sweep_data_job.name, cell_job.name, report_job.name
+# the jobs the sensor requests (defs/jobs.py builds them under these names from the asset lists)
+DATA_JOB, CELL_JOB, REPORT_JOB = "sweep_data_job", "cell_job", "report_job"
 
 
 class RegistryError(ValueError):
