@@ -238,9 +238,9 @@ def test_production_step_path_runs_one_partition(cluster):
         assert pool.limit == 4 and not pool.claimed_slots and not pool.pending_steps, pool
 
         # --- the Jobs dagster-k8s built, and the pods that ran them ---
-        steps = {p.manifest["metadata"]["labels"]["dagster/op"]: p for p in kube.jobs("step_worker")}
-        assert set(steps) == {"onpolicy_data", *CELL_STEPS} and len(kube.jobs("run_worker")) == 2
-        for op, pod in steps.items():
+        step_pods = {p.manifest["metadata"]["labels"]["dagster/op"]: p for p in kube.jobs("step_worker")}
+        assert set(step_pods) == {"onpolicy_data", *CELL_STEPS} and len(kube.jobs("run_worker")) == 2
+        for op, pod in step_pods.items():
             c = pod.manifest["spec"]["template"]["spec"]["containers"][0]
             assert c["args"] == ["dagster", "api", "execute_step"] and c["image"] == IMAGE
             env = {e["name"] for e in c["env"]}
@@ -253,7 +253,7 @@ def test_production_step_path_runs_one_partition(cluster):
                 "dagster", "api", "execute_run"]
         # step Jobs were created by the run workers, through their service-account token (in-cluster config)
         assert {who for m, path, who in kube.requests if m == "POST"} == {"client", "service-account"}
-        assert sum(1 for m, _, who in kube.requests if m == "POST" and who == "service-account") == len(steps)
+        assert sum(1 for m, _, who in kube.requests if m == "POST" and who == "service-account") == len(step_pods)
         assert not kube.unhandled, kube.unhandled
 
         # --- every artifact is in S3 and its manifest verifies (sha256 + size of every file) ---
@@ -276,7 +276,7 @@ def test_production_step_path_runs_one_partition(cluster):
         places.update({f"log of pod {p.name}": p.log() for p in kube.jobs()})
         leaks = [f"{what} in {where}" for where, text in places.items() for what, v in secrets_.items() if v in text]
         assert leaks == []
-        print(f"\nproduction step path: 2 runs, {len(steps)} step pods, {elapsed:.1f} s; pod wall times: "
+        print(f"\nproduction step path: 2 runs, {len(step_pods)} step pods, {elapsed:.1f} s; pod wall times: "
               + ", ".join(f"{p.manifest['metadata']['labels'].get('dagster/op', 'run worker')} "
                           f"{p.ended - p.started:.1f} s" for p in kube.jobs()))
     finally:

@@ -147,18 +147,18 @@ def test_sigterm_writes_a_checkpoint_then_exits_and_the_rerun_resumes_from_it(en
     exit_s = time.monotonic() - t0
     assert proc.returncode == 143, output
     assert "SIGTERM received" in output and "INTERRUPTED" in output
-    steps = ckpts.committed_steps()
-    assert len(steps) == 1 and 0 < steps[0] < steps_total, output
-    state = json.loads(store.read_artifact_file(f"{ckpts.prefix}/{ck.step_dir_name(steps[0])}", ck.STATE_FILE))
-    assert state["reason"] == "sigterm" and state["step"] == steps[0]
-    assert f"INTERRUPTED step={steps[0]} " in output
+    committed = ckpts.committed_steps()
+    assert len(committed) == 1 and 0 < committed[0] < steps_total, output
+    state = json.loads(store.read_artifact_file(f"{ckpts.prefix}/{ck.step_dir_name(committed[0])}", ck.STATE_FILE))
+    assert state["reason"] == "sigterm" and state["step"] == committed[0]
+    assert f"INTERRUPTED step={committed[0]} " in output
     assert not store.artifact_exists(layout.cell_prefix(sweep.sweep_id, CELL, "adapter"))
 
     rec = steps.run_adapter(store, sweep, CELL, COMPUTE, log=QUIET)
-    assert rec["resumed_from_step"] == steps[0] and rec["steps"] == steps_total
+    assert rec["resumed_from_step"] == committed[0] and rec["steps"] == steps_total
     worst = _assert_same_adapter(_adapter_tensors(store, sweep, CELL, tmp_path / "got"), env["ref"]["sigterm_only"])
     assert store.list_keys(ckpts.prefix) == []
-    report("sigterm_resume", steps=steps_total, sigterm_checkpoint_step=steps[0], sigterm_to_exit_s=round(exit_s, 2),
+    report("sigterm_resume", steps=steps_total, sigterm_checkpoint_step=committed[0], sigterm_to_exit_s=round(exit_s, 2),
             max_abs_diff=worst)
 
 
