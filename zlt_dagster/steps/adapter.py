@@ -45,6 +45,7 @@ def run_adapters(store: ObjectStore, sweep: Sweep, cells: list[Cell], compute: C
         return done
     data = load_onpolicy(store, sweep)
     lm = model(sweep, compute)
+    backend = compute.compile_backend(lm.device)
     examples = tokenize_dataset(lm, data, sweep.protocol)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=compute.work_dir or None)))
@@ -75,14 +76,14 @@ def run_adapters(store: ObjectStore, sweep: Sweep, cells: list[Cell], compute: C
 
         try:
             train_cells(lm, examples, sweep.protocol, todo, sweep.seed, outs, data_hash=data.data_hash,
-                        progress=log, checkpointers=cks, on_cell_done=commit)
+                        progress=log, checkpointers=cks, on_cell_done=commit, compile_backend=backend)
         except checkpoint.CheckpointError as e:  # a checkpoint of another run (e.g. other on-policy data)
             log(f"stored checkpoint not usable ({e}); deleting the group's checkpoints and training from step 0")
             for cell, ck in zip(todo, cks):
                 ckpts[cell].clear()
                 ck.resume_dir = None
             train_cells(lm, examples, sweep.protocol, todo, sweep.seed, outs, data_hash=data.data_hash,
-                        progress=log, checkpointers=cks, on_cell_done=commit)
+                        progress=log, checkpointers=cks, on_cell_done=commit, compile_backend=backend)
     return {cell: done[cell] for cell in cells}
 
 
