@@ -58,6 +58,29 @@ def used_run_keys(instance: DagsterInstance) -> set[str]:
     return {r.tags[RUN_KEY_TAG] for r in instance.get_runs(filters=RunsFilter(tags={SENSOR_NAME_TAG: SENSOR}))}
 
 
+def test_a_sweep_stored_under_its_legacy_id_keeps_it_and_its_results(registry, dagster_instance, resources):
+    """A finished sweep registered before ids were led by persona and seed (sweeps/<model>__<persona>__s<seed>__...)
+    is found under that id: nothing is recomputed, no second sweep appears."""
+    entry = {**TINY, "source_persona": "villain", "cells": [[1e-3, 1]]}
+    write_registry(registry, [entry])
+    run_until_idle(dagster_instance, resources)
+    [e], _ = read_registry(registry)
+    store = resources["store"].get_store()
+    legacy = steps.sweeps.legacy_sweep_id(e.sweep)
+    assert legacy.startswith("tiny__villain__s42__tiny__tail0__")
+    for key in store.list_keys(layout.sweep_prefix(e.sweep.sweep_id)):  # the store as the old scheme left it
+        store.put_bytes(key.replace(e.sweep.sweep_id, legacy, 1), store.get_bytes(key))
+    store.delete_prefix(layout.sweep_prefix(e.sweep.sweep_id))
+    from dagster import instance_for_test
+
+    with instance_for_test() as fresh:
+        res = tick(fresh, resources)
+        assert res.run_requests == [] and fresh.has_dynamic_partition("sweeps", legacy)
+    assert steps.as_stored(store, e.sweep).sweep_id == legacy
+    assert steps.load_sweep(store, legacy).sweep_id == legacy
+    assert not store.exists(layout.sweep_config_key(e.sweep.sweep_id))
+
+
 def run_until_idle(instance, resources, max_ticks: int = 6) -> SensorResult:
     """Tick and execute until a tick requests nothing; every request must carry a run key not used before."""
     for _ in range(max_ticks):

@@ -112,6 +112,7 @@ class Runner:
             print(f"  {cell.key}: adapter committed by an interrupted pass, recorded in the instance", flush=True)
 
     def run(self, sweep) -> dict:
+        sweep = steps.as_stored(self.store, sweep)  # a sweep stored under a legacy id keeps it (and its results)
         steps.register_sweep(self.store, sweep)
         add_partitions(self.instance, sweep)
         sid = sweep.sweep_id

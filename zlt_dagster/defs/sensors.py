@@ -29,6 +29,8 @@ entries are still processed. A registry file that is not valid YAML fails the ti
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dagster import (
     DagsterRunStatus, DefaultSensorStatus, MultiPartitionKey, RunRequest, RunsFilter, SensorEvaluationContext,
     SensorResult, sensor,
@@ -91,6 +93,7 @@ def sweep_registry_sensor(context: SensorEvaluationContext, store: ArtifactStore
     notes: list[str] = []  # why a sweep got no request
     registered = []  # the sweeps whose ids and cells must be partitions
     for entry in entries:
+        entry = dataclasses.replace(entry, sweep=steps.as_stored(st, entry.sweep))  # a legacy id stays
         sid = entry.sweep.sweep_id
         try:
             if steps.register_sweep(st, entry.sweep):

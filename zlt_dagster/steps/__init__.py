@@ -14,9 +14,11 @@ from .completions import load_completions, run_completions
 from .marker_rates import run_marker_rates
 from .onpolicy import load_onpolicy, run_onpolicy
 from .report import run_compile, run_heatmap
-from .sweeps import DONE_ARTIFACTS, cell_done, cell_problem, cells_done, is_missing, load_sweep, register_sweep
+from .sweeps import (
+    DONE_ARTIFACTS, as_stored, cell_done, cell_problem, cells_done, is_missing, load_sweep, register_sweep,
+)
 
-__all__ = ["ComputeSettings", "DONE_ARTIFACTS", "StepError", "cell_done", "cell_problem", "cells_done",
+__all__ = ["ComputeSettings", "DONE_ARTIFACTS", "StepError", "as_stored", "cell_done", "cell_problem", "cells_done",
            "fetch_adapter", "is_missing", "load_arc_questions", "load_completions", "load_onpolicy", "load_sweep",
            "register_sweep", "run_adapter", "run_adapters", "run_arc", "run_base_arc", "run_comparison",
            "run_compile", "run_completions", "run_heatmap", "run_marker_rates", "run_onpolicy"]

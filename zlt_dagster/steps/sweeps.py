@@ -11,13 +11,37 @@ from . import layout
 from .common import StepError
 
 
+def _same_config(stored: dict, sweep: Sweep) -> bool:
+    """Whether a stored sweep.json is ``sweep``'s config (the name aside: it only chooses the id)."""
+    return {**stored, "name": ""} == {**sweep.to_dict(), "name": ""}
+
+
+def legacy_sweep_id(sweep: Sweep) -> str:
+    """The id an unnamed sweep had before ids were led by persona and seed (until issue 15):
+    <model>__<persona>__s<seed>__<protocol>__tail<n>__<hash8>."""
+    p = sweep.protocol
+    return (f"{sweep.model_slug}__{sweep.source_persona}__s{sweep.seed}__{p.name}__tail{p.marker_tail_tokens}"
+            f"__{sweep.config_hash()[:8]}")
+
+
+def as_stored(store: ObjectStore, sweep: Sweep) -> Sweep:
+    """``sweep`` under the id the store already holds it by: an unnamed sweep registered under the legacy id
+    scheme (same config) keeps that id, so its results are found, not recomputed; otherwise ``sweep`` itself."""
+    if sweep.name or store.exists(layout.sweep_config_key(sweep.sweep_id)):
+        return sweep
+    legacy = layout.sweep_config_key(legacy_sweep_id(sweep))
+    if store.exists(legacy) and _same_config(store.read_json(legacy), sweep):
+        return dataclasses.replace(sweep, name=legacy_sweep_id(sweep))
+    return sweep
+
+
 def register_sweep(store: ObjectStore, sweep: Sweep) -> bool:
     """Write sweeps/<id>/sweep.json once. Returns True if new. A different config under the same id is an error."""
     sweep.validate()
     key = layout.sweep_config_key(sweep.sweep_id)
     if store.exists(key):
         stored = store.read_json(key)
-        if stored != sweep.to_dict():
+        if not _same_config(stored, sweep):
             raise StepError(f"sweep id {sweep.sweep_id!r} already exists in {store.where(key)} with a different "
                             f"config; give the new sweep another name")
         return False
