@@ -57,7 +57,6 @@ class _Routing:
     # the same cells as an int64 tensor on the model's device: the forward selects adapters with it, not with the
     # list, so one compiled graph (torch.compile, core/train.py) serves every set of active cells of any size >= 2
     index: torch.Tensor | None = None
-    keep: torch.Tensor | None = None   # bool [rows of ONE block, width, total LoRA input features]
     autocast: bool = True              # over a bf16/fp16 base, run the adapter's matmuls in that dtype
 
 
@@ -72,6 +71,10 @@ class MultiLoRALinear(torch.nn.Module):
         self.scale, self.dropout, self.offset = scale, dropout, offset
         self.routing = routing
         self.k = k
+        # this module's columns of the micro-batch's dropout keep-mask (a view, set by LoraBank.set_batch), not an
+        # offset into the whole mask: no per-module integer in the forward, so torch.compile gives every layer
+        # the same graph (core/train.py)
+        self.keep: torch.Tensor | None = None
         self.in_features = base.in_features
         # the dtype peft chose for the adapter (fp32 over a bf16 base: peft's autocast_adapter_dtype)
         self.lora_A = torch.nn.ParameterList([torch.nn.Parameter(a_init.detach().clone()) for _ in range(k)])
@@ -92,9 +95,8 @@ class MultiLoRALinear(torch.nn.Module):
         """B(A(dropout(xa))) of each row block with its cell's adapter; weights cast to `cast` if given (their
         fp32 master copies receive the gradients)."""
         k, x = index.shape[0], xa
-        keep = self.routing.keep
-        if keep is not None and self.training:
-            mask = keep[..., self.offset:self.offset + self.in_features]            # [block rows, width, in]
+        mask = self.keep                                                            # [block rows, width, in]
+        if mask is not None and self.training:
             xa = torch.where(mask, xa.reshape(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).reshape(x.shape)
         if self.k == 1:  # a bank of one cell: plain matmuls, as peft's Linear
             a, b = self.lora_A[0], self.lora_B[0]
@@ -128,7 +130,6 @@ class LoraBank:
         self.device = next(model.parameters()).device
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.routing = _Routing()
-        self.set_batch(range(k), None)
         init, self.scale = _peft_initialisation(model, protocol, seed)
         self.dropout = float(protocol.lora.dropout)
         self.originals = {name: model.get_submodule(name) for name in init}
@@ -139,6 +140,7 @@ class LoraBank:
             self.modules[name] = MultiLoRALinear(base, a, b, k, self.scale, self.dropout, offset, self.routing)
             offset += base.in_features
         self.total_in = offset  # dropout features per token: sum of every LoRA'd module's input width
+        self.set_batch(range(k), None)
         self._attached = False
 
     def __enter__(self) -> "LoraBank":
@@ -151,7 +153,7 @@ class LoraBank:
         for name, orig in self.originals.items():
             _set_module(self.model, name, orig)
         self._attached = False
-        self.routing.keep = None
+        self.set_batch(self.routing.active, None)
 
     @contextlib.contextmanager
     def detached(self) -> Iterator[None]:
@@ -177,7 +179,8 @@ class LoraBank:
             self._indices[active] = torch.tensor(active, dtype=torch.long, device=self.device)
         self.routing.active = list(active)
         self.routing.index = self._indices[active]
-        self.routing.keep = keep
+        for mod in self.modules.values():
+            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features]
 
     def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor | None:
         """Dropout keep-masks of one micro-batch: bool [len(keys), width, total_in]; row r is drawn from a
