@@ -57,6 +57,7 @@ class _Routing:
     # the same cells as an int64 tensor on the model's device: the forward selects adapters with it, not with the
     # list, so one compiled graph (torch.compile, core/train.py) serves every set of active cells of any size >= 2
     index: torch.Tensor | None = None
+    select: torch.Tensor | None = None  # the same as one-hot rows, float32 [len(active), cells in the bank]
     autocast: bool = True              # over a bf16/fp16 base, run the adapter's matmuls in that dtype
 
 
@@ -105,8 +106,15 @@ class MultiLoRALinear(torch.nn.Module):
             return (xa @ a.t()) @ b.t()
         # every cell stacked, then the active ones picked by a tensor (a finished cell's gradient is zeros; it is
         # never stepped again): no Python indices inside the graph, so torch.compile does not recompile per set
-        a = torch.stack(tuple(self.lora_A)).index_select(0, index)                 # [k, r, in]
-        b = torch.stack(tuple(self.lora_B)).index_select(0, index)                 # [k, out, r]
+        a_all, b_all = torch.stack(tuple(self.lora_A)), torch.stack(tuple(self.lora_B))  # [K, r, in], [K, out, r]
+        if torch.compiler.is_compiling():
+            # a one-hot weighted sum, exact (x1 and +0), fused by inductor into one reduction: inductor's
+            # index_select computed a forward of ONE cell out of a bank of two wrongly (float64 on the CPU: that
+            # cell stopped learning; tests/core/test_train_group.py::test_inductor_...)
+            sel = self.routing.select.to(a_all.dtype)[:, :, None, None]             # [k, K, 1, 1]
+            a, b = (sel * a_all).sum(1), (sel * b_all).sum(1)
+        else:
+            a, b = a_all.index_select(0, index), b_all.index_select(0, index)     # [k, r, in], [k, out, r]
         if cast is not None:
             a, b = a.to(cast), b.to(cast)
         xs = xa.reshape(k, -1, x.shape[-1])
@@ -175,12 +183,15 @@ class LoraBank:
     def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
         """Route the next forward: row block c goes through cell active[c]'s adapter; `keep` as from keep_masks."""
         active = tuple(active)
-        if active not in self._indices:  # one small host-to-device copy per distinct set, not per forward
-            self._indices[active] = torch.tensor(active, dtype=torch.long, device=self.device)
+        if active not in self._indices:  # small host-to-device copies per distinct set, not per forward
+            index = torch.tensor(active, dtype=torch.long, device=self.device)
+            select = torch.zeros((len(active), self.k), dtype=torch.float32, device=self.device)
+            select[torch.arange(len(active), device=self.device), index] = 1.0
+            self._indices[active] = (index, select)
         self.routing.active = list(active)
-        self.routing.index = self._indices[active]
+        self.routing.index, self.routing.select = self._indices[active]
         for mod in self.modules.values():
-            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features]
+            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features].contiguous()
 
     def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor | None:
         """Dropout keep-masks of one micro-batch: bool [len(keys), width, total_in]; row r is drawn from a
@@ -203,8 +214,10 @@ class LoraBank:
 
         if self._attached:
             raise RuntimeError("detach the LoRA bank before saving a PEFT adapter")
+        config = lora_config(self.protocol)
+        config.init_lora_weights = False  # overwritten below: skip peft's random init (~0.1 s per adapter saved)
         with quiet_peft():
-            pm = get_peft_model(self.model, lora_config(self.protocol))
+            pm = get_peft_model(self.model, config)
         try:
             mods = dict(pm.get_base_model().named_modules())
             with torch.no_grad():
@@ -212,6 +225,7 @@ class LoraBank:
                     mods[name].lora_A["default"].weight.copy_(mod.lora_A[j])
                     mods[name].lora_B["default"].weight.copy_(mod.lora_B[j])
             pm.eval()
+            pm.peft_config["default"].init_lora_weights = True  # the file records the protocol's config as before
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             with quiet_peft():

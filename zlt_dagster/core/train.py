@@ -80,9 +80,11 @@ def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: 
                                   ignore_index=IGNORE, reduction="none").view(targets.shape)
         return per_pos.sum(1).view(k, rows_per_block).sum(1)
     base = unwrap_peft(model)
-    # use_cache=False: transformers builds a KV cache by default, which training never reads
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).last_hidden_state
+    # No attention mask: batches are right-padded (collate), so under the causal mask a real token only ever
+    # attends to real tokens and the padding mask changes nothing at the positions the loss reads; without it SDPA
+    # can take its flash kernel instead of the masked "efficient" one (the largest GPU cost of a SmolLM2 step,
+    # BENCHMARKS.md). use_cache=False: transformers would build a KV cache that training never reads.
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
     logits = base.get_output_embeddings()(hidden[rows, cols]).float()
     losses = F.cross_entropy(logits, targets[rows, cols], reduction="none")
