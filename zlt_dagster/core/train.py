@@ -34,6 +34,9 @@ from .models import LoadedModel, unwrap_peft
 from .onpolicy import OnPolicyData
 from .protocol import Cell, Protocol
 
+# Compiled layers see widths padded to a multiple of 8: the graph inductor builds for SDPA guards on
+# width % 8 (alignment) and recompiled in the middle of a timed pass on the H200 (BENCHMARKS.md)
+COMPILED_WIDTH_MULTIPLE = 8
 DROPOUT_MASKS = "per-example (seed, epoch, example index) stream over every LoRA input"
 
 
@@ -44,9 +47,10 @@ def tokenize_dataset(loaded: LoadedModel, data: OnPolicyData, protocol: Protocol
                           protocol.train.max_seq_len) for e in data.examples]
 
 
-def collate(examples: list[TokenizedExample], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right padding; padded label positions are IGNORE. Shapes [rows, width] (int64)."""
-    width = max(len(e.input_ids) for e in examples)
+def collate(examples: list[TokenizedExample], pad_id: int, device, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right padding; padded label positions are IGNORE. Shapes [rows, width] (int64), width rounded up to a
+    multiple of `multiple` (exact: right padding is never read at a supervised position)."""
+    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -212,7 +216,7 @@ def _warm_compile(loaded: LoadedModel, bank: LoraBank, examples, idx: list[int],
     t = time.perf_counter()
     mb = micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids))[0]
     exs = [examples[i] for i in mb]
-    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device)
+    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device, COMPILED_WIDTH_MULTIPLE)
     bank.set_batch(active, bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
                                            b["input_ids"].shape[1], loaded.device))
     rep = b if len(active) == 1 else {key: v.repeat(len(active), 1) for key, v in b.items()}
@@ -270,7 +274,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     unfinished cell before raising TrainingInterrupted.
     lora_autocast: over a bf16 base, run the adapters' matmuls in bf16 (as the seed's autocast did; core/lora_bank.py);
     False = peft's fp32 path. allow_tf32: TF32 for fp32 matmuls on CUDA.
-    compile_backend: None = eager; else every decoder layer (with the LoRA bank inside) runs through
+    compile_backend: None = eager (the pipeline's default); else every decoder layer (with the LoRA bank inside) runs through
     torch.compile(backend=compile_backend, dynamic=True) ("inductor" on a GPU: fused elementwise kernels and far
     fewer launches, BENCHMARKS.md; "aot_eager" in the CPU tests). Same arithmetic; the loss head, the dropout
     masks and the optimizer stay eager. Time spent compiling is recorded (compile_s) and not counted as training.
@@ -376,7 +380,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             micro, per_forward = _cut(bp, protocol, len(active))
             for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids)):
                 exs = [examples[i] for i in mb]
-                b = collate(exs, pad, dev)
+                b = collate(exs, pad, dev, COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
                 keep = bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
                                        b["input_ids"].shape[1], dev)
                 step_tokens += sum(len(e.input_ids) for e in exs)
