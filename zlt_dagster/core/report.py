@@ -150,7 +150,8 @@ def plot_heatmap(compiled: Mapping[str, Any], png_path: str | Path, pdf_path: st
 def save_figure(fig, png_path: str | Path, pdf_path: str | Path) -> list[str]:
     """Write a figure as PNG (150 dpi) and PDF, creating parent directories; return the written paths."""
     paths = []
-    for path, kwargs in ((Path(png_path), {"dpi": 150}), (Path(pdf_path), {})):
+    # no CreationDate in the PDF: the same results give a byte-identical file
+    for path, kwargs in ((Path(png_path), {"dpi": 150}), (Path(pdf_path), {"metadata": {"CreationDate": None}})):
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, **kwargs)
         paths.append(str(path))

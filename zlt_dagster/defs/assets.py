@@ -13,7 +13,7 @@ from .. import pipeline
 from ..core import compare
 from ..core.protocol import ProtocolError, Sweep
 from ..core.models import ModelLoadError
-from ..storage import ChecksumError, NotFoundError, UnsafeKeyError
+from ..storage import ChecksumError, NotFoundError, UnsafeKeyError, display_path
 from ..storage.base import ConditionalWritesUnsupportedError, StoreAccessError
 from .k8s_tags import CPU_OP_TAGS, GPU_OP_TAGS
 from .partitions import (
@@ -124,7 +124,9 @@ def _cell_meta(sweep, cell) -> dict:
 
 
 def _url(uri: str):
-    return MetadataValue.path(uri)
+    """An artifact's location as a path (a local path, or an s3:// URI), never a file:// link: the UI shows it with
+    a copy button, where a file:// link would be dead (browsers do not open them from an http page)."""
+    return MetadataValue.path(display_path(uri))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
