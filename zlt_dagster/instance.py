@@ -38,12 +38,11 @@ def instance_config(home: str | Path) -> dict:
     }
 
 
-def write_instance_file(home: Path, extra: dict | None = None) -> Path:
-    """$home/dagster.yaml = instance_config(home) (+ `extra` top-level sections, e.g. for tests); returns the path."""
+def write_instance_file(home: Path) -> Path:
+    """$home/dagster.yaml = instance_config(home); returns the path."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / "dagster.yaml"
-    path.write_text(WRITTEN_BY_ZLT + yaml.safe_dump({**instance_config(home.resolve()), **(extra or {})},
-                                                    sort_keys=False))
+    path.write_text(WRITTEN_BY_ZLT + yaml.safe_dump(instance_config(home.resolve()), sort_keys=False))
     return path
 
 
