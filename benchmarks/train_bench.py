@@ -62,7 +62,9 @@ def run_naive(lm, exs, steps: int, micro: int, tmp: Path) -> dict:
 
 
 def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bool = True,
-             autocast: bool = True) -> dict:
+             autocast: bool = True, compile_backend: str | None = None) -> dict:
+    """compile_backend: the pipeline's default on CUDA is "inductor" (ZLT_TRAIN_COMPILE=auto); the pass compiles
+    before its clock starts (train_cells records compile_s), later recompiles (a tail of one cell) count."""
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
     warm = [Cell(lr, 1) for lr in sorted({c.lr for c in cells})[:2]]
@@ -71,7 +73,7 @@ def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bo
     sync(lm.device)
     t = time.perf_counter()
     recs = train_cells(lm, exs[:eff * steps_per_epoch], proto, cells, 0, [tmp / f"{tag}{j}" for j in range(len(cells))],
-                       progress=log, allow_tf32=tf32, lora_autocast=autocast)
+                       progress=log, allow_tf32=tf32, lora_autocast=autocast, compile_backend=compile_backend)
     sync(lm.device)
     wall = time.perf_counter() - t
     tokens = sum(r["tokens"] for r in recs)
@@ -83,16 +85,42 @@ def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bo
             "cell_steps": sum(r["steps"] for r in recs), "micro_batch": g["micro_batch"],
             "cells_per_forward": g["cells_per_forward"], "batch_plan": g["batch_plan"],
             "peak_gib": peak_gib(lm.device), "first_loss": g["first_loss"], "final_loss": g["final_loss"],
-            "lora_matmul": g["lora_matmul"]}
+            "lora_matmul": g["lora_matmul"], "compile": g["compile"],
+            "loss_curve": [c["loss"] for c in g["loss_curve"]][:8]}
 
 
-def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str) -> dict:
+def compiled_check(lm, exs, tmp: Path) -> dict:
+    """The same 2-cell, 3-step pass eager and through inductor, in the GPU's bf16: relative difference of the
+    LoRA B matrices and of the loss curves (the CPU test compares the traced graph in float64 exactly)."""
+    from safetensors.torch import load_file
+
+    proto = get_protocol("paper", {"train.micro_batch": 0})
+    eff = proto.train.effective_batch
+    cells = [Cell(1e-4, 1), Cell(5e-5, 1)]
+    out = {}
+    for tag, backend in (("ce", None), ("ci", "inductor")):
+        out[tag] = train_cells(lm, exs[:eff * 3], proto, cells, 0, [tmp / f"{tag}{j}" for j in range(2)],
+                               compile_backend=backend)
+    worst = 0.0
+    for j in range(2):
+        a, b = load_file(str(tmp / f"ci{j}" / "adapter_model.safetensors")), \
+            load_file(str(tmp / f"ce{j}" / "adapter_model.safetensors"))
+        num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+        den = sum(float(b[k].float().norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+        worst = max(worst, num / den)
+    return {"lora_B_rel_diff_compiled_vs_eager": worst,
+            "loss_eager": [c["loss"] for c in out["ce"][0]["loss_curve"]],
+            "loss_compiled": [c["loss"] for c in out["ci"][0]["loss_curve"]]}
+
+
+def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str, compile_backend: str | None = None) -> dict:
     """torch.profiler over a 2-step pass: where a training step's time goes (table written to --out)."""
     from torch.profiler import ProfilerActivity, profile
 
     proto = get_protocol("paper", {"train.micro_batch": 0})
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_cells(lm, exs[:16 * 2], proto, cells, 0, [tmp / f"p{tag}{j}" for j in range(len(cells))])
+        train_cells(lm, exs[:16 * 2], proto, cells, 0, [tmp / f"p{tag}{j}" for j in range(len(cells))],
+                    compile_backend=compile_backend)
         sync(lm.device)
     cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
@@ -103,25 +131,6 @@ def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str) -> dict:
             "kernel_launches": int(sum(e.count for e in ev if e.key.startswith(("cudaLaunchKernel",
                                                                                "cuLaunchKernel")))),
             "top_cpu": cpu.splitlines()[3:10]}
-
-
-def bf16_group_check(lm, exs, tmp: Path) -> dict:
-    """A 3-cell pass vs the same cells alone, in the GPU's bf16: the adapters' relative difference."""
-    from safetensors.torch import load_file
-
-    proto = get_protocol("paper", {"train.micro_batch": 0})
-    eff = proto.train.effective_batch
-    cells = [Cell(1e-4, 1), Cell(5e-5, 2), Cell(1e-5, 1)]
-    train_cells(lm, exs[:eff * 3], proto, cells, 0, [tmp / f"cg{j}" for j in range(3)])
-    worst = 0.0
-    for j, c in enumerate(cells):
-        train_cells(lm, exs[:eff * 3], proto, [c], 0, [tmp / f"cs{j}"])
-        a, b = load_file(str(tmp / f"cg{j}" / "adapter_model.safetensors")), \
-            load_file(str(tmp / f"cs{j}" / "adapter_model.safetensors"))
-        num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
-        den = sum(float(b[k].float().norm() ** 2) for k in b if "lora_B" in k) ** 0.5
-        worst = max(worst, num / den)
-    return {"lora_B_rel_diff_group_vs_alone": worst}
 
 
 def load_smollm2(dev, dtype, smoke: bool):
@@ -185,19 +194,23 @@ def main() -> None:
         exs = gpu_bench.train_examples(16 * 8, 60 if small else 370, 20 if small else 120,
                                        lm.model.config.vocab_size, eot=eot)
         run("train_135m_naive", 30, run_naive, lm, exs, steps, 4, tmp)
-        run("train_135m", 30, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "s")
-        run("train_135m_fused5", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5")
+        ind = None if small else "inductor"  # the pipeline's default on CUDA (ZLT_TRAIN_COMPILE=auto)
+        run("train_135m_eager", 30, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "s")
+        run("train_135m", 90, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "sc", True, True, ind)
+        run("train_135m_fused5_eager", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5")
+        run("train_135m_fused5", 90, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5c", True,
+            True, ind)
         # the whole grid: 25 cells, epochs 1..20 as in the paper, over `spe` steps per epoch (cells drop out
         # as they finish, as in the real pass)
         spe = 1 if small else 2
-        run("train_135m_fused25", 120, run_fast, lm, exs, [Cell(lr, ep) for lr in lrs for ep in PAPER.epochs],
-            spe, tmp, "f25")
-        run("train_135m_fused5_fp32_lora_tf32", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "t5",
-            True, False)
-        run("profile_135m_1cell", 30, profile_step, lm, exs, [Cell(1e-4, 1)], tmp, out, "135m_1cell")
-        run("profile_135m_5cells", 30, profile_step, lm, exs, [Cell(lr, 1) for lr in lrs], tmp, out, "135m_5cells")
+        grid = [Cell(lr, ep) for lr in lrs for ep in PAPER.epochs]
+        run("train_135m_fused25", 180, run_fast, lm, exs, grid, spe, tmp, "f25c", True, True, ind)
+        run("compiled_check_135m", 60, compiled_check if not small else (lambda *a: {"skipped": "smoke"}),
+            lm, exs, tmp)
         if not os.environ.get("ZLT_BENCH_QUICK"):
-            run("bf16_group_check_135m", 30, bf16_group_check, lm, exs, tmp)
+            run("train_135m_fused25_eager", 120, run_fast, lm, exs, grid, spe, tmp, "f25")
+            run("profile_135m_5cells_compiled", 40, profile_step, lm, exs, [Cell(lr, 1) for lr in lrs], tmp, out,
+                "135m_5cells_compiled", ind)
         del lm
         gc.collect()
         if dev.type == "cuda":
@@ -207,20 +220,20 @@ def main() -> None:
         exs = gpu_bench.train_examples(16 * 8, 60 if small else 370, 20 if small else 120,
                                        lm.model.config.vocab_size)
         run("train_7b_naive", 60, run_naive, lm, exs, 4 if not small else 2, 4, tmp)
-        run("train_7b", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "s7")
-        run("train_7b_fused5", 120, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], 4 if not small else 2, tmp, "f7")
-        run("profile_7b_1cell", 60, profile_step, lm, exs, [Cell(1e-4, 1)], tmp, out, "7b_1cell")
-        run("train_7b_fp32_lora_tf32", 60, run_fast, lm, exs, [Cell(1e-4, 1)], 4 if not small else 2, tmp, "t7",
-            True, False)
+        ind = None if small else "inductor"
+        n7 = 4 if not small else 2
+        run("train_7b_eager", 60, run_fast, lm, exs, [Cell(1e-4, 1)], n7, tmp, "s7")
+        run("train_7b", 150, run_fast, lm, exs, [Cell(1e-4, 1)], n7, tmp, "s7c", True, True, ind)
+        run("train_7b_fused5", 150, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], n7, tmp, "f7c", True, True, ind)
+        if not os.environ.get("ZLT_BENCH_QUICK"):
+            run("train_7b_fused5_eager", 120, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], n7, tmp, "f7")
     w = res["workloads"]
 
     def rate(name):
         return w.get(name, {}).get("tok_s")
-    for key, name in (("train_135m_tok_s", "train_135m"), ("train_135m_naive_tok_s", "train_135m_naive"),
-                      ("train_135m_fused5_tok_s", "train_135m_fused5"), ("train_135m_fused25_tok_s", "train_135m_fused25"),
-                      ("train_7b_tok_s", "train_7b"), ("train_7b_naive_tok_s", "train_7b_naive"),
-                      ("train_7b_fused5_tok_s", "train_7b_fused5")):
-        res[key] = rate(name)
+    for name in w:  # train_135m_tok_s = the pipeline's path (compiled on CUDA); *_eager_tok_s, *_naive_tok_s
+        if rate(name):
+            res[f"{name}_tok_s"] = rate(name)
     # projections (BENCHMARKS.md): 135M paper sweep ~137 M tokens (1,886 kept x ~370 x 195 epoch-passes), 7B ~129 M
     if rate("train_135m_fused25"):
         res["projected_135m_sweep_train_min"] = round(137e6 / rate("train_135m_fused25") / 60, 1)

@@ -40,6 +40,21 @@ class ComputeSettings:
     work_dir: str = ""                  # local scratch for adapters pulled from the store ("" = system temp)
     lease_ttl_s: float = 120.0          # a cell's training lease: expiry unless renewed (a killed trainer's lease
                                         # blocks a rerun at most this long)
+    train_compile: str = "auto"         # auto = torch.compile (inductor) of the training forward on CUDA, eager on
+                                        # CPU; off; or a torch.compile backend name (core/train.py, BENCHMARKS.md)
+
+    def compile_backend(self, device) -> str | None:
+        """The torch.compile backend for training on `device` (a torch.device), or None for eager.
+        Raises PipelineError on an unknown value."""
+        value = self.train_compile.strip().lower()
+        if value == "auto":
+            return "inductor" if device.type == "cuda" else None
+        if value in ("off", "0", "false", "eager"):
+            return None
+        if value not in torch.compiler.list_backends(exclude_tags=()):
+            raise PipelineError(f"train_compile={self.train_compile!r}; expected auto, off or one of "
+                                f"{sorted(torch.compiler.list_backends(exclude_tags=()))}")
+        return value
 
 
 class PipelineError(RuntimeError):
@@ -180,6 +195,7 @@ def run_adapters(store: ObjectStore, sweep: Sweep, cells: list[Cell], compute: C
         return done
     data = load_onpolicy(store, sweep)
     lm = _model(sweep, compute)
+    backend = compute.compile_backend(lm.device)
     examples = tokenize_dataset(lm, data, sweep.protocol)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=compute.work_dir or None)))
@@ -210,14 +226,14 @@ def run_adapters(store: ObjectStore, sweep: Sweep, cells: list[Cell], compute: C
 
         try:
             train_cells(lm, examples, sweep.protocol, todo, sweep.seed, outs, data_hash=data.data_hash,
-                        progress=log, checkpointers=cks, on_cell_done=commit)
+                        progress=log, checkpointers=cks, on_cell_done=commit, compile_backend=backend)
         except checkpoint.CheckpointError as e:  # a checkpoint of another run (e.g. other on-policy data)
             log(f"stored checkpoint not usable ({e}); deleting the group's checkpoints and training from step 0")
             for cell, ck in zip(todo, cks):
                 ckpts[cell].clear()
                 ck.resume_dir = None
             train_cells(lm, examples, sweep.protocol, todo, sweep.seed, outs, data_hash=data.data_hash,
-                        progress=log, checkpointers=cks, on_cell_done=commit)
+                        progress=log, checkpointers=cks, on_cell_done=commit, compile_backend=backend)
     return {cell: done[cell] for cell in cells}
 
 

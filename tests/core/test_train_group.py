@@ -238,3 +238,32 @@ def test_over_a_bf16_base_the_adapter_trains_in_bf16_from_fp32_masters(tiny_load
     den = sum(float(b[k].norm() ** 2) for k in b if "lora_B" in k) ** 0.5
     assert den > 1e-3 and num / den < 0.1, num / den
     assert rec["loss_curve"][0]["loss"] == pytest.approx(ref["loss_curve"][0]["loss"], rel=0.02)
+
+
+def test_compiled_decoder_computes_what_eager_computes(lm64, tmp_path, force_plan):
+    """train_cells(compile_backend=...) traces the decoder with the LoRA bank inside (torch.compile, dynamic
+    shapes): the same adapters and curves as eager, and the graphs compiled for one pass serve the next pass of as
+    many cells (other LRs and epochs, other sets per forward) without compiling again: adapters are picked by a
+    tensor index. (Graphs: forwards of one cell and of >= 2; a bank of another size compiles anew.)
+    "aot_eager" runs dynamo + AOT autograd without generating kernels (inductor's are checked on the GPU,
+    benchmarks/train_bench.py)."""
+    from torch._dynamo.utils import counters
+
+    proto, examples = setup(lm64, **{"lora.dropout": 0.05, "train.micro_batch": 0})
+    cells = [Cell(1e-2, 2), Cell(3e-2, 1), Cell(1e-3, 3)]
+    force_plan(4, 2)  # forwards of 2 cells and of 1; the sets of 2 change as cells finish
+    eager = train_cells(lm64, examples, proto, cells, seed=3, out_dirs=[tmp_path / f"e{j}" for j in range(3)])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train_cells(lm64, examples, proto, cells, seed=3, out_dirs=[tmp_path / f"c{j}" for j in range(3)],
+                           compile_backend="aot_eager")
+    for j in range(3):
+        assert_same_cell(tmp_path / f"c{j}", tmp_path / f"e{j}", compiled[j], eager[j])
+        assert compiled[j]["compile"]["backend"] == "aot_eager" and compiled[j]["compile"]["compile_s"] > 0
+        assert eager[j]["compile"] == {"backend": None, "compile_s": 0.0}
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    other = [Cell(2e-2, 1), Cell(5e-3, 3), Cell(4e-2, 2)]
+    train_cells(lm64, examples, proto, other, seed=3, out_dirs=[tmp_path / f"o{j}" for j in range(3)],
+                compile_backend="aot_eager")
+    assert counters["stats"]["unique_graphs"] == graphs

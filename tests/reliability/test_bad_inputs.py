@@ -299,3 +299,16 @@ def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
     for exc in transient:
         with pytest.raises(type(exc)):
             _bad_input_fails_once(boom(exc))
+
+
+def test_train_compile_setting():
+    """auto = inductor on CUDA only; off; a backend torch knows; anything else fails naming the field."""
+    import torch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pipeline.ComputeSettings().compile_backend(cpu) is None
+    assert pipeline.ComputeSettings().compile_backend(cuda) == "inductor"
+    assert pipeline.ComputeSettings(train_compile="off").compile_backend(cuda) is None
+    assert pipeline.ComputeSettings(train_compile="aot_eager").compile_backend(cpu) == "aot_eager"
+    with pytest.raises(pipeline.PipelineError, match="train_compile='turbo'; expected auto, off or one of"):
+        pipeline.ComputeSettings(train_compile="turbo").compile_backend(cuda)

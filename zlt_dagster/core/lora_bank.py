@@ -54,6 +54,9 @@ def example_key(seed: int, epoch: int, index: int) -> int:
 class _Routing:
     """Shared by every MultiLoRALinear of one bank: which cells this forward carries and the dropout keep-masks."""
     active: list[int] = field(default_factory=list)
+    # the same cells as an int64 tensor on the model's device: the forward selects adapters with it, not with the
+    # list, so one compiled graph (torch.compile, core/train.py) serves every set of active cells of any size >= 2
+    index: torch.Tensor | None = None
     keep: torch.Tensor | None = None   # bool [rows of ONE block, width, total LoRA input features]
     autocast: bool = True              # over a bf16/fp16 base, run the adapter's matmuls in that dtype
 
@@ -68,6 +71,7 @@ class MultiLoRALinear(torch.nn.Module):
         self.base = base
         self.scale, self.dropout, self.offset = scale, dropout, offset
         self.routing = routing
+        self.k = k
         self.in_features = base.in_features
         # the dtype peft chose for the adapter (fp32 over a bf16 base: peft's autocast_adapter_dtype)
         self.lora_A = torch.nn.ParameterList([torch.nn.Parameter(a_init.detach().clone()) for _ in range(k)])
@@ -75,30 +79,34 @@ class MultiLoRALinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        active = self.routing.active
-        k = len(active)
+        index = self.routing.index
+        k = index.shape[0]
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
         if self.routing.autocast and x.dtype in (torch.bfloat16, torch.float16):
-            return result + self._delta(x, active, x.dtype) * self.scale  # the adapter's matmuls in bf16
-        delta = self._delta(x.to(self.lora_A[active[0]].dtype), active, None)
+            return result + self._delta(x, index, x.dtype) * self.scale  # the adapter's matmuls in bf16
+        delta = self._delta(x.to(self.lora_A[0].dtype), index, None)
         return (result + delta * self.scale).to(result.dtype)
 
-    def _delta(self, xa: torch.Tensor, active: list[int], cast: torch.dtype | None) -> torch.Tensor:
+    def _delta(self, xa: torch.Tensor, index: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
         """B(A(dropout(xa))) of each row block with its cell's adapter; weights cast to `cast` if given (their
         fp32 master copies receive the gradients)."""
-        k, x = len(active), xa
+        k, x = index.shape[0], xa
         keep = self.routing.keep
         if keep is not None and self.training:
             mask = keep[..., self.offset:self.offset + self.in_features]            # [block rows, width, in]
             xa = torch.where(mask, xa.reshape(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).reshape(x.shape)
-        def w(p):
-            return p if cast is None else p.to(cast)
-        if k == 1:
-            j = active[0]
-            return (xa @ w(self.lora_A[j]).t()) @ w(self.lora_B[j]).t()
-        a = torch.stack([w(self.lora_A[j]) for j in active])                       # [k, r, in]
-        b = torch.stack([w(self.lora_B[j]) for j in active])                       # [k, out, r]
+        if self.k == 1:  # a bank of one cell: plain matmuls, as peft's Linear
+            a, b = self.lora_A[0], self.lora_B[0]
+            if cast is not None:
+                a, b = a.to(cast), b.to(cast)
+            return (xa @ a.t()) @ b.t()
+        # every cell stacked, then the active ones picked by a tensor (a finished cell's gradient is zeros; it is
+        # never stepped again): no Python indices inside the graph, so torch.compile does not recompile per set
+        a = torch.stack(tuple(self.lora_A)).index_select(0, index)                 # [k, r, in]
+        b = torch.stack(tuple(self.lora_B)).index_select(0, index)                 # [k, out, r]
+        if cast is not None:
+            a, b = a.to(cast), b.to(cast)
         xs = xa.reshape(k, -1, x.shape[-1])
         delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
@@ -117,7 +125,10 @@ class LoraBank:
         if k < 1:
             raise ValueError(f"a LoRA bank needs at least one cell, got k={k}")
         self.model, self.protocol, self.k = model, protocol, k
-        self.routing = _Routing(active=list(range(k)))
+        self.device = next(model.parameters()).device
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self.routing = _Routing()
+        self.set_batch(range(k), None)
         init, self.scale = _peft_initialisation(model, protocol, seed)
         self.dropout = float(protocol.lora.dropout)
         self.originals = {name: model.get_submodule(name) for name in init}
@@ -160,7 +171,12 @@ class LoraBank:
         return out
 
     def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
+        """Route the next forward: row block c goes through cell active[c]'s adapter; `keep` as from keep_masks."""
+        active = tuple(active)
+        if active not in self._indices:  # one small host-to-device copy per distinct set, not per forward
+            self._indices[active] = torch.tensor(active, dtype=torch.long, device=self.device)
         self.routing.active = list(active)
+        self.routing.index = self._indices[active]
         self.routing.keep = keep
 
     def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor | None:

@@ -68,8 +68,10 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor], full_logits: bool
     return sums[0], int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: bool = False) -> torch.Tensor:
-    """Summed supervised cross-entropy of each of the k equal row blocks of `batch`: float32 [k]."""
+def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: bool = False,
+                    decoder=None) -> torch.Tensor:
+    """Summed supervised cross-entropy of each of the k equal row blocks of `batch`: float32 [k].
+    `decoder`: what runs the decoder stack (default the model's own; train_cells passes a torch.compile'd one)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     rows_per_block = labels.shape[0] // k
@@ -79,7 +81,7 @@ def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: 
                                   ignore_index=IGNORE, reduction="none").view(targets.shape)
         return per_pos.sum(1).view(k, rows_per_block).sum(1)
     base = unwrap_peft(model)
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = (base.get_decoder() if decoder is None else decoder)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
     logits = base.get_output_embeddings()(hidden[rows, cols]).float()
     losses = F.cross_entropy(logits, targets[rows, cols], reduction="none")
@@ -168,6 +170,39 @@ def _training_mode(model, gradient_checkpointing: bool, tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
+def _compiled_decoder(model, backend: str | None):
+    """The decoder stack through torch.compile, or None (eager). dynamic=True: sequence width, rows and the number
+    of cells per forward are symbolic, so one graph serves every micro-batch (sizes 0 and 1 are still specialised:
+    a forward of ONE cell is a second graph)."""
+    if backend is None:
+        return None
+    # one graph per (bank size, one cell or several per forward): a process that trains passes of several sizes
+    # (`zlt run` over groups, the benchmark) would pass dynamo's default limit of 8 and silently fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(unwrap_peft(model).get_decoder(), backend=backend, dynamic=True)
+
+
+def _warm_compile(loaded: LoadedModel, bank: LoraBank, decoder, examples, idx: list[int], epoch: int, seed: int,
+                  micro: int, active: list[int], params: list[list[torch.nn.Parameter]]) -> float:
+    """Compile before the clock starts: one forward + backward of the pass's first forward, gradients discarded
+    (no optimizer step, the dropout masks are keyed, so the training that follows is unchanged). Seconds spent."""
+    t = time.perf_counter()
+    mb = micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids))[0]
+    exs = [examples[i] for i in mb]
+    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device)
+    bank.set_batch(active, bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
+                                           b["input_ids"].shape[1], loaded.device))
+    rep = b if len(active) == 1 else {key: v.repeat(len(active), 1) for key, v in b.items()}
+    block_loss_sums(loaded.model, rep, len(active), False, decoder).sum().backward()
+    for ps in params:
+        for p in ps:
+            p.grad = None
+    bank.set_batch(active, None)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def _plan_batches(loaded: LoadedModel, bank: LoraBank, examples: list[TokenizedExample], protocol: Protocol,
                   n_cells: int, n_training: int, seed: int, full_logits: bool) -> batch_plan.BatchPlan:
     """Measure activation bytes per token on the longest example, then size micro-batch x cells per forward for
@@ -201,7 +236,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 progress: Callable[[str], None] | None = None,
                 checkpointers: Sequence[Checkpointer] | None = None,
                 on_cell_done: Callable[[int, dict], None] | None = None, allow_tf32: bool = True,
-                lora_autocast: bool = True) -> list[dict]:
+                lora_autocast: bool = True, compile_backend: str | None = None) -> list[dict]:
     """Train every cell of `cells` (any LRs, any epochs) in one pass over the data and write cell j's adapter
     (adapter_config.json + adapter_model.safetensors, a standard PEFT directory) and run record
     (train_run.json) into out_dirs[j]. Returns the run records in the order of `cells`. The shared base model is
@@ -212,6 +247,10 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     unfinished cell before raising TrainingInterrupted.
     lora_autocast: over a bf16 base, run the adapters' matmuls in bf16 (as the seed's autocast did; core/lora_bank.py);
     False = peft's fp32 path. allow_tf32: TF32 for fp32 matmuls on CUDA.
+    compile_backend: None = eager; else the decoder stack (with the LoRA bank inside) runs through
+    torch.compile(backend=compile_backend, dynamic=True) ("inductor" on a GPU: fused elementwise kernels and far
+    fewer launches, BENCHMARKS.md; "aot_eager" in the CPU tests). Same arithmetic; the loss head, the dropout
+    masks and the optimizer stay eager. Time spent compiling is recorded (compile_s) and not counted as training.
     on_cell_done(j, record), optional: called as soon as cell j has finished and its directory is written (a cell
     with fewer epochs finishes early; the pipeline commits it then, so a later crash of the pass never retrains it).
     Raises ValueError on empty data, duplicate cells or mismatched lengths; FloatingPointError if a loss stops
@@ -249,6 +288,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                        else "tf32" if tf32 else "fp32")
         stack.enter_context(_training_mode(loaded.model, t.gradient_checkpointing, tf32))
         params = [list(bank.params(j).values()) for j in range(k)]
+        decoder = _compiled_decoder(loaded.model, compile_backend)
+        compile_s = 0.0
         opts = [_optimizer(params[j], c.lr, protocol, dev) for j, c in enumerate(cells)]
         scheds = [torch.optim.lr_scheduler.LambdaLR(
             opts[j], lambda s, total=plans[j][1], warm=plans[j][2]: cosine_with_warmup(s, total, warm))
@@ -271,6 +312,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             loaded.model.train()  # saving through peft leaves the base in eval mode
             rec = _record(loaded, protocol, cells, j, seed, states[j], plans[j], lr_steps[j], bp, len(examples),
                           data_hash, full_logits, states, lora_matmul)
+            rec["compile"] = {"backend": compile_backend, "compile_s": round(compile_s, 3)}
             (Path(out_dirs[j]) / "train_run.json").write_text(json.dumps(rec, indent=1))
             opts[j].state.clear()
             for prm in params[j]:
@@ -284,8 +326,18 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 records[j] = finish(j)
         if any(cks):
             stack.enter_context(sigterm_flags([c for c in cks if c]))
-        t0 = time.perf_counter()
         first, last = min(s.step for s in states), max(p[1] for p in plans)
+        if decoder is not None and first < last:
+            epoch0, s0 = divmod(first, steps_per_epoch)
+            active0 = [j for j in range(k) if states[j].step == first < plans[j][1]]
+            micro0, per_forward0 = _cut(bp, protocol, len(active0))
+            compile_s = _warm_compile(
+                loaded, bank, decoder, examples,
+                epoch_order(len(examples), seed, epoch0)[s0 * t.effective_batch:(s0 + 1) * t.effective_batch],
+                epoch0, seed, micro0, active0[:per_forward0], params)
+            if progress:
+                progress(f"compiled the decoder ({compile_backend}) in {compile_s:.1f} s")
+        t0 = time.perf_counter()
         order, order_epoch = None, -1
         for g in range(first, last):
             epoch, s = divmod(g, steps_per_epoch)
@@ -309,7 +361,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                     chunk = active[c0:c0 + per_forward]
                     bank.set_batch(chunk, keep)
                     rep = b if len(chunk) == 1 else {key: v.repeat(len(chunk), 1) for key, v in b.items()}
-                    sums = block_loss_sums(loaded.model, rep, len(chunk), full_logits)
+                    sums = block_loss_sums(loaded.model, rep, len(chunk), full_logits, decoder)
                     (sums.sum() / n_sup).backward()
                     step_loss[chunk] += sums.detach() / n_sup
             bank.set_batch(active, None)

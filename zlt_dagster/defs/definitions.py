@@ -33,7 +33,8 @@ def local_resources() -> dict:
         "compute": Compute(device=os.environ.get("ZLT_DEVICE", "auto"),
                            generation_backend=os.environ.get("ZLT_GENERATION_BACKEND", "auto"),
                            arc_source=os.environ.get("ZLT_ARC_SOURCE", ""),
-                           torch_threads=int(os.environ.get("ZLT_TORCH_THREADS", "0"))),
+                           torch_threads=int(os.environ.get("ZLT_TORCH_THREADS", "0")),
+                           train_compile=os.environ.get("ZLT_TRAIN_COMPILE", "auto")),
     }
 
 
@@ -51,7 +52,7 @@ def production_resources() -> dict:
                            # scratch in the system temp dir (TMPDIR=/tmp, the pod's emptyDir); a fixed /tmp/zlt
                            # does not exist in a fresh pod and tempfile does not create it (the adapter step
                            # failed with FileNotFoundError in tests/defs/test_production_step.py)
-                           work_dir=""),
+                           work_dir="", train_compile=os.environ.get("ZLT_TRAIN_COMPILE", "auto")),
     }
 
 

@@ -49,10 +49,13 @@ class Compute(ConfigurableResource):
                                                      "a .jsonl path; or s3://bucket/key")
     torch_threads: int = Field(default=0, description="0 = torch default")
     work_dir: str = Field(default="", description="local scratch for adapters fetched from the store")
+    train_compile: str = Field(default="auto", description="auto = torch.compile (inductor) of the training "
+                               "forward on CUDA, eager on CPU; off; or a torch.compile backend name")
 
     def settings(self) -> ComputeSettings:
         return ComputeSettings(device=self.device, generation_backend=self.generation_backend,
-                               arc_source=self.arc_source, torch_threads=self.torch_threads, work_dir=self.work_dir)
+                               arc_source=self.arc_source, torch_threads=self.torch_threads, work_dir=self.work_dir,
+                               train_compile=self.train_compile)
 
 
 # --- external tracking (off by default; Dagster metadata stays the source of truth) -----------------------------
