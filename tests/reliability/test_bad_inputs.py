@@ -35,8 +35,11 @@ def written(store) -> list[str]:
 
 # --- config: personas, learning rates, epochs, grid ---------------------------------------------------------------
 def test_unknown_persona(store):
-    with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'; known: \['villain', 'assistant'"):
+    # only valid sources are offered: every protocol persona except the assistant (measured for leakage)
+    with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'; expected one of \['villain', 'soft"):
         pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="pirate"))
+    with pytest.raises(ProtocolError, match=r"^source_persona: .*expected one of \['villain', 'software_engineer'"):
+        pipeline.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="assistant"))
     with pytest.raises(ProtocolError, match=r"unknown persona\(s\) \['pirate'\]"):
         sweep_from_dict({"protocol": {"base": "tiny", "personas": ["villain", "assistant", "pirate", "comedian"]}})
     assert written(store) == []

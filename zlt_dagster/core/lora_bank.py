@@ -257,8 +257,13 @@ def _peft_initialisation(model, protocol: Protocol, seed: int) -> tuple[dict, fl
 
 
 def _fix_adapter_base_name(out_dir: Path, base_model: str) -> None:
-    """peft writes the local cache path of a de-quantised GGUF; record the sweep's model name instead."""
+    """peft writes the local cache path of a de-quantised GGUF; record the sweep's model name instead. peft also
+    writes its module sets (target_modules, ...) in set order, which changes with each process's hash seed: sort
+    them and the keys, so the same training writes a byte-identical adapter_config.json."""
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base_model
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    for key, value in cfg.items():
+        if key.endswith("_modules") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            cfg[key] = sorted(value)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))

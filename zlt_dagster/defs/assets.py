@@ -10,10 +10,10 @@ from dagster import (
 )
 
 from .. import pipeline
-from ..core import compare
+from ..core import compare, report
 from ..core.protocol import ProtocolError, Sweep
 from ..core.models import ModelLoadError
-from ..storage import ChecksumError, NotFoundError, UnsafeKeyError
+from ..storage import ChecksumError, NotFoundError, UnsafeKeyError, display_path
 from ..storage.base import ConditionalWritesUnsupportedError, StoreAccessError
 from .k8s_tags import CPU_OP_TAGS, GPU_OP_TAGS
 from .partitions import (
@@ -123,8 +123,17 @@ def _cell_meta(sweep, cell) -> dict:
             "source_persona": sweep.source_persona, "seed": sweep.seed, "protocol": sweep.protocol.name}
 
 
+def _figure_md(alt: str, fig_or_png) -> MetadataValue:
+    """A figure (matplotlib Figure or PNG bytes) as markdown metadata: the UI shows it in its figure dialog, sized
+    by core/report.png_dpi to fit there at 100% zoom."""
+    png = fig_or_png if isinstance(fig_or_png, bytes) else report.png_bytes(fig_or_png)
+    return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
 def _url(uri: str):
-    return MetadataValue.path(uri)
+    """An artifact's location as a path (a local path, or an s3:// URI), never a file:// link: the UI shows it with
+    a copy button, where a file:// link would be dead (browsers do not open them from an http page)."""
+    return MetadataValue.path(display_path(uri))
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -212,6 +221,8 @@ def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> Materi
         **_cell_meta(sweep, cell), "regime": s["regime"], "source_adoption": h["source_adoption"],
         "assistant_leakage": h["assistant_leakage"], "max_bystander_leakage": h["max_bystander_leakage"],
         "max_bystander_persona": h["max_bystander_persona"], "per_persona": MetadataValue.md(table),
+        "figure": _figure_md("marker rates", report.build_cell_figure(
+            s, f"{sweep.sweep_id} | lr {cell.lr:g}, {cell.epochs} epochs: {s['regime']}")[0]),
         "artifact": _url(s["artifact"])}))
 
 
@@ -261,10 +272,9 @@ def heatmap(context: AssetExecutionContext, store: ArtifactStore) -> Materialize
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
     s = _tracked(track, lambda: pipeline.run_heatmap(store.get_store(), sweep))
-    image = base64.b64encode(s["png"]).decode()
     return track(MaterializeResult(metadata={
         "sweep": sweep.sweep_id, "cells": s["n_cells"], "png": _url(s["png_uri"]), "pdf": _url(s["pdf_uri"]),
-        "heatmap": MetadataValue.md(f"![heatmap](data:image/png;base64,{image})")}))
+        "heatmap": _figure_md("heatmap", s["png"])}))
 
 
 class ComparisonConfig(Config):
@@ -277,11 +287,10 @@ def cell_comparison(context: AssetExecutionContext, config: ComparisonConfig, st
     """The same cell across seeds or marker tail widths (a follow-up file): rates with Wilson 95% intervals."""
     s = _bad_input_fails_once(lambda: compare.run_comparison(store.get_store(), config.followup))
     c = s["comparison"]
-    image = base64.b64encode(s["png"]).decode()
     return MaterializeResult(metadata={
         "followup": config.followup, "varying": ", ".join(c["varying"]), "done": c["n_done"],
         "expected": c["n_expected"], "artifact": _url(s["artifact"]), "png": _url(s["png_uri"]),
-        "comparison": MetadataValue.md(f"![comparison](data:image/png;base64,{image})")})
+        "comparison": _figure_md("comparison", s["png"])})
 
 
 ALL_ASSETS = [onpolicy_data, adapter, completions, marker_rates, arc_scores, base_arc_scores, compiled_results,

@@ -1,32 +1,14 @@
 """Drive one sweep through the asset graph in-process: what `zlt demo` / `zlt run` do.
 
-Each step is `dagster.materialize` for one partition, recorded in the instance at $DAGSTER_HOME (default
-./.dagster_home, the same one `dagster dev` uses from the repo root), so the UI shows every run and its metadata.
+Each step is `dagster.materialize` for one partition, recorded in the instance `dagster dev` uses from the same
+directory ($DAGSTER_HOME/dagster.yaml if set, else ./dagster.yaml; zlt_dagster/instance.py), so the UI shows every run and its metadata.
 One process keeps one copy of the base model for all cells. Finished cells are skipped (resume)."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-DEFAULT_HOME = ".dagster_home"
 DEFAULT_ARTIFACTS = ".zlt/artifacts"
-
-
-def _instance_home() -> Path:
-    """DAGSTER_HOME, defaulting to ./.dagster_home with a dagster.yaml equal to the repo's (absolute paths)."""
-    home = Path(os.environ.get("DAGSTER_HOME") or Path(DEFAULT_HOME).resolve())
-    home.mkdir(parents=True, exist_ok=True)
-    cfg = home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(
-            "# written by `zlt`: same storage as the repo's dagster.yaml, with absolute paths\n"
-            f"storage:\n  sqlite:\n    base_dir: {home / 'storage'}\n"
-            f"local_artifact_storage:\n  module: dagster._core.storage.root\n  class: LocalArtifactStorage\n"
-            f"  config:\n    base_dir: {home}\n"
-            "telemetry:\n  enabled: false\n")
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
 
 
 def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int) -> dict:
@@ -67,10 +49,11 @@ class Runner:
 
     def __init__(self, artifacts: str, device: str = "auto", backend: str = "auto", arc_source: str = "",
                  threads: int = 0, force: bool = False):
-        from dagster import DagsterInstance
+        from ..instance import open_instance
 
-        _instance_home()
-        self.instance = DagsterInstance.get()
+        # the file `dagster dev` reads from here too (zlt_dagster/instance.py says which): same runs, same limits
+        self.instance, self.instance_file = open_instance()
+        print(f"Dagster instance: {self.instance_file}", flush=True)
         self.resources = _resources(artifacts, device, backend, arc_source, threads)
         self.store = self.resources["store"].get_store()
         self.force = force
