@@ -204,7 +204,7 @@ def main() -> None:
         # as they finish, as in the real pass)
         spe = 1 if small else 2
         grid = [Cell(lr, ep) for lr in lrs for ep in PAPER.epochs]
-        run("train_135m_fused25", 180, run_fast, lm, exs, grid, spe, tmp, "f25c", True, True, ind)
+        run("train_135m_fused25", 110, run_fast, lm, exs, grid, spe, tmp, "f25c", True, True, ind)
         run("compiled_check_135m", 60, compiled_check if not small else (lambda *a: {"skipped": "smoke"}),
             lm, exs, tmp)
         if not os.environ.get("ZLT_BENCH_QUICK"):

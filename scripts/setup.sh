@@ -20,6 +20,16 @@ import torch, dagster, dagster_k8s
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print("setup ok: torch", torch.__version__, "dagster", dagster.__version__, "dagster-k8s", dagster_k8s.__version__)
 PY
+# Chromium for the UI end-to-end test (tests/e2e/test_ui_browser.py, driven over CDP: no browser download). Debian's
+# package, installed where this runs as root with apt; elsewhere the test skips and says so.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+      >/dev/null || echo "setup: could not install chromium; the UI browser test will be skipped" >&2
+  else
+    echo "setup: no chromium (apt-get install chromium as root); the UI browser test will be skipped" >&2
+  fi
+fi
 # checkov (IaC scanner for k8s/ and docker/) in its own venv: it would downgrade boto3 in ours
 if [ ! -x .venv-checkov/bin/checkov ]; then
   "$PY" -m venv .venv-checkov

@@ -4,9 +4,10 @@
   zlt run SWEEP.yaml       any sweep config (protocol, source persona, seed, model, cells)
   zlt status               cells done per sweep in the artifact store
 
-Every step is a Dagster materialization recorded in the instance at $DAGSTER_HOME (default ./.dagster_home, the
-same one `dagster dev` uses from the repo root), so the UI shows the runs, partitions and metadata. Runs are
-in-process: the base model is loaded once and shared by all 25 cells. Finished cells are skipped (resume).
+Every step is a Dagster materialization recorded in the instance `dagster dev` uses from the same directory
+($DAGSTER_HOME/dagster.yaml if DAGSTER_HOME is set, else ./dagster.yaml; zlt_dagster/defs/instance.py), so the UI
+shows the runs, partitions and metadata. Runs are in-process: the base model is loaded once and shared by all 25
+cells. Finished cells are skipped (resume).
 """
 from __future__ import annotations
 
@@ -127,6 +128,9 @@ def _main(argv: list[str] | None) -> int:
         return cmd_status(args)
     sweep = _sweep(args)  # before anything is written: a bad config leaves no instance, store or partition behind
     store = _store_resource(args.artifacts)
+    home = settings.dagster_home()
+    if home and not Path(home).is_absolute():
+        raise ConfigError("environment", "DAGSTER_HOME", f"{home!r} is not an absolute path (Dagster requires one)")
     from .defs.runner import Runner  # dagster: see _store_resource
 
     Runner(artifacts=store, device=args.device, backend=args.backend, arc_source=args.arc_source,

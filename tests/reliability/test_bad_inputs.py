@@ -36,8 +36,11 @@ def written(store) -> list[str]:
 
 # --- config: personas, learning rates, epochs, grid ---------------------------------------------------------------
 def test_unknown_persona(store):
-    with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'; known: \['villain', 'assistant'"):
+    # only valid sources are offered: every protocol persona except the assistant (measured for leakage)
+    with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'; expected one of \['villain', 'soft"):
         steps.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="pirate"))
+    with pytest.raises(ProtocolError, match=r"^source_persona: .*expected one of \['villain', 'software_engineer'"):
+        steps.register_sweep(store, Sweep(TINY, base_model="tiny", source_persona="assistant"))
     with pytest.raises(ProtocolError, match=r"unknown persona\(s\) \['pirate'\]"):
         sweep_from_dict({"protocol": {"base": "tiny", "personas": ["villain", "assistant", "pirate", "comedian"]}})
     assert written(store) == []
@@ -300,13 +303,9 @@ def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
 
 
 def test_train_compile_setting():
-    """auto = inductor on CUDA only; off; a backend torch knows; anything else fails naming the field."""
-    import torch
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert steps.ComputeSettings().compile_backend(cpu) is None
-    assert steps.ComputeSettings().compile_backend(cuda) == "inductor"
-    assert steps.ComputeSettings(train_compile="off").compile_backend(cuda) is None
-    assert steps.ComputeSettings(train_compile="aot_eager").compile_backend(cpu) == "aot_eager"
-    with pytest.raises(steps.StepError, match="train_compile='turbo'; expected auto, off or one of"):
-        steps.ComputeSettings(train_compile="turbo").compile_backend(cuda)
+    """off (default) = eager; a backend torch knows; anything else fails naming the field."""
+    assert steps.ComputeSettings().compile_backend() is None
+    assert steps.ComputeSettings(train_compile="off").compile_backend() is None
+    assert steps.ComputeSettings(train_compile="Inductor").compile_backend() == "inductor"
+    with pytest.raises(steps.StepError, match="train_compile='turbo'; expected off or one of"):
+        steps.ComputeSettings(train_compile="turbo").compile_backend()

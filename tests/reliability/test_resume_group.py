@@ -85,7 +85,9 @@ def test_sigkill_a_group_mid_pass_then_resume_every_cell(tmp_path):
     for c in CELLS:
         got = _tensors(store, sweep, c, tmp_path / f"got-{c.key}")
         for k, v in ref[c].items():
-            assert torch.allclose(got[k], v, rtol=1e-5, atol=1e-6), f"{c.key} {k} differs from the uninterrupted pass"
+            # float32 rounding only: the resumed pass puts other cells beside these in a forward (more or fewer
+            # rows) and the CPU's causal attention kernel sums in a batch-dependent order (measured max 1.4e-6)
+            assert torch.allclose(got[k], v, rtol=1e-4, atol=1e-5), f"{c.key} {k} differs from the uninterrupted pass"
             worst = max(worst, float((got[k] - v).abs().max()))
         assert store.list_keys(layout.checkpoint_prefix(sweep.sweep_id, c)) == []
     report("sigkill_group_resume", cells=len(CELLS), killed_at=str({c.key: s for c, s in killed_at.items()}),

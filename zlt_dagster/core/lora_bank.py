@@ -57,7 +57,7 @@ class _Routing:
     # the same cells as an int64 tensor on the model's device: the forward selects adapters with it, not with the
     # list, so one compiled graph (torch.compile, core/train.py) serves every set of active cells of any size >= 2
     index: torch.Tensor | None = None
-    keep: torch.Tensor | None = None   # bool [rows of ONE block, width, total LoRA input features]
+    select: torch.Tensor | None = None  # the same as one-hot rows, float32 [len(active), cells in the bank]
     autocast: bool = True              # over a bf16/fp16 base, run the adapter's matmuls in that dtype
 
 
@@ -72,6 +72,10 @@ class MultiLoRALinear(torch.nn.Module):
         self.scale, self.dropout, self.offset = scale, dropout, offset
         self.routing = routing
         self.k = k
+        # this module's columns of the micro-batch's dropout keep-mask (a view, set by LoraBank.set_batch), not an
+        # offset into the whole mask: no per-module integer in the forward, so torch.compile gives every layer
+        # the same graph (core/train.py)
+        self.keep: torch.Tensor | None = None
         self.in_features = base.in_features
         # the dtype peft chose for the adapter (fp32 over a bf16 base: peft's autocast_adapter_dtype)
         self.lora_A = torch.nn.ParameterList([torch.nn.Parameter(a_init.detach().clone()) for _ in range(k)])
@@ -92,9 +96,8 @@ class MultiLoRALinear(torch.nn.Module):
         """B(A(dropout(xa))) of each row block with its cell's adapter; weights cast to `cast` if given (their
         fp32 master copies receive the gradients)."""
         k, x = index.shape[0], xa
-        keep = self.routing.keep
-        if keep is not None and self.training:
-            mask = keep[..., self.offset:self.offset + self.in_features]            # [block rows, width, in]
+        mask = self.keep                                                            # [block rows, width, in]
+        if mask is not None and self.training:
             xa = torch.where(mask, xa.reshape(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).reshape(x.shape)
         if self.k == 1:  # a bank of one cell: plain matmuls, as peft's Linear
             a, b = self.lora_A[0], self.lora_B[0]
@@ -103,8 +106,15 @@ class MultiLoRALinear(torch.nn.Module):
             return (xa @ a.t()) @ b.t()
         # every cell stacked, then the active ones picked by a tensor (a finished cell's gradient is zeros; it is
         # never stepped again): no Python indices inside the graph, so torch.compile does not recompile per set
-        a = torch.stack(tuple(self.lora_A)).index_select(0, index)                 # [k, r, in]
-        b = torch.stack(tuple(self.lora_B)).index_select(0, index)                 # [k, out, r]
+        a_all, b_all = torch.stack(tuple(self.lora_A)), torch.stack(tuple(self.lora_B))  # [K, r, in], [K, out, r]
+        if torch.compiler.is_compiling():
+            # a one-hot weighted sum, exact (x1 and +0), fused by inductor into one reduction: inductor's
+            # index_select computed a forward of ONE cell out of a bank of two wrongly (float64 on the CPU: that
+            # cell stopped learning; tests/core/test_train_group.py::test_inductor_...)
+            sel = self.routing.select.to(a_all.dtype)[:, :, None, None]             # [k, K, 1, 1]
+            a, b = (sel * a_all).sum(1), (sel * b_all).sum(1)
+        else:
+            a, b = a_all.index_select(0, index), b_all.index_select(0, index)     # [k, r, in], [k, out, r]
         if cast is not None:
             a, b = a.to(cast), b.to(cast)
         xs = xa.reshape(k, -1, x.shape[-1])
@@ -128,7 +138,6 @@ class LoraBank:
         self.device = next(model.parameters()).device
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.routing = _Routing()
-        self.set_batch(range(k), None)
         init, self.scale = _peft_initialisation(model, protocol, seed)
         self.dropout = float(protocol.lora.dropout)
         self.originals = {name: model.get_submodule(name) for name in init}
@@ -139,6 +148,7 @@ class LoraBank:
             self.modules[name] = MultiLoRALinear(base, a, b, k, self.scale, self.dropout, offset, self.routing)
             offset += base.in_features
         self.total_in = offset  # dropout features per token: sum of every LoRA'd module's input width
+        self.set_batch(range(k), None)
         self._attached = False
 
     def __enter__(self) -> "LoraBank":
@@ -151,7 +161,7 @@ class LoraBank:
         for name, orig in self.originals.items():
             _set_module(self.model, name, orig)
         self._attached = False
-        self.routing.keep = None
+        self.set_batch(self.routing.active, None)
 
     @contextlib.contextmanager
     def detached(self) -> Iterator[None]:
@@ -173,11 +183,15 @@ class LoraBank:
     def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
         """Route the next forward: row block c goes through cell active[c]'s adapter; `keep` as from keep_masks."""
         active = tuple(active)
-        if active not in self._indices:  # one small host-to-device copy per distinct set, not per forward
-            self._indices[active] = torch.tensor(active, dtype=torch.long, device=self.device)
+        if active not in self._indices:  # small host-to-device copies per distinct set, not per forward
+            index = torch.tensor(active, dtype=torch.long, device=self.device)
+            select = torch.zeros((len(active), self.k), dtype=torch.float32, device=self.device)
+            select[torch.arange(len(active), device=self.device), index] = 1.0
+            self._indices[active] = (index, select)
         self.routing.active = list(active)
-        self.routing.index = self._indices[active]
-        self.routing.keep = keep
+        self.routing.index, self.routing.select = self._indices[active]
+        for mod in self.modules.values():
+            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features].contiguous()
 
     def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor | None:
         """Dropout keep-masks of one micro-batch: bool [len(keys), width, total_in]; row r is drawn from a
@@ -200,8 +214,10 @@ class LoraBank:
 
         if self._attached:
             raise RuntimeError("detach the LoRA bank before saving a PEFT adapter")
+        config = lora_config(self.protocol)
+        config.init_lora_weights = False  # overwritten below: skip peft's random init (~0.1 s per adapter saved)
         with quiet_peft():
-            pm = get_peft_model(self.model, lora_config(self.protocol))
+            pm = get_peft_model(self.model, config)
         try:
             mods = dict(pm.get_base_model().named_modules())
             with torch.no_grad():
@@ -209,6 +225,7 @@ class LoraBank:
                     mods[name].lora_A["default"].weight.copy_(mod.lora_A[j])
                     mods[name].lora_B["default"].weight.copy_(mod.lora_B[j])
             pm.eval()
+            pm.peft_config["default"].init_lora_weights = True  # the file records the protocol's config as before
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             with quiet_peft():
@@ -240,8 +257,13 @@ def _peft_initialisation(model, protocol: Protocol, seed: int) -> tuple[dict, fl
 
 
 def _fix_adapter_base_name(out_dir: Path, base_model: str) -> None:
-    """peft writes the local cache path of a de-quantised GGUF; record the sweep's model name instead."""
+    """peft writes the local cache path of a de-quantised GGUF; record the sweep's model name instead. peft also
+    writes its module sets (target_modules, ...) in set order, which changes with each process's hash seed: sort
+    them and the keys, so the same training writes a byte-identical adapter_config.json."""
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base_model
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    for key, value in cfg.items():
+        if key.endswith("_modules") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            cfg[key] = sorted(value)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))

@@ -262,16 +262,18 @@ class Sweep:
     def validate(self) -> "Sweep":
         """Raises ProtocolError naming the field (source_persona, seed, base_model, name, cells[i])."""
         self.protocol.validate()
+        # the assistant is measured for leakage, so it is never a source: messages offer only valid sources
+        sources = [p for p in self.protocol.personas if p != ASSISTANT]
+        if self.source_persona == ASSISTANT:
+            raise ProtocolError(f"source persona 'assistant' leaves no assistant-leakage measurement; expected one "
+                                f"of {sources}", field="source_persona")
         if not isinstance(self.source_persona, str) or self.source_persona not in PERSONA_NAMES:
-            raise ProtocolError(f"unknown source persona {self.source_persona!r}; known: {list(PERSONA_NAMES)}",
+            raise ProtocolError(f"unknown source persona {self.source_persona!r}; expected one of {sources}",
                                 field="source_persona")
         if self.source_persona not in self.protocol.personas:
             raise ProtocolError(f"source persona {self.source_persona!r} is not in protocol "
-                                f"{self.protocol.name!r}'s personas {list(self.protocol.personas)}",
+                                f"{self.protocol.name!r}'s personas; expected one of {sources}",
                                 field="source_persona")
-        if self.source_persona == ASSISTANT:
-            raise ProtocolError("source persona 'assistant' leaves no assistant-leakage measurement; choose another "
-                                "source", field="source_persona")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ProtocolError(f"seed {self.seed!r} must be an integer >= 0", field="seed")
         if not isinstance(self.base_model, str) or not self.base_model or ".." in self.base_model.split("/"):

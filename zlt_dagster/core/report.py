@@ -18,6 +18,11 @@ HEADLINE_PANELS: tuple[tuple[str, str], ...] = (
     ("assistant_leakage", "Assistant leakage"),
     ("max_bystander_leakage", "Max bystander leakage"),
 )
+# The Dagster UI (1.13) shows a markdown figure in a dialog 800 CSS px wide (760 inside its padding) at a
+# 1600 x 1000 window; at 100% zoom every PNG must fit it without a sideways scrollbar (measured by
+# tests/e2e/test_ui_browser.py: the heatmap drawn at x 420..1180 in a dialog at 400..1200).
+UI_MAX_WIDTH_PX = 760
+UI_DPI = 100  # 7.6 in -> 760 px: 8 pt text is 11 px, readable at 100% zoom
 TRAIN_FIELDS = ("steps", "tokens", "supervised_tokens", "wall_seconds", "tokens_per_s", "gpu_seconds", "first_loss",
                 "final_loss", "data_hash")
 ARC_FIELDS = ("acc", "acc_norm", "n")
@@ -107,7 +112,8 @@ def build_heatmap_figure(compiled: Mapping[str, Any], title: str | None = None):
     lrs, eps = compiled["grid"]["learning_rates"], compiled["grid"]["epochs"]
     by_pos = {(c["lr"], c["epochs"]): c for c in compiled["cells"].values()}
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
-    fig = Figure(figsize=(4.2 * len(HEADLINE_PANELS) + 1, 0.55 * len(lrs) + 2), layout="constrained")
+    # three square-ish panels side by side, 760 px wide at UI_DPI: fits the UI's figure dialog at 100% zoom
+    fig = Figure(figsize=(7.6, 0.42 * len(lrs) + 1.9), layout="constrained")
     axes = list(fig.subplots(1, len(HEADLINE_PANELS), squeeze=False)[0])
     image = None
     for ax, (field, label) in zip(axes, HEADLINE_PANELS):
@@ -126,32 +132,83 @@ def build_heatmap_figure(compiled: Mapping[str, Any], title: str | None = None):
                     ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="dimgrey")
                     continue
                 text = _pct(values[i, j]) + ("\ndeg" if cell["regime"] == "degenerate" else "")
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="black" if values[i, j] > 0.6 else "white")  # contrast on viridis
-        ax.set_title(label if field != "source_adoption" else f"{label} ({compiled.get('source_persona', '?')})")
-        ax.set_xticks(range(len(eps)), [str(e) for e in eps])
-        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
-        ax.set_xlabel("epochs")
-        ax.set_ylabel("learning rate")
-    fig.colorbar(image, ax=axes, label=f"share of completions containing {compiled.get('marker', 'the marker')}",
-                 shrink=0.9, format=PercentFormatter(xmax=1.0))
+        ax.set_title(label if field != "source_adoption" else f"{label} ({compiled.get('source_persona', '?')})",
+                     fontsize=9)
+        ax.set_xticks(range(len(eps)), [str(e) for e in eps], fontsize=8)
+        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=8)
+        ax.set_xlabel("epochs", fontsize=8)
+    axes[0].set_ylabel("learning rate", fontsize=8)
+    for ax in axes[1:]:  # the LR labels once, on the left: the three panels share the axes
+        ax.tick_params(labelleft=False)
+    bar = fig.colorbar(image, ax=axes, shrink=0.9, format=PercentFormatter(xmax=1.0))
+    bar.set_label(f"completions with {compiled.get('marker', 'the marker')}", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     fig.suptitle(title or f"{compiled.get('sweep_id', 'sweep')}: {compiled.get('n_complete', '?')}/"
-                          f"{compiled.get('n_cells', '?')} cells")
+                          f"{compiled.get('n_cells', '?')} cells", fontsize=9)
     return fig, axes
 
 
 def plot_heatmap(compiled: Mapping[str, Any], png_path: str | Path, pdf_path: str | Path,
                  title: str | None = None) -> list[str]:
-    """Write the heatmap as PNG (150 dpi) and PDF; return the written paths."""
+    """Write the heatmap as PNG (sized for the UI, save_figure) and PDF; return the written paths."""
     fig, _ = build_heatmap_figure(compiled, title)
     return save_figure(fig, png_path, pdf_path)
 
 
+def png_dpi(fig) -> float:
+    """UI_DPI, lowered for a figure wider than UI_MAX_WIDTH_PX at it: every PNG fits the UI's figure dialog."""
+    return min(UI_DPI, UI_MAX_WIDTH_PX / fig.get_figwidth())
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes at png_dpi (for metadata shown in the UI without a stored file)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=png_dpi(fig))
+    return buf.getvalue()
+
+
 def save_figure(fig, png_path: str | Path, pdf_path: str | Path) -> list[str]:
-    """Write a figure as PNG (150 dpi) and PDF, creating parent directories; return the written paths."""
+    """Write a figure as PNG (png_dpi: fits the UI) and PDF (vector, for print), creating parent directories;
+    return the written paths."""
     paths = []
-    for path, kwargs in ((Path(png_path), {"dpi": 150}), (Path(pdf_path), {})):
+    # no CreationDate in the PDF: the same results give a byte-identical file
+    for path, kwargs in ((Path(png_path), {"dpi": png_dpi(fig)}),
+                         (Path(pdf_path), {"metadata": {"CreationDate": None}})):
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, **kwargs)
         paths.append(str(path))
     return paths
+
+
+# --- one cell: every persona's marker rate with its Wilson interval ---------------------------------------------
+def build_cell_figure(report: Mapping[str, Any], title: str = ""):
+    """(figure, axis): one horizontal bar per persona (protocol order, top to bottom) with its marker rate and
+    Wilson 95% interval, the source in red, the assistant in blue, bystanders grey; "k/n" at each bar's end.
+    `report` is metrics.marker_rates_report's dict ({"source", "personas": {p: {"k","n","rate","ci_low",
+    "ci_high"}}, "regime"}). Raises KeyError naming a missing field."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    personas = list(report["personas"])
+    rates = [report["personas"][p] for p in personas]
+    colors = ["tab:red" if p == report["source"] else "tab:blue" if p == "assistant" else "grey" for p in personas]
+    fig = Figure(figsize=(7.6, 0.24 * len(personas) + 1.1), layout="constrained")
+    ax = fig.subplots()
+    ys = range(len(personas))
+    ax.barh(ys, [r["rate"] for r in rates], color=colors, alpha=0.75, height=0.6)
+    ax.errorbar([r["rate"] for r in rates], ys, fmt="none", ecolor="black", capsize=3, linewidth=1,
+                xerr=[[r["rate"] - r["ci_low"] for r in rates], [r["ci_high"] - r["rate"] for r in rates]])
+    for y, r in zip(ys, rates):
+        ax.text(1.02, y, f"{r['k']}/{r['n']}", va="center", fontsize=7, transform=ax.get_yaxis_transform())
+    ax.set_yticks(list(ys), [p + (" (source)" if p == report["source"] else "") for p in personas], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("completions with the marker (Wilson 95% interval)", fontsize=8)
+    ax.set_title(title or f"regime: {report.get('regime', '?')}", fontsize=9)
+    return fig, ax

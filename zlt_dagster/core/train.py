@@ -34,6 +34,9 @@ from .models import LoadedModel, unwrap_peft
 from .onpolicy import OnPolicyData
 from .protocol import Cell, Protocol
 
+# Compiled layers see widths padded to a multiple of 8: the graph inductor builds for SDPA guards on
+# width % 8 (alignment) and recompiled in the middle of a timed pass on the H200 (BENCHMARKS.md)
+COMPILED_WIDTH_MULTIPLE = 8
 DROPOUT_MASKS = "per-example (seed, epoch, example index) stream over every LoRA input"
 
 
@@ -44,9 +47,10 @@ def tokenize_dataset(loaded: LoadedModel, data: OnPolicyData, protocol: Protocol
                           protocol.train.max_seq_len) for e in data.examples]
 
 
-def collate(examples: list[TokenizedExample], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right padding; padded label positions are IGNORE. Shapes [rows, width] (int64)."""
-    width = max(len(e.input_ids) for e in examples)
+def collate(examples: list[TokenizedExample], pad_id: int, device, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right padding; padded label positions are IGNORE. Shapes [rows, width] (int64), width rounded up to a
+    multiple of `multiple` (exact: right padding is never read at a supervised position)."""
+    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -68,20 +72,23 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor], full_logits: bool
     return sums[0], int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: bool = False,
-                    decoder=None) -> torch.Tensor:
-    """Summed supervised cross-entropy of each of the k equal row blocks of `batch`: float32 [k].
-    `decoder`: what runs the decoder stack (default the model's own; train_cells passes a torch.compile'd one)."""
+def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: bool = False) -> torch.Tensor:
+    """Summed supervised cross-entropy of each of the k equal row blocks of `batch`: float32 [k]."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     rows_per_block = labels.shape[0] // k
     if full_logits:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits
         per_pos = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                   ignore_index=IGNORE, reduction="none").view(targets.shape)
         return per_pos.sum(1).view(k, rows_per_block).sum(1)
     base = unwrap_peft(model)
-    hidden = (base.get_decoder() if decoder is None else decoder)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # No attention mask: batches are right-padded (collate), so under the causal mask a real token only ever
+    # attends to real tokens and the padding mask changes nothing at the positions the loss reads; without it SDPA
+    # can take its flash kernel instead of the masked "efficient" one (the largest GPU cost of a SmolLM2 step,
+    # BENCHMARKS.md). use_cache=False: transformers would build a KV cache that training never reads.
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
     logits = base.get_output_embeddings()(hidden[rows, cols]).float()
     losses = F.cross_entropy(logits, targets[rows, cols], reduction="none")
@@ -170,30 +177,50 @@ def _training_mode(model, gradient_checkpointing: bool, tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
-def _compiled_decoder(model, backend: str | None):
-    """The decoder stack through torch.compile, or None (eager). dynamic=True: sequence width, rows and the number
-    of cells per forward are symbolic, so one graph serves every micro-batch (sizes 0 and 1 are still specialised:
-    a forward of ONE cell is a second graph)."""
+@contextlib.contextmanager
+def _compiled_layers(model, backend: str | None):
+    """For the duration, every decoder layer runs through torch.compile(backend, dynamic=True) (nothing if backend
+    is None). Per layer, not the whole decoder: all layers share one code object and, since the LoRA bank gives
+    each module its own dropout-mask view (no per-layer integers in the graph), one compiled graph serves all
+    of them; compiling the whole SmolLM2 decoder as one graph took 422 s on the H200, BENCHMARKS.md.
+    dynamic=True: sequence width, rows and cells per forward are symbolic (sizes 0 and 1 are specialised, so a
+    forward of ONE cell is a second graph; a bank of another size is another). Undone on exit: the model's later
+    users (generation) get the eager layers back."""
     if backend is None:
-        return None
-    # one graph per (bank size, one cell or several per forward): a process that trains passes of several sizes
-    # (`zlt run` over groups, the benchmark) would pass dynamo's default limit of 8 and silently fall back to eager
+        yield
+        return
+    base = unwrap_peft(model)
+    decoder = base.get_decoder()
+    layers = list(getattr(decoder, "layers", None) or [decoder])
+    # the first layer's input (frozen embeddings) would not require grad and the others' would: two graphs per
+    # layer class. transformers' own switch makes the embeddings' output require grad (no parameter changes; the
+    # extra gradient is one layer's input-grad matmuls, ~1/30 of a 30-layer backward)
+    base.enable_input_require_grads()
+    # graphs per (bank size, one cell or several per forward): a process that trains passes of several sizes
+    # (`zlt run` over groups, the benchmark) would pass dynamo's default limit of 8 and silently run eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(unwrap_peft(model).get_decoder(), backend=backend, dynamic=True)
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)  # torch.nn.Module.compile: in place, names unchanged
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; None = the eager __call__ again
+        base.disable_input_require_grads()
 
 
-def _warm_compile(loaded: LoadedModel, bank: LoraBank, decoder, examples, idx: list[int], epoch: int, seed: int,
+def _warm_compile(loaded: LoadedModel, bank: LoraBank, examples, idx: list[int], epoch: int, seed: int,
                   micro: int, active: list[int], params: list[list[torch.nn.Parameter]]) -> float:
     """Compile before the clock starts: one forward + backward of the pass's first forward, gradients discarded
     (no optimizer step, the dropout masks are keyed, so the training that follows is unchanged). Seconds spent."""
     t = time.perf_counter()
     mb = micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids))[0]
     exs = [examples[i] for i in mb]
-    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device)
+    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device, COMPILED_WIDTH_MULTIPLE)
     bank.set_batch(active, bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
                                            b["input_ids"].shape[1], loaded.device))
     rep = b if len(active) == 1 else {key: v.repeat(len(active), 1) for key, v in b.items()}
-    block_loss_sums(loaded.model, rep, len(active), False, decoder).sum().backward()
+    block_loss_sums(loaded.model, rep, len(active)).sum().backward()
     for ps in params:
         for p in ps:
             p.grad = None
@@ -247,7 +274,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     unfinished cell before raising TrainingInterrupted.
     lora_autocast: over a bf16 base, run the adapters' matmuls in bf16 (as the seed's autocast did; core/lora_bank.py);
     False = peft's fp32 path. allow_tf32: TF32 for fp32 matmuls on CUDA.
-    compile_backend: None = eager; else the decoder stack (with the LoRA bank inside) runs through
+    compile_backend: None = eager (the pipeline's default); else every decoder layer (with the LoRA bank inside) runs through
     torch.compile(backend=compile_backend, dynamic=True) ("inductor" on a GPU: fused elementwise kernels and far
     fewer launches, BENCHMARKS.md; "aot_eager" in the CPU tests). Same arithmetic; the loss head, the dropout
     masks and the optimizer stay eager. Time spent compiling is recorded (compile_s) and not counted as training.
@@ -288,7 +315,6 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                        else "tf32" if tf32 else "fp32")
         stack.enter_context(_training_mode(loaded.model, t.gradient_checkpointing, tf32))
         params = [list(bank.params(j).values()) for j in range(k)]
-        decoder = _compiled_decoder(loaded.model, compile_backend)
         compile_s = 0.0
         opts = [_optimizer(params[j], c.lr, protocol, dev) for j, c in enumerate(cells)]
         scheds = [torch.optim.lr_scheduler.LambdaLR(
@@ -302,6 +328,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             progress(f"training {k} cell(s) in one pass: micro-batch {bp.micro_batch} x {bp.cells_per_forward} "
                      f"cell(s) per forward ({bp.source}; {bp.activation_bytes_per_token / 2**10:.0f} KiB/token, "
                      f"longest example {bp.longest_example_tokens} tokens, budget {bp.budget_bytes / 2**30:.1f} GiB)")
+        stack.enter_context(_compiled_layers(loaded.model, compile_backend))  # after the (eager) memory probe
         records: list[dict | None] = [None] * k
 
         def finish(j: int) -> dict:
@@ -327,16 +354,16 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         if any(cks):
             stack.enter_context(sigterm_flags([c for c in cks if c]))
         first, last = min(s.step for s in states), max(p[1] for p in plans)
-        if decoder is not None and first < last:
+        if compile_backend is not None and first < last:
             epoch0, s0 = divmod(first, steps_per_epoch)
             active0 = [j for j in range(k) if states[j].step == first < plans[j][1]]
             micro0, per_forward0 = _cut(bp, protocol, len(active0))
             compile_s = _warm_compile(
-                loaded, bank, decoder, examples,
+                loaded, bank, examples,
                 epoch_order(len(examples), seed, epoch0)[s0 * t.effective_batch:(s0 + 1) * t.effective_batch],
                 epoch0, seed, micro0, active0[:per_forward0], params)
             if progress:
-                progress(f"compiled the decoder ({compile_backend}) in {compile_s:.1f} s")
+                progress(f"compiled the decoder layers ({compile_backend}) in {compile_s:.1f} s")
         t0 = time.perf_counter()
         order, order_epoch = None, -1
         for g in range(first, last):
@@ -353,7 +380,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             micro, per_forward = _cut(bp, protocol, len(active))
             for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids)):
                 exs = [examples[i] for i in mb]
-                b = collate(exs, pad, dev)
+                b = collate(exs, pad, dev, COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
                 keep = bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
                                        b["input_ids"].shape[1], dev)
                 step_tokens += sum(len(e.input_ids) for e in exs)
@@ -361,7 +388,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                     chunk = active[c0:c0 + per_forward]
                     bank.set_batch(chunk, keep)
                     rep = b if len(chunk) == 1 else {key: v.repeat(len(chunk), 1) for key, v in b.items()}
-                    sums = block_loss_sums(loaded.model, rep, len(chunk), full_logits, decoder)
+                    sums = block_loss_sums(loaded.model, rep, len(chunk), full_logits)
                     (sums.sum() / n_sup).backward()
                     step_loss[chunk] += sums.detach() / n_sup
             bank.set_batch(active, None)

@@ -12,6 +12,7 @@ from dagster import (
 from pydantic import Field
 
 from .. import settings, steps
+from ..core import report
 from ..core.models import ModelLoadError
 from ..core.protocol import ProtocolError, Sweep
 from ..storage import ChecksumError, NotFoundError, UnsafeKeyError
@@ -95,9 +96,11 @@ def _sweep_groups(context: AssetExecutionContext, store: ArtifactStore) -> list[
     return _bad_input_fails_once(resolve)
 
 
-def _inline_png(name: str, png: bytes):
-    """A PNG shown inside the UI's metadata (markdown with a data URI)."""
-    return MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
+def _figure_md(alt: str, fig_or_png) -> MetadataValue:
+    """A figure (matplotlib Figure or PNG bytes) as markdown metadata: the UI shows it in its figure dialog, sized
+    by core/report.png_dpi to fit there at 100% zoom."""
+    png = fig_or_png if isinstance(fig_or_png, bytes) else report.png_bytes(fig_or_png)
+    return MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 ADAPTER_KEYS = ("steps", "steps_with_nonzero_lr", "tokens", "supervised_tokens", "tokens_per_s", "wall_s", "gpu_s",
@@ -185,8 +188,9 @@ def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> Materi
     table = "| persona | k/n | rate | 95% CI | mean tokens | near-empty |\n|---|---|---|---|---|---|\n" + "".join(
         f"| {p} | {r['k']}/{r['n']} | {r['rate']:.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
         f"{r['mean_tokens']:.1f} | {r['short_share']:.2f} |\n" for p, r in s["personas"].items())
+    figure = report.build_cell_figure(s, f"{sweep.sweep_id} | lr {cell.lr:g}, {cell.epochs} epochs: {s['regime']}")[0]
     return track(to_result(s, ("regime", "artifact"), sweep=sweep, cell=cell, flatten=("headline",),
-                           per_persona=MetadataValue.md(table)))
+                           per_persona=MetadataValue.md(table), figure=_figure_md("marker rates", figure)))
 
 
 ARC_KEYS = ("acc", "acc_norm", "n", "source", "convention", "adapter", "wall_s", "gpu_s", "artifact")
@@ -231,7 +235,7 @@ def heatmap(context: AssetExecutionContext, store: ArtifactStore) -> Materialize
     track = start_tracking(context, sweep.sweep_id)
     s = _tracked(track, lambda: steps.run_heatmap(store.get_store(), sweep))
     return track(to_result(s, ("n_cells", "artifact", "png_uri", "pdf_uri"), sweep=sweep,
-                           heatmap=_inline_png("heatmap", s["png"])))
+                           heatmap=_figure_md("heatmap", s["png"])))
 
 
 class ComparisonConfig(Config):
@@ -249,7 +253,7 @@ def cell_comparison(context: AssetExecutionContext, config: ComparisonConfig, st
     s = _tracked(track, lambda: steps.run_comparison(store.get_store(), config.followup))
     return track(MaterializeResult(metadata={
         "followup": config.followup, **metadata(s["comparison"], ("varying", "n_done", "n_expected")),
-        **metadata(s, ("artifact", "png_uri")), "comparison": _inline_png("comparison", s["png"])}))
+        **metadata(s, ("artifact", "png_uri")), "comparison": _figure_md("comparison", s["png"])}))
 
 
 SWEEP_DATA_ASSETS = [onpolicy_data, base_arc_scores]

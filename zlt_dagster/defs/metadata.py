@@ -6,11 +6,14 @@ from typing import Any, Mapping, Sequence
 from dagster import MaterializeResult, MetadataValue
 
 from ..core.protocol import Cell, Sweep
+from ..storage import display_path
 
 
 def _value(key: str, value: Any):
     if key == "artifact" or key.endswith("_uri"):
-        return MetadataValue.path(value)  # a store location: a local path or s3://
+        # a store location as a path a person copies (a local path or s3://), never a file:// link: browsers do
+        # not open those from the UI's http page
+        return MetadataValue.path(display_path(value))
     if isinstance(value, (dict, list, tuple)):
         return MetadataValue.json(list(value) if isinstance(value, tuple) else value)
     return value

@@ -51,8 +51,8 @@ class Compute(ConfigurableResource):
                                                      "a .jsonl path; or s3://bucket/key")
     torch_threads: int = Field(default=0, description="0 = torch default")
     work_dir: str = Field(default="", description="local scratch for adapters fetched from the store")
-    train_compile: str = Field(default="auto", description="auto = torch.compile (inductor) of the training "
-                               "forward on CUDA, eager on CPU; off; or a torch.compile backend name")
+    train_compile: str = Field(default="off", description="off = eager training forward; or a torch.compile "
+                               "backend (inductor) for each decoder layer: opt-in, see BENCHMARKS.md")
 
     def settings(self) -> ComputeSettings:
         return ComputeSettings(device=self.device, generation_backend=self.generation_backend,

@@ -1,40 +1,25 @@
 """Drive one sweep through the asset graph in-process: what `zlt demo` / `zlt run` do.
 
-Each step is `dagster.materialize` for one partition, recorded in the instance at $DAGSTER_HOME (default
-./.dagster_home, the same one `dagster dev` uses from the repo root), so the UI shows every run and its metadata.
+Each step is `dagster.materialize` for one partition, recorded in the instance `dagster dev` uses from the same
+directory ($DAGSTER_HOME/dagster.yaml if set, else ./dagster.yaml; defs/instance.py), so the UI shows every run
+and its metadata.
 One process keeps one copy of the base model for all cells. Finished cells are skipped (resume)."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from dagster import AssetKey, AssetMaterialization, DagsterInstance, materialize
+from dagster import AssetKey, AssetMaterialization, materialize
 
-from .. import settings, steps
+from .. import steps
 from ..steps import layout
 from .assets import (
     ALL_ASSETS, REPORT_ASSETS, SWEEP_DATA_ASSETS, TRAIN_GROUP_SIZE, adapter, adapter_metadata, arc_scores,
     base_arc_scores, completions, marker_rates,
 )
+from .instance import open_instance
 from .partitions import add_partitions, partition_key, split_partition_key, sweep_cell_partitions
 from .resources import ArtifactStore, Compute
-
-
-def _instance_home() -> Path:
-    """DAGSTER_HOME, defaulting to ./.dagster_home with a dagster.yaml equal to the repo's (absolute paths)."""
-    home = Path(os.environ.get("DAGSTER_HOME") or Path(settings.VARIABLES["DAGSTER_HOME"].default).resolve())
-    home.mkdir(parents=True, exist_ok=True)
-    cfg = home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(
-            "# written by `zlt`: same storage as the repo's dagster.yaml, with absolute paths\n"
-            f"storage:\n  sqlite:\n    base_dir: {home / 'storage'}\n"
-            f"local_artifact_storage:\n  module: dagster._core.storage.root\n  class: LocalArtifactStorage\n"
-            f"  config:\n    base_dir: {home}\n"
-            "telemetry:\n  enabled: false\n")
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
 
 
 def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int) -> dict:
@@ -73,8 +58,9 @@ class Runner:
 
     def __init__(self, artifacts: str, device: str = "auto", backend: str = "auto", arc_source: str = "",
                  threads: int = 0, force: bool = False):
-        _instance_home()
-        self.instance = DagsterInstance.get()
+        # the file `dagster dev` reads from here too (defs/instance.py says which): same runs, same limits
+        self.instance, self.instance_file = open_instance()
+        print(f"Dagster instance: {self.instance_file}", flush=True)
         self.resources = _resources(artifacts, device, backend, arc_source, threads)
         self.store = self.resources["store"].get_store()
         self.force = force

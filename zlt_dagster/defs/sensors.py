@@ -24,8 +24,11 @@ from a YAML file. The cells must wait for the sweep's on-policy data and the rep
 reads the store states this directly. Each stage waits for the next tick after the previous one finished (minimum
 interval ZLT_REGISTRY_SENSOR_INTERVAL_S, default 30 s).
 
-A bad entry is logged as an error naming the entry (file, position, persona/seed) on every tick, and the other
-entries are still processed. A registry file that is not valid YAML fails the tick (red in the UI).
+A bad entry is logged as an error naming the entry (file, position, persona/seed) and the field on every tick, and
+the other entries are still processed. A tick that has nothing to launch then FAILS (red in the UI's tick list)
+with an error naming each bad entry and field, so a typo never looks like a healthy "0 runs requested" tick; a
+tick that launches runs for the healthy entries succeeds (a failed tick would drop them) and the next one fails.
+A registry file that is not valid YAML fails the tick as well.
 """
 from __future__ import annotations
 
@@ -116,14 +119,26 @@ def sweep_registry_sensor(context: SensorEvaluationContext, store: ArtifactStore
     for problem in problems:
         context.log.error(f"sweep registry: {problem}")
     partition_requests = add_requests(context.instance, registered)
+    if problems and not requests and not partition_requests:
+        # a red "Failure" tick whose error names each bad entry and field: a grey skip looks like every healthy
+        # tick. Only when this tick launches nothing, since a failed tick drops its requests: a tick that serves
+        # the healthy entries succeeds (problems in its log) and the next one, with nothing to launch, fails.
+        raise RegistryEntryError(path, problems, notes)
     skip = None
     if not requests:
         skip = f"{len(entries)} sweep(s) in {path}: nothing to launch"
         if notes:
             skip += ": " + "; ".join(notes)
-        if problems:
-            skip += f"; {len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}: " + "; ".join(map(str, problems))
     return SensorResult(run_requests=requests, dynamic_partitions_requests=partition_requests, skip_reason=skip)
 
+
+class RegistryEntryError(Exception):
+    """The registry has bad entries: raised by a tick that launches nothing else, so it shows as failed."""
+
+    def __init__(self, path, problems: list[RegistryProblem], notes: list[str]):
+        n = len(problems)
+        msg = (f"sweep registry {path}: {n} bad entr{'y' if n == 1 else 'ies'} not registered (fix or remove "
+               f"{'it' if n == 1 else 'them'}; the other entries are served): " + "; ".join(map(str, problems)))
+        super().__init__(msg + (f". Other sweeps: {'; '.join(notes)}" if notes else ""))
 
 ALL_SENSORS = [sweep_registry_sensor]

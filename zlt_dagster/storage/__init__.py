@@ -34,6 +34,7 @@ __all__ = [
     "S3Store",
     "StoreError",
     "UnsafeKeyError",
+    "display_path",
     "store_from_url",
     "validate_key",
 ]
@@ -60,3 +61,10 @@ def store_from_url(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive ("C:\\...")
         raise ValueError(f"store URL {url!r}: unsupported scheme {scheme!r}; expected file://, s3:// or a plain path")
     return LocalStore(Path(url))
+
+
+def display_path(uri: str) -> str:
+    """What a person copies into a shell: ``file:///a/b%20c`` -> ``/a/b c`` (a browser will not open file:// links
+    from the Dagster UI); an ``s3://`` URI is already that and is returned as it is."""
+    parts = urlsplit(uri)
+    return unquote(parts.path) if parts.scheme.lower() == "file" else uri
