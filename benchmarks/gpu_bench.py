@@ -5,7 +5,7 @@ word-level tokenizer with ChatML specials (the machine has no network, hence no 
 through the project's own code:
   training    zlt_dagster.core.train.train_cell (LoRA r32 all-linear, AdamW, effective batch 16), naive =
               full_logits=True (+ gradient checkpointing, the seed's setting), fast = logits at supervised
-              positions only, no checkpointing; plus core.multi_lr.train_cells_fused (5 LR cells in one pass).
+              positions only, no checkpointing; plus core.train.train_cells with 5 LR cells in one pass.
   generation  zlt_dagster.core.generation.transformers_backend.TransformersGenerator, naive = unmerged peft
               adapter + generate() at batch 256, fast = merge_adapter=True (+ loop="fast") at large batches;
               temperature 1.0, top_p 1.0. Random weights never sample the end-of-turn token, so every row runs to
@@ -196,19 +196,19 @@ def bench_train(lm: LoadedModel, examples, micro: int, ckpt: bool, full_logits: 
 
 
 def bench_train_fused(lm: LoadedModel, examples, micro: int, k: int, steps: int, tmp: Path) -> dict:
-    from zlt_dagster.core.multi_lr import train_cells_fused
+    """k LR cells of one epochs value in one pass of the pipeline's trainer (core/train.train_cells) at a fixed
+    micro-batch; benchmarks/train_bench.py is the full naive / eager / compiled comparison."""
+    from zlt_dagster.core.train import train_cells
 
     proto = get_protocol("paper", {"train.micro_batch": micro})
     eff = proto.train.effective_batch
-    lrs = list(PAPER.learning_rates)[:k]
-    cells = [Cell(lr, 1) for lr in lrs]
-    train_cells_fused(lm, examples[:eff], proto, cells, 0, [tmp / f"fw{j}" for j in range(k)], save=False)
+    cells = [Cell(lr, 1) for lr in list(PAPER.learning_rates)[:k]]
+    train_cells(lm, examples[:eff], proto, cells, 0, [tmp / f"fw{j}" for j in range(k)])
     reset_peak(lm.device)
-    recs = train_cells_fused(lm, examples[:eff * steps], proto, cells, 0, [tmp / f"f{j}" for j in range(k)],
-                             save=False)
-    r = recs[0]
-    return {"tok_s": r["fused_tokens_per_s"], "per_cell_tok_s": r["tokens_per_s"], "wall_s": r["wall_s"],
-            "tokens_all_cells": r["tokens"] * k, "cells": k, "micro_batch_per_cell": micro,
+    recs = train_cells(lm, examples[:eff * steps], proto, cells, 0, [tmp / f"f{j}" for j in range(k)])
+    g = max(recs, key=lambda r: r["group"]["wall_s"])["group"]  # the last cell to finish holds the whole pass
+    return {"tok_s": g["tokens_per_s"], "per_cell_tok_s": recs[0]["tokens_per_s"], "wall_s": g["wall_s"],
+            "tokens_all_cells": sum(r["tokens"] for r in recs), "cells": k, "micro_batch_per_cell": micro,
             "peak_gib": peak_gib(lm.device)}
 
 

@@ -63,8 +63,8 @@ def run_naive(lm, exs, steps: int, micro: int, tmp: Path) -> dict:
 
 def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bool = True,
              autocast: bool = True, compile_backend: str | None = None) -> dict:
-    """compile_backend: the pipeline's default on CUDA is "inductor" (ZLT_TRAIN_COMPILE=auto); the pass compiles
-    before its clock starts (train_cells records compile_s), later recompiles (a tail of one cell) count."""
+    """compile_backend: None = the pipeline's default (eager); "inductor" = the opt-in ZLT_TRAIN_COMPILE=inductor.
+    The pass compiles before its clock starts (train_cells records compile_s); later recompiles count."""
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
     warm = [Cell(lr, 1) for lr in sorted({c.lr for c in cells})[:2]]
@@ -194,7 +194,7 @@ def main() -> None:
         exs = gpu_bench.train_examples(16 * 8, 60 if small else 370, 20 if small else 120,
                                        lm.model.config.vocab_size, eot=eot)
         run("train_135m_naive", 30, run_naive, lm, exs, steps, 4, tmp)
-        ind = None if small else "inductor"  # the pipeline's default on CUDA (ZLT_TRAIN_COMPILE=auto)
+        ind = None if small else "inductor"  # the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor)
         run("train_135m_eager", 30, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "s")
         run("train_135m", 90, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "sc", True, True, ind)
         run("train_135m_fused5_eager", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5")

@@ -20,6 +20,7 @@ from .core.generation.base import BACKENDS
 from .core.protocol import ProtocolError
 from .settings import SettingsError
 from .steps import layout
+from .steps.common import ComputeSettings, StepError
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
@@ -98,6 +99,10 @@ def _main(argv: list[str] | None) -> int:
     if env_backend not in BACKENDS:
         raise ConfigError("environment", "ZLT_GENERATION_BACKEND", f"{env_backend!r} is not one of {list(BACKENDS)}")
     settings.train_group_size()  # read by the Dagster definitions on import; checked here first
+    try:  # the adapter step would only fail after the on-policy data and base ARC
+        ComputeSettings(train_compile=settings.get("ZLT_TRAIN_COMPILE")).compile_backend()
+    except StepError as e:
+        raise ConfigError("environment", "ZLT_TRAIN_COMPILE", str(e)) from None
     settings.deployment()
     ap = argparse.ArgumentParser(prog="zlt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--artifacts", default=None,

@@ -137,6 +137,11 @@ def test_bad_environment_and_demo_flags_are_config_errors(tmp_path, monkeypatch,
     assert main(["demo"]) == 2
     assert capsys.readouterr().err.startswith("zlt: error: environment: ZLT_GENERATION_BACKEND: 'fastest' is not one of")
     monkeypatch.delenv("ZLT_GENERATION_BACKEND")
+    monkeypatch.setenv("ZLT_TRAIN_COMPILE", "inductr")  # checked before anything runs, not in the adapter step
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err.startswith("zlt: error: environment: ZLT_TRAIN_COMPILE: train_compile='inductr'; "
+                                              "expected off or one of")
+    monkeypatch.delenv("ZLT_TRAIN_COMPILE")
     assert main(["demo", "--source", "assistant"]) == 2
     assert capsys.readouterr().err.startswith("zlt: error: zlt demo: source_persona: source persona 'assistant' leaves")
     assert list(tmp_path.iterdir()) == []

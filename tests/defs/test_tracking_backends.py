@@ -1,7 +1,7 @@
 """The external trackers for real, offline: MLflow (a SQLite tracking store in tmp) through Dagster materializations,
 and W&B in offline mode. Both with the tracker's own environment variable set to something else, the trap that
 cost the reference run 19 of 25 cells: the run must land where the documented precedence says, and nowhere else.
-(tests/core/test_tracking.py covers the precedence itself and the failure paths with stand-ins.)"""
+(tests/defs/test_tracking.py covers the precedence itself and the failure paths with stand-ins.)"""
 from __future__ import annotations
 
 import os

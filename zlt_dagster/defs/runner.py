@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetMaterialization, materialize
 
-from .. import steps
+from .. import settings, steps
 from ..steps import layout
 from .assets import (
     ALL_ASSETS, REPORT_ASSETS, SWEEP_DATA_ASSETS, TRAIN_GROUP_SIZE, adapter, adapter_metadata, arc_scores,
@@ -28,7 +28,7 @@ def _resources(artifacts, device: str, backend: str, arc_source: str, threads: i
              else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
     return {"store": store,
             "compute": Compute(device=device, generation_backend=backend, arc_source=arc_source,
-                               torch_threads=threads)}
+                               torch_threads=threads, train_compile=settings.get("ZLT_TRAIN_COMPILE"))}
 
 
 def eta_seconds(elapsed: float, n_done: int, n_left: int) -> float:
