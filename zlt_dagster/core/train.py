@@ -209,18 +209,32 @@ def _compiled_layers(model, backend: str | None):
         base.disable_input_require_grads()
 
 
+def _micro_batch(loaded: LoadedModel, bank: LoraBank, examples, mb: list[int], seed: int, epoch: int,
+                 multiple: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Examples `mb` (indices) collated, and their dropout keep-masks for `epoch`."""
+    exs = [examples[i] for i in mb]
+    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device, multiple)
+    keep = bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
+                           b["input_ids"].shape[1], loaded.device)
+    return b, keep
+
+
+def _forward(loaded: LoadedModel, bank: LoraBank, b: dict[str, torch.Tensor], keep, cells: list[int],
+             full_logits: bool) -> torch.Tensor:
+    """One forward of micro-batch `b` for `cells` (its rows repeated once per cell): loss sums, float32 [len(cells)]."""
+    bank.set_batch(cells, keep)
+    rep = b if len(cells) == 1 else {key: v.repeat(len(cells), 1) for key, v in b.items()}
+    return block_loss_sums(loaded.model, rep, len(cells), full_logits)
+
+
 def _warm_compile(loaded: LoadedModel, bank: LoraBank, examples, idx: list[int], epoch: int, seed: int,
                   micro: int, active: list[int], params: list[list[torch.nn.Parameter]]) -> float:
     """Compile before the clock starts: one forward + backward of the pass's first forward, gradients discarded
     (no optimizer step, the dropout masks are keyed, so the training that follows is unchanged). Seconds spent."""
     t = time.perf_counter()
     mb = micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids))[0]
-    exs = [examples[i] for i in mb]
-    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device, COMPILED_WIDTH_MULTIPLE)
-    bank.set_batch(active, bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
-                                           b["input_ids"].shape[1], loaded.device))
-    rep = b if len(active) == 1 else {key: v.repeat(len(active), 1) for key, v in b.items()}
-    block_loss_sums(loaded.model, rep, len(active)).sum().backward()
+    b, keep = _micro_batch(loaded, bank, examples, mb, seed, epoch, COMPILED_WIDTH_MULTIPLE)
+    _forward(loaded, bank, b, keep, active, False).sum().backward()
     for ps in params:
         for p in ps:
             p.grad = None
@@ -304,7 +318,6 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                      "base_model": loaded.base_model, "n_examples": len(examples), "total_steps": plans[j][1],
                      "full_logits": full_logits, "dropout_masks": DROPOUT_MASKS} for j, c in enumerate(cells)]
     cks = list(checkpointers) if checkpointers else [None] * k
-    pad = loaded.tokenizer.pad_token_id
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     bank = LoraBank(loaded.model, protocol, seed, k)
     bank.routing.autocast = lora_autocast
@@ -379,16 +392,12 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             step_tokens = 0
             micro, per_forward = _cut(bp, protocol, len(active))
             for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids)):
-                exs = [examples[i] for i in mb]
-                b = collate(exs, pad, dev, COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
-                keep = bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
-                                       b["input_ids"].shape[1], dev)
-                step_tokens += sum(len(e.input_ids) for e in exs)
+                b, keep = _micro_batch(loaded, bank, examples, mb, seed, epoch,
+                                       COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
+                step_tokens += sum(len(examples[i].input_ids) for i in mb)
                 for c0 in range(0, len(active), per_forward):
                     chunk = active[c0:c0 + per_forward]
-                    bank.set_batch(chunk, keep)
-                    rep = b if len(chunk) == 1 else {key: v.repeat(len(chunk), 1) for key, v in b.items()}
-                    sums = block_loss_sums(loaded.model, rep, len(chunk), full_logits)
+                    sums = _forward(loaded, bank, b, keep, chunk, full_logits)
                     (sums.sum() / n_sup).backward()
                     step_loss[chunk] += sums.detach() / n_sup
             bank.set_batch(active, None)
