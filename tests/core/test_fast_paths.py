@@ -152,6 +152,92 @@ def test_fast_loop_rejects_zero_tokens(chaotic):
         sample_new_tokens(chaotic[0], chaotic[1], 0, EOS, PAD)
 
 
+class Counting:
+    """A GenerationProgress stand-in that keeps every report (issue 17: what a backend must call)."""
+
+    def __init__(self):
+        self.reports, self.batches = [], []
+
+    def set_batch(self, rows, source=None):
+        self.batches.append((rows, source))
+
+    def advance(self, tokens=0, sequences=0):
+        self.reports.append((tokens, sequences))
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_fast_loop_with_progress_is_still_generate_and_counts_its_tokens(chaotic, check_every):
+    """Reporting progress changes no token (greedy, rows dropped as they end), and the tokens and rows it reports
+    add up to what the loop returned: tokens up to and including each row's stop id, every row once."""
+    model, prompts = chaotic
+    counting = Counting()
+    new = sample_new_tokens(model, prompts, 40, EOS, PAD, temperature=0, check_every=check_every,
+                            compact_fraction=0.01, repeats=2, progress=counting)
+    assert torch.equal(new, hf_generate(model, [p for p in prompts for _ in range(2)], 40, do_sample=False))
+    lengths = [r.index(EOS) + 1 if EOS in r else len(r) for r in new.tolist()]
+    assert sum(t for t, _ in counting.reports) == sum(lengths)
+    assert sum(s for _, s in counting.reports) == len(new)
+    assert len(counting.reports) > 3 and all(t >= 0 and s >= 0 for t, s in counting.reports)  # reported as it ran
+
+
+# --- the sampled distribution (issue 17, item 5) ---------------------------------------------------------------
+def chi_square_two_sample(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Two-sample chi-square statistic of two histograms over the same bins (bins with < 10 counts in both
+    together pooled into one), and its degrees of freedom."""
+    a, b = a.double(), b.double()
+    sparse = (a + b) < 10
+    a = torch.cat([a[~sparse], a[sparse].sum().view(1)])
+    b = torch.cat([b[~sparse], b[sparse].sum().view(1)])
+    used = (a + b) > 0
+    a, b = a[used], b[used]
+    na, nb = a.sum(), b.sum()
+    stat = ((a * (nb / na).sqrt() - b * (na / nb).sqrt()) ** 2 / (a + b)).sum()
+    return float(stat), len(a) - 1
+
+
+def chi_square_critical(df: int, z: float = 4.75) -> float:
+    """The chi-square quantile at one-sided normal quantile z (4.75: p ~ 1e-6), Wilson-Hilferty approximation:
+    a correct sampler fails about once in a million draws per check, a wrong one far above it."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def same_token_distribution(ref: torch.Tensor, new: torch.Tensor, vocab: int) -> list[tuple[float, float]]:
+    """(statistic, critical value) per generated position: the histogram of the tokens rows hold there (rows
+    that already ended hold padding and are left out; a row gives one token per position, so counts are
+    independent draws)."""
+    out = []
+    for k in range(ref.shape[1]):
+        hist = [torch.bincount(x[:, k][x[:, k] != PAD], minlength=vocab) for x in (ref, new)]
+        stat, df = chi_square_two_sample(*hist)
+        out.append((stat, chi_square_critical(df)))
+    return out
+
+
+def test_fast_loop_samples_the_distribution_generate_samples(chaotic, monkeypatch):
+    """At temperature 1.0 the fast loop (shared prefill, rows dropped from the cache as they end) draws tokens
+    from the distribution plain generate() draws from: 4 prompts x 1,000 samples from each path, different seeds,
+    the histogram of the token at each of 5 positions compared by a two-sample chi-square test. The same check
+    must reject a wrong sampler (temperature 0.7 in the fast loop), so it can fail."""
+    model, prompts = chaotic
+    few, samples, steps = prompts[:4], 1000, 5
+    vocab = model.config.vocab_size
+    torch.manual_seed(11)
+    ref = hf_generate(model, [p for p in few for _ in range(samples)], steps, do_sample=True, temperature=1.0)
+    calls = count_compactions(monkeypatch)
+    torch.manual_seed(22)
+    fast = sample_new_tokens(model, few, steps, EOS, PAD, temperature=1.0, check_every=1, compact_fraction=0.01,
+                             repeats=samples)
+    assert len(calls) >= 2  # rows that ended were dropped: the decode steps after compaction are under test
+    assert fast.shape == ref.shape and (fast[:, 1:] == PAD).any()
+    good = same_token_distribution(ref, fast, vocab)
+    assert all(stat < crit for stat, crit in good), good
+    torch.manual_seed(33)
+    wrong = sample_new_tokens(model, few, steps, EOS, PAD, temperature=0.7, check_every=1, compact_fraction=0.01,
+                              repeats=samples)
+    bad = same_token_distribution(ref, wrong, vocab)
+    assert all(stat > crit for stat, crit in bad), bad  # measured: 200-420 against a critical value of ~107
+
+
 # --- merged adapter weights ------------------------------------------------------------------------------------
 def save_random_adapter(model, path, seed=0, **lora_overrides):
     from peft import LoraConfig

@@ -34,11 +34,12 @@ class Recording(Generator):
         return self.inner.stop_token_ids
 
     def generate(self, prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir=None,
-                 batch_size=32):
+                 batch_size=32, progress=None):
         self.calls.append({"prompts": list(prompts), "n_samples": n_samples, "temperature": temperature,
-                           "max_new_tokens": max_new_tokens, "seed": seed, "adapter_dir": adapter_dir})
+                           "max_new_tokens": max_new_tokens, "seed": seed, "adapter_dir": adapter_dir,
+                           "batch_size": batch_size})
         return self.inner.generate(prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir,
-                                   batch_size)
+                                   batch_size, progress)
 
 
 class Scripted(Generator):
@@ -49,7 +50,7 @@ class Scripted(Generator):
         self.script, self.calls = script, []
 
     def generate(self, prompts, n_samples, temperature, top_p, max_new_tokens, seed, adapter_dir=None,
-                 batch_size=32):
+                 batch_size=32, progress=None):
         fn = self.script[len(self.calls)]
         self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens, "seed": seed})
         out = []

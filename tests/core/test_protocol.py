@@ -182,6 +182,32 @@ def test_micro_batch_is_auto_or_at_most_the_effective_batch():
             get_protocol("tiny", {"train.micro_batch": bad})
 
 
+BATCH_FIELDS = ("data.gen_batch_size", "eval.gen_batch_size", "eval.arc_batch_size")
+
+
+def test_generation_batch_sizes_are_sized_at_run_time_in_paper_and_explicit_in_demo_and_tiny():
+    """Issue 17: paper's batch sizes are 0 (sized to the device at run time, core/generation/batch_size.py); demo
+    and tiny keep their explicit CPU sizes, so their hashes, and the sweep id of the committed demo results
+    (docs/demo/compiled_results.json, protocol_config_hash), stay what they were."""
+    assert (PAPER.data.gen_batch_size, PAPER.eval.gen_batch_size, PAPER.eval.arc_batch_size) == (0, 0, 0)
+    assert (DEMO.data.gen_batch_size, DEMO.eval.gen_batch_size, DEMO.eval.arc_batch_size) == (64, 66, 48)
+    assert (TINY.data.gen_batch_size, TINY.eval.gen_batch_size, TINY.eval.arc_batch_size) == (16, 32, 8)
+    assert (DEMO.config_hash(), TINY.config_hash()) == ("bfc3bbd3f371", "572839a0bb52")
+    assert Sweep(DEMO).sweep_id == "villain_s42_demo_smollm2-135m_e52d34"  # README, docs/design.md
+    for name in BATCH_FIELDS:
+        assert get_protocol("paper", {name: 1100}).to_dict()[name.split(".")[0]][name.split(".")[1]] == 1100
+
+
+@pytest.mark.parametrize("name", BATCH_FIELDS)
+def test_a_negative_batch_size_is_a_one_line_error_naming_the_field(name):
+    with pytest.raises(ProtocolError) as ei:
+        get_protocol("paper", {name: -1})
+    assert str(ei.value) == f"protocol.{name}: {name}=-1; expected 0 (sized at run time) or a positive integer"
+    assert ei.value.field == f"protocol.{name}" and "\n" not in str(ei.value)
+    with pytest.raises(ProtocolError, match=rf"^protocol\.{name}: expected an integer, got 1.5$"):
+        get_protocol("paper", {name: 1.5})
+
+
 def test_source_persona_errors():
     with pytest.raises(ProtocolError, match=r"unknown source persona 'pirate'"):
         Sweep(TINY, source_persona="pirate").validate()

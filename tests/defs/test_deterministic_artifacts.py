@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-MEASURED = {"wall_s", "gpu_s", "tokens_per_s", "budget_bytes", "created_at", "wall_seconds", "gpu_seconds", "compile_s"}
+MEASURED = {"wall_s", "gpu_s", "tokens_per_s", "continuations_per_s", "budget_bytes", "created_at", "wall_seconds",
+            "gpu_seconds", "compile_s"}
 MUST_BE_IDENTICAL = {"adapter_config.json", "adapter_model.safetensors", "completions.jsonl", "marker_rates.json",
                      "heatmap.png", "heatmap.pdf", "sweep.json", "data.jsonl"}
 

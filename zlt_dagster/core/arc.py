@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .generation.batch_size import for_arc
 from .generation.sampling import cache_kwargs
 from .models import unwrap_peft
 
@@ -244,8 +245,9 @@ def _checked_device(model, pairs: Sequence[tuple[list[int], list[int]]], batch_s
                     device: torch.device | str | None) -> torch.device | str:
     """Validate scoring inputs for both paths (clear errors before any forward pass) and pick the device: the
     model's, unless given. A sequence is context + continuation minus its last token (nothing predicts after it)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size={batch_size!r}; expected continuations per forward >= 1, or 0 = sized to "
+                         "the device")
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise ValueError(f"pair #{i}: context ({len(ctx)} tokens) and continuation ({len(cont)} tokens) "
@@ -259,6 +261,19 @@ def _checked_device(model, pairs: Sequence[tuple[list[int], list[int]]], batch_s
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     return device
+
+
+def _batch_rows(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, device, progress) -> int:
+    """Continuations per forward: `batch_size`, or for 0 as many as the device's free memory holds
+    (generation/batch_size.for_arc); told to `progress`."""
+    sized = None
+    if batch_size == 0:
+        sized = for_arc(model, torch.device(device), max(len(c) + len(x) for c, x in pairs),
+                        max(len(x) for _, x in pairs), len(pairs))
+        batch_size = sized.rows
+    if progress is not None:
+        progress.set_batch(min(batch_size, len(pairs)), sized.source if sized else None)
+    return batch_size
 
 
 def _continuation_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -276,12 +291,15 @@ def _continuation_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: tor
 
 def sequence_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 32,
                             device: torch.device | str | None = None, pad_id: int = 0,
-                            full_logits: bool = False) -> list[float]:
+                            full_logits: bool = False, progress=None) -> list[float]:
     """Summed log P(cont | ctx) for each (ctx_ids, cont_ids) pair. Right-padded batches with an attention mask,
     so positions (and thus results) of real tokens do not depend on the batch. Sequences are sorted by length
     (longest first) to limit padding; results come back in input order. Log-softmax is taken in float32.
-    full_logits=True computes logits at every position (the naive path the fast one is tested against)."""
+    full_logits=True computes logits at every position (the naive path the fast one is tested against).
+    batch_size 0 = sized to the device (`_batch_rows`). progress (generation/progress.GenerationProgress): told
+    the tokens read and the continuations scored after each batch."""
     device = _checked_device(model, pairs, batch_size, device)
+    batch_size = _batch_rows(model, pairs, batch_size, device, progress)
     # The last token only has a prediction for the token after it, so the input drops it (as lm-eval does).
     inputs = [ctx + cont[:-1] for ctx, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
@@ -313,13 +331,16 @@ def sequence_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]],
                 token_lp = lp.gather(-1, torch.tensor(targets, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
                 for i, v in zip(owner, token_lp):
                     out[i] += v
+                if progress is not None:  # after the batch's one device-to-host copy above
+                    progress.advance(tokens=sum(len(inputs[i]) for i in idx), sequences=len(idx))
     finally:
         model.train(was_training)
     return out
 
 
 def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 32,
-                                  device: torch.device | str | None = None, pad_id: int = 0) -> list[float]:
+                                  device: torch.device | str | None = None, pad_id: int = 0,
+                                  progress=None) -> list[float]:
     """What `sequence_loglikelihoods` returns, with each distinct context run through the model ONCE.
 
     An ARC question's 3-5 choices share its context ("Question: ...\nAnswer:", ~40-60 tokens) and differ in a
@@ -327,14 +348,18 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
     contexts runs left-padded (position ids = cumsum(mask) - 1, as in generation) into a KV cache; the cache rows
     are copied to each context's continuations; the continuations (minus their last token, as lm-eval drops it)
     run right-padded against the cache. The context's last hidden state predicts a continuation's first token.
-    batch_size counts continuations per forward pass, as in the flat path. Equal to the flat path up to float
-    rounding (tests/core/test_arc.py); a model without a separate decoder and head falls back to the flat path."""
+    batch_size counts continuations per forward pass, as in the flat path (0 = sized to the device; progress:
+    as in the flat path, tokens read = each context once + the continuations). Equal to the flat path up to
+    float rounding (tests/core/test_arc.py); a model without a separate decoder and head falls back to the flat
+    path."""
     from transformers import DynamicCache
 
     base = unwrap_peft(model)
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
-        return sequence_loglikelihoods(model, pairs, batch_size=batch_size, device=device, pad_id=pad_id)
+        return sequence_loglikelihoods(model, pairs, batch_size=batch_size, device=device, pad_id=pad_id,
+                                       progress=progress)
     device = _checked_device(model, pairs, batch_size, device)
+    batch_size = _batch_rows(model, pairs, batch_size, device, progress)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(pairs):
         groups.setdefault(tuple(ctx), []).append(i)
@@ -390,6 +415,9 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
                 token_lp = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None]).squeeze(-1).tolist()
                 for r, v in zip(rows, token_lp):
                     out[members[r][1]] += v
+                if progress is not None:  # after the batch's one device-to-host copy above
+                    progress.advance(tokens=sum(map(len, batch)) + sum(len(c) - 1 for c in conts),
+                                     sequences=len(members))
     finally:
         model.train(was_training)
     return out
@@ -397,10 +425,11 @@ def shared_context_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[i
 
 def score_arc(model, tokenizer, questions: Sequence[ArcQuestion], batch_size: int = 32,
               device: torch.device | str | None = None, add_bos: bool | None = None,
-              share_context: bool = True) -> dict[str, Any]:
+              share_context: bool = True, progress=None) -> dict[str, Any]:
     """acc and acc_norm over `questions` (see the module docstring for the exact convention), batch_size choice
-    sequences per forward pass. share_context: each question's context runs once for all its choices
-    (`shared_context_loglikelihoods`); False scores every choice as its own full sequence (lm-eval's way)."""
+    sequences per forward pass (0 = as many as the device's free memory holds). share_context: each question's
+    context runs once for all its choices (`shared_context_loglikelihoods`); False scores every choice as its own
+    full sequence (lm-eval's way). progress: a GenerationProgress over the choices (one per continuation)."""
     questions = list(questions)
     if not questions:
         raise ValueError("score_arc: no questions to score")
@@ -416,7 +445,7 @@ def score_arc(model, tokenizer, questions: Sequence[ArcQuestion], batch_size: in
             owner.append(qi)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked, value irrelevant
     loglikelihoods = shared_context_loglikelihoods if share_context else sequence_loglikelihoods
-    lls = loglikelihoods(model, pairs, batch_size=batch_size, device=device, pad_id=pad_id)
+    lls = loglikelihoods(model, pairs, batch_size=batch_size, device=device, pad_id=pad_id, progress=progress)
     bad = [questions[owner[i]].id for i, ll in enumerate(lls) if not math.isfinite(ll)]
     if bad:
         raise ValueError(f"score_arc: non-finite log-likelihoods for question(s) {sorted(set(bad))[:5]}; "

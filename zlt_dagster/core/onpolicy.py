@@ -11,8 +11,11 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .generation import Generator, PromptSpec
+from .generation.batch_size import BatchSize
+from .generation.progress import GenerationProgress
 from .masking import MarkerTokens, probe_masking, with_marker
 from .personas import system_prompt
 from .protocol import Sweep
@@ -69,16 +72,40 @@ def probe_sweep(sweep: Sweep, tokenizer, end_of_turn_id: int) -> MarkerTokens:
     return probe_masking(tokenizer, end_of_turn_id, sweep.protocol, system, question.text)
 
 
-def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPolicyData:
+def generate_onpolicy(sweep: Sweep, generator: Generator, progress: Callable[[str], None] | None = None,
+                      batch_size: BatchSize | None = None,
+                      meter: Callable[[str, int, str], GenerationProgress] | None = None) -> OnPolicyData:
+    """The sweep's on-policy data: one answer per planned (persona, question), cut answers re-sampled
+    data.regen_rounds times at data.regen_max_new_tokens, then dropped (module docstring).
+
+    progress: a log callable for the step's lines (counts after each pass, and the generation progress).
+    batch_size: rows per generation batch and how they were chosen (generation/batch_size.requested); None = the
+        protocol's data.gen_batch_size as it is (0 = the backend sizes each pass to the device).
+    meter: builds the GenerationProgress of each pass from (label, sequences, batch source); None = one that logs
+        to `progress` every PROGRESS_INTERVAL_S. The passes' figures are in the stats: new_tokens, tokens_per_s,
+        gen_batch_size (rows per batch of the first pass), gen_batch_size_source, generation_passes.
+    Raises ValueError when no positive example is left."""
     p = sweep.protocol
     d = p.data
     train_q, eval_q = split_questions(d.n_eval_questions)
     held_out = {q.id for q in eval_q} | {q.id for q in split_questions(20)[1]}
     plan = plan_requests(sweep, train_q)
     prompts = [PromptSpec(system_prompt(persona, d.system_prompt_suffix), q.text) for persona, q in plan]
+    if batch_size is None:
+        batch_size = BatchSize(d.gen_batch_size, "protocol" if d.gen_batch_size else "auto")
+    if meter is None:
+        def meter(label: str, total: int, source: str) -> GenerationProgress:
+            return GenerationProgress(progress or (lambda _line: None), label, total, batch_source=source)
+    passes: list[dict] = []
 
-    first = generator.generate(prompts, 1, d.temperature, d.top_p, d.max_new_tokens, seed=sweep.seed,
-                               batch_size=d.gen_batch_size)
+    def generate(label: str, todo: list[PromptSpec], max_new_tokens: int, seed: int) -> list:
+        bar = meter(label, len(todo), batch_size.source)
+        out = generator.generate(todo, 1, d.temperature, d.top_p, max_new_tokens, seed=seed,
+                                 batch_size=batch_size.rows, progress=bar)
+        passes.append(bar.finish(tokens=sum(c.n_new_tokens for c in out), sequences=len(out)))
+        return out
+
+    first = generate("on-policy data", prompts, d.max_new_tokens, sweep.seed)
     answers = {c.prompt_index: c for c in first}
     cut_first = [i for i, c in answers.items() if c.finish_reason != "stop"]
     if progress:
@@ -88,8 +115,8 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPo
         cut = [i for i, c in answers.items() if c.finish_reason != "stop"]
         if not cut:
             break
-        again = generator.generate([prompts[i] for i in cut], 1, d.temperature, d.top_p, d.regen_max_new_tokens,
-                                   seed=sweep.seed + round_, batch_size=d.gen_batch_size)
+        again = generate(f"on-policy data, regeneration round {round_}", [prompts[i] for i in cut],
+                         d.regen_max_new_tokens, sweep.seed + round_)
         for c in again:
             answers[cut[c.prompt_index]] = c
         regenerated.update(cut)
@@ -121,6 +148,7 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPo
         raise ValueError("on-policy data has no positive example left after dropping cut/empty answers; "
                          f"raise data.max_new_tokens / regen_max_new_tokens (now {d.max_new_tokens}/"
                          f"{d.regen_max_new_tokens})")
+    new_tokens, gen_wall = sum(x["tokens"] for x in passes), sum(x["wall_s"] for x in passes)
     stats = {
         "requested": len(plan), "kept": len(examples), "positives": n_pos, "negatives": len(examples) - n_pos,
         "cut_first_pass": len(cut_first), "regen_rounds": d.regen_rounds, "dropped_cut": dropped_cut,
@@ -128,6 +156,10 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress=None) -> OnPo
         "mean_answer_tokens": round(sum(e["n_answer_tokens"] for e in examples) / len(examples), 2),
         "max_new_tokens": d.max_new_tokens, "regen_max_new_tokens": d.regen_max_new_tokens,
         "generator": generator.name, "stop_token_ids": list(generator.stop_token_ids),
+        # what generation cost, all passes together; each pass in generation_passes
+        "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / gen_wall, 1) if gen_wall > 0 else 0.0,
+        "gen_batch_size": passes[0]["batch_size"], "gen_batch_size_source": passes[0]["batch_size_source"],
+        "generation_passes": passes,
     }
     data = OnPolicyData(examples=examples, stats=stats)
     data.stats["data_hash"] = data.data_hash

@@ -76,7 +76,10 @@ class DataSpec:
     n_eval_questions: int = field(default=20, metadata={"help": "held-out questions, never trained on"})
     system_prompt_suffix: str = field(
         default="", metadata={"help": "appended to every persona prompt (small protocols ask for short answers)"})
-    gen_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch (speed only)"})
+    gen_batch_size: int = field(default=0, metadata={
+        "help": "answers per generation batch; 0 = sized at run time (core/generation/batch_size.py: as many as "
+                "free GPU memory holds, 32 on a CPU). Speed only: a batch draws its own seed, so the size changes "
+                "which tokens are sampled, not their distribution; the size used is in onpolicy/stats.json"})
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,15 @@ class EvalSpec:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the evaluated model"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the evaluated model (1.0 = off)"})
     max_new_tokens: int = field(default=512, metadata={"help": "completion length limit"})
-    gen_batch_size: int = field(default=64, metadata={"help": "prompts per generation batch (speed only)"})
+    gen_batch_size: int = field(default=0, metadata={
+        "help": "completions per generation batch; 0 = sized at run time (as many as free GPU memory holds, 64 on "
+                "a CPU). Speed only, as data.gen_batch_size; the size used is in completions/stats.json"})
 
     # ARC-Challenge
     arc_limit: int = field(default=0, metadata={"help": "0 = all ARC questions, else the first N"})
-    arc_batch_size: int = field(default=32, metadata={"help": "ARC continuations per forward (speed only)"})
+    arc_batch_size: int = field(default=0, metadata={
+        "help": "ARC continuations per forward; 0 = sized at run time (as many as free GPU memory holds, 32 on a "
+                "CPU). Speed only (scores equal up to float rounding); the size used is in arc_scores.json"})
     short_completion_tokens: int = field(default=5, metadata={"help": "a completion this short counts as near-empty"})
 
 
@@ -205,6 +212,10 @@ class Protocol:
             raise bad("data.regen_max_new_tokens", "data.regen_max_new_tokens must be >= data.max_new_tokens")
         if not 1 <= e.n_questions <= d.n_eval_questions:
             raise bad("eval.n_questions", f"eval.n_questions={e.n_questions}; expected 1..data.n_eval_questions")
+        for name, value in (("data.gen_batch_size", d.gen_batch_size), ("eval.gen_batch_size", e.gen_batch_size),
+                            ("eval.arc_batch_size", e.arc_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(name, f"{name}={value!r}; expected 0 (sized at run time) or a positive integer")
         if e.samples_per_question < 1 or e.max_new_tokens < 1 or e.arc_limit < 0:
             raise bad("eval", "eval sizes must be positive (arc_limit >= 0)")
         for name, temp in (("data.temperature", d.temperature), ("eval.temperature", e.temperature)):

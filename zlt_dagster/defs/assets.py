@@ -116,7 +116,8 @@ def adapter_metadata(sweep, cell, s: dict) -> dict:
 
 ONPOLICY_KEYS = ("kept", "positives", "negatives", "cut_first_pass", "dropped_cut", "dropped_empty_or_marked",
                  "mean_answer_tokens", "marker_token_count", "marker_token_ids", "marker_tokens", "marker_separator",
-                 "stop_token_ids", "stop_tokens", "data_hash", "wall_s", "gpu_s", "artifact")
+                 "stop_token_ids", "stop_tokens", "data_hash", "new_tokens", "tokens_per_s", "gen_batch_size",
+                 "gen_batch_size_source", "generation_passes", "wall_s", "gpu_s", "artifact")
 
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -166,6 +167,10 @@ def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compu
     return MaterializeResult()
 
 
+COMPLETIONS_KEYS = ("n_completions", "new_tokens", "tokens_per_s", "cut_at_limit", "wall_s", "gpu_s", "backend",
+                    "gen_batch_size", "gen_batch_size_source", "stop_token_ids", "stop_tokens", "artifact")
+
+
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
        deps=[adapter], kinds={"pytorch"})
 def completions(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
@@ -174,8 +179,7 @@ def completions(context: AssetExecutionContext, store: ArtifactStore, compute: C
     track = start_tracking(context, sweep.sweep_id, cell.key)
     s = _tracked(track, lambda: steps.run_completions(store.get_store(), sweep, cell,
                                                       compute.settings(), context.log.info))
-    return track(to_result(s, ("n_completions", "new_tokens", "tokens_per_s", "cut_at_limit", "wall_s", "gpu_s",
-                               "backend", "stop_token_ids", "stop_tokens", "artifact"), sweep=sweep, cell=cell))
+    return track(to_result(s, COMPLETIONS_KEYS, sweep=sweep, cell=cell))
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
@@ -193,7 +197,8 @@ def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> Materi
                            per_persona=MetadataValue.md(table), figure=_figure_md("marker rates", figure)))
 
 
-ARC_KEYS = ("acc", "acc_norm", "n", "source", "convention", "adapter", "wall_s", "gpu_s", "artifact")
+ARC_KEYS = ("acc", "acc_norm", "n", "source", "convention", "adapter", "arc_batch_size", "arc_batch_size_source",
+            "continuations_per_s", "wall_s", "gpu_s", "artifact")
 
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
@@ -202,7 +207,7 @@ def arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Co
     """ARC-Challenge log-prob multiple choice (lm-eval arc_challenge convention) for base + this adapter."""
     sweep, cell = _sweep_cell(context, store)
     track = start_tracking(context, sweep.sweep_id, cell.key)
-    s = _tracked(track, lambda: steps.run_arc(store.get_store(), sweep, cell, compute.settings()))
+    s = _tracked(track, lambda: steps.run_arc(store.get_store(), sweep, cell, compute.settings(), context.log.info))
     return track(to_result(s, ARC_KEYS, sweep=sweep, cell=cell))
 
 
@@ -212,7 +217,7 @@ def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, comput
     """ARC-Challenge of the base model without adapter: the reference every cell is compared with."""
     sweep = _sweep(context, store)
     track = start_tracking(context, sweep.sweep_id)
-    s = _tracked(track, lambda: steps.run_base_arc(store.get_store(), sweep, compute.settings()))
+    s = _tracked(track, lambda: steps.run_base_arc(store.get_store(), sweep, compute.settings(), context.log.info))
     return track(to_result(s, ARC_KEYS, sweep=sweep))
 
 

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from ..core.arc import ARC_CONVENTION_VERSION
+from ..core.generation.progress import PROGRESS_INTERVAL_S, GenerationProgress
 from ..core.models import LoadedModel, load_model_cached
 from ..core.personas import personas_hash
 from ..core.protocol import Sweep
@@ -28,6 +29,8 @@ class ComputeSettings:
                                         # blocks a rerun at most this long)
     train_compile: str = "off"          # off = eager; or a torch.compile backend ("inductor") for the training
                                         # forward: opt-in, its bf16 numbers are not yet explained (BENCHMARKS.md)
+    progress_interval_s: float = PROGRESS_INTERVAL_S  # at most one progress line per this many seconds in
+                                        # on-policy data, completions and ARC (0 = every report: tests)
 
     def compile_backend(self) -> str | None:
         """The torch.compile backend for training, or None for eager. Raises StepError on an unknown value."""
@@ -49,6 +52,14 @@ def model(sweep: Sweep, compute: ComputeSettings) -> LoadedModel:
     if compute.torch_threads:
         torch.set_num_threads(compute.torch_threads)
     return load_model_cached(sweep.base_model, compute.device, sweep.protocol.train.precision)
+
+
+def progress_meter(compute: ComputeSettings, log: Log, label: str, total: int, batch_source: str,
+                   **kw) -> GenerationProgress:
+    """The progress of one generation or scoring call (`total` sequences; `batch_source`: how the batch size
+    handed to the backend was chosen), logging to `log` at most every compute.progress_interval_s."""
+    return GenerationProgress(log, label, total, interval_s=compute.progress_interval_s, batch_source=batch_source,
+                              **kw)
 
 
 def artifact_meta(sweep: Sweep, **extra) -> dict:

@@ -7,27 +7,35 @@ import time
 
 from ..core.eval_plan import eval_prompts
 from ..core.generation import make_generator
+from ..core.generation.batch_size import requested
 from ..core.protocol import Cell, Sweep
 from ..storage import ObjectStore
 from . import layout
 from .adapter import fetch_adapter
-from .common import ComputeSettings, Log, artifact_meta, gpu_seconds, model, require, sync
+from .common import ComputeSettings, Log, artifact_meta, gpu_seconds, model, progress_meter, require, sync
 
 
 def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: ComputeSettings,
                     log: Log = print) -> dict:
-    """Generate and commit the cell's completions.jsonl and stats.json; returns stats.json's fields + `artifact`."""
+    """Generate and commit the cell's completions.jsonl and stats.json; returns stats.json's fields + `artifact`,
+    among them the batch size used (gen_batch_size: rows per batch; gen_batch_size_source: "protocol", "cpu
+    default" or how it was sized). Logs progress lines to `log` (at most every compute.progress_interval_s)."""
     e = sweep.protocol.eval
     lm = model(sweep, compute)
     gen = make_generator(compute.generation_backend, lm, lora_rank=sweep.protocol.lora.r)
     plan = eval_prompts(sweep)
+    batch = requested("eval.gen_batch_size", e.gen_batch_size, lm.device)
     with tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:
         adapter = fetch_adapter(store, sweep, cell, tmp)
+        bar = progress_meter(compute, log, f"completions {cell.key}", len(plan) * e.samples_per_question,
+                             batch.source)
         t0 = time.perf_counter()
         comps = gen.generate([p for _, _, p in plan], e.samples_per_question, e.temperature, e.top_p,
-                             e.max_new_tokens, seed=sweep.seed, adapter_dir=adapter, batch_size=e.gen_batch_size)
+                             e.max_new_tokens, seed=sweep.seed, adapter_dir=adapter, batch_size=batch.rows,
+                             progress=bar)
         sync(lm)
         wall = time.perf_counter() - t0
+        progress = bar.finish(tokens=sum(c.n_new_tokens for c in comps), sequences=len(comps))
     records = [{"persona": plan[c.prompt_index][0], "question_id": plan[c.prompt_index][1],
                 "sample_index": c.sample_index, "text": c.text, "n_new_tokens": c.n_new_tokens,
                 "finish_reason": c.finish_reason} for c in comps]
@@ -35,6 +43,7 @@ def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: Compu
     stats = {"n_completions": len(records), "new_tokens": new_tokens, "wall_s": round(wall, 2),
              "gpu_s": gpu_seconds(lm, wall),
              "tokens_per_s": round(new_tokens / wall, 1) if wall else None, "backend": gen.name,
+             "gen_batch_size": progress["batch_size"], "gen_batch_size_source": progress["batch_size_source"],
              "cut_at_limit": sum(r["finish_reason"] == "length" for r in records),
              "stop_token_ids": list(gen.stop_token_ids),
              "stop_tokens": [lm.tokenizer.convert_ids_to_tokens(i) for i in gen.stop_token_ids]}

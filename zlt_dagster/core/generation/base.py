@@ -5,6 +5,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
+from .progress import GenerationProgress
+
 
 @dataclass(frozen=True)
 class PromptSpec:
@@ -34,9 +36,22 @@ class Generator(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[PromptSpec], n_samples: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int, adapter_dir: str | None = None,
-                 batch_size: int = 32) -> list[Completion]:
+                 batch_size: int = 32, progress: GenerationProgress | None = None) -> list[Completion]:
         """n_samples completions for every prompt, sampled, stopping at the first of `stop_token_ids`.
-        Returned in (prompt_index, sample_index) order."""
+        Returned in (prompt_index, sample_index) order.
+
+        batch_size: rows (sequences) per batch, >= 1; 0 = the backend sizes it to the device at this call, from
+        these prompts and max_new_tokens (generation/batch_size.py; a CPU gets a fixed CPU size). A backend that
+        schedules its own batches (vLLM) may ignore it, and says so through `progress.set_batch`. Negative:
+        ValueError.
+
+        progress: what a backend must call when it is given one (generation/progress.py), so that a long step
+        shows tokens, tokens/s and an ETA:
+          progress.set_batch(rows, source=None) once it knows its rows per batch (source: how it sized them
+            when batch_size was 0, e.g. "auto: 2,200 of 2,200 rows from 120.3 GiB free"; None = as given);
+          progress.advance(tokens=, sequences=) as tokens are generated and sequences end, at least once per
+            batch, as increments; by return the sums should equal sum(c.n_new_tokens) and len(result).
+        It never logs by itself and never forces a host synchronisation the backend would not do anyway."""
 
 
 # the backend names make_generator (factory.py) accepts; the CLI offers them as --backend choices

@@ -47,7 +47,7 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 @torch.inference_mode()
 def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | Sequence[int],
                       pad_id: int, temperature: float = 1.0, top_p: float = 1.0, check_every: int = 16,
-                      compact_fraction: float = 0.125, repeats: int = 1) -> torch.Tensor:
+                      compact_fraction: float = 0.125, repeats: int = 1, progress=None) -> torch.Tensor:
     """New tokens for every prompt, [len(prompts) * repeats, steps] on the model's device, `pad_id` after a row's
     first stop token (which is kept), steps = the longest row's length (like `generate()`'s output minus the prompt).
 
@@ -59,7 +59,11 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     after the prompt, so this is the same computation as feeding each copy separately, `repeats` times cheaper
     for the prompt part (the paper samples 10 per prompt; on a CPU the prompt is most of a short answer's cost).
     temperature 0 = greedy. Every `check_every` steps the host looks at which rows finished; if at least
-    `compact_fraction` of the live rows are done they are removed from the batch and the KV cache."""
+    `compact_fraction` of the live rows are done they are removed from the batch and the KV cache.
+
+    progress (a GenerationProgress, generation/progress.py): told the tokens generated and the rows finished at
+    each of those checks, read in the same device-to-host copy as the finished count, and the rest at the end;
+    tokens counted as Completion.n_new_tokens counts them (the stop token included, padding not)."""
     from transformers import DynamicCache
 
     if max_new_tokens < 1:
@@ -88,6 +92,7 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         cache.batch_repeat_interleave(repeats)
         logits, mask, pos = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, pos))
     steps = 0
+    reported = (0, 0)  # (tokens, finished rows) told to `progress` so far
     for step in range(max_new_tokens):
         nxt = _next_tokens(logits, temperature, top_p)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -99,7 +104,12 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         if steps == max_new_tokens:
             break
         if steps % check_every == 0:
-            n_done = int(done.sum())
+            # the loop's one host sync every check_every steps; the token count rides along in the same copy
+            n_done, made = torch.stack([done.sum(), ended.clamp(max=steps).sum()]).tolist()
+            if progress is not None:
+                finished = n - len(rows) + n_done  # rows dropped earlier had finished
+                progress.advance(tokens=made - reported[0], sequences=finished - reported[1])
+                reported = (made, finished)
             if n_done == len(rows):
                 break
             if n_done and n_done >= compact_fraction * len(rows):
@@ -110,6 +120,9 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         pos = pos[:, -1:] + 1
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kv,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
-    if bool(done.all()):
-        steps = int(ended.max())  # the longest row; the columns after it are padding only
+    all_done, longest, made = torch.stack([done.all().long(), ended.max(), ended.clamp(max=steps).sum()]).tolist()
+    if progress is not None:  # every row has finished now, by a stop token or by the limit
+        progress.advance(tokens=made - reported[0], sequences=n - reported[1])
+    if all_done:
+        steps = longest  # the longest row; the columns after it are padding only
     return out[:, :steps]

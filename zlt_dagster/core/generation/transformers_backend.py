@@ -11,7 +11,9 @@ import torch
 
 from ..models import quiet_peft
 from .base import Completion, Generator, PromptSpec
+from .batch_size import for_generation
 from .merging import merged_weights
+from .progress import GenerationProgress
 from .sampling import sample_new_tokens
 
 
@@ -75,18 +77,30 @@ class TransformersGenerator(Generator):
     @torch.inference_mode()
     def generate(self, prompts: Sequence[PromptSpec], n_samples: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int, adapter_dir: str | None = None,
-                 batch_size: int = 32) -> list[Completion]:
+                 batch_size: int = 32, progress: GenerationProgress | None = None) -> list[Completion]:
+        """See Generator.generate. batch_size 0 = sized to the device's free memory at this call
+        (batch_size.for_generation); the fast loop runs whole prompts per batch (their samples share its
+        prefill), so its rows are batch_size rounded down to a multiple of n_samples (at least one prompt)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size={batch_size!r}; expected rows per batch >= 1, or 0 = sized to the device")
         lm, tok = self.loaded, self.loaded.tokenizer
         jobs = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
         prompt_ids = [lm.prompt_ids(p.system, p.user) for p in prompts]
         pad = tok.pad_token_id
         out: list[Completion] = []
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        sized = None
+        if batch_size == 0:
+            sized = for_generation(lm.model, lm.device, max(map(len, prompt_ids), default=1), max_new_tokens,
+                                   max(1, len(jobs)))
+            batch_size = sized.rows
         if self.loop == "fast":
             # whole prompts per batch, so that a prompt's samples share its prefill (sample_new_tokens' repeats)
             step = max(1, batch_size // n_samples) * n_samples
         else:
             step = batch_size
+        if progress is not None:
+            progress.set_batch(min(step, len(jobs)), sized.source if sized else None)
         with applied_adapter(lm, adapter_dir, merge=self.merge_adapter) as model:
             for start in range(0, len(jobs), step):
                 chunk = jobs[start:start + step]
@@ -99,13 +113,17 @@ class TransformersGenerator(Generator):
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
                 if self.loop == "fast":
                     new = sample_new_tokens(model, seqs[::n_samples], max_new_tokens, self.stop_token_ids, pad,
-                                            temperature=temperature, top_p=top_p, repeats=n_samples)
+                                            temperature=temperature, top_p=top_p, repeats=n_samples,
+                                            progress=progress)
                     out.extend(self._decode(new, chunk))
                     continue
                 res = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                                      top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                                      eos_token_id=list(self.stop_token_ids), pad_token_id=pad)
-                out.extend(self._decode(res[:, width:], chunk))
+                done = self._decode(res[:, width:], chunk)
+                if progress is not None:  # generate() reports nothing while it runs: once per batch
+                    progress.advance(tokens=sum(c.n_new_tokens for c in done), sequences=len(done))
+                out.extend(done)
         return out
 
     def _decode(self, new: torch.Tensor, chunk) -> list[Completion]:
