@@ -27,19 +27,21 @@ fastapi==0.136.3 starlette==1.10.0 partial-json-parser==0.2.1.1.post7 setproctit
 depyf==0.20.0 astor==0.8.1"
 
 if [ "${1:-}" = "land" ]; then
-  K=/root/kitv
+  H=${KIT_HOME:-/root}   # /root on the GPU machine (the shared kit's env.sh names /root/site); tests: elsewhere
+  K=$H/kitv
   cd "$K" && cat part_* > all.tar && sha256sum -c SHA256 && tar -xf all.tar && rm -f all.tar part_*
   # the shared kit exactly as its own landing call does it
-  mkdir -p /root/kit && cat base/part_0* > /root/kit/all.tar && cp base/SHA256 /root/kit/
-  (cd /root/kit && sha256sum -c SHA256 && tar -xf all.tar --strip-components=1 && rm all.tar &&
-   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site whl/*.whl)
-  xz -dc vllm.tar.xz | tar -x -C /root/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site --upgrade vdeps/*.whl
+  mkdir -p "$H/kit" && cat base/part_0* > "$H/kit/all.tar" && cp base/SHA256 "$H/kit/"
+  (cd "$H/kit" && sha256sum -c SHA256 && tar -xf all.tar --strip-components=1 && rm all.tar &&
+   python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" whl/*.whl)
+  xz -dc vllm.tar.xz | tar -x -C "$H/site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$H/site" --upgrade vdeps/*.whl
   rm -rf base vllm.tar.xz vdeps
-  cat >> /root/kit/env.sh <<'SH'
+  cat >> "$H/kit/env.sh" <<'SH'
 # vLLM: no network, no usage reports, offline hub; its engine process finds the kit through PYTHONPATH
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 SH
+  [ "$H" = /root ] || exit 0   # a test landing stops here: env.sh names /root/site
   . /root/kit/env.sh
   python3 -c "import dagster, boto3, gguf, vllm, torch; print('kit+vllm ok', dagster.__version__, vllm.__version__, torch.__version__, torch.cuda.get_device_name())"
   exit 0
