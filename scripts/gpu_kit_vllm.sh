@@ -10,7 +10,7 @@
 #   - vllm-rs (the Rust HTTP frontend), third_party/fmha_sm100 (Blackwell), deep_gemm builds for other Pythons.
 # The dependency list was found by importing vLLM's offline engine modules (entrypoints.llm, v1.engine.core,
 # v1.worker.gpu_model_runner, lora, llama/qwen2 models, the FA backend) with every package the image lacks blocked
-# (KINDS.md's list): cbor2 msgspec pyzmq pybase64 cachetools openai(+distro jiter sniffio) openai-harmony llguidance
+# (KINDS.md's list): cbor2 msgspec pyzmq pybase64 cachetools openai 2.x (+distro jiter sniffio; 3.x needs httpx2, which the image lacks) openai-harmony llguidance
 # xgrammar(+apache-tvm-ffi) fastapi starlette partial-json-parser; setproctitle blake3 depyf(+astor) are imported
 # by the engine process at run time. flashinfer is optional in vLLM (sampler and attention fall back to PyTorch/FA).
 #
@@ -21,7 +21,7 @@ set -euo pipefail
 root=$(git rev-parse --show-toplevel 2>/dev/null || pwd); cd "$root"
 CHUNK_MB=58   # + the ~3 MB working tree < 64 MiB (67.1 MB) a call
 VLLM=vllm==0.24.0
-DEPS="cbor2==6.3.0 msgspec==0.23.0 pyzmq==27.3.0 pybase64==1.5.1 cachetools==8.0.2 openai==3.57.0 distro==1.9.0
+DEPS="cbor2==6.3.0 msgspec==0.23.0 pyzmq==27.3.0 pybase64==1.5.1 cachetools==8.0.2 openai==2.54.0 distro==1.9.0
 jiter==0.19.0 sniffio==1.3.1 openai-harmony==0.0.8 llguidance==1.7.6 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 fastapi==0.136.3 starlette==1.10.0 partial-json-parser==0.2.1.1.post7 setproctitle==1.3.8 blake3==1.0.11
 depyf==0.20.0 astor==0.8.1"

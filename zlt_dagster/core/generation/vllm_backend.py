@@ -54,6 +54,9 @@ def memory_fraction(requested: float | None = None) -> float:
 
     if not torch.cuda.is_available():
         return MAX_MEMORY_FRACTION
+    # what torch's caching allocator holds unused goes back to the driver first: vLLM sizes itself from the driver's
+    # free figure, and a decode loop that ran before can leave most of the card cached (H200: 132 of 139 GiB)
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     fraction = min(MAX_MEMORY_FRACTION, free / total - MEMORY_MARGIN)
     if fraction < 0.2:
