@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks")
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--only", choices=["135m", "7b"], required=True)
+    ap.add_argument("--skip", default="", help="comma-separated workload names not to run (measured in a call before)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run with the tiny model (135m workloads only)")
     a = ap.parse_args()
     out = Path(a.out)
@@ -208,6 +209,9 @@ def main() -> None:
     except Exception as e:  # recorded: the transformers workloads still run
         results["versions"]["vllm"] = f"import failed: {type(e).__name__}: {e}"
     R = Runner(out, a.budget_s, results)
+    skip = set(a.skip.split(",")) if a.skip else set()
+    run = R.run
+    R.run = lambda name, *args, **kw: None if name in skip else run(name, *args, **kw)  # --skip: measured already
     with tempfile.TemporaryDirectory(prefix="zlt-genbench-") as tmp:
         (run_135m if a.only == "135m" else run_7b)(R, Path(tmp))
     results["wall_s"] = round(time.perf_counter() - T0, 1)

@@ -105,6 +105,13 @@ class VllmGenerator(Generator):
                  seeded: bool | None = None, **engine_overrides):
         """engine_overrides: extra LLM(...) arguments (benchmarks: max_num_seqs, load_format="dummy", ...).
         seeded: per-prompt seeds (module docstring); None = ZLT_VLLM_SEEDED (default on)."""
+        import importlib.util
+
+        if importlib.util.find_spec("flashinfer") is None:
+            # vLLM 0.24's sampler probes FlashInfer by importing it unguarded (v1/sample/ops/topk_topp_sampler.py
+            # flashinfer_sampler_supported) and the engine dies where it is not installed (it is optional: the GPU
+            # kit does not carry it); =0 makes vLLM use its PyTorch sampler without the probe
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         from vllm import LLM  # imported here: vllm is only in the GPU image
 
         self.loaded = loaded
