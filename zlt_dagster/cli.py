@@ -12,6 +12,7 @@ cells. Finished cells are skipped (resume).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .core.generation.base import BACKENDS
 from .core.protocol import ProtocolError
 from .settings import SettingsError
 from .steps import layout
-from .steps.common import ComputeSettings, StepError
+from .steps.common import ComputeSettings, RunInterrupted, StepError
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
@@ -90,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"zlt: error: {' '.join(str(e).split())}", file=sys.stderr)
         return CONFIG_ERROR
+    except RunInterrupted as e:
+        by = f" by {e.signal_name}" if e.signal_name else ""  # Dagster's own interrupt does not say which signal
+        print(f"zlt: interrupted{by} during {' '.join(e.what.split())}; finished work is kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for a process ended by a signal (130 SIGINT, 143 SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C before the runner took the signals over (imports, the instance)
+        print("zlt: interrupted before any step ran; rerun the same command", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _main(argv: list[str] | None) -> int:
