@@ -194,3 +194,49 @@ def test_deployment_environment_picks_the_store_of_every_command(tmp_path, monke
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == "zlt: error: environment: ZLT_DEPLOYMENT: 'cloud' is not one of ['local', 'production']\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- settings and flags with a fixed set of values: one line, exit code 2, before anything is written ---------------
+BAD_SETTINGS = [
+    ({"ZLT_DEVICE": "gpu"}, [], "environment: ZLT_DEVICE: 'gpu' is not a device; expected auto, cpu, cuda or cuda:<n>"),
+    ({"ZLT_TRACKING": "mlfow"}, [],
+     "environment: ZLT_TRACKING: 'mlfow' is not one of ['off', 'file', 'mlflow', 'wandb']"),
+    ({"ZLT_CUDNN_SDPA": "maybe"}, [],
+     "environment: ZLT_CUDNN_SDPA: 'maybe'; expected 0 or 1 (or false/true, no/yes, off/on)"),
+    ({"ZLT_STORE_LOCKS": "o"}, [],
+     "environment: ZLT_STORE_LOCKS: 'o'; expected 0 or 1 (or false/true, no/yes, off/on)"),
+    ({"ZLT_TORCH_THREADS": "-3"}, [], "environment: ZLT_TORCH_THREADS: '-3'; expected an integer >= 0"),
+    ({}, ["--device", "gpu"], "command line: --device: 'gpu' is not a device; expected auto, cpu, cuda or cuda:<n>"),
+    ({}, ["--threads", "-2"], "command line: --threads: '-2'; expected an integer >= 0"),
+    ({}, ["--threads", "two"], "command line: --threads: 'two'; expected an integer >= 0"),
+    ({}, ["--device", "cuda:99"], "command line: --device: 'cuda:99', but torch sees"),
+]
+
+
+@pytest.mark.parametrize("env,flags,message", BAD_SETTINGS, ids=[m.split(": ")[1] + "=" + (m.split("'")[1])
+                                                                 for _, _, m in BAD_SETTINGS])
+def test_bad_setting_or_flag_is_one_line_exit_2_before_anything(tmp_path, monkeypatch, capsys, env, flags, message):
+    """Each used to pass `zlt` and fail inside a step (retried, ~80 s, a long traceback, the sweep registered first)
+    or be taken silently (ZLT_STORE_LOCKS=o meant "on", --threads -2 reached torch)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARTIFACT_ROOT", str(tmp_path / "art"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(BASE + "source_persona: villain\nseed: 1\n")
+    for argv in (["demo", *flags], ["run", str(cfg), *flags]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith(f"zlt: error: {message}"), err
+    _only_config_left(tmp_path, cfg)
+
+
+def test_the_dagster_definitions_refuse_a_bad_setting_when_they_load(monkeypatch):
+    """The other entry point (dagster dev, the daemon, step pods): the same check, naming the variable."""
+    from zlt_dagster.defs.definitions import build_definitions
+    from zlt_dagster.settings import SettingsError
+
+    monkeypatch.setenv("ZLT_TRACKING", "mlfow")
+    with pytest.raises(SettingsError, match="^ZLT_TRACKING: 'mlfow' is not one of"):
+        build_definitions("local")

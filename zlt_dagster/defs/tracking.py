@@ -38,7 +38,8 @@ ZLT_ENV = "ZLT_TRACKING_PROJECT"
 # the variable each tracker reads on its own when no name is passed (the one that caused the reference's loss)
 TRACKER_ENV: dict[str, str | None] = {"off": None, "file": None, "wandb": "WANDB_PROJECT",
                                       "mlflow": "MLFLOW_EXPERIMENT_NAME"}
-KINDS = tuple(TRACKER_ENV)
+KINDS = settings.TRACKERS  # the values ZLT_TRACKING may take (settings.tracking checks them)
+assert set(TRACKER_ENV) == set(KINDS), "a tracker without its project variable entry"
 # W&B refuses these characters in project names and caps the length at 128; MLflow accepts them, but one rule for
 # both keeps a name portable between trackers.
 _BAD_CHARS = re.compile(r"[/\\#?%:]")
@@ -267,7 +268,7 @@ def start_tracking(context, sweep_id: str, cell_key: str = "") -> TrackedStep:
     """First thing in every asset step: decide the tracker's project name, log the decision and its source (and
     what it overrode), open the tracker run. A tracker that cannot honour the name fails the step here, before
     any compute."""
-    choice = resolve_project(settings.get("ZLT_TRACKING"), sweep_id,
+    choice = resolve_project(settings.tracking(), sweep_id,
                                       run_tag=context.run.tags.get(RUN_TAG))
     context.log.info(choice.describe())
     step = context.asset_key.to_user_string()
