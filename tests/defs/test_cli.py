@@ -82,6 +82,9 @@ BAD_CONFIGS = [
     ("source_persona: pirate\n", "source_persona", "unknown source persona 'pirate'"),
     ("lr: 1.0e-3\n", "lr", "unknown field; known: ['protocol'"),
     ("cells: [[1.0e-3, 1]\n", "(file)", "not valid YAML:"),
+    ("seed: 1\nseed: 2\n", "(file)", "not valid YAML: duplicate key 'seed' (first at line 3) at line 4, column 1"),
+    ("cells: [[1.0e-3, 1]]\nprotocol: tiny\n", "(file)",
+     "not valid YAML: duplicate key 'protocol' (first at line 1) at line 4, column 1"),
 ]
 
 

@@ -157,6 +157,16 @@ def test_duplicates_includes_and_unreadable_files(tmp_path):
         read_registry(tmp_path / "missing.yaml")
 
 
+def test_a_key_given_twice_in_the_registry_is_refused_naming_file_key_and_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: the entry below ran seed 2 with no word about seed 1."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("- protocol: tiny\n  base_model: tiny\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(RegistryError) as e:
+        read_registry(path)
+    assert str(e.value) == (f"sweep registry {path} is not valid YAML: duplicate key 'seed' (first at line 3) at "
+                            "line 4, column 3")
+
+
 def test_run_keys_name_sweep_and_partition():
     assert PlannedRun("cell_job", "s1", "lr=0.003_ep=3").run_key == "s1:lr=0.003_ep=3"
     assert PlannedRun("sweep_data_job", "s1", None).run_key == "s1:sweep_data_job"

@@ -542,10 +542,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         try:
             data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ProtocolError(f"not valid YAML: {problem}{at}", field="(file)") from e
+            raise ProtocolError(f"not valid YAML: {yaml_error_line(e)}", field="(file)") from e
     else:
         try:
             data = json.loads(text)
@@ -556,13 +553,40 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def yaml_error_line(e) -> str:
+    """A PyYAML error as one line: the problem and where (`... at line 4, column 1`)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem}{at}"
+
+
 def _yaml_loader():
-    """yaml.SafeLoader that also reads 1e-5 / 5E-6 / 1.0e5 as floats. PyYAML follows YAML 1.1, where a float
-    needs a dot and a signed exponent, so `learning_rates: [1e-6, 5e-6]` would otherwise load as strings."""
+    """yaml.SafeLoader that also reads 1e-5 / 5E-6 / 1.0e5 as floats, and refuses a key given twice in one mapping.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so `learning_rates: [1e-6, 5e-6]`
+    would otherwise load as strings. And it keeps the last of duplicate keys silently (`seed: 1` ... `seed: 2` ran
+    seed 2), which the YAML spec forbids: a ConstructorError naming the key and both lines instead."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        earlier = first.get(key)
+                    except TypeError:  # an unhashable key: the base class raises its own error for it
+                        continue
+                    if earlier is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {earlier.line + 1})",
+                            key_node.start_mark)
+                    first[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
