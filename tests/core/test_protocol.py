@@ -431,24 +431,33 @@ def test_load_sweep_file_yaml_exponent_floats(tmp_path):
     must still load as floats."""
     path = tmp_path / "fine.yaml"
     path.write_text("protocol:\n  base: paper\n  learning_rates: [5e-6, 7.5e-6, 1e-5, 2E-5, 1.0e-4]\n"
-                    "cells: [[1e-5, 3]]\n")
+                    "base_model: tiny\ncells: [[1e-5, 3]]\n")
     s = load_sweep_file(path)
     assert s.protocol.learning_rates == (5e-6, 7.5e-6, 1e-5, 2e-5, 1e-4)
     assert all(type(lr) is float for lr in s.protocol.learning_rates)
     assert s.cells() == [Cell(1e-5, 3)]
     assert s.protocol.epochs == PAPER.epochs and all(type(e) is int for e in s.protocol.epochs)
-    path.write_text("protocol:\n  base: paper\n  learning_rates: ['1e-6']\n")  # quoted: a string, refused
+    path.write_text("protocol:\n  base: paper\n  learning_rates: ['1e-6']\nbase_model: tiny\n")  # quoted: a string
     with pytest.raises(ProtocolError, match=r"learning rate '1e-6' is invalid"):
         load_sweep_file(path)
 
 
-def test_load_sweep_file_protocol_by_name_and_default(tmp_path):
+def test_load_sweep_file_requires_protocol_and_model_and_defaults_the_rest(tmp_path):
+    """protocol and base_model say what runs on what: never defaulted (a file holding only `seed: 7` started the
+    25-cell SmolLM2 demo); source_persona (villain), seed (42), name and cells have README's defaults."""
     path = tmp_path / "s.yml"
-    path.write_text("protocol: paper\nsource_persona: librarian\n")
+    path.write_text("protocol: paper\nbase_model: tiny\nsource_persona: librarian\n")
     s = load_sweep_file(path)
     assert s.protocol == PAPER and s.source_persona == "librarian" and s.seed == 42
-    path.write_text("source_persona: librarian\n")
-    assert load_sweep_file(path).protocol == DEMO
+    path.write_text("protocol: demo\nbase_model: smollm2-135m\n")
+    s = load_sweep_file(path)
+    assert (s.protocol, s.source_persona, s.seed, s.name, s.cells()) == (DEMO, "villain", 42, "", DEMO.cells())
+    path.write_text("seed: 7\n")
+    with pytest.raises(ProtocolError, match=r"^protocol: missing; expected a protocol name \['demo', 'paper', 'tiny'"):
+        load_sweep_file(path)
+    path.write_text("protocol: tiny\nseed: 7\n")
+    with pytest.raises(ProtocolError, match=r"^base_model: missing; expected smollm2-135m, tiny, a \.gguf file"):
+        load_sweep_file(path)
 
 
 def test_load_sweep_file_errors(tmp_path):
@@ -464,7 +473,7 @@ def test_load_sweep_file_errors(tmp_path):
     bad.write_text("protocol: {base: tiny, train.micro_batchh: 1}\n")
     with pytest.raises(ProtocolError, match=r"^protocol\.train\.micro_batchh: unknown config field"):
         load_sweep_file(bad)
-    bad.write_text("protocol: tiny\nname: ../escape\n")
+    bad.write_text("protocol: tiny\nbase_model: tiny\nname: ../escape\n")
     with pytest.raises(ProtocolError, match=r"^name: name '\.\./escape' must match"):
         load_sweep_file(bad)
 

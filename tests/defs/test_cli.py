@@ -112,6 +112,19 @@ def test_bad_sweep_file_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch
     assert err.startswith(f"zlt: error: {cfg}: {field}: {what}"), err
 
 
+@pytest.mark.parametrize("text,field,what", [
+    ("seed: 7\n", "protocol", "missing; expected a protocol name ['demo', 'paper', 'tiny'] or {base: <name>, "),
+    ("protocol: tiny\nseed: 7\n", "base_model", "missing; expected smollm2-135m, tiny, a .gguf file, a model "
+                                               "directory or a hub id (org/name)"),
+], ids=["no protocol", "no base_model"])
+def test_a_sweep_file_must_name_its_protocol_and_model(tmp_path, monkeypatch, capsys, text, field, what):
+    """A file with only `seed: 7` used to start the 25-cell SmolLM2 demo (protocol demo and the SmolLM2 model were
+    silent defaults)."""
+    rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, text)
+    assert (rc, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"zlt: error: {cfg}: {field}: {what}"), err
+
+
 def test_missing_model_file_is_named_by_its_field(tmp_path, monkeypatch, capsys):
     rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, "protocol: tiny\nbase_model: /nonexistent.gguf\n")
     assert (rc, out) == (2, "")

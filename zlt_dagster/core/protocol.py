@@ -433,17 +433,25 @@ def protocol_from_dict(d: Mapping[str, Any]) -> Protocol:
 
 
 SWEEP_FIELDS = ("protocol", "base_model", "source_persona", "seed", "name", "cells")
+# A sweep file must say what it runs and on what: a file holding only `seed: 7` used to start the 25-cell SmolLM2
+# demo. The other fields are optional, with the defaults README's sweep-file block lists (Sweep's own defaults:
+# source_persona villain, seed 42; name derived; cells = the whole grid).
+REQUIRED_SWEEP_FIELDS = {
+    "protocol": f"a protocol name {sorted(PROTOCOLS)} or {{base: <name>, <field>: <value>, ...}}",
+    "base_model": "smollm2-135m, tiny, a .gguf file, a model directory or a hub id (org/name)",
+}
 _NOT_A_PATH = ("tiny", "smollm2-135m")  # names core/models.py resolves itself
 
 
 def sweep_from_dict(d: Mapping[str, Any], *, check_model_path: bool = True) -> Sweep:
     """A sweep entry: {protocol: <name> | {base: <name>, ...overrides} | full dict, base_model, source_persona,
-    seed, name, cells: [[lr, epochs], ...]}. Every value is checked here (types included) before anything is
-    built; a local base_model path (absolute, ./relative or *.gguf) must exist (``check_model_path``).
+    seed, name, cells: [[lr, epochs], ...]}; protocol and base_model are required (REQUIRED_SWEEP_FIELDS), the
+    rest default to Sweep's defaults. Every value is checked here (types included) before anything is built; a
+    local base_model path (absolute, ./relative or *.gguf) must exist (``check_model_path``).
 
-    Raises ProtocolError with ``field`` naming the offending field: unknown fields, an empty or malformed `cells`
-    (`cells: []` and `cells:` are errors: leave the field out for the whole grid), a cell whose LR is not a positive
-    finite number of the grid or whose epochs are not an integer >= 1 of the grid (1.7 is refused, never
+    Raises ProtocolError with ``field`` naming the offending field: unknown or missing fields, an empty or malformed
+    `cells` (`cells: []` and `cells:` are errors: leave the field out for the whole grid), a cell whose LR is not a
+    positive finite number of the grid or whose epochs are not an integer >= 1 of the grid (1.7 is refused, never
     truncated), duplicate cells, a missing model file or directory."""
     if not isinstance(d, Mapping):
         raise ProtocolError(f"expected a mapping of sweep fields {list(SWEEP_FIELDS)}, got {type(d).__name__}",
@@ -452,7 +460,10 @@ def sweep_from_dict(d: Mapping[str, Any], *, check_model_path: bool = True) -> S
     if unknown:
         raise ProtocolError(f"unknown field{'s' if len(unknown) > 1 else ''}; known: {list(SWEEP_FIELDS)}",
                             field=", ".join(map(str, unknown)))
-    proto = d.get("protocol", "demo")
+    missing = [k for k in REQUIRED_SWEEP_FIELDS if k not in d]
+    if "protocol" in missing:
+        raise ProtocolError(f"missing; expected {REQUIRED_SWEEP_FIELDS['protocol']}", field="protocol")
+    proto = d["protocol"]
     if isinstance(proto, str):
         protocol = get_protocol(proto)
     elif isinstance(proto, Mapping):
@@ -460,6 +471,8 @@ def sweep_from_dict(d: Mapping[str, Any], *, check_model_path: bool = True) -> S
     else:
         raise ProtocolError(f"expected a protocol name {sorted(PROTOCOLS)} or a mapping, got {proto!r}",
                             field="protocol")
+    if "base_model" in missing:
+        raise ProtocolError(f"missing; expected {REQUIRED_SWEEP_FIELDS['base_model']}", field="base_model")
     for key, want in (("base_model", "a model name or path"), ("source_persona", "a persona name"),
                       ("name", "a sweep name")):
         if key in d and (not isinstance(d[key], str) or not d[key]):
