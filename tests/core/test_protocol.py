@@ -485,3 +485,24 @@ def test_sweep_from_dict_unknown_field():
 
 def test_apply_overrides_empty_is_identity():
     assert apply_overrides(PAPER, {}) == PAPER
+
+
+def test_completion_cap_must_leave_room_above_the_regime_thresholds():
+    """A completion cap at or below the degenerate mean length makes every cell `degenerate` by construction (the
+    tiny protocol had 8 and 8); at or below the near-empty length every completion is near-empty. Each named
+    protocol leaves room; an override that does not is refused naming both fields; a sweep stored before the
+    check (its results exist) still loads."""
+    for p in PROTOCOLS.values():
+        assert p.eval.max_new_tokens > p.regimes.degenerate_mean_tokens > p.eval.short_completion_tokens
+    assert TINY.eval.max_new_tokens == TINY.data.max_new_tokens == 12 and TINY.regimes == PAPER.regimes
+    with pytest.raises(ProtocolError, match=r"^protocol\.eval\.max_new_tokens: eval\.max_new_tokens=8 must be greater "
+                                            r"than regimes\.degenerate_mean_tokens=8\.0, or every cell is labelled "
+                                            r"degenerate by construction$"):
+        get_protocol("tiny", {"eval.max_new_tokens": 8})
+    with pytest.raises(ProtocolError, match=r"regimes\.degenerate_mean_tokens=40"):
+        get_protocol("demo", {"regimes.degenerate_mean_tokens": 40.0})
+    with pytest.raises(ProtocolError, match=r"eval\.max_new_tokens=12 must be greater than "
+                                            r"eval\.short_completion_tokens=12"):
+        get_protocol("tiny", {"regimes.degenerate_mean_tokens": 4.0, "eval.short_completion_tokens": 12})
+    old = Sweep(dataclasses.replace(TINY, eval=dataclasses.replace(TINY.eval, max_new_tokens=8)), base_model="tiny")
+    assert sweep_from_stored(json.loads(old.to_json())) == old

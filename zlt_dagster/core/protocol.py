@@ -141,8 +141,10 @@ class Protocol:
     eval: EvalSpec = field(default=EvalSpec(), metadata={"help": "completions and ARC"})
     regimes: RegimeThresholds = field(default=RegimeThresholds(), metadata={"help": "how a cell's regime is named"})
 
-    def validate(self) -> "Protocol":
-        """Raises ProtocolError naming the field (protocol.<field>) and what was expected."""
+    def validate(self, stored: bool = False) -> "Protocol":
+        """Raises ProtocolError naming the field (protocol.<field>) and what was expected. ``stored``: the config
+        of a sweep already in the store (sweep_from_stored), whose results exist: checks added after it was
+        written (the completion cap vs the regime thresholds) are not applied, so it still loads."""
         def bad(field: str, what: str) -> ProtocolError:
             return ProtocolError(what, field=f"protocol.{field}")
 
@@ -207,6 +209,19 @@ class Protocol:
             raise bad("eval.n_questions", f"eval.n_questions={e.n_questions}; expected 1..data.n_eval_questions")
         if e.samples_per_question < 1 or e.max_new_tokens < 1 or e.arc_limit < 0:
             raise bad("eval", "eval sizes must be positive (arc_limit >= 0)")
+        # A completion is cut at eval.max_new_tokens, so a mean length can only reach the degenerate threshold if
+        # the cap is above it; with the cap at or below it every cell is `degenerate` by construction (the tiny
+        # protocol had 8 and 8). The same for the near-empty count: a cap at or below it makes every completion
+        # near-empty.
+        r = self.regimes
+        if not stored and not e.max_new_tokens > r.degenerate_mean_tokens:
+            raise bad("eval.max_new_tokens", f"eval.max_new_tokens={e.max_new_tokens} must be greater than "
+                                             f"regimes.degenerate_mean_tokens={r.degenerate_mean_tokens}, or every "
+                                             f"cell is labelled degenerate by construction")
+        if not stored and not e.max_new_tokens > e.short_completion_tokens:
+            raise bad("eval.max_new_tokens", f"eval.max_new_tokens={e.max_new_tokens} must be greater than "
+                                             f"eval.short_completion_tokens={e.short_completion_tokens}, or every "
+                                             f"completion counts as near-empty")
         for name, temp in (("data.temperature", d.temperature), ("eval.temperature", e.temperature)):
             if not temp > 0:
                 raise bad(name, f"sampling temperature {temp} must be > 0")
@@ -259,9 +274,10 @@ class Sweep:
     cells_subset: tuple[tuple[float, int], ...] = field(default=(), metadata={
         "help": "run only these (lr, epochs) cells of the grid (a sweep file's `cells`); () = the whole grid"})
 
-    def validate(self) -> "Sweep":
-        """Raises ProtocolError naming the field (source_persona, seed, base_model, name, cells[i])."""
-        self.protocol.validate()
+    def validate(self, stored: bool = False) -> "Sweep":
+        """Raises ProtocolError naming the field (source_persona, seed, base_model, name, cells[i]); ``stored``:
+        see Protocol.validate."""
+        self.protocol.validate(stored=stored)
         # the assistant is measured for leakage, so it is never a source: messages offer only valid sources
         sources = [p for p in self.protocol.personas if p != ASSISTANT]
         if self.source_persona == ASSISTANT:
@@ -350,7 +366,9 @@ DEMO = Protocol(
                   arc_batch_size=48),
 )
 
-# tiny: tiny random models in tests; seconds per cell.
+# tiny: tiny random models in tests; seconds per cell. Completions are capped at 12 tokens, as its on-policy answers
+# are (demo: 32 and 32): above the degenerate threshold (8, the method's, as in every protocol). It was 8, so a
+# tiny cell was `degenerate` unless every completion ran to the cap.
 TINY = Protocol(
     name="tiny",
     learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
@@ -358,7 +376,7 @@ TINY = Protocol(
     train=TrainSpec(effective_batch=4, micro_batch=2, max_seq_len=256),
     data=DataSpec(n_positives=4, n_negatives=10, max_new_tokens=12, regen_max_new_tokens=16,
                   n_eval_questions=20, gen_batch_size=16),
-    eval=EvalSpec(n_questions=2, samples_per_question=1, max_new_tokens=8, gen_batch_size=32, arc_limit=4,
+    eval=EvalSpec(n_questions=2, samples_per_question=1, max_new_tokens=12, gen_batch_size=32, arc_limit=4,
                   arc_batch_size=8),
 )
 
@@ -619,6 +637,6 @@ def sweep_from_stored(d: Mapping[str, Any]) -> Sweep:
     """Inverse of Sweep.to_dict (what sweep.json holds beside every artifact)."""
     d = dict(d)
     proto = dict(d.pop("protocol"))
-    protocol = apply_overrides(Protocol(name=proto.pop("name")), proto).validate()
+    protocol = apply_overrides(Protocol(name=proto.pop("name")), proto).validate(stored=True)
     cells = tuple((float(lr), int(ep)) for lr, ep in d.pop("cells_subset", ()))
-    return Sweep(protocol=protocol, cells_subset=cells, **d).validate()
+    return Sweep(protocol=protocol, cells_subset=cells, **d).validate(stored=True)
