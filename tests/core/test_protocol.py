@@ -506,3 +506,23 @@ def test_completion_cap_must_leave_room_above_the_regime_thresholds():
         get_protocol("tiny", {"regimes.degenerate_mean_tokens": 4.0, "eval.short_completion_tokens": 12})
     old = Sweep(dataclasses.replace(TINY, eval=dataclasses.replace(TINY.eval, max_new_tokens=8)), base_model="tiny")
     assert sweep_from_stored(json.loads(old.to_json())) == old
+
+
+def test_sweep_id_shows_protocol_overrides_and_drops_the_gguf_extension():
+    """An LR grid (or any other) override used to differ from its named protocol's sweeps only in the hash, and a
+    GGUF path kept `.gguf` in the model part; the demo's id (docs/demo, every stored demo sweep) is unchanged."""
+    assert Sweep(DEMO).sweep_id == "villain_s42_demo_smollm2-135m_e52d34"
+    fine = Sweep(get_protocol("paper", {"learning_rates": [5e-6, 7e-6, 1e-5, 1.5e-5, 2e-5]}))
+    assert fine.sweep_id.startswith("villain_s42_paper-custom_smollm2-135m_")
+    assert Sweep(get_protocol("paper", {"marker_tail_tokens": 1})).sweep_id.startswith(
+        "villain_s42_paper-tail1_smollm2-135m_")  # the tail alone has its own marker
+    assert Sweep(get_protocol("tiny", {"eval.n_questions": 1, "marker_tail_tokens": 2}), base_model="tiny"
+                 ).sweep_id.startswith("villain_s42_tiny-custom-tail2_tiny_")
+    same = Sweep(get_protocol("paper", {"learning_rates": list(PAPER.learning_rates)}))  # changes nothing
+    assert same.sweep_id == Sweep(PAPER).sweep_id
+    own = Sweep(protocol_from_dict({"name": "mine", "learning_rates": [1e-3]}))
+    assert own.sweep_id.startswith("villain_s42_mine_smollm2-135m_")  # a protocol of its own name: no marker
+    gguf = Sweep(DEMO, base_model="/models/SmolLM2-135M-Instruct-Q8_0.GGUF")
+    assert gguf.sweep_id.startswith("villain_s42_demo_smollm2-135m-instruct-q8-0_")
+    for s in (fine, gguf):
+        assert sweep_from_stored(json.loads(s.to_json())).sweep_id == s.sweep_id

@@ -245,6 +245,13 @@ class Protocol:
     def cells(self) -> list["Cell"]:
         return [Cell(lr, ep) for lr in self.learning_rates for ep in self.epochs]
 
+    def overrides_its_named_protocol(self) -> bool:
+        """Whether this protocol carries the name of paper/demo/tiny but differs from it in anything other than
+        marker_tail_tokens (which the sweep id shows as `-tail<n>`): a finer LR grid, other sizes. A protocol of
+        its own name is not compared with anything."""
+        named = PROTOCOLS.get(self.name)
+        return named is not None and dataclasses.replace(self, marker_tail_tokens=named.marker_tail_tokens) != named
+
 
 @dataclass(frozen=True, order=True)
 class Cell:
@@ -304,19 +311,26 @@ class Sweep:
 
     @property
     def model_slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.-]+", "-", self.base_model.rstrip("/").split("/")[-1]).strip("-").lower()
+        """The model's last path part, lower case, without a `.gguf` extension: `smollm2-135m-instruct-q8-0` for
+        /models/SmolLM2-135M-Instruct-Q8_0.gguf (ids made before kept `.gguf`: steps.sweeps.previous_sweep_ids)."""
+        last = re.sub(r"\.gguf$", "", self.base_model.rstrip("/").split("/")[-1], flags=re.IGNORECASE)
+        return re.sub(r"[^A-Za-z0-9.-]+", "-", last).strip("-").lower()
 
     @property
     def sweep_id(self) -> str:
-        """e.g. villain_s42_demo_smollm2-135m_b700d1: led by what usually differs between sweeps (source persona,
-        seed, protocol, with `-tail<n>` when marker_tail_tokens is not 0), then the model, then a short hash of
-        every field (name excluded), so that two sweeps that differ anywhere never share a storage prefix and a
-        partition picker that cuts the middle still shows the persona, seed and hash. An explicit `name` wins."""
+        """e.g. villain_s42_demo_smollm2-135m_e52d34: led by what usually differs between sweeps (source persona,
+        seed, protocol, with `-custom` when it overrides its named protocol beyond marker_tail_tokens, and
+        `-tail<n>` when marker_tail_tokens is not 0), then the model, then a short hash of every field (name
+        excluded), so that two sweeps that differ anywhere never share a storage prefix and a partition picker that
+        cuts the middle still shows the persona, seed and hash. An explicit `name` wins. A sweep stored under an id
+        of an earlier scheme keeps it (steps.as_stored)."""
         if self.name:
             return self.name
         p = self.protocol
+        custom = "-custom" if p.overrides_its_named_protocol() else ""
         tail = f"-tail{p.marker_tail_tokens}" if p.marker_tail_tokens else ""
-        return f"{self.source_persona}_s{self.seed}_{p.name}{tail}_{self.model_slug}_{self.config_hash()[:6]}"
+        return (f"{self.source_persona}_s{self.seed}_{p.name}{custom}{tail}_{self.model_slug}_"
+                f"{self.config_hash()[:6]}")
 
     def cells(self) -> list[Cell]:
         if self.cells_subset:
