@@ -134,13 +134,18 @@ def _main(argv: list[str] | None) -> int:
     except StepError as e:
         raise ConfigError("environment", "ZLT_TRAIN_COMPILE", str(e)) from None
     ap = argparse.ArgumentParser(prog="zlt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--artifacts", default=None,
-                    help="local artifact directory (default: the deployment's store: $ZLT_ARTIFACT_ROOT or "
-                         f"{settings.VARIABLES['ZLT_ARTIFACT_ROOT'].default}; S3 from ZLT_S3_* when "
-                         "ZLT_DEPLOYMENT=production)")
+    artifacts_help = ("local artifact directory (default: the deployment's store: $ZLT_ARTIFACT_ROOT or "
+                      f"{settings.VARIABLES['ZLT_ARTIFACT_ROOT'].default}; S3 from ZLT_S3_* when "
+                      "ZLT_DEPLOYMENT=production)")
+    ap.add_argument("--artifacts", default=None, help=artifacts_help)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    subparsers = {name: sub.add_parser(name) for name in ("demo", "run", "status")}
+    for p in subparsers.values():
+        # also after the command (`zlt status --artifacts DIR`); SUPPRESS: left out there, it does not reset a
+        # value given before the command (argparse copies a sub-parser's defaults over the main parser's)
+        p.add_argument("--artifacts", default=argparse.SUPPRESS, help=artifacts_help)
     for name in ("demo", "run"):
-        p = sub.add_parser(name)
+        p = subparsers[name]
         if name == "run":
             p.add_argument("config", help="sweep YAML/JSON (see configs/)")
         else:
@@ -157,7 +162,6 @@ def _main(argv: list[str] | None) -> int:
         p.add_argument("--threads", default=None,
                        help="torch threads (default $ZLT_TORCH_THREADS or torch's default)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
-    sub.add_parser("status")
     args = ap.parse_args(argv)
     if args.cmd == "status":
         return cmd_status(args)

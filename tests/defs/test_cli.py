@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,10 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "cells: 0 already done, 2 to run" in out
     assert "cell 2/2" in out and "ETA" in out
+    # the training pass's progress with its ETA on zlt's console (zlt_console), not only in Dagster's log lines;
+    # the tracker decision said once, not at every step
+    assert re.search(r"^    adapter: epoch 1/2: 2 cell\(s\) trained, loss .*; ETA \d+\.\d min$", out, re.M), out
+    assert out.count("tracking (off): ") == 1 and " - dagster - " not in out, out
     compiled = [p for p in art.rglob("compiled_results.json")]
     assert len(compiled) == 1
     data = json.loads(compiled[0].read_text())
@@ -42,10 +47,13 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
         # dimension: one range run trains both in one pass), 2 evaluation runs, report
         assert len(instance.get_runs()) == 1 + 1 + 2 + 1
 
-    # rerun: everything done is skipped
+    # rerun: everything done is skipped, the report too (it was compiled after every cell: registry.report_outdated)
     assert main(["run", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "on-policy data already there: skipped" in out and "cells: 2 already done, 0 to run" in out
+    assert "[3/3] compiled results + heatmap already up to date: skipped" in out
+    with DagsterInstance.get() as instance:
+        assert len(instance.get_runs()) == 1 + 1 + 2 + 1  # no new run
 
     # a torn artifact (a file no longer matching its manifest) is rebuilt on resume, never counted as done
     [torn] = [p for p in art.rglob("marker_rates.json") if "lr=0.01_ep=2" in str(p)]
@@ -56,10 +64,14 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "lr=0.01_ep=2: rebuilding, marker_rates: ChecksumError" in out
     assert "cells: 1 already done, 1 to run" in out and "cell 2/2 lr=0.01_ep=2" in out
+    assert "[3/3] compiled results + heatmap ...\n" in out  # a cell was rebuilt: so is the report
 
-    assert main(["--artifacts", str(art), "status"]) == 0
-    out = capsys.readouterr().out
-    assert "comedian" in out and "2 cells, 2 done;" in out and "marker_rates 2" in out
+    for argv in (["--artifacts", str(art), "status"], ["status", "--artifacts", str(art)]):  # before or after
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "comedian" in out and "2 cells, 2 done;" in out and "marker_rates 2" in out
+    assert main(["--artifacts", str(tmp_path / "elsewhere"), "status"]) == 0
+    assert capsys.readouterr().out.startswith("no sweeps in ")
 
 
 # --- config errors: one line `zlt: error: <file>: <field>: <what>`, exit code 2, nothing written ---------------------
