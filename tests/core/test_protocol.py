@@ -457,24 +457,33 @@ def test_load_sweep_file_yaml_exponent_floats(tmp_path):
     must still load as floats."""
     path = tmp_path / "fine.yaml"
     path.write_text("protocol:\n  base: paper\n  learning_rates: [5e-6, 7.5e-6, 1e-5, 2E-5, 1.0e-4]\n"
-                    "cells: [[1e-5, 3]]\n")
+                    "base_model: tiny\ncells: [[1e-5, 3]]\n")
     s = load_sweep_file(path)
     assert s.protocol.learning_rates == (5e-6, 7.5e-6, 1e-5, 2e-5, 1e-4)
     assert all(type(lr) is float for lr in s.protocol.learning_rates)
     assert s.cells() == [Cell(1e-5, 3)]
     assert s.protocol.epochs == PAPER.epochs and all(type(e) is int for e in s.protocol.epochs)
-    path.write_text("protocol:\n  base: paper\n  learning_rates: ['1e-6']\n")  # quoted: a string, refused
+    path.write_text("protocol:\n  base: paper\n  learning_rates: ['1e-6']\nbase_model: tiny\n")  # quoted: a string
     with pytest.raises(ProtocolError, match=r"learning rate '1e-6' is invalid"):
         load_sweep_file(path)
 
 
-def test_load_sweep_file_protocol_by_name_and_default(tmp_path):
+def test_load_sweep_file_requires_protocol_and_model_and_defaults_the_rest(tmp_path):
+    """protocol and base_model say what runs on what: never defaulted (a file holding only `seed: 7` started the
+    25-cell SmolLM2 demo); source_persona (villain), seed (42), name and cells have README's defaults."""
     path = tmp_path / "s.yml"
-    path.write_text("protocol: paper\nsource_persona: librarian\n")
+    path.write_text("protocol: paper\nbase_model: tiny\nsource_persona: librarian\n")
     s = load_sweep_file(path)
     assert s.protocol == PAPER and s.source_persona == "librarian" and s.seed == 42
-    path.write_text("source_persona: librarian\n")
-    assert load_sweep_file(path).protocol == DEMO
+    path.write_text("protocol: demo\nbase_model: smollm2-135m\n")
+    s = load_sweep_file(path)
+    assert (s.protocol, s.source_persona, s.seed, s.name, s.cells()) == (DEMO, "villain", 42, "", DEMO.cells())
+    path.write_text("seed: 7\n")
+    with pytest.raises(ProtocolError, match=r"^protocol: missing; expected a protocol name \['demo', 'paper', 'tiny'"):
+        load_sweep_file(path)
+    path.write_text("protocol: tiny\nseed: 7\n")
+    with pytest.raises(ProtocolError, match=r"^base_model: missing; expected smollm2-135m, tiny, a \.gguf file"):
+        load_sweep_file(path)
 
 
 def test_load_sweep_file_errors(tmp_path):
@@ -490,7 +499,7 @@ def test_load_sweep_file_errors(tmp_path):
     bad.write_text("protocol: {base: tiny, train.micro_batchh: 1}\n")
     with pytest.raises(ProtocolError, match=r"^protocol\.train\.micro_batchh: unknown config field"):
         load_sweep_file(bad)
-    bad.write_text("protocol: tiny\nname: ../escape\n")
+    bad.write_text("protocol: tiny\nbase_model: tiny\nname: ../escape\n")
     with pytest.raises(ProtocolError, match=r"^name: name '\.\./escape' must match"):
         load_sweep_file(bad)
 
@@ -502,3 +511,44 @@ def test_sweep_from_dict_unknown_field():
 
 def test_apply_overrides_empty_is_identity():
     assert apply_overrides(PAPER, {}) == PAPER
+
+
+def test_completion_cap_must_leave_room_above_the_regime_thresholds():
+    """A completion cap at or below the degenerate mean length makes every cell `degenerate` by construction (the
+    tiny protocol had 8 and 8); at or below the near-empty length every completion is near-empty. Each named
+    protocol leaves room; an override that does not is refused naming both fields; a sweep stored before the
+    check (its results exist) still loads."""
+    for p in PROTOCOLS.values():
+        assert p.eval.max_new_tokens > p.regimes.degenerate_mean_tokens > p.eval.short_completion_tokens
+    assert TINY.eval.max_new_tokens == TINY.data.max_new_tokens == 12 and TINY.regimes == PAPER.regimes
+    with pytest.raises(ProtocolError, match=r"^protocol\.eval\.max_new_tokens: eval\.max_new_tokens=8 must be greater "
+                                            r"than regimes\.degenerate_mean_tokens=8\.0, or every cell is labelled "
+                                            r"degenerate by construction$"):
+        get_protocol("tiny", {"eval.max_new_tokens": 8})
+    with pytest.raises(ProtocolError, match=r"regimes\.degenerate_mean_tokens=40"):
+        get_protocol("demo", {"regimes.degenerate_mean_tokens": 40.0})
+    with pytest.raises(ProtocolError, match=r"eval\.max_new_tokens=12 must be greater than "
+                                            r"eval\.short_completion_tokens=12"):
+        get_protocol("tiny", {"regimes.degenerate_mean_tokens": 4.0, "eval.short_completion_tokens": 12})
+    old = Sweep(dataclasses.replace(TINY, eval=dataclasses.replace(TINY.eval, max_new_tokens=8)), base_model="tiny")
+    assert sweep_from_stored(json.loads(old.to_json())) == old
+
+
+def test_sweep_id_shows_protocol_overrides_and_drops_the_gguf_extension():
+    """An LR grid (or any other) override used to differ from its named protocol's sweeps only in the hash, and a
+    GGUF path kept `.gguf` in the model part; the demo's id (docs/demo, every stored demo sweep) is unchanged."""
+    assert Sweep(DEMO).sweep_id == "villain_s42_demo_smollm2-135m_e52d34"
+    fine = Sweep(get_protocol("paper", {"learning_rates": [5e-6, 7e-6, 1e-5, 1.5e-5, 2e-5]}))
+    assert fine.sweep_id.startswith("villain_s42_paper-custom_smollm2-135m_")
+    assert Sweep(get_protocol("paper", {"marker_tail_tokens": 1})).sweep_id.startswith(
+        "villain_s42_paper-tail1_smollm2-135m_")  # the tail alone has its own marker
+    assert Sweep(get_protocol("tiny", {"eval.n_questions": 1, "marker_tail_tokens": 2}), base_model="tiny"
+                 ).sweep_id.startswith("villain_s42_tiny-custom-tail2_tiny_")
+    same = Sweep(get_protocol("paper", {"learning_rates": list(PAPER.learning_rates)}))  # changes nothing
+    assert same.sweep_id == Sweep(PAPER).sweep_id
+    own = Sweep(protocol_from_dict({"name": "mine", "learning_rates": [1e-3]}))
+    assert own.sweep_id.startswith("villain_s42_mine_smollm2-135m_")  # a protocol of its own name: no marker
+    gguf = Sweep(DEMO, base_model="/models/SmolLM2-135M-Instruct-Q8_0.GGUF")
+    assert gguf.sweep_id.startswith("villain_s42_demo_smollm2-135m-instruct-q8-0_")
+    for s in (fine, gguf):
+        assert sweep_from_stored(json.loads(s.to_json())).sweep_id == s.sweep_id

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,10 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "cells: 0 already done, 2 to run" in out
     assert "cell 2/2" in out and "ETA" in out
+    # the training pass's progress with its ETA on zlt's console (zlt_console), not only in Dagster's log lines;
+    # the tracker decision said once, not at every step
+    assert re.search(r"^    adapter: epoch 1/2: 2 cell\(s\) trained, loss .*; ETA \d+\.\d min$", out, re.M), out
+    assert out.count("tracking (off): ") == 1 and " - dagster - " not in out, out
     compiled = [p for p in art.rglob("compiled_results.json")]
     assert len(compiled) == 1
     data = json.loads(compiled[0].read_text())
@@ -42,10 +47,13 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
         # dimension: one range run trains both in one pass), 2 evaluation runs, report
         assert len(instance.get_runs()) == 1 + 1 + 2 + 1
 
-    # rerun: everything done is skipped
+    # rerun: everything done is skipped, the report too (it was compiled after every cell: registry.report_outdated)
     assert main(["run", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "on-policy data already there: skipped" in out and "cells: 2 already done, 0 to run" in out
+    assert "[3/3] compiled results + heatmap already up to date: skipped" in out
+    with DagsterInstance.get() as instance:
+        assert len(instance.get_runs()) == 1 + 1 + 2 + 1  # no new run
 
     # a torn artifact (a file no longer matching its manifest) is rebuilt on resume, never counted as done
     [torn] = [p for p in art.rglob("marker_rates.json") if "lr=0.01_ep=2" in str(p)]
@@ -56,10 +64,14 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "lr=0.01_ep=2: rebuilding, marker_rates: ChecksumError" in out
     assert "cells: 1 already done, 1 to run" in out and "cell 2/2 lr=0.01_ep=2" in out
+    assert "[3/3] compiled results + heatmap ...\n" in out  # a cell was rebuilt: so is the report
 
-    assert main(["--artifacts", str(art), "status"]) == 0
-    out = capsys.readouterr().out
-    assert "comedian" in out and "2 cells, 2 done;" in out and "marker_rates 2" in out
+    for argv in (["--artifacts", str(art), "status"], ["status", "--artifacts", str(art)]):  # before or after
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "comedian" in out and "2 cells, 2 done;" in out and "marker_rates 2" in out
+    assert main(["--artifacts", str(tmp_path / "elsewhere"), "status"]) == 0
+    assert capsys.readouterr().out.startswith("no sweeps in ")
 
 
 # --- config errors: one line `zlt: error: <file>: <field>: <what>`, exit code 2, nothing written ---------------------
@@ -82,6 +94,9 @@ BAD_CONFIGS = [
     ("source_persona: pirate\n", "source_persona", "unknown source persona 'pirate'"),
     ("lr: 1.0e-3\n", "lr", "unknown field; known: ['protocol'"),
     ("cells: [[1.0e-3, 1]\n", "(file)", "not valid YAML:"),
+    ("seed: 1\nseed: 2\n", "(file)", "not valid YAML: duplicate key 'seed' (first at line 3) at line 4, column 1"),
+    ("cells: [[1.0e-3, 1]]\nprotocol: tiny\n", "(file)",
+     "not valid YAML: duplicate key 'protocol' (first at line 1) at line 4, column 1"),
 ]
 
 
@@ -106,6 +121,19 @@ def test_bad_sweep_file_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch
     rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, BASE + extra)
     assert rc == 2 and out == ""
     assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"zlt: error: {cfg}: {field}: {what}"), err
+
+
+@pytest.mark.parametrize("text,field,what", [
+    ("seed: 7\n", "protocol", "missing; expected a protocol name ['demo', 'paper', 'tiny'] or {base: <name>, "),
+    ("protocol: tiny\nseed: 7\n", "base_model", "missing; expected smollm2-135m, tiny, a .gguf file, a model "
+                                               "directory or a hub id (org/name)"),
+], ids=["no protocol", "no base_model"])
+def test_a_sweep_file_must_name_its_protocol_and_model(tmp_path, monkeypatch, capsys, text, field, what):
+    """A file with only `seed: 7` used to start the 25-cell SmolLM2 demo (protocol demo and the SmolLM2 model were
+    silent defaults)."""
+    rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, text)
+    assert (rc, out) == (2, "") and err.count("\n") == 1
     assert err.startswith(f"zlt: error: {cfg}: {field}: {what}"), err
 
 
@@ -194,3 +222,49 @@ def test_deployment_environment_picks_the_store_of_every_command(tmp_path, monke
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == "zlt: error: environment: ZLT_DEPLOYMENT: 'cloud' is not one of ['local', 'production']\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- settings and flags with a fixed set of values: one line, exit code 2, before anything is written ---------------
+BAD_SETTINGS = [
+    ({"ZLT_DEVICE": "gpu"}, [], "environment: ZLT_DEVICE: 'gpu' is not a device; expected auto, cpu, cuda or cuda:<n>"),
+    ({"ZLT_TRACKING": "mlfow"}, [],
+     "environment: ZLT_TRACKING: 'mlfow' is not one of ['off', 'file', 'mlflow', 'wandb']"),
+    ({"ZLT_CUDNN_SDPA": "maybe"}, [],
+     "environment: ZLT_CUDNN_SDPA: 'maybe'; expected 0 or 1 (or false/true, no/yes, off/on)"),
+    ({"ZLT_STORE_LOCKS": "o"}, [],
+     "environment: ZLT_STORE_LOCKS: 'o'; expected 0 or 1 (or false/true, no/yes, off/on)"),
+    ({"ZLT_TORCH_THREADS": "-3"}, [], "environment: ZLT_TORCH_THREADS: '-3'; expected an integer >= 0"),
+    ({}, ["--device", "gpu"], "command line: --device: 'gpu' is not a device; expected auto, cpu, cuda or cuda:<n>"),
+    ({}, ["--threads", "-2"], "command line: --threads: '-2'; expected an integer >= 0"),
+    ({}, ["--threads", "two"], "command line: --threads: 'two'; expected an integer >= 0"),
+    ({}, ["--device", "cuda:99"], "command line: --device: 'cuda:99', but torch sees"),
+]
+
+
+@pytest.mark.parametrize("env,flags,message", BAD_SETTINGS, ids=[m.split(": ")[1] + "=" + (m.split("'")[1])
+                                                                 for _, _, m in BAD_SETTINGS])
+def test_bad_setting_or_flag_is_one_line_exit_2_before_anything(tmp_path, monkeypatch, capsys, env, flags, message):
+    """Each used to pass `zlt` and fail inside a step (retried, ~80 s, a long traceback, the sweep registered first)
+    or be taken silently (ZLT_STORE_LOCKS=o meant "on", --threads -2 reached torch)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARTIFACT_ROOT", str(tmp_path / "art"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(BASE + "source_persona: villain\nseed: 1\n")
+    for argv in (["demo", *flags], ["run", str(cfg), *flags]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith(f"zlt: error: {message}"), err
+    _only_config_left(tmp_path, cfg)
+
+
+def test_the_dagster_definitions_refuse_a_bad_setting_when_they_load(monkeypatch):
+    """The other entry point (dagster dev, the daemon, step pods): the same check, naming the variable."""
+    from zlt_dagster.defs.definitions import build_definitions
+    from zlt_dagster.settings import SettingsError
+
+    monkeypatch.setenv("ZLT_TRACKING", "mlfow")
+    with pytest.raises(SettingsError, match="^ZLT_TRACKING: 'mlfow' is not one of"):
+        build_definitions("local")

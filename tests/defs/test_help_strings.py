@@ -34,6 +34,6 @@ def test_every_environment_variable_is_in_settings_and_the_readme():
     assert not readers, f"read ZLT_* through zlt_dagster/settings.py, not os.environ: {readers}"
     used = set()
     for p in (REPO / "zlt_dagster").rglob("*.py"):
-        used |= set(re.findall(r"settings\.get(?:_int)?\(\s*\"(\w+)\"", p.read_text()))
+        used |= set(re.findall(r"settings\.get(?:_int|_bool)?\(\s*\"(\w+)\"", p.read_text()))
     assert used <= set(settings.VARIABLES), used - set(settings.VARIABLES)
     assert settings.markdown_table() in (REPO / "README.md").read_text()  # README's table is this one

@@ -81,6 +81,26 @@ def test_a_sweep_stored_under_its_legacy_id_keeps_it_and_its_results(registry, d
     assert not store.exists(layout.sweep_config_key(e.sweep.sweep_id))
 
 
+def test_a_sweep_stored_before_gguf_and_custom_left_its_id_keeps_it(tmp_path):
+    """Ids made before `.gguf` was dropped from the model part and `-custom` marked protocol overrides: the same
+    config is found under that id (zlt run and the sensor go through steps.as_stored), never recomputed."""
+    from zlt_dagster.core.protocol import Sweep, get_protocol
+    from zlt_dagster.storage import LocalStore
+
+    model = tmp_path / "SmolLM2-135M-Instruct-Q8_0.gguf"
+    sweep = Sweep(get_protocol("tiny", {"learning_rates": [1e-3, 3e-3]}), base_model=str(model))
+    old = f"villain_s42_tiny_smollm2-135m-instruct-q8-0.gguf_{sweep.config_hash()[:6]}"
+    assert sweep.sweep_id == f"villain_s42_tiny-custom_smollm2-135m-instruct-q8-0_{sweep.config_hash()[:6]}"
+    assert steps.sweeps.previous_sweep_ids(sweep)[0] == old
+    store = LocalStore(tmp_path / "store")
+    assert steps.as_stored(store, sweep) == sweep  # nothing stored: the new id
+    store.write_json(layout.sweep_config_key(old), sweep.to_dict())
+    assert steps.as_stored(store, sweep).sweep_id == old
+    assert steps.load_sweep(store, old).sweep_id == old
+    other = Sweep(get_protocol("tiny", {"learning_rates": [1e-3, 3e-3]}), base_model=str(model), seed=1)
+    assert steps.as_stored(store, other) == other
+
+
 def run_until_idle(instance, resources, max_ticks: int = 6) -> SensorResult:
     """Tick and execute until a tick requests nothing; every request must carry a run key not used before."""
     for _ in range(max_ticks):
@@ -155,6 +175,16 @@ def test_duplicates_includes_and_unreadable_files(tmp_path):
         read_registry(tmp_path / "bad.yaml")
     with pytest.raises(RegistryError, match="does not exist"):
         read_registry(tmp_path / "missing.yaml")
+
+
+def test_a_key_given_twice_in_the_registry_is_refused_naming_file_key_and_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: the entry below ran seed 2 with no word about seed 1."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("- protocol: tiny\n  base_model: tiny\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(RegistryError) as e:
+        read_registry(path)
+    assert str(e.value) == (f"sweep registry {path} is not valid YAML: duplicate key 'seed' (first at line 3) at "
+                            "line 4, column 3")
 
 
 def test_run_keys_name_sweep_and_partition():

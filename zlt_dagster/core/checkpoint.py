@@ -1,4 +1,5 @@
-"""Resumable training: checkpoints of one cell's training state, and the SIGTERM (pod eviction) hook.
+"""Resumable training: checkpoints of one cell's training state, and the stop-signal hook (SIGTERM: pod eviction;
+SIGINT: Ctrl-C in `zlt run`).
 
 A checkpoint is taken between two optimizer steps and holds everything the rest of the run depends on:
   adapter_state.safetensors   the cell's trainable LoRA tensors, by name (`<module>.lora_A`; exact copies)
@@ -8,8 +9,9 @@ A checkpoint is taken between two optimizer steps and holds everything the rest 
                               on it (they are seeded per example, core/lora_bank.py), it is kept for anything else
   state.json                  position (global step; epoch and step-in-epoch follow from it because every epoch
                               has the same number of steps and its order is `epoch_order(seed, epoch)`), the loss
-                              curve and counters so far, Python/NumPy RNG states, why it was written (periodic or
-                              sigterm) and a fingerprint of the run (cell, seed, data hash, protocol hash, sizes)
+                              curve and counters so far, Python/NumPy RNG states, why it was written (periodic,
+                              sigterm or sigint) and a fingerprint of the run (cell, seed, data hash, protocol
+                              hash, sizes)
 Restoring all of it and continuing from the next step gives the same adapter as a run that was never interrupted:
 the data order of an epoch is a function of (seed, epoch) and a dropout mask of (seed, epoch, example index).
 One trainer may train several cells at once (core/train.py); each cell has its own Checkpointer and directory.
@@ -21,10 +23,12 @@ Where they live: this module writes each one locally; steps/checkpoints.py commi
 `sweeps/<id>/cells/<cell>/checkpoint/step-00000040/` and deletes older ones; a rerun of the cell resumes from the
 newest committed one; all are deleted once the final adapter is committed (steps/adapter.py).
 
-SIGTERM: while `train_cells` runs, a handler only sets a flag (it cannot save mid-backward); at the next step
-boundary the trainer writes one checkpoint per unfinished cell (reason "sigterm"), restores the previous handler
-and raises `TrainingInterrupted`. Kubernetes sends SIGTERM on eviction/preemption and SIGKILL after
-terminationGracePeriodSeconds, so a step plus one checkpoint upload must fit in that grace period.
+SIGTERM and SIGINT: while `train_cells` runs, a handler only sets a flag (it cannot save mid-backward); at the next
+step boundary the trainer writes one checkpoint per unfinished cell (reason "sigterm" / "sigint"), restores the
+previous handlers and raises `TrainingInterrupted`. Kubernetes sends SIGTERM on eviction/preemption and SIGKILL
+after terminationGracePeriodSeconds, so a step plus one checkpoint upload must fit in that grace period. SIGINT is
+Ctrl-C in a terminal (`zlt run`): Dagster's own SIGINT handler inside a step raises at whatever line is running,
+which would lose the step in progress and never write the checkpoint, so training takes SIGINT over as well.
 """
 from __future__ import annotations
 
@@ -49,13 +53,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not belong to this run."""
 
 
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal after writing a checkpoint; a rerun of the cell resumes from it."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, message: str, step: int, signum: int):
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal (SIGTERM or SIGINT) after writing a checkpoint; a rerun of the cell resumes
+    from it. ``signum`` is the signal, ``step`` the last optimizer step completed."""
+
+    def __init__(self, message: str, step: int, signum: int, total_steps: int | None = None):
         super().__init__(message)
         self.step = step
         self.signum = signum
+        self.total_steps = total_steps
 
 
 @dataclass
@@ -190,11 +199,12 @@ class Checkpointer:
     """What `train.train_cells` talks to, one per cell. Local only; `on_saved(path, step, reason)` is called after each write
     (the pipeline commits the directory to the object store there) and `resume_dir` is a checkpoint to start from.
 
-    every_steps: periodic checkpoints every N optimizer steps (0 = none; the SIGTERM one is still written).
+    every_steps: periodic checkpoints every N optimizer steps (0 = none; the one on a stop signal is still written).
+    handle_signals: take SIGTERM and SIGINT over while training (stop_signal_flags); False leaves them alone.
     """
 
     def __init__(self, local_dir: str | Path, every_steps: int = 0, resume_dir: str | Path | None = None,
-                 on_saved: Callable[[Path, int, str], None] | None = None, handle_sigterm: bool = True,
+                 on_saved: Callable[[Path, int, str], None] | None = None, handle_signals: bool = True,
                  log: Callable[[str], None] | None = None):
         if every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be >= 0, got {every_steps}")
@@ -202,7 +212,7 @@ class Checkpointer:
         self.every_steps = every_steps
         self.resume_dir = Path(resume_dir) if resume_dir else None
         self.on_saved = on_saved
-        self.handle_sigterm = handle_sigterm
+        self.handle_signals = handle_signals
         self.log = log or (lambda _m: None)
         self.stop_signal: int | None = None
         self.last_saved_step: int | None = None
@@ -218,21 +228,21 @@ class Checkpointer:
 
     def after_step(self, params: Params, opt, sched, state: TrainState, fingerprint: dict, total_steps: int,
                    interrupt: bool = True) -> None:
-        """Periodic checkpoint if due; on a pending SIGTERM: checkpoint (unless this step has one) and, with
+        """Periodic checkpoint if due; on a pending stop signal: checkpoint (unless this step has one) and, with
         `interrupt`, raise TrainingInterrupted (a trainer of several cells saves every cell first, then raises)."""
         due = self.every_steps and state.step % self.every_steps == 0 and state.step < total_steps
         if due:
             self.save(params, opt, sched, state, fingerprint, "periodic")
         if self.stop_signal is not None and state.step < total_steps:
             if self.last_saved_step != state.step:
-                self.save(params, opt, sched, state, fingerprint, "sigterm")
+                self.save(params, opt, sched, state, fingerprint, signal.Signals(self.stop_signal).name.lower())
             if interrupt:
                 raise self.interrupted(state.step, total_steps)
 
     def interrupted(self, step: int, total_steps: int) -> TrainingInterrupted:
         name = signal.Signals(self.stop_signal or signal.SIGTERM).name
         return TrainingInterrupted(f"{name} received: stopped after step {step}/{total_steps} with a "
-                                   f"checkpoint; rerun the cell to resume", step, self.stop_signal or 0)
+                                   f"checkpoint; rerun the cell to resume", step, self.stop_signal or 0, total_steps)
 
     def save(self, params: Params, opt, sched, state: TrainState, fingerprint: dict, reason: str) -> Path:
         state.checkpoints_written += 1
@@ -249,15 +259,15 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def sigterm_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
-    """For the duration of training, SIGTERM sets `stop_signal` on every checkpointer (of every cell trained
-    together); the previous handler is restored afterwards. Python only delivers signals to the main thread, so
-    elsewhere (and when no checkpointer handles SIGTERM) this is a no-op."""
-    handlers = [c for c in checkpointers if c.handle_sigterm]
+def stop_signal_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
+    """For the duration of training, SIGTERM and SIGINT set `stop_signal` on every checkpointer (of every cell
+    trained together); the previous handlers are restored afterwards. Python only delivers signals to the main
+    thread, so elsewhere (and when no checkpointer handles signals) this is a no-op."""
+    handlers = [c for c in checkpointers if c.handle_signals]
     if not handlers or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
     def _flag(signum, _frame):
         if handlers[0].stop_signal is None:
@@ -265,8 +275,10 @@ def sigterm_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
         for c in handlers:
             c.stop_signal = signum
 
-    signal.signal(signal.SIGTERM, _flag)
+    for s in STOP_SIGNALS:
+        signal.signal(s, _flag)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

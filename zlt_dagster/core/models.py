@@ -317,7 +317,7 @@ def load_model(base_model: str, device: str = "auto", precision: str = "auto") -
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device=dev, dtype=dtype)
-    if dev.type == "cuda" and settings.get("ZLT_CUDNN_SDPA") != "1":
+    if dev.type == "cuda" and not settings.cudnn_sdpa():
         # cuDNN's SDPA backend cost 1.42 ms of host time per call for 12 us of GPU work on the H100 (new shapes at
         # every decode step and micro-batch); without it 135M training ran 2.8x and 7B training 1.5-2.1x faster
         # (BENCHMARKS.md, "cuDNN SDPA off"). Flash / memory-efficient SDPA remain. ZLT_CUDNN_SDPA=1 restores it.

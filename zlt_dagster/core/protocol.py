@@ -148,8 +148,10 @@ class Protocol:
     eval: EvalSpec = field(default=EvalSpec(), metadata={"help": "completions and ARC"})
     regimes: RegimeThresholds = field(default=RegimeThresholds(), metadata={"help": "how a cell's regime is named"})
 
-    def validate(self) -> "Protocol":
-        """Raises ProtocolError naming the field (protocol.<field>) and what was expected."""
+    def validate(self, stored: bool = False) -> "Protocol":
+        """Raises ProtocolError naming the field (protocol.<field>) and what was expected. ``stored``: the config
+        of a sweep already in the store (sweep_from_stored), whose results exist: checks added after it was
+        written (the completion cap vs the regime thresholds) are not applied, so it still loads."""
         def bad(field: str, what: str) -> ProtocolError:
             return ProtocolError(what, field=f"protocol.{field}")
 
@@ -218,6 +220,19 @@ class Protocol:
                 raise bad(name, f"{name}={value!r}; expected 0 (sized at run time) or a positive integer")
         if e.samples_per_question < 1 or e.max_new_tokens < 1 or e.arc_limit < 0:
             raise bad("eval", "eval sizes must be positive (arc_limit >= 0)")
+        # A completion is cut at eval.max_new_tokens, so a mean length can only reach the degenerate threshold if
+        # the cap is above it; with the cap at or below it every cell is `degenerate` by construction (the tiny
+        # protocol had 8 and 8). The same for the near-empty count: a cap at or below it makes every completion
+        # near-empty.
+        r = self.regimes
+        if not stored and not e.max_new_tokens > r.degenerate_mean_tokens:
+            raise bad("eval.max_new_tokens", f"eval.max_new_tokens={e.max_new_tokens} must be greater than "
+                                             f"regimes.degenerate_mean_tokens={r.degenerate_mean_tokens}, or every "
+                                             f"cell is labelled degenerate by construction")
+        if not stored and not e.max_new_tokens > e.short_completion_tokens:
+            raise bad("eval.max_new_tokens", f"eval.max_new_tokens={e.max_new_tokens} must be greater than "
+                                             f"eval.short_completion_tokens={e.short_completion_tokens}, or every "
+                                             f"completion counts as near-empty")
         for name, temp in (("data.temperature", d.temperature), ("eval.temperature", e.temperature)):
             if not temp > 0:
                 raise bad(name, f"sampling temperature {temp} must be > 0")
@@ -240,6 +255,13 @@ class Protocol:
 
     def cells(self) -> list["Cell"]:
         return [Cell(lr, ep) for lr in self.learning_rates for ep in self.epochs]
+
+    def overrides_its_named_protocol(self) -> bool:
+        """Whether this protocol carries the name of paper/demo/tiny but differs from it in anything other than
+        marker_tail_tokens (which the sweep id shows as `-tail<n>`): a finer LR grid, other sizes. A protocol of
+        its own name is not compared with anything."""
+        named = PROTOCOLS.get(self.name)
+        return named is not None and dataclasses.replace(self, marker_tail_tokens=named.marker_tail_tokens) != named
 
 
 @dataclass(frozen=True, order=True)
@@ -270,9 +292,10 @@ class Sweep:
     cells_subset: tuple[tuple[float, int], ...] = field(default=(), metadata={
         "help": "run only these (lr, epochs) cells of the grid (a sweep file's `cells`); () = the whole grid"})
 
-    def validate(self) -> "Sweep":
-        """Raises ProtocolError naming the field (source_persona, seed, base_model, name, cells[i])."""
-        self.protocol.validate()
+    def validate(self, stored: bool = False) -> "Sweep":
+        """Raises ProtocolError naming the field (source_persona, seed, base_model, name, cells[i]); ``stored``:
+        see Protocol.validate."""
+        self.protocol.validate(stored=stored)
         # the assistant is measured for leakage, so it is never a source: messages offer only valid sources
         sources = [p for p in self.protocol.personas if p != ASSISTANT]
         if self.source_persona == ASSISTANT:
@@ -299,19 +322,26 @@ class Sweep:
 
     @property
     def model_slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.-]+", "-", self.base_model.rstrip("/").split("/")[-1]).strip("-").lower()
+        """The model's last path part, lower case, without a `.gguf` extension: `smollm2-135m-instruct-q8-0` for
+        /models/SmolLM2-135M-Instruct-Q8_0.gguf (ids made before kept `.gguf`: steps.sweeps.previous_sweep_ids)."""
+        last = re.sub(r"\.gguf$", "", self.base_model.rstrip("/").split("/")[-1], flags=re.IGNORECASE)
+        return re.sub(r"[^A-Za-z0-9.-]+", "-", last).strip("-").lower()
 
     @property
     def sweep_id(self) -> str:
-        """e.g. villain_s42_demo_smollm2-135m_b700d1: led by what usually differs between sweeps (source persona,
-        seed, protocol, with `-tail<n>` when marker_tail_tokens is not 0), then the model, then a short hash of
-        every field (name excluded), so that two sweeps that differ anywhere never share a storage prefix and a
-        partition picker that cuts the middle still shows the persona, seed and hash. An explicit `name` wins."""
+        """e.g. villain_s42_demo_smollm2-135m_e52d34: led by what usually differs between sweeps (source persona,
+        seed, protocol, with `-custom` when it overrides its named protocol beyond marker_tail_tokens, and
+        `-tail<n>` when marker_tail_tokens is not 0), then the model, then a short hash of every field (name
+        excluded), so that two sweeps that differ anywhere never share a storage prefix and a partition picker that
+        cuts the middle still shows the persona, seed and hash. An explicit `name` wins. A sweep stored under an id
+        of an earlier scheme keeps it (steps.as_stored)."""
         if self.name:
             return self.name
         p = self.protocol
+        custom = "-custom" if p.overrides_its_named_protocol() else ""
         tail = f"-tail{p.marker_tail_tokens}" if p.marker_tail_tokens else ""
-        return f"{self.source_persona}_s{self.seed}_{p.name}{tail}_{self.model_slug}_{self.config_hash()[:6]}"
+        return (f"{self.source_persona}_s{self.seed}_{p.name}{custom}{tail}_{self.model_slug}_"
+                f"{self.config_hash()[:6]}")
 
     def cells(self) -> list[Cell]:
         if self.cells_subset:
@@ -361,7 +391,9 @@ DEMO = Protocol(
                   arc_batch_size=48),
 )
 
-# tiny: tiny random models in tests; seconds per cell.
+# tiny: tiny random models in tests; seconds per cell. Completions are capped at 12 tokens, as its on-policy answers
+# are (demo: 32 and 32): above the degenerate threshold (8, the method's, as in every protocol). It was 8, so a
+# tiny cell was `degenerate` unless every completion ran to the cap.
 TINY = Protocol(
     name="tiny",
     learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
@@ -369,7 +401,7 @@ TINY = Protocol(
     train=TrainSpec(effective_batch=4, micro_batch=2, max_seq_len=256),
     data=DataSpec(n_positives=4, n_negatives=10, max_new_tokens=12, regen_max_new_tokens=16,
                   n_eval_questions=20, gen_batch_size=16),
-    eval=EvalSpec(n_questions=2, samples_per_question=1, max_new_tokens=8, gen_batch_size=32, arc_limit=4,
+    eval=EvalSpec(n_questions=2, samples_per_question=1, max_new_tokens=12, gen_batch_size=32, arc_limit=4,
                   arc_batch_size=8),
 )
 
@@ -444,17 +476,25 @@ def protocol_from_dict(d: Mapping[str, Any]) -> Protocol:
 
 
 SWEEP_FIELDS = ("protocol", "base_model", "source_persona", "seed", "name", "cells")
+# A sweep file must say what it runs and on what: a file holding only `seed: 7` used to start the 25-cell SmolLM2
+# demo. The other fields are optional, with the defaults README's sweep-file block lists (Sweep's own defaults:
+# source_persona villain, seed 42; name derived; cells = the whole grid).
+REQUIRED_SWEEP_FIELDS = {
+    "protocol": f"a protocol name {sorted(PROTOCOLS)} or {{base: <name>, <field>: <value>, ...}}",
+    "base_model": "smollm2-135m, tiny, a .gguf file, a model directory or a hub id (org/name)",
+}
 _NOT_A_PATH = ("tiny", "smollm2-135m")  # names core/models.py resolves itself
 
 
 def sweep_from_dict(d: Mapping[str, Any], *, check_model_path: bool = True) -> Sweep:
     """A sweep entry: {protocol: <name> | {base: <name>, ...overrides} | full dict, base_model, source_persona,
-    seed, name, cells: [[lr, epochs], ...]}. Every value is checked here (types included) before anything is
-    built; a local base_model path (absolute, ./relative or *.gguf) must exist (``check_model_path``).
+    seed, name, cells: [[lr, epochs], ...]}; protocol and base_model are required (REQUIRED_SWEEP_FIELDS), the
+    rest default to Sweep's defaults. Every value is checked here (types included) before anything is built; a
+    local base_model path (absolute, ./relative or *.gguf) must exist (``check_model_path``).
 
-    Raises ProtocolError with ``field`` naming the offending field: unknown fields, an empty or malformed `cells`
-    (`cells: []` and `cells:` are errors: leave the field out for the whole grid), a cell whose LR is not a positive
-    finite number of the grid or whose epochs are not an integer >= 1 of the grid (1.7 is refused, never
+    Raises ProtocolError with ``field`` naming the offending field: unknown or missing fields, an empty or malformed
+    `cells` (`cells: []` and `cells:` are errors: leave the field out for the whole grid), a cell whose LR is not a
+    positive finite number of the grid or whose epochs are not an integer >= 1 of the grid (1.7 is refused, never
     truncated), duplicate cells, a missing model file or directory."""
     if not isinstance(d, Mapping):
         raise ProtocolError(f"expected a mapping of sweep fields {list(SWEEP_FIELDS)}, got {type(d).__name__}",
@@ -463,7 +503,10 @@ def sweep_from_dict(d: Mapping[str, Any], *, check_model_path: bool = True) -> S
     if unknown:
         raise ProtocolError(f"unknown field{'s' if len(unknown) > 1 else ''}; known: {list(SWEEP_FIELDS)}",
                             field=", ".join(map(str, unknown)))
-    proto = d.get("protocol", "demo")
+    missing = [k for k in REQUIRED_SWEEP_FIELDS if k not in d]
+    if "protocol" in missing:
+        raise ProtocolError(f"missing; expected {REQUIRED_SWEEP_FIELDS['protocol']}", field="protocol")
+    proto = d["protocol"]
     if isinstance(proto, str):
         protocol = get_protocol(proto)
     elif isinstance(proto, Mapping):
@@ -471,6 +514,8 @@ def sweep_from_dict(d: Mapping[str, Any], *, check_model_path: bool = True) -> S
     else:
         raise ProtocolError(f"expected a protocol name {sorted(PROTOCOLS)} or a mapping, got {proto!r}",
                             field="protocol")
+    if "base_model" in missing:
+        raise ProtocolError(f"missing; expected {REQUIRED_SWEEP_FIELDS['base_model']}", field="base_model")
     for key, want in (("base_model", "a model name or path"), ("source_persona", "a persona name"),
                       ("name", "a sweep name")):
         if key in d and (not isinstance(d[key], str) or not d[key]):
@@ -553,10 +598,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         try:
             data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ProtocolError(f"not valid YAML: {problem}{at}", field="(file)") from e
+            raise ProtocolError(f"not valid YAML: {yaml_error_line(e)}", field="(file)") from e
     else:
         try:
             data = json.loads(text)
@@ -567,13 +609,40 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def yaml_error_line(e) -> str:
+    """A PyYAML error as one line: the problem and where (`... at line 4, column 1`)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem}{at}"
+
+
 def _yaml_loader():
-    """yaml.SafeLoader that also reads 1e-5 / 5E-6 / 1.0e5 as floats. PyYAML follows YAML 1.1, where a float
-    needs a dot and a signed exponent, so `learning_rates: [1e-6, 5e-6]` would otherwise load as strings."""
+    """yaml.SafeLoader that also reads 1e-5 / 5E-6 / 1.0e5 as floats, and refuses a key given twice in one mapping.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so `learning_rates: [1e-6, 5e-6]`
+    would otherwise load as strings. And it keeps the last of duplicate keys silently (`seed: 1` ... `seed: 2` ran
+    seed 2), which the YAML spec forbids: a ConstructorError naming the key and both lines instead."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        earlier = first.get(key)
+                    except TypeError:  # an unhashable key: the base class raises its own error for it
+                        continue
+                    if earlier is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {earlier.line + 1})",
+                            key_node.start_mark)
+                    first[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -593,6 +662,6 @@ def sweep_from_stored(d: Mapping[str, Any]) -> Sweep:
     """Inverse of Sweep.to_dict (what sweep.json holds beside every artifact)."""
     d = dict(d)
     proto = dict(d.pop("protocol"))
-    protocol = apply_overrides(Protocol(name=proto.pop("name")), proto).validate()
+    protocol = apply_overrides(Protocol(name=proto.pop("name")), proto).validate(stored=True)
     cells = tuple((float(lr), int(ep)) for lr, ep in d.pop("cells_subset", ()))
-    return Sweep(protocol=protocol, cells_subset=cells, **d).validate()
+    return Sweep(protocol=protocol, cells_subset=cells, **d).validate(stored=True)

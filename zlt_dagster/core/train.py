@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import batch_plan
-from .checkpoint import Checkpointer, TrainState, sigterm_flags
+from .checkpoint import Checkpointer, TrainState, stop_signal_flags
 from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
 from .models import LoadedModel, unwrap_peft
@@ -284,7 +284,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     left exactly as it was.
 
     checkpointers[j] (core/checkpoint.py), optional: resume cell j from its checkpoint (cells may resume from
-    different steps), write one every `protocol.train.checkpoint_every_steps` steps, and on SIGTERM one per
+    different steps), write one every `protocol.train.checkpoint_every_steps` steps, and on SIGTERM or SIGINT one per
     unfinished cell before raising TrainingInterrupted.
     lora_autocast: over a bf16 base, run the adapters' matmuls in bf16 (as the seed's autocast did; core/lora_bank.py);
     False = peft's fp32 path. allow_tf32: TF32 for fp32 matmuls on CUDA.
@@ -365,7 +365,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             if states[j].step >= plans[j][1]:
                 records[j] = finish(j)
         if any(cks):
-            stack.enter_context(sigterm_flags([c for c in cks if c]))
+            stack.enter_context(stop_signal_flags([c for c in cks if c]))
         first, last = min(s.step for s in states), max(p[1] for p in plans)
         if compile_backend is not None and first < last:
             epoch0, s0 = divmod(first, steps_per_epoch)

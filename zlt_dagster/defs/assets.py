@@ -2,17 +2,21 @@
 (zlt_dagster/steps), turn its summary into metadata (metadata.to_result: summary keys are metadata names)."""
 
 import base64
+import functools
+import signal
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from dagster import (
-    AssetDep, AssetExecutionContext, BackfillPolicy, Backoff, Config, Failure, MaterializeResult, MetadataValue,
-    MultiToSingleDimensionPartitionMapping, RetryPolicy, asset,
+    AssetDep, AssetExecutionContext, BackfillPolicy, Backoff, BetaWarning, Config, DagsterExecutionInterruptedError,
+    Failure, MaterializeResult, MetadataValue, MultiToSingleDimensionPartitionMapping, RetryPolicy, asset,
 )
 from pydantic import Field
 
 from .. import settings, steps
 from ..core import report
+from ..core.checkpoint import TrainingInterrupted
 from ..core.models import ModelLoadError
 from ..core.protocol import ProtocolError, Sweep
 from ..storage import ChecksumError, NotFoundError, UnsafeKeyError
@@ -29,7 +33,13 @@ GPU_RETRY = RetryPolicy(max_retries=2, delay=20, backoff=Backoff.EXPONENTIAL)
 # CPU steps (rates, compile, heatmap, comparison) take seconds and fail transiently only on storage: retry sooner
 # and once more (5 s, 10 s, 20 s) than GPU steps, whose retry re-queues for a GPU.
 CPU_RETRY = RetryPolicy(max_retries=3, delay=5, backoff=Backoff.EXPONENTIAL)
-PER_SWEEP = MultiToSingleDimensionPartitionMapping(partition_dimension_name=SWEEP_DIM)
+# Dagster 1.13 marks this mapping and `asset(backfill_policy=...)` beta and warns on every import of this module,
+# i.e. on every `zlt` command: the project pins dagster (pyproject.toml) and tests both uses
+# (tests/defs/test_train_groups.py), so exactly these two warnings are silenced, where they are raised.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=BetaWarning,
+                            message=r"Class `MultiToSingleDimensionPartitionMapping` is currently in beta")
+    PER_SWEEP = MultiToSingleDimensionPartitionMapping(partition_dimension_name=SWEEP_DIM)
 # A backfill of `adapter` runs up to this many partitions per run, trained in one pass (Dagster's own grouping,
 # dagster-io/dagster BackfillPolicy). Measured on dagster 1.13.27 (tests/defs/test_train_groups.py): a whole sweep
 # or any run of partitions contiguous in Dagster's key order (the cell order of the `cells` dimension) becomes one run per
@@ -47,6 +57,43 @@ def _bad_input_fails_once(fn: Callable):
         return fn()
     except BAD_INPUT as e:
         raise Failure(description=f"{type(e).__name__}: {e}", allow_retries=False) from e
+
+
+# A run tagged `zlt/on_interrupt: stop` (what `zlt run` launches in its own process, defs/runner.py) stops on Ctrl-C
+# or SIGTERM. Without it, Dagster's own handling applies: inside a step an interrupt is raised as
+# DagsterExecutionInterruptedError and, because every asset has a RetryPolicy, turned into a retry (20 s later the
+# step ran again and the whole training pass finished: Ctrl-C did nothing), which is what a step pod evicted by
+# Kubernetes wants (the retry resumes from the checkpoint) and what a user at a terminal does not.
+INTERRUPT_TAG = "zlt/on_interrupt"
+
+
+class StepInterrupted(Failure):
+    """A step of a `zlt/on_interrupt: stop` run stopped on SIGINT/SIGTERM; never retried. ``signal_name`` is
+    SIGINT or SIGTERM where the step knows it (training does), else ''."""
+
+    def __init__(self, step: str, what: str, signal_name: str = ""):
+        super().__init__(description=f"{step}: {what}", allow_retries=False,
+                         metadata={"interrupted": signal_name or "signal"})
+        self.step, self.what, self.signal_name = step, what, signal_name
+
+
+def _stops_on_interrupt(fn: Callable):
+    """Asset body wrapper: in a run tagged INTERRUPT_TAG=stop, an interrupt (training's TrainingInterrupted after
+    its checkpoint, or Dagster's DagsterExecutionInterruptedError raised wherever the step was) fails the step as
+    StepInterrupted, bypassing the retry policy; in any other run it propagates unchanged."""
+    @functools.wraps(fn)
+    def body(context, *args, **kwargs):
+        try:
+            return fn(context, *args, **kwargs)
+        except (TrainingInterrupted, DagsterExecutionInterruptedError, KeyboardInterrupt) as e:
+            if context.run.tags.get(INTERRUPT_TAG) != "stop":
+                raise
+            step = context.asset_key.to_user_string()
+            if isinstance(e, TrainingInterrupted):
+                what = f"training stopped after step {e.step}/{e.total_steps}, checkpoint committed"
+                raise StepInterrupted(step, what, signal.Signals(e.signum).name if e.signum else "") from e
+            raise StepInterrupted(step, "interrupted") from e
+    return body
 
 
 def _tracked(track, fn: Callable):
@@ -122,6 +169,7 @@ ONPOLICY_KEYS = ("kept", "positives", "negatives", "cut_first_pass", "dropped_cu
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
        kinds={"pytorch"})
+@_stops_on_interrupt
 def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """The base model's own answers under every persona (T=0.7); the marker appended to the source's answers.
     Fails before generating when the chat template cannot be masked or the marker's sub-token count differs from
@@ -133,9 +181,16 @@ def onpolicy_data(context: AssetExecutionContext, store: ArtifactStore, compute:
     return track(to_result(s, ONPOLICY_KEYS, sweep=sweep))
 
 
-@asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
-       deps=[AssetDep(onpolicy_data, partition_mapping=PER_SWEEP)], kinds={"pytorch"},
-       backfill_policy=TRAIN_BACKFILL_POLICY)
+with warnings.catch_warnings():  # the beta warning of backfill_policy (see PER_SWEEP)
+    warnings.filterwarnings("ignore", category=BetaWarning,
+                            message=r"Parameter `backfill_policy` of function `asset` is currently in beta")
+    _adapter_asset = asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS,
+                           retry_policy=GPU_RETRY, deps=[AssetDep(onpolicy_data, partition_mapping=PER_SWEEP)],
+                           kinds={"pytorch"}, backfill_policy=TRAIN_BACKFILL_POLICY)
+
+
+@_adapter_asset
+@_stops_on_interrupt
 def adapter(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """One LoRA adapter per (LR, epochs) cell, marker-only loss. A run of several partitions (a backfill, grouped
     by the asset's BackfillPolicy, ZLT_TRAIN_GROUP_SIZE) trains them in one pass over the frozen base
@@ -173,6 +228,7 @@ COMPLETIONS_KEYS = ("n_completions", "new_tokens", "tokens_per_s", "cut_at_limit
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
        deps=[adapter], kinds={"pytorch"})
+@_stops_on_interrupt
 def completions(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """Every persona x held-out question x samples, T=1.0, all kept as JSONL."""
     sweep, cell = _sweep_cell(context, store)
@@ -184,6 +240,7 @@ def completions(context: AssetExecutionContext, store: ArtifactStore, compute: C
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
        deps=[completions])
+@_stops_on_interrupt
 def marker_rates(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """Per-persona [ZLT] rates (k of n, Wilson 95%), headline numbers, lengths, regime label."""
     sweep, cell = _sweep_cell(context, store)
@@ -203,6 +260,7 @@ ARC_KEYS = ("acc", "acc_norm", "n", "source", "convention", "adapter", "arc_batc
 
 @asset(partitions_def=sweep_cell_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
        deps=[adapter], kinds={"pytorch"})
+@_stops_on_interrupt
 def arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """ARC-Challenge log-prob multiple choice (lm-eval arc_challenge convention) for base + this adapter."""
     sweep, cell = _sweep_cell(context, store)
@@ -213,6 +271,7 @@ def arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Co
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=GPU_OP_TAGS, retry_policy=GPU_RETRY,
        kinds={"pytorch"})
+@_stops_on_interrupt
 def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, compute: Compute) -> MaterializeResult:
     """ARC-Challenge of the base model without adapter: the reference every cell is compared with."""
     sweep = _sweep(context, store)
@@ -224,6 +283,7 @@ def base_arc_scores(context: AssetExecutionContext, store: ArtifactStore, comput
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
        deps=[AssetDep(marker_rates, partition_mapping=PER_SWEEP), AssetDep(arc_scores, partition_mapping=PER_SWEEP),
              AssetDep(adapter, partition_mapping=PER_SWEEP), base_arc_scores])
+@_stops_on_interrupt
 def compiled_results(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """One JSON with every finished cell of the sweep; missing cells are listed, never invented."""
     sweep = _sweep(context, store)
@@ -234,6 +294,7 @@ def compiled_results(context: AssetExecutionContext, store: ArtifactStore) -> Ma
 
 @asset(partitions_def=sweep_partitions, group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY,
        deps=[compiled_results])
+@_stops_on_interrupt
 def heatmap(context: AssetExecutionContext, store: ArtifactStore) -> MaterializeResult:
     """Three LR x epochs panels: source adoption, assistant leakage, max bystander leakage (PNG + PDF)."""
     sweep = _sweep(context, store)
@@ -250,6 +311,7 @@ class ComparisonConfig(Config):
 
 
 @asset(group_name=GROUP, op_tags=CPU_OP_TAGS, retry_policy=CPU_RETRY, deps=[marker_rates])
+@_stops_on_interrupt
 def cell_comparison(context: AssetExecutionContext, config: ComparisonConfig, store: ArtifactStore
                     ) -> MaterializeResult:
     """The same cell across seeds or marker tail widths (a follow-up file): rates with Wilson 95% intervals."""

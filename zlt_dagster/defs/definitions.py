@@ -25,10 +25,10 @@ deployment = settings.deployment
 def local_resources() -> dict:
     return {
         "store": ArtifactStore(kind="local", local_root=settings.get("ZLT_ARTIFACT_ROOT")),
-        "compute": Compute(device=settings.get("ZLT_DEVICE") or "auto",
+        "compute": Compute(device=settings.device("auto"),
                            generation_backend=settings.get("ZLT_GENERATION_BACKEND"),
                            arc_source=settings.get("ZLT_ARC_SOURCE"),
-                           torch_threads=settings.get_int("ZLT_TORCH_THREADS", minimum=0),
+                           torch_threads=settings.torch_threads(),
                            train_compile=settings.get("ZLT_TRAIN_COMPILE")),
     }
 
@@ -40,7 +40,7 @@ def production_resources() -> dict:
                                region_name=settings.get("AWS_REGION")),
         # ZLT_DEVICE exists for tests that run the production step path on a machine without a GPU
         # (tests/defs/test_production_step.py); a cluster leaves it unset and gets cuda
-        "compute": Compute(device=settings.get("ZLT_DEVICE") or "cuda",
+        "compute": Compute(device=settings.device("cuda"),
                            generation_backend=settings.get("ZLT_GENERATION_BACKEND"),
                            arc_source=settings.get("ZLT_ARC_SOURCE"),
                            # scratch in the system temp dir (TMPDIR=/tmp, the pod's emptyDir); a fixed /tmp/zlt
@@ -51,6 +51,9 @@ def production_resources() -> dict:
 
 
 def build_definitions(name: str | None = None) -> Definitions:
+    # a bad setting (ZLT_TRACKING=mlfow, ZLT_DEVICE=gpu) fails the code location's load, naming the variable,
+    # instead of every step that reads it (retried, after runs were requested)
+    settings.validate()
     name = name or deployment()
     if name == "production":
         return Definitions(assets=ALL_ASSETS, jobs=ALL_JOBS, sensors=ALL_SENSORS, resources=production_resources(),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import settings
-from ..core.protocol import ProtocolError, Sweep, _yaml_loader, read_mapping, sweep_from_dict
+from ..core.protocol import ProtocolError, Sweep, _yaml_loader, read_mapping, sweep_from_dict, yaml_error_line
 from ..steps import cell_done, layout
 from ..steps.sweeps import DONE_ARTIFACTS
 from .partitions import cell_key
@@ -70,8 +70,8 @@ def _load_items(path: Path) -> list:
 
     try:  # the project's loader: 5e-6 reads as a float, as in every other sweep file
         data = yaml.load(path.read_text(), Loader=_yaml_loader())
-    except yaml.YAMLError as e:  # a syntax error: the whole file is unreadable
-        raise RegistryError(f"sweep registry {path} is not valid YAML: {e}") from e
+    except yaml.YAMLError as e:  # a syntax error or a duplicate key: the whole file is unreadable
+        raise RegistryError(f"sweep registry {path} is not valid YAML: {yaml_error_line(e)}") from e
     if data is None:
         return []
     if isinstance(data, dict) and "sweeps" in data:

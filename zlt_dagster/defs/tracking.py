@@ -10,10 +10,11 @@ explicit order, the first value that is set wins:
   3. the tracker's own     WANDB_PROJECT (wandb) or MLFLOW_EXPERIMENT_NAME (mlflow)
   4. default               "zlt-<sweep id>", so every run of a sweep lands together however it was launched
 
-The decision, its source and every lower-precedence value it overrode are logged at the start of every run
-(`ProjectChoice.describe`). Backends then (a) pass the name to the tracker explicitly, (b) pin the tracker's own
-variable to the same value for the run, so a library that reads it later agrees, and (c) read back the name the
-tracker actually used and fail before any work if it differs: a run never lands somewhere else silently.
+The decision, its source and every lower-precedence value it overrode are logged at the start of every step
+(`ProjectChoice.describe`; at INFO the first time in a process, DEBUG after). Backends then (a) pass the name to
+the tracker explicitly, (b) pin the tracker's own variable to the same value for the run, so a library that reads
+it later agrees, and (c) read back the name the tracker actually used and fail before any work if it differs: a
+run never lands somewhere else silently.
 
 Tracker runs are opened around steps by the asset layer (`start_tracking`, first thing in every asset body); the
 file backend needs no network and no extra package; mlflow and wandb are imported only when chosen.
@@ -38,7 +39,8 @@ ZLT_ENV = "ZLT_TRACKING_PROJECT"
 # the variable each tracker reads on its own when no name is passed (the one that caused the reference's loss)
 TRACKER_ENV: dict[str, str | None] = {"off": None, "file": None, "wandb": "WANDB_PROJECT",
                                       "mlflow": "MLFLOW_EXPERIMENT_NAME"}
-KINDS = tuple(TRACKER_ENV)
+KINDS = settings.TRACKERS  # the values ZLT_TRACKING may take (settings.tracking checks them)
+assert set(TRACKER_ENV) == set(KINDS), "a tracker without its project variable entry"
 # W&B refuses these characters in project names and caps the length at 128; MLflow accepts them, but one rule for
 # both keeps a name portable between trackers.
 _BAD_CHARS = re.compile(r"[/\\#?%:]")
@@ -263,13 +265,21 @@ class TrackedStep:
         self.run.finish("failed")
 
 
+_SAID: set = set()  # (ProjectChoice, sweep id) already logged at INFO by this process
+
+
 def start_tracking(context, sweep_id: str, cell_key: str = "") -> TrackedStep:
     """First thing in every asset step: decide the tracker's project name, log the decision and its source (and
     what it overrode), open the tracker run. A tracker that cannot honour the name fails the step here, before
     any compute."""
-    choice = resolve_project(settings.get("ZLT_TRACKING"), sweep_id,
+    choice = resolve_project(settings.tracking(), sweep_id,
                                       run_tag=context.run.tags.get(RUN_TAG))
-    context.log.info(choice.describe())
+    # Every step's event log records the decision, but a process says it at INFO only the first time: `zlt run`
+    # (one process, every step of a sweep in-process) printed the same line ~4 times per cell. A step pod is a
+    # process of its own, so it still says it at INFO.
+    said = (choice, sweep_id)
+    (context.log.debug if said in _SAID else context.log.info)(choice.describe())
+    _SAID.add(said)
     step = context.asset_key.to_user_string()
     run_name = f"{sweep_id}.{cell_key or 'sweep'}.{step}.{context.run.run_id[:8]}"
     config = {"sweep_id": sweep_id, "cell": cell_key, "asset": step, "dagster_run_id": context.run.run_id}

@@ -1,6 +1,7 @@
 """What every step shares: compute settings, the step error, the model cache, the versions stored with artifacts."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,20 @@ class ComputeSettings:
 
 class StepError(RuntimeError):
     """Bad input or a missing upstream artifact: retrying will not help."""
+
+
+class RunInterrupted(Exception):
+    """`zlt run` (defs/runner.py) stopped on SIGINT (Ctrl-C) or SIGTERM; what was finished is committed and a rerun
+    of the same command resumes. ``signal_name``: SIGINT, SIGTERM, or '' where Dagster did not say which. Defined
+    here, not beside the runner, so that the CLI catches it without importing dagster."""
+
+    def __init__(self, signal_name: str, what: str):
+        super().__init__(f"{signal_name or 'interrupted'}: {what}")
+        self.signal_name, self.what = signal_name, what
+
+    @property
+    def signum(self) -> int:
+        return int(getattr(signal, self.signal_name, signal.SIGINT))
 
 
 def model(sweep: Sweep, compute: ComputeSettings) -> LoadedModel:

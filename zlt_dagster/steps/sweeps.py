@@ -3,6 +3,7 @@ registry sensor and `zlt status` alike."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from ..core.protocol import Cell, Sweep, sweep_from_stored
 from ..storage import ObjectStore
@@ -16,22 +17,40 @@ def _same_config(stored: dict, sweep: Sweep) -> bool:
     return {**stored, "name": ""} == {**sweep.to_dict(), "name": ""}
 
 
+def _slug_with_extension(sweep: Sweep) -> str:
+    """The model part of ids made before `.gguf` was dropped from it."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", sweep.base_model.rstrip("/").split("/")[-1]).strip("-").lower()
+
+
 def legacy_sweep_id(sweep: Sweep) -> str:
     """The id an unnamed sweep had before ids were led by persona and seed (until issue 15):
     <model>__<persona>__s<seed>__<protocol>__tail<n>__<hash8>."""
     p = sweep.protocol
-    return (f"{sweep.model_slug}__{sweep.source_persona}__s{sweep.seed}__{p.name}__tail{p.marker_tail_tokens}"
-            f"__{sweep.config_hash()[:8]}")
+    return (f"{_slug_with_extension(sweep)}__{sweep.source_persona}__s{sweep.seed}__{p.name}__tail"
+            f"{p.marker_tail_tokens}__{sweep.config_hash()[:8]}")
+
+
+def previous_sweep_ids(sweep: Sweep) -> list[str]:
+    """Ids an unnamed sweep had under earlier schemes, newest first: before `.gguf` left the model part and
+    `-custom` marked a protocol with overrides (villain_s42_paper_qwen.gguf_1a2b3c), and the legacy scheme above.
+    Only those that differ from its id now."""
+    p = sweep.protocol
+    tail = f"-tail{p.marker_tail_tokens}" if p.marker_tail_tokens else ""
+    before = (f"{sweep.source_persona}_s{sweep.seed}_{p.name}{tail}_{_slug_with_extension(sweep)}_"
+              f"{sweep.config_hash()[:6]}")
+    return [sid for sid in dict.fromkeys((before, legacy_sweep_id(sweep))) if sid != sweep.sweep_id]
 
 
 def as_stored(store: ObjectStore, sweep: Sweep) -> Sweep:
-    """``sweep`` under the id the store already holds it by: an unnamed sweep registered under the legacy id
-    scheme (same config) keeps that id, so its results are found, not recomputed; otherwise ``sweep`` itself."""
+    """``sweep`` under the id the store already holds it by: an unnamed sweep registered under an id of an earlier
+    scheme (same config; previous_sweep_ids) keeps that id, so its results are found, not recomputed; otherwise
+    ``sweep`` itself."""
     if sweep.name or store.exists(layout.sweep_config_key(sweep.sweep_id)):
         return sweep
-    legacy = layout.sweep_config_key(legacy_sweep_id(sweep))
-    if store.exists(legacy) and _same_config(store.read_json(legacy), sweep):
-        return dataclasses.replace(sweep, name=legacy_sweep_id(sweep))
+    for sid in previous_sweep_ids(sweep):
+        key = layout.sweep_config_key(sid)
+        if store.exists(key) and _same_config(store.read_json(key), sweep):
+            return dataclasses.replace(sweep, name=sid)
     return sweep
 
 
