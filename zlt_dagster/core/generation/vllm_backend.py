@@ -85,17 +85,18 @@ def _adapter_key(adapter_dir: str) -> tuple[str, int, int]:
     return os.path.realpath(adapter_dir), st.st_size, st.st_mtime_ns
 
 
-def engine_kwargs(loaded, lora_rank: int, gpu_memory_utilization: float | None = None) -> dict:
+def engine_kwargs(loaded, lora_rank: int) -> dict:
     """The LLM(...) arguments for `loaded` (a core.models.LoadedModel whose `source` is a transformers directory or a
-    hub id): its weights and tokenizer, its dtype, LoRA of `lora_rank` (rounded up to a rank vLLM accepts), memory
-    as `memory_fraction`. One adapter at a time: every request of a call uses the same one."""
+    hub id) but its memory share: its weights and tokenizer, its dtype, LoRA of `lora_rank` (rounded up to a rank
+    vLLM accepts). One adapter at a time: every request of a call uses the same one. They name the engine: the same
+    arguments reuse the process's engine."""
     import torch
 
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[loaded.dtype]
     max_pos = getattr(loaded.model.config, "max_position_embeddings", MAX_MODEL_LEN) or MAX_MODEL_LEN
     return dict(model=loaded.source, tokenizer=loaded.source, dtype=dtype, enable_lora=True,
                 max_lora_rank=engine_lora_rank(lora_rank), max_loras=1, max_model_len=min(MAX_MODEL_LEN, max_pos),
-                gpu_memory_utilization=memory_fraction(gpu_memory_utilization), seed=0)
+                seed=0)
 
 
 class VllmGenerator(Generator):
@@ -115,10 +116,12 @@ class VllmGenerator(Generator):
         from vllm import LLM  # imported here: vllm is only in the GPU image
 
         self.loaded = loaded
-        kwargs = {**engine_kwargs(loaded, lora_rank, gpu_memory_utilization), **engine_overrides}
-        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k != "gpu_memory_utilization"))
+        kwargs = {**engine_kwargs(loaded, lora_rank), **engine_overrides}
+        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         if key not in _ENGINES:
-            _ENGINES[key] = LLM(**kwargs)
+            # the memory share only for a NEW engine: with one already running, "what is free now" is what that
+            # engine left (measured on the H200: 18 of 139 GiB), and the step that wanted to reuse it failed
+            _ENGINES[key] = LLM(**kwargs, gpu_memory_utilization=memory_fraction(gpu_memory_utilization))
         self.llm = _ENGINES[key]
         self.engine_args = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
         self.seeded = settings.vllm_seeded() if seeded is None else seeded
