@@ -192,7 +192,9 @@ def test_generation_batch_sizes_are_sized_at_run_time_in_paper_and_explicit_in_d
     assert (PAPER.data.gen_batch_size, PAPER.eval.gen_batch_size, PAPER.eval.arc_batch_size) == (0, 0, 0)
     assert (DEMO.data.gen_batch_size, DEMO.eval.gen_batch_size, DEMO.eval.arc_batch_size) == (64, 66, 48)
     assert (TINY.data.gen_batch_size, TINY.eval.gen_batch_size, TINY.eval.arc_batch_size) == (16, 32, 8)
-    assert (DEMO.config_hash(), TINY.config_hash()) == ("bfc3bbd3f371", "572839a0bb52")
+    # tiny's hash moved once on purpose (its completion cap 8 -> 12, above the degenerate threshold: 572839a0bb52 ->
+    # 1911f9bc3bef); pinned so that no batch-size change moves it again
+    assert (DEMO.config_hash(), TINY.config_hash()) == ("bfc3bbd3f371", "1911f9bc3bef")
     assert Sweep(DEMO).sweep_id == "villain_s42_demo_smollm2-135m_e52d34"  # README, docs/design.md
     for name in BATCH_FIELDS:
         assert get_protocol("paper", {name: 1100}).to_dict()[name.split(".")[0]][name.split(".")[1]] == 1100
