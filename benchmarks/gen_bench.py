@@ -49,6 +49,7 @@ from zlt_dagster.core.protocol import PAPER, Sweep  # noqa: E402
 from zlt_dagster.core.random_adapter import save_random_adapter  # noqa: E402
 
 SWEEP = Sweep(protocol=PAPER, base_model="smollm2-135m", source_persona="villain", seed=42)
+ENGINE_OVERRIDES: dict = {}  # --vllm-engine: extra LLM(...) arguments for the 135M engine (JSON)
 SMOKE = "--smoke" in sys.argv  # CPU dry run: tiny model, tiny lengths; checks the script, not speed
 if SMOKE:
     SWEEP = dataclasses.replace(SWEEP, base_model="tiny")
@@ -130,8 +131,8 @@ def run_135m(R: Runner, tmp: Path) -> None:
     box = {}
 
     def start():
-        box["gen"], s = vllm_engine(lm)
-        return {"engine_start_s": s}
+        box["gen"], s = vllm_engine(lm, **ENGINE_OVERRIDES)
+        return {"engine_start_s": s, "overrides": ENGINE_OVERRIDES}
     # vLLM first: the GPU path. The naive paths take one batch each (64 rows took 28 s at <= 512 tokens): rates.
     R.run("vllm_135m_engine", 200, start)
     if "gen" in box:
@@ -195,7 +196,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["135m", "7b"], required=True)
     ap.add_argument("--skip", default="", help="comma-separated workload names not to run (measured in a call before)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run with the tiny model (135m workloads only)")
+    ap.add_argument("--vllm-engine", default="{}", help='extra LLM(...) arguments as JSON, e.g. '
+                    '\'{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}\'')
     a = ap.parse_args()
+    ENGINE_OVERRIDES.update(json.loads(a.vllm_engine))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import transformers
