@@ -9,9 +9,11 @@ from .vllm_backend import VllmGenerator  # imports vllm itself only when a VllmG
 
 # `auto` takes vLLM for models of at least this many parameters. Measured on the H200 (BENCHMARKS.md, "Generation
 # on the H200"; benchmarks/gen_h200/), the paper's completions workload (2,200 samples, <= 512 tokens, LoRA):
-#   SmolLM2-135M  transformers fast loop, all 2,200 rows at once: 18.2k tok/s; vLLM 0.24: 14.2k, and its engine
-#                 takes 85 s to start in every process (every step pod in production)
-#   Qwen2.5-7B    vLLM: 12.9k tok/s; the transformers fast loop: 7.6k at <= 64 tokens, 3.8k at <= 512
+#   SmolLM2-135M  transformers fast loop, all 2,200 rows at once: 18.2k tok/s, 51 s a cell; vLLM 0.24 with CUDA
+#                 graphs up to 1,024 rows: 25.8k, 35 s a cell, but its engine takes 128 s to start in every process,
+#                 and production runs every step in its own pod: 163 s a cell there. In one process (`zlt run`)
+#                 over 25 cells vLLM wins (128 + 25 x 35 = 1,003 s vs 1,275 s): `--backend vllm`.
+#   Qwen2.5-7B    vLLM: 12.9k tok/s (graphs to 512); the transformers fast loop: 7.6k at <= 64 tokens, 3.8k at 512
 # Between the two nothing was measured; 1e9 puts every model of the seed's size on vLLM.
 VLLM_MIN_PARAMETERS = 1_000_000_000
 
