@@ -137,8 +137,9 @@ def run_135m(R: Runner, tmp: Path) -> None:
     R.run("vllm_135m_engine", 200, start)
     if "gen" in box:
         gen = box["gen"]
-        R.run("gen_135m_vllm_seeded", 60, bench_vllm, gen, prompts, adapter, n_new, True)
-        R.run("gen_135m_vllm_unseeded", 60, bench_vllm, gen, prompts, adapter, n_new, False)
+        start_s = R.results["workloads"]["vllm_135m_engine"]["engine_start_s"]
+        R.run("gen_135m_vllm_seeded", 60, bench_vllm, gen, prompts, adapter, n_new, True, start_s)
+        R.run("gen_135m_vllm_unseeded", 60, bench_vllm, gen, prompts, adapter, n_new, False, start_s)
         R.run("greedy_135m_vllm_vs_hf", 30, first_tokens_agree, gen, lm, prompts, adapter)
         gen.seeded = True
     R.run("gen_135m_naive_hf_b64", 40, bench_transformers, lm, prompts, adapter, 6, n_new, 64, "hf", False)
@@ -152,9 +153,9 @@ def run_135m(R: Runner, tmp: Path) -> None:
         t = time.perf_counter()
         res = run_onpolicy(store, dataclasses.replace(SWEEP, name=f"bench-{backend}"), c, log=log)
         return {"wall_s": round(time.perf_counter() - t, 1),
-                **{k: res.get(k) for k in ("n_examples", "new_tokens", "tokens_per_s", "gen_batch_size",
+                **{k: res.get(k) for k in ("kept", "new_tokens", "tokens_per_s", "gen_batch_size",
                                            "gen_batch_size_source", "generation_passes", "dropped_cut",
-                                           "mean_tokens", "regenerated")}}
+                                           "mean_answer_tokens")}}
     R.run("onpolicy_135m_paper_vllm", 90, onpolicy, "transformers-fast" if SMOKE else "vllm")
     if not SMOKE:  # the paper protocol's 2,200 answers take minutes on a CPU
         R.run("onpolicy_135m_paper_fast_auto", 200, onpolicy, "transformers-fast")

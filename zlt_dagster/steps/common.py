@@ -48,6 +48,10 @@ class StepError(RuntimeError):
     """Bad input or a missing upstream artifact: retrying will not help."""
 
 
+class SweepIdTaken(StepError):
+    """A sweep id (an explicit `name`) already stored with another config: `zlt` reports it as a config error."""
+
+
 class RunInterrupted(Exception):
     """`zlt run` (defs/runner.py) stopped on SIGINT (Ctrl-C) or SIGTERM; what was finished is committed and a rerun
     of the same command resumes. ``signal_name``: SIGINT, SIGTERM, or '' where Dagster did not say which. Defined

@@ -9,7 +9,7 @@ from ..core.protocol import Cell, Sweep, sweep_from_stored
 from ..storage import ObjectStore
 from ..storage.base import ARTIFACT_MISSING
 from . import layout
-from .common import StepError
+from .common import StepError, SweepIdTaken
 
 
 def _same_config(stored: dict, sweep: Sweep) -> bool:
@@ -61,7 +61,7 @@ def register_sweep(store: ObjectStore, sweep: Sweep) -> bool:
     if store.exists(key):
         stored = store.read_json(key)
         if not _same_config(stored, sweep):
-            raise StepError(f"sweep id {sweep.sweep_id!r} already exists in {store.where(key)} with a different "
+            raise SweepIdTaken(f"sweep id {sweep.sweep_id!r} already exists in {store.where(key)} with a different "
                             f"config; give the new sweep another name")
         return False
     store.write_json(key, sweep.to_dict())
