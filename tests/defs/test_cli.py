@@ -293,3 +293,21 @@ def test_a_sweep_name_taken_by_another_config_is_one_line_exit_2(tmp_path, monke
     assert main(["run", str(cfg)]) == 2
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and err.startswith(f"zlt: error: {cfg}: name: sweep id 'mine' already exists"), err
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 a zip, not a model"], ids=["empty", "not gguf"])
+def test_a_gguf_path_that_is_not_a_gguf_file_is_a_config_error(tmp_path, monkeypatch, capsys, content):
+    """An empty or wrong file named .gguf used to pass validation and fail inside the first model step."""
+    bogus = tmp_path.parent / f"{tmp_path.name}-bogus.gguf"  # outside tmp_path: the check below wants it empty
+    bogus.write_bytes(content)
+    rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, f"protocol: tiny\nbase_model: {bogus}\n")
+    assert (rc, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"zlt: error: {cfg}: base_model: {bogus} is not a GGUF file (its first bytes are"), err
+
+
+def test_duplicate_keys_in_a_json_sweep_file_are_refused(tmp_path, monkeypatch, capsys):
+    """JSON kept the last of two `seed`s silently (YAML already refused them)."""
+    rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys,
+                                 '{"protocol": "tiny", "base_model": "tiny", "seed": 1, "seed": 3}', name="s.json")
+    assert (rc, out) == (2, "")
+    assert err == f"zlt: error: {cfg}: (file): not valid JSON: duplicate key 'seed'\n"

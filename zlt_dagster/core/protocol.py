@@ -558,6 +558,10 @@ def _cells(value: Any, protocol: Protocol) -> tuple[tuple[float, int], ...]:
     return tuple(out)
 
 
+# every GGUF file starts with these 4 bytes (the GGUF spec, ggml/docs/gguf.md: "GGUF" in ASCII)
+GGUF_MAGIC = b"GGUF"
+
+
 def _check_model_path(base_model: str) -> None:
     """A local model (what core/models.py would load from disk) must exist now, not fail a run later."""
     path = Path(base_model)
@@ -567,6 +571,11 @@ def _check_model_path(base_model: str) -> None:
     if base_model.endswith(".gguf"):
         if not path.is_file():
             raise ProtocolError(f"GGUF file {base_model} does not exist", field="base_model")
+        with path.open("rb") as f:  # an empty or truncated download used to fail inside the first model step
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ProtocolError(f"{base_model} is not a GGUF file (its first bytes are {magic!r}, not {GGUF_MAGIC!r})",
+                                field="base_model")
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ProtocolError(f"model directory {base_model} has no config.json", field="base_model")
@@ -601,12 +610,22 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
             raise ProtocolError(f"not valid YAML: {yaml_error_line(e)}", field="(file)") from e
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise ProtocolError(f"not valid JSON: {e}", field="(file)") from e
     if not isinstance(data, dict):
         raise ProtocolError(f"must hold a mapping of sweep fields, got {type(data).__name__}", field="(top level)")
     return data
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object hook: a key given twice is an error, as in the YAML loader (JSON keeps the last one)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ProtocolError(f"not valid JSON: duplicate key {key!r}", field="(file)")
+        seen[key] = value
+    return seen
 
 
 def yaml_error_line(e) -> str:
