@@ -259,15 +259,31 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def stop_signal_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
-    """For the duration of training, SIGTERM and SIGINT set `stop_signal` on every checkpointer (of every cell
-    trained together); the previous handlers are restored afterwards. Python only delivers signals to the main
-    thread, so elsewhere (and when no checkpointer handles signals) this is a no-op."""
-    handlers = [c for c in checkpointers if c.handle_signals]
-    if not handlers or threading.current_thread() is not threading.main_thread():
+def signal_handlers(signals, handler) -> Iterator[None]:
+    """`handler` for each of `signals` while the block runs; the previous handlers are put back afterwards. Python
+    only delivers signals to the main thread, so elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    previous = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextlib.contextmanager
+def stop_signal_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
+    """For the duration of training, SIGTERM and SIGINT set `stop_signal` on every checkpointer (of every cell
+    trained together); the previous handlers are restored afterwards (`signal_handlers`). A no-op when no
+    checkpointer handles signals, or outside the main thread."""
+    handlers = [c for c in checkpointers if c.handle_signals]
+    if not handlers:
+        yield
+        return
 
     def _flag(signum, _frame):
         if handlers[0].stop_signal is None:
@@ -275,10 +291,5 @@ def stop_signal_flags(checkpointers: "list[Checkpointer]") -> Iterator[None]:
         for c in handlers:
             c.stop_signal = signum
 
-    for s in STOP_SIGNALS:
-        signal.signal(s, _flag)
-    try:
+    with signal_handlers(STOP_SIGNALS, _flag):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

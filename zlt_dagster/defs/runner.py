@@ -13,7 +13,6 @@ import logging
 import re
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from dagster import (
 )
 
 from .. import settings, steps
+from ..core.checkpoint import signal_handlers
 from ..steps import layout
 from ..steps.common import RunInterrupted
 from .assets import (
@@ -98,21 +98,11 @@ def _signals_raise():
     """While the runner's own code runs (between Dagster runs), SIGINT and SIGTERM raise: SIGTERM's default would
     end the process without a word. Dagster swaps in its own handlers for the duration of each run and puts these
     back afterwards (mapping SIGTERM to SIGINT's handler, which is this one too)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
     def _raise(signum, _frame):
         raise _Signal(signum)
 
-    for s in previous:
-        signal.signal(s, _raise)
-    try:
+    with signal_handlers((signal.SIGINT, signal.SIGTERM), _raise):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def eta_seconds(elapsed: float, n_done: int, n_left: int) -> float:

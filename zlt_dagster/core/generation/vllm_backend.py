@@ -162,7 +162,7 @@ class VllmGenerator(Generator):
                                lora_request=self._lora_request(adapter_dir), use_tqdm=False)
         engine = self.llm.llm_engine
         if progress is not None:
-            progress.set_batch(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+            progress.set_batch(engine.vllm_config.scheduler_config.max_num_seqs,
                                "vLLM scheduler (max_num_seqs)")
         finished: dict[str, object] = {}
         while engine.has_unfinished_requests():
