@@ -113,13 +113,15 @@ def compiled_check(lm, exs, tmp: Path) -> dict:
             "loss_compiled": [c["loss"] for c in out["ci"][0]["loss_curve"]]}
 
 
-def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str, compile_backend: str | None = None) -> dict:
-    """torch.profiler over a 2-step pass: where a training step's time goes (table written to --out)."""
+def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str, compile_backend: str | None = None,
+                 steps: int = 2) -> dict:
+    """torch.profiler over a pass of `steps` steps per epoch (set-up and saving included: they are CPU time, little
+    GPU time): where a training step's time goes (table written to --out)."""
     from torch.profiler import ProfilerActivity, profile
 
     proto = get_protocol("paper", {"train.micro_batch": 0})
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_cells(lm, exs[:16 * 2], proto, cells, 0, [tmp / f"p{tag}{j}" for j in range(len(cells))],
+        train_cells(lm, exs[:16 * steps], proto, cells, 0, [tmp / f"p{tag}{j}" for j in range(len(cells))],
                     compile_backend=compile_backend)
         sync(lm.device)
     cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
@@ -150,6 +152,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--only", default="", help="135m or 7b")
+    ap.add_argument("--eager-only", action="store_true",
+                    help="skip the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor) and its check")
+    ap.add_argument("--tag", default="", help="suffix of the result files (train_results_<tag>.json), e.g. to run "
+                    "an older tree's trainer (PYTHONPATH) and this one side by side in one call")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,16 +163,20 @@ def main() -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     deadline = T0 + args.budget_s
     res = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
-           "commit": os.environ.get("GIT_COMMIT", ""), "date": datetime.datetime.now(datetime.timezone.utc)
+           "commit": os.environ.get("GIT_COMMIT", ""), "tag": args.tag,
+           "trainer": str(Path(sys.modules[train_cells.__module__].__file__).resolve()), "date": datetime.datetime.now(datetime.timezone.utc)
            .isoformat(timespec="seconds"), "torch": torch.__version__, "smoke": args.smoke, "workloads": {}}
     tmp = Path(tempfile.mkdtemp(prefix="zlt-train-bench-"))
 
     def save():
         res["log_tail"] = LOG[-80:]
-        (out / "train_results.json").write_text(json.dumps(res, indent=1))
-        (out / "train_bench.log").write_text("\n".join(LOG))
+        suffix = f"_{args.tag}" if args.tag else ""
+        (out / f"train_results{suffix}.json").write_text(json.dumps(res, indent=1))
+        (out / f"train_bench{suffix}.log").write_text("\n".join(LOG))
 
     def run(name, est_s, fn, *a):
+        if args.eager_only and (name.startswith("compiled") or name in compiled):
+            return None
         if time.perf_counter() + est_s > deadline:
             log(f"SKIP {name}: budget")
             res["workloads"][name] = {"skipped": "time budget"}
@@ -185,6 +195,8 @@ def main() -> None:
         save()
         return r
 
+    compiled = {"train_135m", "train_135m_fused5", "train_135m_fused25", "profile_135m_5cells_compiled", "train_7b",
+                "train_7b_fused5"}
     small = args.smoke
     steps = 2 if small else 6
     lrs = list(PAPER.learning_rates)
@@ -211,6 +223,9 @@ def main() -> None:
             run("train_135m_fused25_eager", 120, run_fast, lm, exs, grid, spe, tmp, "f25")
             run("profile_135m_5cells_compiled", 40, profile_step, lm, exs, [Cell(lr, 1) for lr in lrs], tmp, out,
                 "135m_5cells_compiled", ind)
+        # where a whole-grid pass's time goes, eager (the pipeline's path): 20 steps, cells dropping out
+        run("profile_135m_25cells", 60, profile_step, lm, exs, grid, tmp, out,
+            f"135m_25cells{'_' + args.tag if args.tag else ''}", None, 1)
         del lm
         gc.collect()
         if dev.type == "cuda":

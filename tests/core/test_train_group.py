@@ -51,7 +51,9 @@ def adapter(path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "adapter_model.safetensors"))
 
 
-def assert_same_cell(a_dir, b_dir, rec_a, rec_b, rel=1e-9):
+# float64: the paths differ only in summation order (micro-batches of 2 vs 4 rows, batched vs single matmuls),
+# which Adam's first steps amplify to ~2e-9 relative in a few elements; a wrong gradient shows at 1e-3 and above
+def assert_same_cell(a_dir, b_dir, rec_a, rec_b, rel=1e-8):
     a, b = adapter(a_dir), adapter(b_dir)
     assert set(a) == set(b)
     moved = max(float(v.abs().max()) for key, v in b.items() if "lora_B" in key)

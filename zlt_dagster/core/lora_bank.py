@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -54,72 +55,77 @@ def example_key(seed: int, epoch: int, index: int) -> int:
 class _Routing:
     """Shared by every MultiLoRALinear of one bank: which cells this forward carries and the dropout keep-masks."""
     active: list[int] = field(default_factory=list)
-    # the same cells as an int64 tensor on the model's device: the forward selects adapters with it, not with the
-    # list, so one compiled graph (torch.compile, core/train.py) serves every set of active cells of any size >= 2
+    # (start, stop) when the active cells are the bank slots start..stop-1 (train.py orders the bank so that they
+    # always are): their adapters are then plain slices of the bank's parameters, no gather and no scatter-add
+    span: tuple[int, int] | None = None
+    # the same cells as an int64 tensor on the model's device (any other set: index_select), and as one-hot rows
+    # float32 [len(active), cells in the bank] (under torch.compile, see MultiLoRALinear._adapters)
     index: torch.Tensor | None = None
-    select: torch.Tensor | None = None  # the same as one-hot rows, float32 [len(active), cells in the bank]
+    select: torch.Tensor | None = None
     autocast: bool = True              # over a bf16/fp16 base, run the adapter's matmuls in that dtype
 
 
 class MultiLoRALinear(torch.nn.Module):
     """A frozen Linear plus K LoRA adapters (see the module docstring). Input [rows, width, in] with rows =
-    len(routing.active) x block rows; output [rows, width, out] in the base's dtype."""
+    len(routing.active) x block rows; output [rows, width, out] in the base's dtype.
 
-    def __init__(self, base: torch.nn.Linear, a_init: torch.Tensor, b_init: torch.Tensor, k: int, scale: float,
+    lora_A [K, r, in] and lora_B [K, out, r] are views into the bank's one [K, P] buffer (LoraBank.weights), so a
+    backward pass accumulates one gradient per module whatever K is (core/bank_adamw.py steps all cells at once).
+    Per forward: the base matmul, the dropout `where`, one bmm into rank r and one baddbmm that adds the
+    adapter's output onto the base's; the LoRA scale alpha/r and dropout's 1/(1-p) are folded into B (a [K, out,
+    r] product) instead of two passes over the activations: B(A(x*m/(1-p)))*s = (B*s/(1-p))(A(x*m))."""
+
+    def __init__(self, base: torch.nn.Linear, lora_A: torch.nn.Parameter, lora_B: torch.nn.Parameter, scale: float,
                  dropout: float, offset: int, routing: _Routing):
         super().__init__()
         self.base = base
         self.scale, self.dropout, self.offset = scale, dropout, offset
         self.routing = routing
-        self.k = k
+        self.k = lora_A.shape[0]
         # this module's columns of the micro-batch's dropout keep-mask (a view, set by LoraBank.set_batch), not an
         # offset into the whole mask: no per-module integer in the forward, so torch.compile gives every layer
         # the same graph (core/train.py)
         self.keep: torch.Tensor | None = None
         self.in_features = base.in_features
         # the dtype peft chose for the adapter (fp32 over a bf16 base: peft's autocast_adapter_dtype)
-        self.lora_A = torch.nn.ParameterList([torch.nn.Parameter(a_init.detach().clone()) for _ in range(k)])
-        self.lora_B = torch.nn.ParameterList([torch.nn.Parameter(b_init.detach().clone()) for _ in range(k)])
+        self.lora_A, self.lora_B = lora_A, lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        index = self.routing.index
-        k = index.shape[0]
+        k = len(self.routing.active)
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
-        if self.routing.autocast and x.dtype in (torch.bfloat16, torch.float16):
-            return result + self._delta(x, index, x.dtype) * self.scale  # the adapter's matmuls in bf16
-        delta = self._delta(x.to(self.lora_A[0].dtype), index, None)
-        return (result + delta * self.scale).to(result.dtype)
+        a, b = self._adapters()                                                    # [k, r, in], [k, out, r]
+        mask = self.keep if self.training else None                                # [block rows, width, in]
+        b = b * (self.scale / (1.0 - self.dropout) if mask is not None else self.scale)
+        # over a bf16 base the adapter's matmuls run in bf16 from the fp32 masters (the seed's autocast); else in
+        # the adapter's dtype (peft without autocast: fp32 copies of the activations)
+        cast = x.dtype if self.routing.autocast and x.dtype in (torch.bfloat16, torch.float16) else a.dtype
+        a, b, xa = a.to(cast), b.to(cast), x.to(cast)
+        if mask is not None:
+            xa = torch.where(mask, xa.reshape(k, *mask.shape), 0.0)
+        h = torch.bmm(xa.reshape(k, -1, x.shape[-1]), a.transpose(1, 2))           # [k, block tokens, r]
+        if cast == result.dtype:  # result + h B^T in one kernel
+            return torch.baddbmm(result.view(k, -1, result.shape[-1]), h, b.transpose(1, 2)).view(result.shape)
+        delta = torch.bmm(h, b.transpose(1, 2)).view(*result.shape[:-1], -1)
+        return (result + delta).to(result.dtype)
 
-    def _delta(self, xa: torch.Tensor, index: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
-        """B(A(dropout(xa))) of each row block with its cell's adapter; weights cast to `cast` if given (their
-        fp32 master copies receive the gradients)."""
-        k, x = index.shape[0], xa
-        mask = self.keep                                                            # [block rows, width, in]
-        if mask is not None and self.training:
-            xa = torch.where(mask, xa.reshape(k, *mask.shape) * (1.0 / (1.0 - self.dropout)), 0.0).reshape(x.shape)
-        if self.k == 1:  # a bank of one cell: plain matmuls, as peft's Linear
-            a, b = self.lora_A[0], self.lora_B[0]
-            if cast is not None:
-                a, b = a.to(cast), b.to(cast)
-            return (xa @ a.t()) @ b.t()
-        # every cell stacked, then the active ones picked by a tensor (a finished cell's gradient is zeros; it is
-        # never stepped again): no Python indices inside the graph, so torch.compile does not recompile per set
-        a_all, b_all = torch.stack(tuple(self.lora_A)), torch.stack(tuple(self.lora_B))  # [K, r, in], [K, out, r]
+    def _adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active cells' (A, B), as slices of the bank where the active cells are consecutive slots."""
+        routing = self.routing
         if torch.compiler.is_compiling():
-            # a one-hot weighted sum, exact (x1 and +0), fused by inductor into one reduction: inductor's
-            # index_select computed a forward of ONE cell out of a bank of two wrongly (float64 on the CPU: that
-            # cell stopped learning; tests/core/test_train_group.py::test_inductor_...)
-            sel = self.routing.select.to(a_all.dtype)[:, :, None, None]             # [k, K, 1, 1]
-            a, b = (sel * a_all).sum(1), (sel * b_all).sum(1)
-        else:
-            a, b = a_all.index_select(0, index), b_all.index_select(0, index)     # [k, r, in], [k, out, r]
-        if cast is not None:
-            a, b = a.to(cast), b.to(cast)
-        xs = xa.reshape(k, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-        return delta.reshape(*x.shape[:-1], delta.shape[-1])
+            # a one-hot weighted sum, exact (x1 and +0), fused by inductor into one reduction: no Python indices
+            # in the graph, so one graph serves every set of cells; inductor's index_select computed a forward of
+            # ONE cell out of a bank of two wrongly (float64 on the CPU: that cell stopped learning;
+            # tests/core/test_train_group.py::test_compiled_layers_compute_what_eager_computes)
+            sel = routing.select.to(self.lora_A.dtype)[:, :, None, None]            # [k, K, 1, 1]
+            return (sel * self.lora_A).sum(1), (sel * self.lora_B).sum(1)
+        if routing.span is not None:
+            start, stop = routing.span
+            if (start, stop) == (0, self.k):
+                return self.lora_A, self.lora_B
+            return self.lora_A[start:stop], self.lora_B[start:stop]
+        return self.lora_A.index_select(0, routing.index), self.lora_B.index_select(0, routing.index)
 
 
 def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
@@ -129,25 +135,49 @@ def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
 
 class LoraBank:
     """K cells' LoRA adapters attached to `model` (a transformers causal LM). Use as a context manager: the base
-    gets its original Linear modules back on exit, bit-identical (they are never modified)."""
+    gets its original Linear modules back on exit, bit-identical (they are never modified).
+
+    Storage: `weights` float [K, P] holds every trainable tensor of cell j in row j (P = one cell's LoRA
+    parameters; `layout` names the slices), `grads` the matching gradient buffer. Each module's lora_A / lora_B
+    Parameter is a [K, ...] view into `weights` whose .grad is the matching view into `grads`, so autograd
+    accumulates straight into the buffer and the optimizer (core/bank_adamw.py) updates any set of cells with a
+    handful of kernels: a step's kernel count no longer grows with K (it was ~2 x 210 parameters per cell on
+    SmolLM2, each with its own gradient accumulation, clip and AdamW, BENCHMARKS.md)."""
 
     def __init__(self, model: torch.nn.Module, protocol: Protocol, seed: int, k: int):
         if k < 1:
             raise ValueError(f"a LoRA bank needs at least one cell, got k={k}")
         self.model, self.protocol, self.k = model, protocol, k
         self.device = next(model.parameters()).device
-        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._indices: dict[tuple[int, ...], tuple] = {}
         self.routing = _Routing()
         init, self.scale = _peft_initialisation(model, protocol, seed)
         self.dropout = float(protocol.lora.dropout)
         self.originals = {name: model.get_submodule(name) for name in init}
-        self.modules: dict[str, MultiLoRALinear] = {}
+        # layout: (tensor name, offset into a row, shape), in params() order (a checkpoint's order)
+        self.layout: list[tuple[str, int, tuple[int, ...]]] = []
         offset = 0
         for name, (a, b) in init.items():
+            for suffix, t in (("lora_A", a), ("lora_B", b)):
+                self.layout.append((f"{name}.{suffix}", offset, tuple(t.shape)))
+                offset += t.numel()
+        dtype = next(iter(init.values()))[0].dtype  # peft's adapter dtype (fp32 over a bf16 base)
+        self.weights = torch.empty((k, offset), dtype=dtype, device=self.device)
+        self.grads = torch.zeros_like(self.weights)
+        views = {}
+        for (name, off, shape), t in zip(self.layout, (t for a_b in init.values() for t in a_b)):
+            self.weights[:, off:off + t.numel()] = t.reshape(1, -1).to(self.device)  # every cell starts at peft's init
+            p = torch.nn.Parameter(self.weights[:, off:off + t.numel()].view(k, *shape))
+            p.grad = self.grads[:, off:off + t.numel()].view(k, *shape)
+            views[name] = p
+        self.modules: dict[str, MultiLoRALinear] = {}
+        din = 0
+        for name in init:
             base = self.originals[name]
-            self.modules[name] = MultiLoRALinear(base, a, b, k, self.scale, self.dropout, offset, self.routing)
-            offset += base.in_features
-        self.total_in = offset  # dropout features per token: sum of every LoRA'd module's input width
+            self.modules[name] = MultiLoRALinear(base, views[f"{name}.lora_A"], views[f"{name}.lora_B"], self.scale,
+                                                 self.dropout, din, self.routing)
+            din += base.in_features
+        self.total_in = din  # dropout features per token: sum of every LoRA'd module's input width
         self.set_batch(range(k), None)
         self._attached = False
 
@@ -172,26 +202,31 @@ class LoraBank:
         finally:
             self.__enter__()
 
-    def params(self, j: int) -> dict[str, torch.nn.Parameter]:
-        """Cell j's trainable tensors by name (`<module>.lora_A`, `<module>.lora_B`): what a checkpoint holds."""
-        out = {}
-        for name, mod in self.modules.items():
-            out[f"{name}.lora_A"] = mod.lora_A[j]
-            out[f"{name}.lora_B"] = mod.lora_B[j]
-        return out
+    def params(self, j: int) -> dict[str, torch.Tensor]:
+        """Cell j's trainable tensors by name (`<module>.lora_A`, `<module>.lora_B`): views into row j of `weights`,
+        what a checkpoint holds (copying into them restores the cell)."""
+        return {name: self.weights[j, off:off + math.prod(shape)].view(shape) for name, off, shape in self.layout}
+
+    def zero_grad(self) -> None:
+        """Zero every cell's gradient (in place: the Parameters' .grad stay views into `grads`)."""
+        self.grads.zero_()
 
     def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
         """Route the next forward: row block c goes through cell active[c]'s adapter; `keep` as from keep_masks."""
         active = tuple(active)
+        if not active:
+            raise ValueError("a forward needs at least one active cell")
         if active not in self._indices:  # small host-to-device copies per distinct set, not per forward
             index = torch.tensor(active, dtype=torch.long, device=self.device)
             select = torch.zeros((len(active), self.k), dtype=torch.float32, device=self.device)
             select[torch.arange(len(active), device=self.device), index] = 1.0
-            self._indices[active] = (index, select)
+            consecutive = active == tuple(range(active[0], active[0] + len(active)))
+            self._indices[active] = (index, select, (active[0], active[-1] + 1) if consecutive else None)
         self.routing.active = list(active)
-        self.routing.index, self.routing.select = self._indices[active]
+        self.routing.index, self.routing.select, self.routing.span = self._indices[active]
         for mod in self.modules.values():
-            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features].contiguous()
+            # a strided view of the micro-batch's mask: `where` reads it in place (no per-module copy)
+            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features]
 
     def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor | None:
         """Dropout keep-masks of one micro-batch: bool [len(keys), width, total_in]; row r is drawn from a
@@ -221,9 +256,9 @@ class LoraBank:
         try:
             mods = dict(pm.get_base_model().named_modules())
             with torch.no_grad():
-                for name, mod in self.modules.items():
-                    mods[name].lora_A["default"].weight.copy_(mod.lora_A[j])
-                    mods[name].lora_B["default"].weight.copy_(mod.lora_B[j])
+                for name, t in self.params(j).items():
+                    module, _, which = name.rpartition(".")
+                    getattr(mods[module], which)["default"].weight.copy_(t)
             pm.eval()
             pm.peft_config["default"].init_lora_weights = True  # the file records the protocol's config as before
             out_dir = Path(out_dir)

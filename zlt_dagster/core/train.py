@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import batch_plan
+from .bank_adamw import BankAdamW
 from .checkpoint import Checkpointer, TrainState, stop_signal_flags
 from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
@@ -144,12 +146,35 @@ def train_cell(loaded: LoadedModel, examples: list[TokenizedExample], protocol: 
                        checkpointers=None if checkpointer is None else [checkpointer])[0]
 
 
-def _optimizer(params: list[torch.nn.Parameter], lr: float, protocol: Protocol, device: torch.device):
+class CellSchedule:
+    """One cell's LR schedule (`cosine_with_warmup` times the cell's LR) with the fields of torch's LambdaLR state
+    dict, which a checkpoint's scheduler.pt holds. lr(step) is the LR of optimizer step `step` (0-based): what
+    LambdaLR.get_last_lr() returned before that step."""
+
+    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int):
+        self.base_lr, self.total, self.warmup = base_lr, total_steps, warmup_steps
+        self.last_epoch = 0  # optimizer steps taken (LambdaLR's name)
+
+    def lr(self, step: int) -> float:
+        return self.base_lr * cosine_with_warmup(step, self.total, self.warmup)
+
+    def state_dict(self) -> dict:
+        return {"base_lrs": [self.base_lr], "last_epoch": self.last_epoch, "_step_count": self.last_epoch + 1,
+                "_last_lr": [self.lr(self.last_epoch)], "lr_lambdas": [None], "_get_lr_called_within_step": False}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Raises ValueError on a state without a position (`last_epoch`)."""
+        if "last_epoch" not in sd:
+            raise ValueError("scheduler state has no last_epoch")
+        self.last_epoch = int(sd["last_epoch"])
+
+
+def _adamw_group(lr: float, protocol: Protocol) -> dict:
+    """The param-group fields torch.optim.AdamW records for one cell (what a checkpoint's optimizer.pt holds)."""
     t = protocol.train
-    # fused=True: one CUDA kernel per step for all of a cell's tensors (torch's own AdamW, same math)
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                             weight_decay=t.weight_decay, **extra)
+    return {"lr": lr, "initial_lr": lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps,
+            "weight_decay": t.weight_decay, "amsgrad": False, "maximize": False, "foreach": None,
+            "capturable": False, "differentiable": False, "fused": None, "decoupled_weight_decay": True}
 
 
 @contextlib.contextmanager
@@ -228,16 +253,14 @@ def _forward(loaded: LoadedModel, bank: LoraBank, b: dict[str, torch.Tensor], ke
 
 
 def _warm_compile(loaded: LoadedModel, bank: LoraBank, examples, idx: list[int], epoch: int, seed: int,
-                  micro: int, active: list[int], params: list[list[torch.nn.Parameter]]) -> float:
+                  micro: int, active: list[int]) -> float:
     """Compile before the clock starts: one forward + backward of the pass's first forward, gradients discarded
     (no optimizer step, the dropout masks are keyed, so the training that follows is unchanged). Seconds spent."""
     t = time.perf_counter()
     mb = micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids))[0]
     b, keep = _micro_batch(loaded, bank, examples, mb, seed, epoch, COMPILED_WIDTH_MULTIPLE)
     _forward(loaded, bank, b, keep, active, False).sum().backward()
-    for ps in params:
-        for p in ps:
-            p.grad = None
+    bank.zero_grad()
     bank.set_batch(active, None)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
@@ -256,9 +279,8 @@ def _plan_batches(loaded: LoadedModel, bank: LoraBank, examples: list[TokenizedE
     saved = batch_plan.saved_activation_bytes(lambda: block_loss_sums(loaded.model, b, 1, full_logits),
                                               loaded.model)
     per_token = int(batch_plan.BACKWARD_MARGIN * saved / len(ex.input_ids))
-    # still to come per cell: gradients + two AdamW moments, in the adapter dtype
-    persistent = n_cells * 3 * sum(p.numel() * p.element_size() for p in bank.params(0).values())
-    budget = batch_plan.memory_budget(loaded.device, persistent)
+    # the cells' gradients and AdamW moments are allocated already (LoraBank.grads, BankAdamW): nothing to come
+    budget = batch_plan.memory_budget(loaded.device, 0)
     measured = batch_plan.BatchPlan(0, 0, "protocol" if protocol.train.micro_batch else "auto", per_token, budget,
                                     len(ex.input_ids))
     micro, cells = _cut(measured, protocol, n_training)
@@ -304,6 +326,20 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         raise ValueError(f"duplicate cells in one training group: {[c.key for c in cells]}")
     if checkpointers is not None and len(checkpointers) != len(cells):
         raise ValueError(f"need one checkpointer per cell: {len(cells)} cells, {len(checkpointers)} checkpointers")
+    order = sorted(range(len(cells)), key=lambda j: -cells[j].epochs)
+    if order != list(range(len(cells))):
+        # bank slots by epochs, most first: cells finish in reverse slot order, so the cells still training are
+        # always the first slots and their adapters plain slices of the bank (no gather, core/lora_bank.py)
+        done = None if on_cell_done is None else (lambda jj, rec: on_cell_done(order[jj], rec))
+        recs = train_cells(loaded, examples, protocol, [cells[j] for j in order], seed, [out_dirs[j] for j in order],
+                           data_hash=data_hash, full_logits=full_logits, progress=progress,
+                           checkpointers=None if checkpointers is None else [checkpointers[j] for j in order],
+                           on_cell_done=done, allow_tf32=allow_tf32, lora_autocast=lora_autocast,
+                           compile_backend=compile_backend)
+        by_cell: list[dict] = [{}] * len(cells)
+        for jj, j in enumerate(order):
+            by_cell[j] = recs[jj]
+        return by_cell
     t, k, dev = protocol.train, len(cells), loaded.device
     plans = [schedule_plan(len(examples), protocol, c.epochs) for c in cells]
     steps_per_epoch = plans[0][0]
@@ -323,16 +359,19 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     bank.routing.autocast = lora_autocast
     with contextlib.ExitStack() as stack:
         stack.enter_context(bank)
+        # the bank's Parameters are [K, ...] views into one buffer with their .grad pre-set as the matching views
+        # (core/lora_bank.py): autograd accumulates into them in place as intended, but warns once that strided
+        # gradients are outside its "layout contract" (a performance hint for dense parameters)
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
         tf32 = allow_tf32 and dev.type == "cuda"
         lora_matmul = ("bf16 (autocast)" if lora_autocast and loaded.dtype in (torch.bfloat16, torch.float16)
                        else "tf32" if tf32 else "fp32")
         stack.enter_context(_training_mode(loaded.model, t.gradient_checkpointing, tf32))
-        params = [list(bank.params(j).values()) for j in range(k)]
         compile_s = 0.0
-        opts = [_optimizer(params[j], c.lr, protocol, dev) for j, c in enumerate(cells)]
-        scheds = [torch.optim.lr_scheduler.LambdaLR(
-            opts[j], lambda s, total=plans[j][1], warm=plans[j][2]: cosine_with_warmup(s, total, warm))
-            for j in range(k)]
+        adamw = BankAdamW(bank.weights, bank.grads, (t.adam_beta1, t.adam_beta2), t.adam_eps, t.weight_decay)
+        opts = [adamw.cell_optimizer(j, bank.layout, _adamw_group(c.lr, protocol)) for j, c in enumerate(cells)]
+        scheds = [CellSchedule(c.lr, plans[j][1], plans[j][2]) for j, c in enumerate(cells)]
         states = [(ck.restore(bank.params(j), opts[j], scheds[j], fingerprints[j]) if ck else None) or TrainState()
                   for j, ck in enumerate(cks)]
         bp = _plan_batches(loaded, bank, examples, protocol, k,
@@ -354,9 +393,6 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                           data_hash, full_logits, states, lora_matmul)
             rec["compile"] = {"backend": compile_backend, "compile_s": round(compile_s, 3)}
             (Path(out_dirs[j]) / "train_run.json").write_text(json.dumps(rec, indent=1))
-            opts[j].state.clear()
-            for prm in params[j]:
-                prm.grad = None
             if on_cell_done is not None:
                 on_cell_done(j, rec)
             return rec
@@ -374,7 +410,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             compile_s = _warm_compile(
                 loaded, bank, examples,
                 epoch_order(len(examples), seed, epoch0)[s0 * t.effective_batch:(s0 + 1) * t.effective_batch],
-                epoch0, seed, micro0, active0[:per_forward0], params)
+                epoch0, seed, micro0, active0[:per_forward0])
             if progress:
                 progress(f"compiled the decoder layers ({compile_backend}) in {compile_s:.1f} s")
         t0 = time.perf_counter()
@@ -401,12 +437,12 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                     (sums.sum() / n_sup).backward()
                     step_loss[chunk] += sums.detach() / n_sup
             bank.set_batch(active, None)
-            norms = torch.stack([torch.nn.utils.clip_grad_norm_(params[j], t.grad_clip) for j in active])
-            lrs = [scheds[j].get_last_lr()[0] for j in active]
+            norms = adamw.clip_(active, t.grad_clip)
+            lrs = [scheds[j].lr(g) for j in active]
+            adamw.step(active, lrs)
+            bank.zero_grad()
             for j in active:
-                opts[j].step()
-                scheds[j].step()
-                opts[j].zero_grad(set_to_none=True)
+                scheds[j].last_epoch = g + 1
             losses, norms = step_loss[active].tolist(), norms.tolist()  # one host sync per optimizer step
             for j, loss, norm, lr_now in zip(active, losses, norms, lrs):
                 if not math.isfinite(loss):
