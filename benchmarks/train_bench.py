@@ -135,6 +135,35 @@ def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str, compile_backend
             "top_cpu": cpu.splitlines()[3:10]}
 
 
+def kernel_profile(lm, exs, cells, steps_per_epoch: int, tmp: Path, out: Path, tag: str) -> dict:
+    """GPU kernels only (CUPTI activity, little host overhead) over a pass after a warm-up pass: how busy the GPU
+    is during training (kernel time / training wall time; far under 1 = the host is the bottleneck) and which
+    kernels take the time (table written to --out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    proto = get_protocol("paper", {"train.micro_batch": 0})
+    eff = proto.train.effective_batch
+    train_cells(lm, exs[:eff], proto, [Cell(c.lr, 1) for c in cells], 0, [tmp / f"kw{tag}{j}" for j in range(len(cells))])
+    sync(lm.device)
+    acts = [ProfilerActivity.CUDA] if lm.device.type == "cuda" else [ProfilerActivity.CPU]  # CPU: the smoke run
+    with profile(activities=acts) as prof:
+        recs = train_cells(lm, exs[:eff * steps_per_epoch], proto, cells, 0,
+                           [tmp / f"k{tag}{j}" for j in range(len(cells))])
+        sync(lm.device)
+    ev = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))
+    busy_ms = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 1e3
+    wall_ms = max(r["group"]["wall_s"] for r in recs) * 1e3
+    lines = [f"{(getattr(e, 'self_device_time_total', 0) or 0) / 1e3:10.1f} ms {e.count:8d}x  {e.key[:150]}"
+             for e in ev[:40]]
+    (out / f"kernels_train_{tag}.txt").write_text(f"kernel time {busy_ms:.1f} ms, training wall {wall_ms:.1f} ms "
+                                                   f"(set-up and adapter writes are outside the wall, inside the "
+                                                   f"kernel time)\n" + "\n".join(lines) + "\n")
+    tokens = sum(r["tokens"] for r in recs)
+    return {"kernel_ms": round(busy_ms, 1), "train_wall_ms": round(wall_ms, 1),
+            "gpu_busy_fraction": round(busy_ms / wall_ms, 3), "kernel_us_per_token": round(busy_ms * 1e3 / tokens, 3),
+            "top": lines[:12]}
+
+
 def load_smollm2(dev, dtype, smoke: bool):
     if smoke:
         return gpu_bench.build_model("smoke", dev, dtype)
@@ -152,6 +181,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--only", default="", help="135m or 7b")
+    ap.add_argument("--kernels", action="store_true", help="GPU kernel profiles of 1-, 5- and 25-cell passes")
+    ap.add_argument("--profile", action="store_true", help="profile a 25-cell pass (slow: minutes under the profiler)")
     ap.add_argument("--eager-only", action="store_true",
                     help="skip the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor) and its check")
     ap.add_argument("--tag", default="", help="suffix of the result files (train_results_<tag>.json), e.g. to run "
@@ -224,8 +255,16 @@ def main() -> None:
             run("profile_135m_5cells_compiled", 40, profile_step, lm, exs, [Cell(lr, 1) for lr in lrs], tmp, out,
                 "135m_5cells_compiled", ind)
         # where a whole-grid pass's time goes, eager (the pipeline's path): 20 steps, cells dropping out
-        run("profile_135m_25cells", 60, profile_step, lm, exs, grid, tmp, out,
-            f"135m_25cells{'_' + args.tag if args.tag else ''}", None, 1)
+        if args.kernels:
+            run("kernels_135m_1cell", 30, kernel_profile, lm, exs, [Cell(1e-4, 1)], steps, tmp, out,
+                f"135m_1cell{'_' + args.tag if args.tag else ''}")
+            run("kernels_135m_5cells", 30, kernel_profile, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, out,
+                f"135m_5cells{'_' + args.tag if args.tag else ''}")
+            run("kernels_135m_25cells", 30, kernel_profile, lm, exs, [Cell(lr * (1 + i / 100), 1) for lr in lrs for i in range(5)],
+                2, tmp, out, f"135m_25cells{'_' + args.tag if args.tag else ''}")
+        if args.profile:
+            run("profile_135m_25cells", 60, profile_step, lm, exs, grid, tmp, out,
+                f"135m_25cells{'_' + args.tag if args.tag else ''}", None, 1)
         del lm
         gc.collect()
         if dev.type == "cuda":

@@ -465,9 +465,11 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 if stopping:
                     raise cks[stopping[0]].interrupted(g + 1, max(plans[j][1] for j in stopping))
                 t0 = time.perf_counter()  # checkpoint writes are not training time
-            for j in active:
-                if states[j].step == plans[j][1]:
-                    records[j] = finish(j)
+            finished = [j for j in active if states[j].step == plans[j][1]]
+            for j in finished:
+                records[j] = finish(j)
+            if finished:
+                t0 = time.perf_counter()  # writing adapters (and the caller's commit) is not training time either
             if progress and s == steps_per_epoch - 1:
                 left = sum(p[1] - st.step for p, st in zip(plans, states))  # cell-steps still to train
                 spent = sum(st.wall_s for st in states)
