@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget-s", type=float, default=520)
     ap.add_argument("--only", default="", help="135m or 7b")
+    ap.add_argument("--phases", action="store_true", help="time the paper pass's phases (25/20/15/10 cells) and "
+                    "project the sweep from them")
     ap.add_argument("--kernels", action="store_true", help="GPU kernel profiles of 1-, 5- and 25-cell passes")
     ap.add_argument("--profile", action="store_true", help="profile a 25-cell pass (slow: minutes under the profiler)")
     ap.add_argument("--eager-only", action="store_true",
@@ -254,7 +256,13 @@ def main() -> None:
             run("train_135m_fused25_eager", 120, run_fast, lm, exs, grid, spe, tmp, "f25")
             run("profile_135m_5cells_compiled", 40, profile_step, lm, exs, [Cell(lr, 1) for lr in lrs], tmp, out,
                 "135m_5cells_compiled", ind)
-        # where a whole-grid pass's time goes, eager (the pipeline's path): 20 steps, cells dropping out
+        # the paper pass in phases: n cells train together for epochs ... (25 cells in epoch 1, 20 in 2-3, 15 in
+        # 4-5, 10 in 6-10, 5 in 11-20), each phase timed on its own at a steady n (no cell finishing inside);
+        # the projection weighs each phase's rate by its share of the 195 cell-epochs (PHASES)
+        if args.phases:
+            for n in (25, 20, 15, 10):
+                run(f"train_135m_phase{n}_eager", 30, run_fast, lm, exs,
+                    [Cell(lr * (1 + i / 100), 1) for i in range(n // len(lrs)) for lr in lrs], steps, tmp, f"ph{n}")
         if args.kernels:
             run("kernels_135m_1cell", 30, kernel_profile, lm, exs, [Cell(1e-4, 1)], steps, tmp, out,
                 f"135m_1cell{'_' + args.tag if args.tag else ''}")
@@ -291,6 +299,12 @@ def main() -> None:
     # projections (BENCHMARKS.md): 135M paper sweep ~137 M tokens (1,886 kept x ~370 x 195 epoch-passes), 7B ~129 M
     if rate("train_135m_fused25"):
         res["projected_135m_sweep_train_min"] = round(137e6 / rate("train_135m_fused25") / 60, 1)
+    # phase n's share of the paper pass's cell-epochs (5 LRs x epochs 1, 3, 5, 10, 20 = 195); 5 cells = fused5
+    phases = {25: 25, 20: 40, 15: 30, 10: 50, 5: 50}
+    phase_rates = {n: rate(f"train_135m_phase{n}_eager") if n != 5 else rate("train_135m_fused5_eager") for n in phases}
+    if all(phase_rates.values()):
+        res["projected_135m_sweep_train_min_phases"] = round(
+            sum(137e6 * share / 195 / phase_rates[n] for n, share in phases.items()) / 60, 1)
     best7 = max([r for r in (rate("train_7b"), rate("train_7b_fused5")) if r] or [0])
     if best7:
         res["projected_7b_sweep_train_h200_hours"] = round(129e6 / best7 / 3600, 2)

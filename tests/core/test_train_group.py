@@ -274,3 +274,14 @@ def test_compiled_layers_compute_what_eager_computes(lm64, tmp_path, force_plan)
     train_cells(lm64, examples, proto, other, seed=3, out_dirs=[tmp_path / f"o{j}" for j in range(3)],
                 compile_backend="inductor")
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_training_budget_counts_memory_torch_caches_unused(monkeypatch):
+    """After a pass (or generation) in the same process torch's allocator keeps its blocks; the driver reports them
+    as taken. The training budget counts them as free (a pass after a 64 GiB one was planned at micro-batch 1)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10 * gib, 100 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 70 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 5 * gib)
+    budget = batch_plan.memory_budget(torch.device("cuda"), persistent_bytes=gib)
+    assert budget == int((10 + 65) * gib - batch_plan.CUDA_RESERVE_FRACTION * 100 * gib - gib)

@@ -10,8 +10,9 @@ the effective batch (16 examples per optimizer step, SPEC) and this module only 
 Activation bytes per token are measured, not guessed: one forward of the longest example through the attached
 LoRA bank under `torch.autograd.graph.saved_tensors_hooks`, counting the bytes of every distinct tensor storage
 autograd keeps for the backward pass (the same count on CPU and CUDA), times a margin for the transient buffers
-of the backward pass. The budget is the device's free memory (CUDA: `torch.cuda.mem_get_info`; CPU:
-MemAvailable) minus what the optimizer will still allocate (gradients and two AdamW moments per cell).
+of the backward pass. The budget is the device's free memory (CUDA: `torch.cuda.mem_get_info` plus the blocks
+torch's allocator caches unused; CPU: MemAvailable) minus a reserve; the cells' gradients and AdamW moments are
+allocated before the budget is read (core/lora_bank.py, core/bank_adamw.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .generation.batch_size import device_memory
 
 # backward keeps the saved activations plus transient buffers (input grads of a layer, attention workspace,
 # the fp32 logits of supervised positions); measured on the tiny and SmolLM2 models, peak / saved stays < 1.6
@@ -72,7 +75,10 @@ def memory_budget(device: torch.device, persistent_bytes: int) -> int:
     """Bytes a forward+backward may use now: free device memory minus a reserve minus `persistent_bytes`
     (optimizer state still to be allocated). Never below 0."""
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+        # torch's cached-but-unused blocks count as free (the driver reports them as taken): in `zlt run` training
+        # follows generation in one process, and a benchmark pass follows another; without them a pass after a
+        # 64 GiB one was planned at micro-batch 1 on the H200 (16 forwards per step instead of 1)
+        free, total = device_memory(device)
         return max(0, int(free - CUDA_RESERVE_FRACTION * total - persistent_bytes))
     return max(0, int(CPU_BUDGET_FRACTION * _cpu_available_bytes() - persistent_bytes))
 
