@@ -1,7 +1,8 @@
 """K LoRA adapters over one frozen base: what lets 1..N cells of a sweep train in one pass.
 
 Every LoRA'd Linear of the base is replaced, for the duration of training, by a `MultiLoRALinear` that holds one
-(A, B) pair per cell. A forward pass carries rows in equal contiguous blocks, one block per *active* cell (the
+(A, B) pair per cell, as [K, ...] views of one [K, P] buffer (`LoraBank.weights`, one row per cell; gradients in
+`LoraBank.grads`, stepped by core/bank_adamw.py). A forward pass carries rows in equal contiguous blocks, one block per *active* cell (the
 cells being trained in this pass, `LoraBank.active`); block c only ever goes through adapter `active[c]`
 ("per-example adapter routing"), so the summed loss sum_c loss_c has d/d(adapter j) = d loss_j / d(adapter j)
 and every cell gets exactly the gradient a run of its own would. Same arithmetic as peft's LoRA Linear:
