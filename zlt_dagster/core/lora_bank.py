@@ -208,9 +208,14 @@ class LoraBank:
         what a checkpoint holds (copying into them restores the cell)."""
         return {name: self.weights[j, off:off + math.prod(shape)].view(shape) for name, off, shape in self.layout}
 
-    def zero_grad(self) -> None:
-        """Zero every cell's gradient (in place: the Parameters' .grad stay views into `grads`)."""
-        self.grads.zero_()
+    def zero_grad(self, rows: Sequence[int] | None = None) -> None:
+        """Zero the gradients of cells `rows` (all if None), in place: the Parameters' .grad stay views into
+        `grads`. Rows that took no part in a backward are zero already."""
+        rows = list(range(self.k)) if rows is None else list(rows)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            self.grads[rows[0]:rows[0] + len(rows)].zero_()
+        else:
+            self.grads[torch.tensor(rows, device=self.grads.device)] = 0
 
     def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
         """Route the next forward: row block c goes through cell active[c]'s adapter; `keep` as from keep_masks."""

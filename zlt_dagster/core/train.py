@@ -440,9 +440,10 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             norms = adamw.clip_(active, t.grad_clip)
             lrs = [scheds[j].lr(g) for j in active]
             adamw.step(active, lrs)
-            bank.zero_grad()
-            for j in active:
+            bank.zero_grad(active)
+            for j in active:  # the positions torch's LambdaLR / AdamW would record (a checkpoint holds them)
                 scheds[j].last_epoch = g + 1
+                opts[j].group["lr"] = scheds[j].lr(g + 1)
             losses, norms = step_loss[active].tolist(), norms.tolist()  # one host sync per optimizer step
             for j, loss, norm, lr_now in zip(active, losses, norms, lrs):
                 if not math.isfinite(loss):
