@@ -51,6 +51,24 @@ def _store_resource(artifacts: str | None):
     return (production_resources() if name == "production" else local_resources())["store"]
 
 
+def _check_artifacts(args) -> None:
+    """A local store's directory (--artifacts, or ZLT_ARTIFACT_ROOT when set) must be a directory where it exists;
+    `zlt status` only reads, so a missing one is refused there (a typo would read as an empty store), while `zlt run`
+    and `zlt demo` create it with their first write. The default directory may be missing: nothing ran here yet."""
+    if args.artifacts:
+        source, name, root = "command line", "--artifacts", args.artifacts
+    elif settings.deployment() == "local":
+        source, name, root = "environment", "ZLT_ARTIFACT_ROOT", settings.get("ZLT_ARTIFACT_ROOT")
+    else:
+        return
+    path = Path(root)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(source, name, f"{root!r} is not a directory")
+    if args.cmd == "status" and (args.artifacts or settings.is_set("ZLT_ARTIFACT_ROOT")) and not path.exists():
+        raise ConfigError(source, name, f"directory {str(path.resolve())!r} does not exist (zlt run and zlt demo "
+                                        "create it)")
+
+
 def cmd_status(args) -> int:
     store = _store_resource(args.artifacts).get_store()
     ids = sorted({k.split("/")[1] for k in store.list_keys("sweeps") if k.endswith("/sweep.json")
@@ -170,6 +188,7 @@ def _main(argv: list[str] | None) -> int:
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
     args = ap.parse_args(argv)
     args.backend_given = any(a == "--backend" or a.startswith("--backend=") for a in (argv or sys.argv[1:]))
+    _check_artifacts(args)
     if args.cmd == "status":
         return cmd_status(args)
     _check_flags(args)

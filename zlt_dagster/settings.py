@@ -117,6 +117,13 @@ def get(name: str) -> str:
     return os.environ.get(name, "").strip() or VARIABLES[name].default
 
 
+def is_set(name: str) -> bool:
+    """Whether the variable is set (non-empty), not left to its default. KeyError for a name not in VARIABLES."""
+    if name not in VARIABLES:
+        raise KeyError(name)
+    return bool(os.environ.get(name, "").strip())
+
+
 # Validators: each takes the raw value and the name to blame (a variable, or the `zlt` flag that overrides it), so
 # the environment and the command line are checked by the same rule. SettingsError names it.
 def check_int(name: str, raw: str, minimum: int | None = None) -> int:

@@ -71,8 +71,41 @@ def test_run_resume_and_status(tmp_path, monkeypatch, capsys):
         assert main(argv) == 0
         out = capsys.readouterr().out
         assert "comedian" in out and "2 cells, 2 done;" in out and "marker_rates 2" in out
+    (tmp_path / "elsewhere").mkdir()
     assert main(["--artifacts", str(tmp_path / "elsewhere"), "status"]) == 0
     assert capsys.readouterr().out.startswith("no sweeps in ")
+
+
+def test_status_refuses_a_missing_artifact_directory(tmp_path, monkeypatch, capsys):
+    """`zlt status --artifacts <typo>` used to exit 0 with "no sweeps in ...", as if the store were empty. A path
+    that is not a directory is refused by every command (`zlt run` used to crash in a step on it); `zlt run` and
+    `zlt demo` still create a missing directory (test_run_resume_and_status), and `zlt status` before the first run
+    with the default directory still says there are no sweeps."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ZLT_ARTIFACT_ROOT", raising=False)
+    missing = tmp_path / "artfacts"
+    for argv in (["status", "--artifacts", str(missing)], ["--artifacts", str(missing), "status"]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == (f"zlt: error: command line: --artifacts: directory '{missing}' does not exist "
+                                     "(zlt run and zlt demo create it)\n")
+    monkeypatch.setenv("ZLT_ARTIFACT_ROOT", str(missing))
+    assert main(["status"]) == 2
+    assert capsys.readouterr().err.startswith(f"zlt: error: environment: ZLT_ARTIFACT_ROOT: directory '{missing}' "
+                                              "does not exist")
+    monkeypatch.delenv("ZLT_ARTIFACT_ROOT")
+    assert main(["status"]) == 0
+    assert capsys.readouterr().out == f"no sweeps in {(tmp_path / '.zlt' / 'artifacts').as_uri()}\n"
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(BASE)
+    for argv in (["status"], ["demo"], ["run", str(cfg)]):
+        assert main([*argv, "--artifacts", str(afile)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"zlt: error: command line: --artifacts: '{afile}' is not a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "s.yaml"]  # nothing written
 
 
 # --- config errors: one line `zlt: error: <file>: <field>: <what>`, exit code 2, nothing written ---------------------
