@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -296,6 +297,20 @@ def test_unknown_override_field(overrides, path):
     msg = str(ei.value)
     assert msg.startswith(f"protocol.{path}: unknown config field;") and "known here" in msg
     assert ei.value.field == f"protocol.{path}"
+
+
+@pytest.mark.parametrize("overrides, path, what", [
+    ({"train": {}}, "train", "is an empty mapping"),
+    ({"train.micro_batch": 1, "train": {"micro_batch": 2}}, "train.micro_batch", "given twice"),
+    ({"train": {"micro_batch": 2}, "train.micro_batch": 1}, "train.micro_batch", "given twice"),
+    ({"train": 3, "train.micro_batch": 1}, "train", "is a section"),
+    ({"train.micro_batch": 1, "train": 3}, "train", "is a section"),
+    ({"train..micro_batch": 1}, "train..micro_batch", "is not a field name"),
+])
+def test_override_that_would_be_ignored_or_ambiguous_is_refused(overrides, path, what):
+    """Either order of a dotted key and its mapping is refused alike (the later one used to win silently)."""
+    with pytest.raises(ProtocolError, match=rf"^protocol\.{re.escape(path)}: {what}"):
+        get_protocol("tiny", overrides)
 
 
 def test_override_section_needs_mapping():

@@ -181,6 +181,21 @@ def test_missing_model_file_is_named_by_its_field(tmp_path, monkeypatch, capsys)
     assert rc == 2 and err.endswith(f"base_model: model directory {tmp_path / 'model_dir'} has no config.json\n")
 
 
+@pytest.mark.parametrize("protocol,field,what", [
+    ("{base: tiny, data: {}}", "protocol.data", "is an empty mapping, which overrides nothing"),
+    ("{base: tiny, train: {micro_batch: 1}, train.micro_batch: 2}", "protocol.train.micro_batch",
+     "given twice, as a dotted key and inside a mapping; keep one"),
+    ("{base: tiny, data: 3, data.n_positives: 2}", "protocol.data", "is a section; expected a mapping, got 3"),
+    ("{base: tiny, 1: 2}", "protocol.1", "is not a field name or a dotted path of field names"),
+], ids=["empty section", "dotted and nested", "section and dotted", "non-string key"])
+def test_protocol_overrides_that_would_be_ignored_are_refused(tmp_path, monkeypatch, capsys, protocol, field, what):
+    """`data: {}` was accepted and ignored; of a field given both dotted and nested, the later silently won; a
+    section given a value beside a dotted key, or a non-string key, crashed with a traceback (exit 1)."""
+    rc, out, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, f"protocol: {protocol}\nbase_model: tiny\n")
+    assert (rc, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"zlt: error: {cfg}: {field}: {what}"), err
+
+
 def test_bad_protocol_override_and_bad_json(tmp_path, monkeypatch, capsys):
     rc, _, err, cfg = _bad_run(tmp_path, monkeypatch, capsys, "protocol: {base: tiny, train.micro_batch: two}\n")
     assert rc == 2 and err == f"zlt: error: {cfg}: protocol.train.micro_batch: expected an integer, got 'two'\n"

@@ -416,20 +416,30 @@ def get_protocol(name: str, overrides: Mapping[str, Any] | None = None, field: s
 
 
 def apply_overrides(obj: Any, overrides: Mapping[str, Any], where: str = "") -> Any:
-    """Return a copy of a (nested) frozen dataclass with `overrides` applied. Keys may be nested dicts or dotted
-    paths ("train.micro_batch"). Unknown keys are an error, never silently ignored."""
-    nested: dict[str, Any] = {}
+    """Return a copy of a (nested) frozen dataclass with `overrides` applied. Keys may be nested mappings or dotted
+    paths ("train.micro_batch"), alike, and mixed where they do not collide. Errors, never silently ignored: an
+    unknown key, a field given twice (`train.micro_batch` beside `train: {micro_batch: ...}`), an empty mapping
+    (`data: {}` overrides nothing: a field left out, or written in the other form, is the likely mistake)."""
+    values: dict[str, Any] = {}
+    sections: dict[str, dict[Any, Any]] = {}  # field -> its sub-keys, from dotted keys and mappings alike
     for key, value in overrides.items():
+        if not isinstance(key, str) or "" in key.split("."):
+            raise ProtocolError("is not a field name or a dotted path of field names (train.micro_batch)",
+                                field=f"{where}{key}")
         head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        elif isinstance(value, Mapping):
-            nested.setdefault(head, {}).update(value)
-        else:
-            nested[head] = value
+        if not rest and not isinstance(value, Mapping):
+            values[head] = value
+            continue
+        section = sections.setdefault(head, {})
+        for sub, v in ([(rest, value)] if rest else value.items()):
+            if sub in section:
+                raise ProtocolError("given twice, as a dotted key and inside a mapping; keep one",
+                                    field=f"{where}{head}.{sub}")
+            section[sub] = v
     names = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
-    for key, value in nested.items():
+    # values first: `train: 3` beside `train.micro_batch: 1` is reported as a section given a value
+    for key, value in [*values.items(), *sections.items()]:
         path = f"{where}{key}"
         if key not in names:
             raise ProtocolError(f"unknown config field; known here: {sorted(names)}", field=path)
@@ -437,6 +447,10 @@ def apply_overrides(obj: Any, overrides: Mapping[str, Any], where: str = "") -> 
         if is_dataclass(current):
             if not isinstance(value, Mapping):
                 raise ProtocolError(f"is a section; expected a mapping, got {value!r}", field=path)
+            if not value:
+                raise ProtocolError(f"is an empty mapping, which overrides nothing; give the fields to change "
+                                    f"({key}: {{<field>: <value>}} or {key}.<field>: <value>) or leave it out",
+                                    field=path)
             changes[key] = apply_overrides(current, value, f"{path}.")
         elif isinstance(current, tuple):
             if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
