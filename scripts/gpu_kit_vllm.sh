@@ -17,6 +17,8 @@
 # Usage, from the project root:
 #   bash scripts/gpu_kit_vllm.sh            # here: build .kit/gpu/1..N (git-ignored), print the calls that land it
 #   bash scripts/gpu_kit_vllm.sh land       # there (in the last landing call): unpack into /root/kit, /root/site
+# .kit/gpu is rebuilt when what it is built from changed (.kit/gpu/PACKAGES holds a hash of the pins below, the
+# pruned files, the chunk size and the shared kit's checksums); a failed download or install prints pip's output.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel 2>/dev/null || pwd); cd "$root"
 CHUNK_MB=58   # + the ~3 MB working tree < 64 MiB (67.1 MB) a call
@@ -25,6 +27,8 @@ DEPS="cbor2==6.3.0 msgspec==0.23.0 pyzmq==27.3.0 pybase64==1.5.1 cachetools==8.0
 jiter==0.19.0 sniffio==1.3.1 openai-harmony==0.0.8 llguidance==1.7.6 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 fastapi==0.136.3 starlette==1.10.0 partial-json-parser==0.2.1.1.post7 setproctitle==1.3.8 blake3==1.0.11
 depyf==0.20.0 astor==0.8.1"
+PRUNE="vllm_flash_attn/_vllm_fa2_C.abi3.so _moe_C_stable_libtorch.abi3.so vllm-rs third_party/fmha_sm100
+third_party/deep_gemm/_C.cpython-31[0134]-*.so"
 
 if [ "${1:-}" = "land" ]; then
   H=${KIT_HOME:-/root}   # /root on the GPU machine (the shared kit's env.sh names /root/site); tests: elsewhere
@@ -47,30 +51,49 @@ SH
   exit 0
 fi
 
+# word-split on purpose (a reflowed list is the same list), globs left unexpanded
+stamp() ( set -f; { printf '%s\n' $VLLM $DEPS $PRUNE "chunk=$CHUNK_MB"; cat .kit/SHA256; } | sha256sum | cut -d' ' -f1 )
+
+# pip's own output only when it fails (quiet otherwise): a bare "could not download" hid why (no network, a pin
+# without a wheel for this platform, a full disk)
+quietly() {
+  local what=$1 log; shift
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 || { echo "gpu_kit_vllm: $what failed; pip said:" >&2; cat "$log" >&2; rm -f "$log"; return 1; }
+  rm -f "$log"
+}
+
 grep -qxF "/.kit/" .git/info/exclude 2>/dev/null || printf "\n/.kit/\n" >> .git/info/exclude
 [ -f .kit/SHA256 ] || bash ../shared/tools/gpu-kit >/dev/null
-if [ ! -f .kit/gpu/SHA256 ]; then
-  stage=$(mktemp -d); mkdir -p "$stage/base" "$stage/vdeps" "$stage/dl" "$stage/site"
+want=$(stamp)
+if [ "$(cat .kit/gpu/PACKAGES 2>/dev/null)" != "$want" ]; then
+  # an older script's .kit/gpu has no PACKAGES: other pins, rebuilt as well
+  [ -d .kit/gpu ] && echo "gpu_kit_vllm: .kit/gpu was built from another package list or shared kit: rebuilding" >&2
+  stage=$(mktemp -d); trap 'rm -rf "$stage" .kit/gpu.new' EXIT
+  mkdir -p "$stage/base" "$stage/vdeps" "$stage/dl" "$stage/site"
   cp .kit/1/part_* .kit/2/part_* .kit/3/part_* .kit/SHA256 "$stage/base/"
   plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64"
   plat="$plat --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64"
   plat="$plat --platform manylinux_2_31_x86_64 --platform any"
   for p in $VLLM $DEPS; do
     dest="$stage/vdeps"; [ "$p" = "$VLLM" ] && dest="$stage/dl"
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
-      -d "$dest" "$p" >/dev/null 2>&1 || { echo "gpu_kit_vllm: could not download $p" >&2; exit 1; }
+    quietly "downloading $p" python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp $plat -d "$dest" "$p"
   done
-  python3 -m pip install -q --no-deps --no-compile --target "$stage/site" "$stage"/dl/vllm-*.whl >/dev/null
-  (cd "$stage/site/vllm" && rm -rf vllm_flash_attn/_vllm_fa2_C.abi3.so _moe_C_stable_libtorch.abi3.so vllm-rs \
-     third_party/fmha_sm100 third_party/deep_gemm/_C.cpython-31[0134]-*.so)
+  quietly "unpacking $VLLM" python3 -m pip install -q --no-deps --no-compile --target "$stage/site" \
+    "$stage"/dl/vllm-*.whl
+  (cd "$stage/site/vllm" && rm -rf $PRUNE)
   (cd "$stage/site" && tar -cf - vllm vllm-*.dist-info | xz -T0 -6 > "$stage/vllm.tar.xz")
   rm -rf "$stage/site" "$stage/dl"
-  rm -rf .kit/gpu; mkdir -p .kit/gpu
-  (cd "$stage" && tar -cf - base vdeps vllm.tar.xz) > .kit/gpu/all.tar
+  # built beside the old one and swapped in whole, its stamp last: an interrupted build is never taken as current
+  rm -rf .kit/gpu.new; mkdir -p .kit/gpu.new
+  (cd "$stage" && tar -cf - base vdeps vllm.tar.xz) > .kit/gpu.new/all.tar
   rm -rf "$stage"
-  (cd .kit/gpu && sha256sum all.tar > SHA256 && split -b ${CHUNK_MB}M -d all.tar part_ && rm all.tar)
-  i=0; for f in .kit/gpu/part_*; do i=$((i+1)); mkdir -p ".kit/gpu/$i"; mv "$f" ".kit/gpu/$i/"; done
-  cp .kit/gpu/SHA256 ".kit/gpu/$i/"
+  (cd .kit/gpu.new && sha256sum all.tar > SHA256 && split -b ${CHUNK_MB}M -d all.tar part_ && rm all.tar)
+  i=0; for f in .kit/gpu.new/part_*; do i=$((i+1)); mkdir -p ".kit/gpu.new/$i"; mv "$f" ".kit/gpu.new/$i/"; done
+  cp .kit/gpu.new/SHA256 ".kit/gpu.new/$i/"
+  echo "$want" > .kit/gpu.new/PACKAGES
+  rm -rf .kit/gpu && mv .kit/gpu.new .kit/gpu
 fi
 n=$(ls -d .kit/gpu/[0-9]* | wc -l)
 du -sh .kit/gpu/[0-9]*
