@@ -63,7 +63,10 @@ quietly() {
   rm -f "$log"
 }
 
-grep -qxF "/.kit/" .git/info/exclude 2>/dev/null || printf "\n/.kit/\n" >> .git/info/exclude
+# git's own path of the exclude file: in a worktree .git is a file, not a directory
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qxF "/.kit/" "$exclude" 2>/dev/null || printf "\n/.kit/\n" >> "$exclude"
 [ -f .kit/SHA256 ] || bash ../shared/tools/gpu-kit >/dev/null
 want=$(stamp)
 if [ "$(cat .kit/gpu/PACKAGES 2>/dev/null)" != "$want" ]; then
