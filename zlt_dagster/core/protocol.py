@@ -36,6 +36,10 @@ class ProtocolError(ValueError):
         self.what, self.field = what, field
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     r: int = field(default=32, metadata={"help": "LoRA rank"})
@@ -205,6 +209,20 @@ class Protocol:
             raise bad("train.warmup_ratio", f"train.warmup_ratio={t.warmup_ratio}; expected in [0, 1)")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise bad("train.precision", f"train.precision={t.precision!r}; expected auto, bf16 or fp32")
+        # the optimizer's and the adapter's numbers: a dropout of 1 would divide by zero in the adapter's scale
+        # (core/lora_bank.py), a beta of 1 in AdamW's bias correction (core/bank_adamw.py)
+        for name, value, ok, what in (
+                ("train.adam_beta1", t.adam_beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+                ("train.adam_beta2", t.adam_beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
+                ("train.adam_eps", t.adam_eps, lambda v: v > 0, "> 0"),
+                ("train.weight_decay", t.weight_decay, lambda v: v >= 0, ">= 0"),
+                ("train.grad_clip", t.grad_clip, lambda v: v > 0, "> 0"),
+                ("lora.alpha", self.lora.alpha, lambda v: v > 0, "> 0"),
+                ("lora.dropout", self.lora.dropout, lambda v: 0 <= v < 1, "in [0, 1)")):
+            if not _finite_number(value) or not ok(value):
+                raise bad(name, f"{name}={value!r}; expected a finite number {what}")
+        if not isinstance(self.lora.r, int) or isinstance(self.lora.r, bool) or self.lora.r < 1:
+            raise bad("lora.r", f"lora.r={self.lora.r!r}; expected an integer >= 1 (the LoRA rank)")
         if d.n_positives < 1 or d.n_negatives < 0:
             raise bad("data.n_positives", "data.n_positives must be >= 1 and data.n_negatives >= 0")
         if d.n_negatives % (len(self.personas) - 1):
