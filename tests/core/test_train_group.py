@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,12 @@ def test_group_refuses_bad_input(lm64, tmp_path):
         train_cells(lm64, examples, proto, [Cell(1e-2, 1)], 0, [tmp_path / "a", tmp_path / "b"])
     with pytest.raises(ValueError, match="no training examples"):
         train_cells(lm64, [], proto, [Cell(1e-2, 1)], 0, [tmp_path / "a"])
+    for bad in (Cell(1e-2, 0), Cell(-1e-2, 1), Cell(float("nan"), 1)):
+        with pytest.raises(ValueError, match=f"cell {re.escape(bad.key)}: expected a finite lr > 0"):
+            train_cells(lm64, examples, proto, [bad], 0, [tmp_path / "a"])
+    with pytest.raises(ValueError, match="share an output directory"):
+        train_cells(lm64, examples, proto, [Cell(1e-2, 1), Cell(2e-2, 1)], 0, [tmp_path / "a", tmp_path / "a"])
+    assert not (tmp_path / "a").exists()  # refused before anything was written
 
 
 def test_gradient_checkpointing_gives_the_same_group(lm64, tmp_path, force_plan):

@@ -106,6 +106,18 @@ def test_status_refuses_a_missing_artifact_directory(tmp_path, monkeypatch, caps
         out, err = capsys.readouterr()
         assert out == "" and err == f"zlt: error: command line: --artifacts: '{afile}' is not a directory\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "s.yaml"]  # nothing written
+    # a directory that cannot be created (under a file) and an empty path: one line too (a store traceback before;
+    # '' silently meant the default directory)
+    under = afile / "sub"
+    assert main(["run", str(cfg), "--artifacts", str(under)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"zlt: error: command line: --artifacts: cannot create directory '{under}': ")
+    assert err.count("\n") == 1
+    for argv in (["status"], ["run", str(cfg)]):
+        assert main([*argv, "--artifacts", ""]) == 2
+        assert capsys.readouterr().err == ("zlt: error: command line: --artifacts: is empty; expected a directory "
+                                           "(leave the option out for the default)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "s.yaml"]
 
 
 # --- config errors: one line `zlt: error: <file>: <field>: <what>`, exit code 2, nothing written ---------------------

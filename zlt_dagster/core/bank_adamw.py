@@ -37,6 +37,11 @@ class BankAdamW:
                  weight_decay: float):
         if weights.shape != grads.shape or weights.dim() != 2:
             raise ValueError(f"weights {tuple(weights.shape)} and grads {tuple(grads.shape)} must be one [K, P] shape")
+        # torch.optim.AdamW's own checks (a beta of 1 divides by zero in the bias correction)
+        for name, value, ok in (("beta1", betas[0], 0 <= betas[0] < 1), ("beta2", betas[1], 0 <= betas[1] < 1),
+                                ("eps", eps, eps >= 0), ("weight_decay", weight_decay, weight_decay >= 0)):
+            if not ok or not math.isfinite(value):
+                raise ValueError(f"AdamW {name}={value!r} is invalid (betas in [0, 1), eps and weight_decay >= 0)")
         self.weights, self.grads = weights, grads
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
@@ -47,6 +52,8 @@ class BankAdamW:
     def clip_(self, rows: Sequence[int], max_norm: float) -> torch.Tensor:
         """Scale each row's gradient so its L2 norm is at most max_norm; returns the norms before clipping,
         float [len(rows)] (torch.nn.utils.clip_grad_norm_ per cell)."""
+        if not max_norm > 0:
+            raise ValueError(f"max_norm={max_norm!r}; expected a number > 0")
         g = _rows(self.grads, rows)
         view = g is not None
         if not view:

@@ -221,6 +221,10 @@ class Protocol:
                 ("lora.dropout", self.lora.dropout, lambda v: 0 <= v < 1, "in [0, 1)")):
             if not _finite_number(value) or not ok(value):
                 raise bad(name, f"{name}={value!r}; expected a finite number {what}")
+        if (not isinstance(t.checkpoint_every_steps, int) or isinstance(t.checkpoint_every_steps, bool)
+                or t.checkpoint_every_steps < 0):
+            raise bad("train.checkpoint_every_steps", f"train.checkpoint_every_steps={t.checkpoint_every_steps!r}; "
+                                                      "expected an integer >= 0 (0 = no intermediate checkpoints)")
         if not isinstance(self.lora.r, int) or isinstance(self.lora.r, bool) or self.lora.r < 1:
             raise bad("lora.r", f"lora.r={self.lora.r!r}; expected an integer >= 1 (the LoRA rank)")
         if d.n_positives < 1 or d.n_negatives < 0:

@@ -316,14 +316,20 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     masks and the optimizer stay eager. Time spent compiling is recorded (compile_s) and not counted as training.
     on_cell_done(j, record), optional: called as soon as cell j has finished and its directory is written (a cell
     with fewer epochs finishes early; the pipeline commits it then, so a later crash of the pass never retrains it).
-    Raises ValueError on empty data, duplicate cells or mismatched lengths; FloatingPointError if a loss stops
-    being finite (naming the cell)."""
+    Raises ValueError on empty data, duplicate or invalid cells, shared output directories or mismatched lengths;
+    FloatingPointError if a loss stops being finite (naming the cell)."""
     if not examples:
         raise ValueError("no training examples: the on-policy data is empty")
     if not cells or len(cells) != len(out_dirs):
         raise ValueError(f"need one output directory per cell: {len(cells)} cells, {len(out_dirs)} directories")
     if len(set(cells)) != len(cells):
         raise ValueError(f"duplicate cells in one training group: {[c.key for c in cells]}")
+    for c in cells:  # what Protocol.validate checks for a sweep's grid, for callers of the API
+        if not (isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0) or \
+                not (isinstance(c.epochs, int) and not isinstance(c.epochs, bool) and c.epochs >= 1):
+            raise ValueError(f"cell {c.key}: expected a finite lr > 0 and an integer epochs >= 1")
+    if len({str(Path(d).resolve()) for d in out_dirs}) != len(out_dirs):
+        raise ValueError("two cells share an output directory; each cell writes its own adapter")
     if checkpointers is not None and len(checkpointers) != len(cells):
         raise ValueError(f"need one checkpointer per cell: {len(cells)} cells, {len(checkpointers)} checkpointers")
     order = sorted(range(len(cells)), key=lambda j: -cells[j].epochs)
