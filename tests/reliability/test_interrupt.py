@@ -94,6 +94,9 @@ def test_sigint_and_sigterm_stop_zlt_run_and_a_rerun_resumes(tmp_path):
     rc, out = zlt.finish(timeout=300)
     assert rc == 0, out
     assert f"resuming from the checkpoint of step {state['step']}" in out and "cell 1/1" in out
+    # the line names the cell it is about (a pass trains many)
+    assert any(line.strip().split(": ")[-2].startswith("lr=") for line in out.splitlines()
+               if f"resuming from the checkpoint of step {state['step']}" in line)
     [record] = [json.loads(p.read_text()) for p in (tmp_path / "art").rglob("adapter/train_run.json")]
     assert record["segments"] == 3 and record["resumed_from_step"] == state["step"]
     assert not list((tmp_path / "art").rglob("checkpoint/*/state.json"))  # deleted once the adapter is committed

@@ -60,7 +60,8 @@ def run_adapters(store: ObjectStore, sweep: Sweep, cells: list[Cell], compute: C
             local.mkdir(parents=True)
             cks.append(checkpoint.Checkpointer(
                 local, sweep.protocol.train.checkpoint_every_steps, resume_dir=ckpts[cell].pull_latest(local),
-                on_saved=_pusher(ckpts[cell], leases[cell]), log=log))
+                on_saved=_pusher(ckpts[cell], leases[cell]),
+                log=lambda m, key=cell.key: log(f"{key}: {m}")))  # a pass trains many cells: say which
         outs = [tmp / cell.key / "adapter" for cell in todo]
 
         def commit(j: int, record: dict) -> None:  # as soon as a cell finishes, not at the end of the pass
