@@ -21,11 +21,29 @@ from typing import Sequence
 import torch
 
 
-def _rows(buf: torch.Tensor, rows: Sequence[int]) -> torch.Tensor | None:
-    """A view of buf's rows when they are consecutive, else None (the caller gathers and scatters)."""
-    if list(rows) == list(range(rows[0], rows[0] + len(rows))):
-        return buf[rows[0]:rows[0] + len(rows)]
+def row_span(rows: Sequence[int]) -> tuple[int, int] | None:
+    """(start, stop) when `rows` are the consecutive rows start..stop-1, else None. The trainer orders cells so the
+    ones training are consecutive (core/train.py): their rows of a [K, P] buffer are then a view, no gather."""
+    rows = tuple(rows)
+    if rows and rows == tuple(range(rows[0], rows[0] + len(rows))):
+        return rows[0], rows[0] + len(rows)
     return None
+
+
+class _Rows:
+    """Rows of several [K, P] buffers to work on in place: views where the rows are consecutive, else gathered
+    copies that `scatter` writes back."""
+
+    def __init__(self, rows: Sequence[int], device: torch.device):
+        self.span = row_span(rows)
+        self.index = None if self.span else torch.tensor(list(rows), device=device)
+
+    def take(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf[self.span[0]:self.span[1]] if self.span else buf.index_select(0, self.index)
+
+    def scatter(self, buf: torch.Tensor, rows: torch.Tensor) -> None:
+        if not self.span:
+            buf.index_copy_(0, self.index, rows)
 
 
 class BankAdamW:
@@ -54,15 +72,12 @@ class BankAdamW:
         float [len(rows)] (torch.nn.utils.clip_grad_norm_ per cell)."""
         if not max_norm > 0:
             raise ValueError(f"max_norm={max_norm!r}; expected a number > 0")
-        g = _rows(self.grads, rows)
-        view = g is not None
-        if not view:
-            g = self.grads.index_select(0, torch.tensor(list(rows), device=self.grads.device))
+        sel = _Rows(rows, self.grads.device)
+        g = sel.take(self.grads)
         norms = torch.linalg.vector_norm(g, dim=1)
         coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
         g.mul_(coef[:, None])
-        if not view:
-            self.grads.index_copy_(0, torch.tensor(list(rows), device=self.grads.device), g)
+        sel.scatter(self.grads, g)
         return norms
 
     @torch.no_grad()
@@ -73,12 +88,8 @@ class BankAdamW:
         for r in rows:
             self.steps[r] += 1
         dev, dt = self.weights.device, self.weights.dtype
-        idx = None
-        p, g = _rows(self.weights, rows), _rows(self.grads, rows)
-        m, v = _rows(self.exp_avg, rows), _rows(self.exp_avg_sq, rows)
-        if p is None:
-            idx = torch.tensor(list(rows), device=dev)
-            p, g, m, v = (t.index_select(0, idx) for t in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq))
+        sel = _Rows(rows, dev)
+        p, g, m, v = (sel.take(t) for t in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq))
         lr = torch.tensor(list(lrs), dtype=torch.float64)
         bc1 = torch.tensor([1 - self.beta1 ** self.steps[r] for r in rows], dtype=torch.float64)
         bc2_sqrt = torch.tensor([math.sqrt(1 - self.beta2 ** self.steps[r]) for r in rows], dtype=torch.float64)
@@ -90,9 +101,8 @@ class BankAdamW:
         v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         denom = (v.sqrt() / scal[2]).add_(self.eps)
         p.addcmul_(m / denom, scal[1])
-        if idx is not None:
-            for buf, t in ((self.weights, p), (self.exp_avg, m), (self.exp_avg_sq, v)):
-                buf.index_copy_(0, idx, t)
+        for buf, t in ((self.weights, p), (self.exp_avg, m), (self.exp_avg_sq, v)):
+            sel.scatter(buf, t)
 
     # -- one cell's state in torch's formats (checkpoints) ---------------------------------------------------
     def cell_optimizer(self, j: int, layout: Sequence[tuple[str, int, tuple[int, ...]]], group: dict) -> "CellOptimizer":

@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .bank_adamw import row_span
 from .models import quiet_peft
 from .protocol import Protocol
 
@@ -211,11 +212,11 @@ class LoraBank:
     def zero_grad(self, rows: Sequence[int] | None = None) -> None:
         """Zero the gradients of cells `rows` (all if None), in place: the Parameters' .grad stay views into
         `grads`. Rows that took no part in a backward are zero already."""
-        rows = list(range(self.k)) if rows is None else list(rows)
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            self.grads[rows[0]:rows[0] + len(rows)].zero_()
+        span = (0, self.k) if rows is None else row_span(rows)
+        if span:
+            self.grads[span[0]:span[1]].zero_()
         else:
-            self.grads[torch.tensor(rows, device=self.grads.device)] = 0
+            self.grads[torch.tensor(list(rows), device=self.grads.device)] = 0
 
     def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
         """Route the next forward: row block c goes through cell active[c]'s adapter; `keep` as from keep_masks."""
@@ -226,8 +227,7 @@ class LoraBank:
             index = torch.tensor(active, dtype=torch.long, device=self.device)
             select = torch.zeros((len(active), self.k), dtype=torch.float32, device=self.device)
             select[torch.arange(len(active), device=self.device), index] = 1.0
-            consecutive = active == tuple(range(active[0], active[0] + len(active)))
-            self._indices[active] = (index, select, (active[0], active[-1] + 1) if consecutive else None)
+            self._indices[active] = (index, select, row_span(active))
         self.routing.active = list(active)
         self.routing.index, self.routing.select, self.routing.span = self._indices[active]
         for mod in self.modules.values():

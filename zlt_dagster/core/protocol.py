@@ -36,7 +36,8 @@ class ProtocolError(ValueError):
         self.what, self.field = what, field
 
 
-def _finite_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A real number (int or float, not a bool) that is neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -164,7 +165,7 @@ class Protocol:
         if not self.learning_rates:
             raise bad("learning_rates", "learning_rates is empty; expected at least one LR > 0")
         for lr in self.learning_rates:
-            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or math.isnan(lr) or math.isinf(lr) or lr <= 0:
+            if not is_finite_number(lr) or lr <= 0:
                 raise bad("learning_rates", f"learning rate {lr!r} is invalid; expected a finite number > 0")
         if len(set(self.learning_rates)) != len(self.learning_rates):
             raise bad("learning_rates", f"learning_rates has duplicates: {self.learning_rates}")
@@ -219,7 +220,7 @@ class Protocol:
                 ("train.grad_clip", t.grad_clip, lambda v: v > 0, "> 0"),
                 ("lora.alpha", self.lora.alpha, lambda v: v > 0, "> 0"),
                 ("lora.dropout", self.lora.dropout, lambda v: 0 <= v < 1, "in [0, 1)")):
-            if not _finite_number(value) or not ok(value):
+            if not is_finite_number(value) or not ok(value):
                 raise bad(name, f"{name}={value!r}; expected a finite number {what}")
         if (not isinstance(t.checkpoint_every_steps, int) or isinstance(t.checkpoint_every_steps, bool)
                 or t.checkpoint_every_steps < 0):
@@ -577,7 +578,7 @@ def _cells(value: Any, protocol: Protocol) -> tuple[tuple[float, int], ...]:
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise ProtocolError(f"expected a [lr, epochs] pair, got {item!r}", field=f"cells[{i}]")
         lr, ep = item
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if not is_finite_number(lr) or lr <= 0:
             raise ProtocolError(f"learning rate {lr!r} is invalid; expected a finite number > 0",
                                 field=f"cells[{i}][0]")
         if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:

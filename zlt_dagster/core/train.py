@@ -34,7 +34,7 @@ from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
 from .models import LoadedModel, unwrap_peft
 from .onpolicy import OnPolicyData
-from .protocol import Cell, Protocol
+from .protocol import Cell, Protocol, is_finite_number
 
 # Compiled layers see widths padded to a multiple of 8: the graph inductor builds for SDPA guards on
 # width % 8 (alignment) and recompiled in the middle of a timed pass on the H200 (BENCHMARKS.md)
@@ -325,7 +325,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     if len(set(cells)) != len(cells):
         raise ValueError(f"duplicate cells in one training group: {[c.key for c in cells]}")
     for c in cells:  # what Protocol.validate checks for a sweep's grid, for callers of the API
-        if not (isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0) or \
+        if not (is_finite_number(c.lr) and c.lr > 0) or \
                 not (isinstance(c.epochs, int) and not isinstance(c.epochs, bool) and c.epochs >= 1):
             raise ValueError(f"cell {c.key}: expected a finite lr > 0 and an integer epochs >= 1")
     if len({str(Path(d).resolve()) for d in out_dirs}) != len(out_dirs):
