@@ -9,8 +9,9 @@ import pytest
 
 from zlt_dagster.core.protocol import (
     DEMO, PAPER, PERSONA_NAMES, PROTOCOLS, TINY, Cell, Protocol, ProtocolError, Sweep, apply_overrides,
-    get_protocol, load_sweep_file, protocol_from_dict, sweep_from_dict, sweep_from_stored,
+    get_protocol, protocol_from_dict, sweep_from_stored,
 )
+from zlt_dagster.core.sweep_file import load_sweep_file, sweep_from_dict
 
 
 # --- the paper protocol is SPEC.md, number for number ----------------------------------------------------------

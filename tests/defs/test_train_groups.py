@@ -94,7 +94,7 @@ def test_zlt_run_records_adapters_an_interrupted_pass_committed(tmp_path, monkey
 
     from zlt_dagster import steps
     from zlt_dagster.cli import main
-    from zlt_dagster.core.protocol import load_sweep_file
+    from zlt_dagster.core.sweep_file import load_sweep_file
     from zlt_dagster.storage import LocalStore
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))

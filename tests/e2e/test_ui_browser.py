@@ -68,7 +68,7 @@ def dagster(tmp_path):
 
 
 def test_pick_one_partition_launch_it_and_read_its_figures(dagster, tmp_path):
-    from zlt_dagster.core.protocol import sweep_from_dict
+    from zlt_dagster.core.sweep_file import sweep_from_dict
 
     d = dagster
     shots = Path(os.environ.get("ZLT_E2E_SCREENSHOTS") or tmp_path / "screenshots")

@@ -35,7 +35,7 @@ CELL_ASSETS = ["adapter", "completions", "marker_rates", "arc_scores"]
 
 
 def sweep_id(entry: dict) -> str:
-    from zlt_dagster.core.protocol import sweep_from_dict
+    from zlt_dagster.core.sweep_file import sweep_from_dict
 
     return sweep_from_dict({k: v for k, v in entry.items() if k != "schedule"}).sweep_id
 
@@ -54,7 +54,7 @@ def dagster(tmp_path):
 
 def test_user_flows(dagster):
     from zlt_dagster.steps import layout
-    from zlt_dagster.core.protocol import sweep_from_dict
+    from zlt_dagster.core.sweep_file import sweep_from_dict
     from zlt_dagster.defs.partitions import partition_keys_for
     from zlt_dagster.storage import LocalStore
 

@@ -11,7 +11,8 @@ import pytest
 
 from zlt_dagster import steps
 from zlt_dagster.steps import layout
-from zlt_dagster.core.protocol import TINY, ProtocolError, Sweep, get_protocol, sweep_from_dict
+from zlt_dagster.core.protocol import TINY, ProtocolError, Sweep, get_protocol
+from zlt_dagster.core.sweep_file import sweep_from_dict
 from zlt_dagster.storage import LocalStore, S3Store, StoreError, UnsafeKeyError
 
 from reliability_helpers import ACCESS_KEY, BUCKET, SECRET_KEY, free_port
@@ -58,7 +59,7 @@ def test_learning_rate_not_positive_or_not_finite(store, lr):
 
 
 def test_learning_rate_nan_from_a_yaml_file(store, tmp_path):
-    from zlt_dagster.core.protocol import load_sweep_file
+    from zlt_dagster.core.sweep_file import load_sweep_file
 
     f = tmp_path / "s.yaml"
     f.write_text("protocol: {base: tiny, learning_rates: [1e-3, .nan]}\nbase_model: tiny\n")

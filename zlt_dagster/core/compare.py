@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .metrics import wilson_interval
-from .protocol import Cell, ProtocolError, Sweep, _yaml_loader, sweep_from_dict
+from .protocol import Cell, ProtocolError, Sweep
+from .sweep_file import sweep_from_dict, yaml_loader
 from .report import save_figure
 
 METRICS: tuple[tuple[str, str], ...] = (("source_adoption", "source"), ("assistant_leakage", "assistant"),
@@ -30,7 +31,7 @@ def load_followup(path: str | Path) -> tuple[list[Sweep], list[Cell]]:
     path = Path(path)
     if not path.is_file():
         raise ProtocolError(f"follow-up file {path} does not exist")
-    data = yaml.load(path.read_text(), Loader=_yaml_loader())
+    data = yaml.load(path.read_text(), Loader=yaml_loader())
     if not isinstance(data, dict) or not isinstance(data.get("compare"), dict):
         raise ProtocolError(f"{path}: a comparable follow-up is a mapping with 'sweeps' and 'compare: {{cells: "
                             f"[[lr, epochs], ...]}}'")

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import settings
-from ..core.protocol import ProtocolError, Sweep, _yaml_loader, read_mapping, sweep_from_dict, yaml_error_line
+from ..core.protocol import ProtocolError, Sweep
+from ..core.sweep_file import read_mapping, sweep_from_dict, yaml_error_line, yaml_loader
 from ..steps import cell_done, layout
 from ..steps.sweeps import DONE_ARTIFACTS
 from .partitions import cell_key
@@ -69,7 +70,7 @@ def _load_items(path: Path) -> list:
     import yaml
 
     try:  # the project's loader: 5e-6 reads as a float, as in every other sweep file
-        data = yaml.load(path.read_text(), Loader=_yaml_loader())
+        data = yaml.load(path.read_text(), Loader=yaml_loader())
     except yaml.YAMLError as e:  # a syntax error or a duplicate key: the whole file is unreadable
         raise RegistryError(f"sweep registry {path} is not valid YAML: {yaml_error_line(e)}") from e
     if data is None:
