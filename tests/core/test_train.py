@@ -2,6 +2,7 @@
 adapter reloads to the same function, the fast loss path equals the naive one, micro-batching is exact."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -149,7 +150,8 @@ def test_adapter_reloads_to_identical_logits(loaded, examples8, tmp_path, monkey
 
     def capture(bank, j, out_dir, base_model):
         with bank:
-            bank.set_batch([j], None)
+            bank.set_batch([j])
+            bank.set_masks(None)
             loaded.model.eval()  # the trainer puts the model back in train mode after saving
             with torch.no_grad():
                 captured["logits"] = loaded.model(input_ids=batch["input_ids"],
@@ -386,3 +388,79 @@ def test_a_one_step_cell_is_all_warmup_and_says_so(loaded, tmp_path):
     rec = train_cell(loaded, exs, TINY, Cell(1e-1, 2), seed=0, out_dir=tmp_path / "two", progress=said.append)
     assert rec["steps_with_nonzero_lr"] == 1 and not any("warmup at LR 0" in m for m in said)
     assert any(float(t.abs().max()) > 0 for k, t in read_adapter(tmp_path / "two").items() if "lora_B" in k)
+
+
+# --- packed micro-batches are exact ----------------------------------------------------------------------------
+@pytest.mark.parametrize("multiple", [1, 8])
+@pytest.mark.parametrize("full", [False, True])
+def test_packed_batch_equals_padded_batch(loaded, examples8, multiple, full):
+    """One row of real tokens (core/packing.py: attention per example on a padded grid) gives the padded batch's
+    loss and gradients, float64, for every base weight (LoRA or not, the arithmetic below the adapters is the
+    same); rows of different lengths, with and without trailing alignment padding, loss head or full logits."""
+    from zlt_dagster.core.packing import collate_packed, packed_attention
+
+    model = copy.deepcopy(loaded.model).double().requires_grad_(True)
+    model.train()
+    exs = examples8[:5]
+    assert len({len(e.input_ids) for e in exs}) > 1  # really different lengths: padding in the padded batch
+    pad = loaded.tokenizer.pad_token_id
+    padded = collate(exs, pad, loaded.device)
+    packed = collate_packed(exs, pad, loaded.device, multiple)
+    assert packed.tokens == -(-sum(len(e.input_ids) for e in exs) // multiple) * multiple
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad(set_to_none=True)
+        with packed_attention(model) if batch is packed else contextlib.nullcontext():
+            loss = trainmod.block_loss_sums(model, batch, 1, full_logits=full)
+        loss.sum().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l_pad, g_pad), (l_pack, g_pack) = results
+    assert l_pad.item() > 0
+    # the full-logits path computes its cross-entropy in float32 (`.float()`), summed over differently shaped
+    # tensors: float32 rounding; the loss head path stays float64
+    rel = 1e-6 if full else 1e-12
+    torch.testing.assert_close(l_pack, l_pad, rtol=rel, atol=0)
+    for name, g in g_pad.items():
+        assert torch.count_nonzero(g) > 0, name
+        torch.testing.assert_close(g_pack[name], g, rtol=1e-4 if full else 1e-10, atol=1e-10 if full else 1e-14,
+                                   msg=name)
+    assert model.config._attn_implementation != "zlt_packed_sdpa"  # restored
+
+
+def test_packed_batch_needs_packed_attention(loaded, examples8):
+    """Without the packed attention a packed row would let examples attend to each other: refused, loudly."""
+    from zlt_dagster.core.packing import collate_packed
+
+    batch = collate_packed(examples8[:2], loaded.tokenizer.pad_token_id, loaded.device)
+    with pytest.raises(RuntimeError, match="packed_attention"):
+        trainmod.block_loss_sums(loaded.model, batch, 1)
+
+
+def test_packed_batch_equals_padded_batch_on_qwen2(qwen25_tok):
+    """The same on the Qwen2 architecture (biased q/k/v, untied head): what the 7B rows of the benchmark train."""
+    from types import SimpleNamespace
+
+    from zlt_dagster.core.models import tiny_qwen2_model
+    from zlt_dagster.core.packing import collate_packed, packed_attention
+
+    model = tiny_qwen2_model(qwen25_tok, {}).double().requires_grad_(True)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    exs = []
+    for n in (9, 17, 4, 12):
+        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
+        exs.append(SimpleNamespace(input_ids=ids, labels=[IGNORE] * (n - 3) + ids[-3:]))
+    pad = qwen25_tok.pad_token_id
+    results = []
+    for batch in (collate(exs, pad, "cpu"), collate_packed(exs, pad, "cpu", 8)):
+        model.zero_grad(set_to_none=True)
+        packed = not isinstance(batch, dict)
+        with packed_attention(model) if packed else contextlib.nullcontext():
+            loss = trainmod.block_loss_sums(model, batch, 1)
+        loss.sum().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l_pad, g_pad), (l_pack, g_pack) = results
+    torch.testing.assert_close(l_pack, l_pad, rtol=1e-12, atol=0)
+    for name, grad in g_pad.items():
+        torch.testing.assert_close(g_pack[name], grad, rtol=1e-10, atol=1e-14, msg=name)
+    assert any(torch.count_nonzero(gr) for name, gr in g_pad.items() if "q_proj.bias" in name)

@@ -69,10 +69,12 @@ def assert_same_cell(a_dir, b_dir, rec_a, rec_b, rel=1e-8):
 
 @pytest.fixture
 def force_plan(monkeypatch):
-    """Force (micro-batch, cells per forward) instead of the memory-derived choice."""
-    def force(micro, cells):
+    """Force (micro-batch, cells per forward) instead of the memory-derived choice; max_tokens > 0 caps packed
+    micro-batches by tokens instead of `micro` examples."""
+    def force(micro, cells, max_tokens=0):
         monkeypatch.setattr(batch_plan, "plan", lambda n, eff, bpt, longest, budget, micro=0, m=micro, c=cells: (
             micro or min(m, eff), min(c, n)))
+        monkeypatch.setattr(batch_plan, "tokens_per_forward", lambda bpt, budget, cells: max_tokens)
     return force
 
 
@@ -97,6 +99,36 @@ def test_group_equals_separate_runs(lm64, tmp_path, base_guard, force_plan, drop
         assert_same_cell(tmp_path / f"g{j}", tmp_path / f"s{j}", group[j], single)
         cfg = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in (f"g{j}", f"s{j}")]
         assert cfg[0] == cfg[1]
+
+
+def test_token_capped_packed_micro_batches_change_nothing(lm64, tmp_path, force_plan, monkeypatch):
+    """The pipeline's automatic split: packed micro-batches capped by tokens (shortest examples first, so a
+    micro-batch holds as many examples as fit) give the same cells as fixed micro-batches of 2; the cap really
+    splits steps unevenly and never exceeds it except for a single example."""
+    from zlt_dagster.core import train as trainmod
+
+    proto, examples = setup(lm64, **{"lora.dropout": 0.05, "train.micro_batch": 0})
+    lengths = sorted(len(e.input_ids) for e in examples)
+    cap = 3 * lengths[len(lengths) // 2]  # three short examples fit, the long ones go in pairs or alone
+    seen = []
+    real = trainmod._micro_batch
+
+    def spy(loaded, bank, exs, mb, *args):
+        seen.append([len(exs[i].input_ids) for i in mb])
+        return real(loaded, bank, exs, mb, *args)
+
+    monkeypatch.setattr(trainmod, "_micro_batch", spy)
+    cells = [Cell(1e-2, 2), Cell(3e-2, 1)]
+    force_plan(16, 2, max_tokens=cap)
+    group = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / f"g{j}" for j in range(2)])
+    assert group[0]["batch_plan"]["tokens_per_forward"] == cap
+    sizes = {len(mb) for mb in seen[1:]}  # seen[0]: the memory probe's one example
+    assert len(sizes) > 1 and max(sizes) >= 3
+    assert all(sum(mb) <= cap or len(mb) == 1 for mb in seen)
+    force_plan(2, 1)
+    for j, cell in enumerate(cells):
+        single = train_cell(lm64, examples, proto, cell, seed=4, out_dir=tmp_path / f"s{j}")
+        assert_same_cell(tmp_path / f"g{j}", tmp_path / f"s{j}", group[j], single)
 
 
 def test_trainer_equals_the_plain_peft_loop(lm64, tmp_path, base_guard):
@@ -201,16 +233,18 @@ def test_batch_plan_fills_the_budget_and_never_goes_below_one():
 
 def test_saved_activation_bytes_grow_with_the_tokens(tiny_loaded):
     from zlt_dagster.core.lora_bank import LoraBank
-    from zlt_dagster.core.train import block_loss_sums, collate
+    from zlt_dagster.core.packing import collate_packed, packed_attention
+    from zlt_dagster.core.train import block_loss_sums
 
     proto, examples = setup(tiny_loaded, **{"lora.dropout": 0.05})
     short, long_ = sorted(examples, key=lambda e: len(e.input_ids))[0], max(examples, key=lambda e: len(e.input_ids))
     sizes = []
-    with LoraBank(tiny_loaded.model, proto, 0, 1) as bank:
+    with LoraBank(tiny_loaded.model, proto, 0, 1) as bank, packed_attention(tiny_loaded.model):
         tiny_loaded.model.train()
         for ex in (short, long_):
-            b = collate([ex], tiny_loaded.tokenizer.pad_token_id, "cpu")
-            bank.set_batch([0], bank.keep_masks([1], [len(ex.input_ids)], len(ex.input_ids), "cpu"))
+            b = collate_packed([ex], tiny_loaded.tokenizer.pad_token_id, "cpu")
+            bank.set_batch([0])
+            bank.set_masks(bank.keep_masks([1], [len(ex.input_ids)], "cpu"))
             sizes.append(batch_plan.saved_activation_bytes(lambda: block_loss_sums(tiny_loaded.model, b, 1)))
         tiny_loaded.model.eval()
     per_token = [s / len(e.input_ids) for s, e in zip(sizes, (short, long_))]

@@ -6,6 +6,12 @@ the effective batch (16 examples per optimizer step, SPEC) and this module only 
 
     rows per forward = micro_batch x cells_per_forward <= memory budget / (activation bytes per token x longest
                                                                              example in tokens)
+    tokens per forward (packed micro-batches, core/packing.py) <= memory budget / (activation bytes per token x
+                                                                                   cells_per_forward)
+
+cells_per_forward comes from the first line (every cell block must hold at least one longest example); a packed
+micro-batch then takes examples, shortest first, while its tokens fit the second line (`tokens_per_forward`), so
+it holds micro_batch examples or more: packing needs no slot per example at the longest example's length.
 
 Activation bytes per token are measured, not guessed: one forward of the longest example through the attached
 LoRA bank under `torch.autograd.graph.saved_tensors_hooks`, counting the bytes of every distinct tensor storage
@@ -40,6 +46,7 @@ class BatchPlan:
     activation_bytes_per_token: int = 0
     budget_bytes: int = 0
     longest_example_tokens: int = 0
+    tokens_per_forward: int = 0         # packed micro-batches: token cap per cell block (0 = micro_batch examples)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,3 +121,13 @@ def plan(n_cells: int, effective_batch: int, bytes_per_token: int, longest: int,
     micro = micro or max(1, min(effective_batch, rows // max(1, n_cells)))
     cells = max(1, min(n_cells, rows // micro))
     return micro, cells
+
+
+def tokens_per_forward(bytes_per_token: int, budget: int, cells: int) -> int:
+    """Tokens one packed micro-batch may hold when `cells` cell blocks share its forward (each block carries all
+    of them): budget / (bytes per token x cells); at least 1.
+
+    >>> tokens_per_forward(1000, 100_000 * 80, 5)
+    1600
+    """
+    return max(1, budget // max(1, bytes_per_token * max(1, cells)))

@@ -84,9 +84,9 @@ class MultiLoRALinear(torch.nn.Module):
         self.scale, self.dropout, self.offset = scale, dropout, offset
         self.routing = routing
         self.k = lora_A.shape[0]
-        # this module's columns of the micro-batch's dropout keep-mask (a view, set by LoraBank.set_batch), not an
-        # offset into the whole mask: no per-module integer in the forward, so torch.compile gives every layer
-        # the same graph (core/train.py)
+        # this module's columns of the micro-batch's dropout keep-mask (its own tensor, set by LoraBank.set_masks),
+        # not an offset into the whole mask: no per-module integer in the forward, so torch.compile gives every
+        # layer the same graph (core/train.py)
         self.keep: torch.Tensor | None = None
         self.in_features = base.in_features
         # the dtype peft chose for the adapter (fp32 over a bf16 base: peft's autocast_adapter_dtype)
@@ -98,7 +98,7 @@ class MultiLoRALinear(torch.nn.Module):
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
         a, b = self._adapters()                                                    # [k, r, in], [k, out, r]
-        mask = self.keep if self.training else None                                # [block rows, width, in]
+        mask = self.keep if self.training else None                     # [tokens, in] (a packed micro-batch)
         b = b * (self.scale / (1.0 - self.dropout) if mask is not None else self.scale)
         # over a bf16 base the adapter's matmuls run in bf16 from the fp32 masters (the seed's autocast); else in
         # the adapter's dtype (peft without autocast: fp32 copies of the activations)
@@ -180,7 +180,7 @@ class LoraBank:
                                                  self.dropout, din, self.routing)
             din += base.in_features
         self.total_in = din  # dropout features per token: sum of every LoRA'd module's input width
-        self.set_batch(range(k), None)
+        self.set_batch(range(k))
         self._attached = False
 
     def __enter__(self) -> "LoraBank":
@@ -193,7 +193,7 @@ class LoraBank:
         for name, orig in self.originals.items():
             _set_module(self.model, name, orig)
         self._attached = False
-        self.set_batch(self.routing.active, None)
+        self.set_masks(None)
 
     @contextlib.contextmanager
     def detached(self) -> Iterator[None]:
@@ -218,8 +218,8 @@ class LoraBank:
         else:
             self.grads[torch.tensor(list(rows), device=self.grads.device)] = 0
 
-    def set_batch(self, active: Sequence[int], keep: torch.Tensor | None) -> None:
-        """Route the next forward: row block c goes through cell active[c]'s adapter; `keep` as from keep_masks."""
+    def set_batch(self, active: Sequence[int]) -> None:
+        """Route the next forwards: row block c goes through cell active[c]'s adapter."""
         active = tuple(active)
         if not active:
             raise ValueError("a forward needs at least one active cell")
@@ -230,22 +230,35 @@ class LoraBank:
             self._indices[active] = (index, select, row_span(active))
         self.routing.active = list(active)
         self.routing.index, self.routing.select, self.routing.span = self._indices[active]
-        for mod in self.modules.values():
-            # a strided view of the micro-batch's mask: `where` reads it in place (no per-module copy)
-            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features]
 
-    def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], width: int, device) -> torch.Tensor | None:
-        """Dropout keep-masks of one micro-batch: bool [len(keys), width, total_in]; row r is drawn from a
-        generator seeded by keys[r] (see example_key) over its first lengths[r] positions only, so it does not
-        depend on the padding width or on the other rows. Padded positions keep everything (they never reach a
-        supervised position: right padding under a causal mask). None when dropout is 0."""
+    def set_masks(self, keep: torch.Tensor | None) -> None:
+        """The dropout keep-masks of the next forwards (as from keep_masks; None = no dropout, e.g. to free them).
+        Each module gets its columns as a contiguous copy, once per micro-batch, so `where` reads a dense mask: a
+        strided view of the [tokens, total_in] mask sent it down its generic non-vectorised path (the largest
+        elementwise kernel of a 5-cell step, 14%, BENCHMARKS.md). The copies cost one pass over the bool mask per
+        micro-batch; the caller drops `keep` afterwards, so the mask is not held twice."""
+        for mod in self.modules.values():
+            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features].contiguous()
+
+    def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], device, total: int | None = None
+                   ) -> torch.Tensor | None:
+        """Dropout keep-masks of one packed micro-batch (core/packing.py): bool [total, total_in], the examples'
+        rows one after the other (total defaults to sum(lengths); positions past it, alignment padding, keep
+        everything and are never supervised). Example r's lengths[r] rows are drawn from a generator seeded by
+        keys[r] (see example_key), so they depend on nothing but the example and the epoch: not on the other rows,
+        the micro-batch or the padding. None when dropout is 0. Raises ValueError if total < sum(lengths)."""
         if self.dropout <= 0:
             return None
-        keep = torch.ones((len(keys), width, self.total_in), dtype=torch.bool, device=device)
+        total = sum(lengths) if total is None else total
+        if total < sum(lengths):
+            raise ValueError(f"keep_masks: total {total} < the examples' {sum(lengths)} tokens")
+        keep = torch.ones((total, self.total_in), dtype=torch.bool, device=device)
         gen = torch.Generator(device=device)
-        for row, (key, n) in enumerate(zip(keys, lengths)):
+        start = 0
+        for key, n in zip(keys, lengths):
             gen.manual_seed(key)
-            keep[row, :n] = torch.rand((n, self.total_in), generator=gen, device=device) >= self.dropout
+            keep[start:start + n] = torch.rand((n, self.total_in), generator=gen, device=device) >= self.dropout
+            start += n
         return keep
 
     def save_peft(self, j: int, out_dir: str | Path, base_model_name: str) -> None:

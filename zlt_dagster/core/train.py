@@ -27,13 +27,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import batch_plan
+from . import batch_plan, packing
 from .bank_adamw import BankAdamW
 from .checkpoint import Checkpointer, TrainState, stop_signal_flags
 from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
 from .models import LoadedModel, unwrap_peft
 from .onpolicy import OnPolicyData
+from .packing import PackedBatch, collate_packed, is_packed, packed_attention
 from .protocol import Cell, Protocol, is_finite_number
 
 # Compiled layers see widths padded to a multiple of 8: the graph inductor builds for SDPA guards on
@@ -74,23 +75,35 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor], full_logits: bool
     return sums[0], int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def block_loss_sums(model, batch: dict[str, torch.Tensor], k: int, full_logits: bool = False) -> torch.Tensor:
-    """Summed supervised cross-entropy of each of the k equal row blocks of `batch`: float32 [k]."""
-    labels = batch["labels"]
+def block_loss_sums(model, batch: dict[str, torch.Tensor] | PackedBatch, k: int,
+                    full_logits: bool = False) -> torch.Tensor:
+    """Summed supervised cross-entropy of each of k cell blocks: float32 [k]. `batch` is a padded dict (collate:
+    k equal row blocks) or a PackedBatch (core/packing.py: one row, repeated here once per block; the model must be
+    in `packed_attention` mode). Raises RuntimeError for a packed batch on a model not in that mode."""
+    if isinstance(batch, PackedBatch):
+        if not is_packed(unwrap_peft(model)):
+            raise RuntimeError("a packed batch needs the model in packed_attention mode (core/packing.py); without "
+                               "it the examples of the row would attend to each other")
+        inputs = packing.model_kwargs(batch, k)
+        labels = batch.labels.repeat(k, 1)
+    else:
+        inputs = {"input_ids": batch["input_ids"]}
+        labels = batch["labels"]
     targets = labels[:, 1:]
     rows_per_block = labels.shape[0] // k
     if full_logits:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits
+        mask = {} if isinstance(batch, PackedBatch) else {"attention_mask": batch["attention_mask"]}
+        logits = model(**inputs, **mask, use_cache=False).logits
         per_pos = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                   ignore_index=IGNORE, reduction="none").view(targets.shape)
         return per_pos.sum(1).view(k, rows_per_block).sum(1)
     base = unwrap_peft(model)
-    # No attention mask: batches are right-padded (collate), so under the causal mask a real token only ever
-    # attends to real tokens and the padding mask changes nothing at the positions the loss reads; without it SDPA
-    # can take its flash kernel instead of the masked "efficient" one (the largest GPU cost of a SmolLM2 step,
-    # BENCHMARKS.md). use_cache=False: transformers would build a KV cache that training never reads.
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+    # No attention mask: padded batches are right-padded (collate), so under the causal mask a real token only
+    # ever attends to real tokens and the padding mask changes nothing at the positions the loss reads; without it
+    # SDPA can take its flash kernel instead of the masked "efficient" one (the largest GPU cost of a SmolLM2 step,
+    # BENCHMARKS.md); packed batches run the same right-padded SDPA per example (core/packing.py).
+    # use_cache=False: transformers would build a KV cache that training never reads.
+    hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
     logits = base.get_output_embeddings()(hidden[rows, cols]).float()
     losses = F.cross_entropy(logits, targets[rows, cols], reduction="none")
@@ -118,11 +131,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_batches(batch: list, micro: int, length=lambda e: len(e.input_ids)) -> list[list]:
-    """Length-bucketed split of one effective batch: sort by length so each micro-batch pads little. Exact:
-    the loss is a sum over examples, so the split does not change it."""
+def micro_batches(batch: list, micro: int, length=lambda e: len(e.input_ids), max_tokens: int = 0) -> list[list]:
+    """Length-bucketed split of one effective batch: sort by length, then cut. max_tokens > 0: each micro-batch
+    takes examples while their tokens stay within max_tokens (at least one example each; `micro` is then
+    ignored: a packed forward's memory grows with its tokens, not its examples); else `micro` examples each.
+    Exact: the loss is a sum over examples, so the split does not change it."""
     ordered = sorted(batch, key=length)
-    return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+    if max_tokens <= 0:
+        return [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+    out: list[list] = []
+    tokens = 0
+    for e in ordered:
+        if out and tokens + length(e) <= max_tokens:
+            out[-1].append(e)
+            tokens += length(e)
+        else:
+            out.append([e])
+            tokens = length(e)
+    return out
 
 
 def library_versions() -> dict[str, str]:
@@ -235,33 +261,32 @@ def _compiled_layers(model, backend: str | None):
 
 
 def _micro_batch(loaded: LoadedModel, bank: LoraBank, examples, mb: list[int], seed: int, epoch: int,
-                 multiple: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Examples `mb` (indices) collated, and their dropout keep-masks for `epoch`."""
+                 multiple: int) -> PackedBatch:
+    """Examples `mb` (indices) packed into one row (core/packing.py); their dropout keep-masks for `epoch` are
+    set on the bank (LoraBank.set_masks)."""
     exs = [examples[i] for i in mb]
-    b = collate(exs, loaded.tokenizer.pad_token_id, loaded.device, multiple)
-    keep = bank.keep_masks([example_key(seed, epoch, i) for i in mb], [len(e.input_ids) for e in exs],
-                           b["input_ids"].shape[1], loaded.device)
-    return b, keep
+    b = collate_packed(exs, loaded.tokenizer.pad_token_id, loaded.device, multiple)
+    bank.set_masks(bank.keep_masks([example_key(seed, epoch, i) for i in mb], b.lengths, loaded.device, b.tokens))
+    return b
 
 
-def _forward(loaded: LoadedModel, bank: LoraBank, b: dict[str, torch.Tensor], keep, cells: list[int],
-             full_logits: bool) -> torch.Tensor:
-    """One forward of micro-batch `b` for `cells` (its rows repeated once per cell): loss sums, float32 [len(cells)]."""
-    bank.set_batch(cells, keep)
-    rep = b if len(cells) == 1 else {key: v.repeat(len(cells), 1) for key, v in b.items()}
-    return block_loss_sums(loaded.model, rep, len(cells), full_logits)
+def _forward(loaded: LoadedModel, bank: LoraBank, b: PackedBatch, cells: list[int], full_logits: bool) -> torch.Tensor:
+    """One forward of packed micro-batch `b` for `cells` (its row repeated once per cell): loss sums, float32
+    [len(cells)]."""
+    bank.set_batch(cells)
+    return block_loss_sums(loaded.model, b, len(cells), full_logits)
 
 
 def _warm_compile(loaded: LoadedModel, bank: LoraBank, examples, idx: list[int], epoch: int, seed: int,
-                  micro: int, active: list[int]) -> float:
+                  micro: int, max_tokens: int, active: list[int]) -> float:
     """Compile before the clock starts: one forward + backward of the pass's first forward, gradients discarded
     (no optimizer step, the dropout masks are keyed, so the training that follows is unchanged). Seconds spent."""
     t = time.perf_counter()
-    mb = micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids))[0]
-    b, keep = _micro_batch(loaded, bank, examples, mb, seed, epoch, COMPILED_WIDTH_MULTIPLE)
-    _forward(loaded, bank, b, keep, active, False).sum().backward()
+    mb = micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids), max_tokens=max_tokens)[0]
+    b = _micro_batch(loaded, bank, examples, mb, seed, epoch, COMPILED_WIDTH_MULTIPLE)
+    _forward(loaded, bank, b, active, False).sum().backward()
     bank.zero_grad()
-    bank.set_batch(active, None)
+    bank.set_masks(None)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
@@ -272,26 +297,30 @@ def _plan_batches(loaded: LoadedModel, bank: LoraBank, examples: list[TokenizedE
     """Measure activation bytes per token on the longest example, then size micro-batch x cells per forward for
     the `n_training` cells (of `n_cells`, which all hold optimizer state) that have steps left."""
     longest = max(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    ex = examples[longest]
-    b = collate([ex], loaded.tokenizer.pad_token_id, loaded.device)
-    bank.set_batch([0], bank.keep_masks([example_key(seed, 0, longest)], [len(ex.input_ids)],
-                                        len(ex.input_ids), loaded.device))
+    b = _micro_batch(loaded, bank, examples, [longest], seed, 0, 1)
+    bank.set_batch([0])
     saved = batch_plan.saved_activation_bytes(lambda: block_loss_sums(loaded.model, b, 1, full_logits),
                                               loaded.model)
-    per_token = int(batch_plan.BACKWARD_MARGIN * saved / len(ex.input_ids))
+    bank.set_masks(None)
+    n_tokens = b.tokens
+    per_token = int(batch_plan.BACKWARD_MARGIN * saved / n_tokens)
     # the cells' gradients and AdamW moments are allocated already (LoraBank.grads, BankAdamW): nothing to come
     budget = batch_plan.memory_budget(loaded.device, 0)
     measured = batch_plan.BatchPlan(0, 0, "protocol" if protocol.train.micro_batch else "auto", per_token, budget,
-                                    len(ex.input_ids))
-    micro, cells = _cut(measured, protocol, n_training)
-    return dataclasses.replace(measured, micro_batch=micro, cells_per_forward=cells)
+                                    n_tokens)
+    micro, cells, max_tokens = _cut(measured, protocol, n_training)
+    return dataclasses.replace(measured, micro_batch=micro, cells_per_forward=cells, tokens_per_forward=max_tokens)
 
 
-def _cut(bp: batch_plan.BatchPlan, protocol: Protocol, n_active: int) -> tuple[int, int]:
-    """(micro-batch, cells per forward) for the cells still training: re-planned as cells finish, so the rows
-    the budget holds go to the cells that are left."""
-    return batch_plan.plan(n_active, protocol.train.effective_batch, bp.activation_bytes_per_token,
-                           bp.longest_example_tokens, bp.budget_bytes, micro=protocol.train.micro_batch)
+def _cut(bp: batch_plan.BatchPlan, protocol: Protocol, n_active: int) -> tuple[int, int, int]:
+    """(micro-batch, cells per forward, token cap of a packed micro-batch; 0 = `micro` examples each) for the
+    cells still training: re-planned as cells finish, so the rows the budget holds go to the cells that are
+    left. An explicit train.micro_batch fixes the examples per forward (no token cap)."""
+    micro, cells = batch_plan.plan(n_active, protocol.train.effective_batch, bp.activation_bytes_per_token,
+                                   bp.longest_example_tokens, bp.budget_bytes, micro=protocol.train.micro_batch)
+    if protocol.train.micro_batch:
+        return micro, cells, 0
+    return micro, cells, batch_plan.tokens_per_forward(bp.activation_bytes_per_token, bp.budget_bytes, cells)
 
 
 def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol: Protocol, cells: Sequence[Cell],
@@ -374,6 +403,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         lora_matmul = ("bf16 (autocast)" if lora_autocast and loaded.dtype in (torch.bfloat16, torch.float16)
                        else "tf32" if tf32 else "fp32")
         stack.enter_context(_training_mode(loaded.model, t.gradient_checkpointing, tf32))
+        stack.enter_context(packed_attention(unwrap_peft(loaded.model)))  # micro-batches are packed rows
         compile_s = 0.0
         adamw = BankAdamW(bank.weights, bank.grads, (t.adam_beta1, t.adam_beta2), t.adam_eps, t.weight_decay)
         opts = [adamw.cell_optimizer(j, bank.layout, _adamw_group(c.lr, protocol)) for j, c in enumerate(cells)]
@@ -383,7 +413,9 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         bp = _plan_batches(loaded, bank, examples, protocol, k,
                            sum(st.step < p[1] for st, p in zip(states, plans)) or 1, seed, full_logits)
         if progress:
-            progress(f"training {k} cell(s) in one pass: micro-batch {bp.micro_batch} x {bp.cells_per_forward} "
+            size = (f"packed micro-batches of <= {bp.tokens_per_forward:,} tokens" if bp.tokens_per_forward
+                    else f"micro-batch {bp.micro_batch}")
+            progress(f"training {k} cell(s) in one pass: {size} x {bp.cells_per_forward} "
                      f"cell(s) per forward ({bp.source}; {bp.activation_bytes_per_token / 2**10:.0f} KiB/token, "
                      f"longest example {bp.longest_example_tokens} tokens, budget {bp.budget_bytes / 2**30:.1f} GiB)")
         stack.enter_context(_compiled_layers(loaded.model, compile_backend))  # after the (eager) memory probe
@@ -392,7 +424,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         def finish(j: int) -> dict:
             """Cell j is done: write its PEFT directory and run record (the bank is detached meanwhile), free
             its optimizer state, tell the caller."""
-            with bank.detached():
+            with bank.detached(), packing.unpacked_attention(unwrap_peft(loaded.model)):
                 bank.save_peft(j, out_dirs[j], loaded.base_model)
             loaded.model.train()  # saving through peft leaves the base in eval mode
             rec = _record(loaded, protocol, cells, j, seed, states[j], plans[j], lr_steps[j], bp, len(examples),
@@ -412,11 +444,11 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         if compile_backend is not None and first < last:
             epoch0, s0 = divmod(first, steps_per_epoch)
             active0 = [j for j in range(k) if states[j].step == first < plans[j][1]]
-            micro0, per_forward0 = _cut(bp, protocol, len(active0))
+            micro0, per_forward0, tokens0 = _cut(bp, protocol, len(active0))
             compile_s = _warm_compile(
                 loaded, bank, examples,
                 epoch_order(len(examples), seed, epoch0)[s0 * t.effective_batch:(s0 + 1) * t.effective_batch],
-                epoch0, seed, micro0, active0[:per_forward0])
+                epoch0, seed, micro0, tokens0, active0[:per_forward0])
             if progress:
                 progress(f"compiled the decoder layers ({compile_backend}) in {compile_s:.1f} s")
         t0 = time.perf_counter()
@@ -432,17 +464,17 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             n_sup = sum(len(examples[i].supervised_positions) for i in idx)
             step_loss = torch.zeros(k, device=dev)
             step_tokens = 0
-            micro, per_forward = _cut(bp, protocol, len(active))
-            for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids)):
-                b, keep = _micro_batch(loaded, bank, examples, mb, seed, epoch,
-                                       COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
+            micro, per_forward, max_tokens = _cut(bp, protocol, len(active))
+            for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids), max_tokens=max_tokens):
+                b = _micro_batch(loaded, bank, examples, mb, seed, epoch,
+                                 COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
                 step_tokens += sum(len(examples[i].input_ids) for i in mb)
                 for c0 in range(0, len(active), per_forward):
                     chunk = active[c0:c0 + per_forward]
-                    sums = _forward(loaded, bank, b, keep, chunk, full_logits)
+                    sums = _forward(loaded, bank, b, chunk, full_logits)
                     (sums.sum() / n_sup).backward()
                     step_loss[chunk] += sums.detach() / n_sup
-            bank.set_batch(active, None)
+            bank.set_masks(None)  # free the last micro-batch's masks before the optimizer step
             norms = adamw.clip_(active, t.grad_clip)
             lrs = [scheds[j].lr(g) for j in active]
             adamw.step(active, lrs)

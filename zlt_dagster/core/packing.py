@@ -1,0 +1,161 @@
+"""Packed training batches: a micro-batch's examples as ONE row of real tokens, no padding through the model.
+
+Why: a micro-batch padded to its longest example spends the linear layers, the LoRA adapters and their dropout
+on padding: for the paper's on-policy lengths (~N(370, 120) tokens) ~35% of a 16-example forward's token slots
+(BENCHMARKS.md, issue 18). Packed, every token slot is a real token; only attention, which must not cross
+examples, runs on a padded grid (the "unpad" scheme of padding-free transformer training, e.g. HF's
+DataCollatorWithFlattening + varlen attention): q, k and v are scattered into a [examples x width] grid right
+before SDPA and the output gathered back, so SDPA sees exactly the right-padded causal batch it saw before, and
+a real token attends to the same keys of its own example as before (right padding under a causal mask is never
+read by a real position). Exact: the loss and every gradient equal the padded batch's
+(tests/core/test_train.py::test_packed_batch_equals_padded_batch, float64).
+
+How it plugs in: transformers' documented `AttentionInterface` (a registered attention function, selected with
+`set_attn_implementation`); the grid travels to it as a forward keyword argument (`zlt_pack`), which
+transformers passes through the decoder layers to the attention function. A custom attention name also makes
+transformers skip building a causal mask (masking_utils: no mask function is registered for it).
+RoPE positions restart at 0 for each example (`position_ids`), as in the padded batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .masking import IGNORE
+
+PACKED_ATTENTION = "zlt_packed_sdpa"
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch packed. Shapes: input_ids, labels, position_ids int64 [1, T] (T = the examples' tokens,
+    plus trailing padding up to a multiple when asked, which forms a grid row of its own); dest int64 [T]: where
+    packed token t sits in the row-major [rows, width] attention grid; grid: an empty [rows, width, 0] tensor
+    that carries the grid's shape (a tensor, not ints, so torch.compile keeps it symbolic instead of
+    recompiling per micro-batch). labels are IGNORE at each example's first position (it has no predecessor in
+    its example: in the packed row it would be the "next token" of the previous example)."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    dest: torch.Tensor
+    grid: torch.Tensor
+    lengths: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1) -> PackedBatch:
+    """Pack `examples` (TokenizedExample: input_ids, labels) into one row. `multiple` > 1 rounds the row's
+    length and the grid's width up to a multiple of it (torch.compile's SDPA graph guards on alignment); the
+    extra tokens are pad ids with IGNORE labels in a grid row of their own. Raises ValueError on no examples."""
+    if not examples:
+        raise ValueError("a packed batch needs at least one example")
+    lengths = [len(e.input_ids) for e in examples]
+    total = sum(lengths)
+    extra = -total % multiple
+    width = -(-max(lengths + [extra]) // multiple) * multiple
+    ids, labels, positions, dest = [], [], [], []
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids.extend(e.input_ids)
+        labels.extend([IGNORE] + list(e.labels[1:]))
+        positions.extend(range(n))
+        dest.extend(range(row * width, row * width + n))
+    rows = len(examples) + (1 if extra else 0)
+    if extra:
+        ids.extend([pad_id] * extra)
+        labels.extend([IGNORE] * extra)
+        positions.extend(range(extra))
+        dest.extend(range(len(examples) * width, len(examples) * width + extra))
+
+    def row(values):
+        return torch.tensor(values, dtype=torch.long).view(1, -1).to(device)
+
+    return PackedBatch(row(ids), row(labels), row(positions), torch.tensor(dest, dtype=torch.long).to(device),
+                       torch.empty((rows, width, 0), device=device), lengths)
+
+
+def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        zlt_pack: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+    """transformers attention function (AttentionInterface signature) over packed rows. query [b, heads, T, d],
+    key/value [b, kv heads, T, d] with b = packed rows (one per cell block); zlt_pack = (dest, grid) of the
+    PackedBatch. Returns ([b, T, heads, d], None), what transformers' own sdpa function returns.
+    Raises RuntimeError without zlt_pack, or with a mask or a cache (packing is for training forwards only)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if zlt_pack is None:
+        raise RuntimeError(f"attention '{PACKED_ATTENTION}' needs zlt_pack= (a PackedBatch's dest and grid); "
+                           "the model is still in packed-training mode")
+    if attention_mask is not None:
+        raise RuntimeError("packed attention takes no attention mask: the grid is the mask")
+    dest, grid = zlt_pack
+    b = query.shape[0]
+    rows, width = grid.shape[0], grid.shape[1]
+
+    def to_grid(t: torch.Tensor) -> torch.Tensor:  # [b, h, T, d] -> [b x rows, h, width, d], zeros where no token
+        tokens = t.transpose(1, 2)                                               # [b, T, h, d]
+        padded = tokens.new_zeros((b, rows * width, *tokens.shape[2:])).index_copy(1, dest, tokens)
+        return padded.view(b * rows, width, *tokens.shape[2:]).transpose(1, 2)
+
+    out, _ = sdpa_attention_forward(module, to_grid(query), to_grid(key), to_grid(value), None, dropout=dropout,
+                                    scaling=scaling, is_causal=True, **kwargs)   # [b x rows, width, h, d]
+    return out.reshape(b, rows * width, *out.shape[2:]).index_select(1, dest), None
+
+
+def model_kwargs(batch: PackedBatch, k: int) -> dict:
+    """Forward keyword arguments of `batch` repeated for k cell blocks (rows [k, T])."""
+    return {"input_ids": batch.input_ids.repeat(k, 1), "position_ids": batch.position_ids.expand(k, -1),
+            "zlt_pack": (batch.dest, batch.grid)}
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)
+
+
+def is_packed(model: torch.nn.Module) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION
+
+
+@contextlib.contextmanager
+def packed_attention(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration, `model` (a transformers model using the AttentionInterface, e.g. Llama, Qwen2) runs its
+    attention through `packed_sdpa_forward`; its previous implementation is restored on exit. Raises
+    RuntimeError for a model that cannot switch attention functions."""
+    previous = model.config._attn_implementation
+    if previous == PACKED_ATTENTION:
+        yield
+        return
+    _register()
+    if not model._can_set_attn_implementation():
+        raise RuntimeError(f"{type(model).__name__} does not use transformers' AttentionInterface; packed training "
+                           "needs it")
+    model.set_attn_implementation(PACKED_ATTENTION)
+    model._zlt_unpacked_attention = previous
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        del model._zlt_unpacked_attention
+
+
+@contextlib.contextmanager
+def unpacked_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Inside `packed_attention`: the model's own attention again for the duration (e.g. while a finished cell's
+    adapter is saved, when a caller's code may run ordinary forwards); packed again afterwards. Outside it: no-op."""
+    previous = getattr(model, "_zlt_unpacked_attention", None)
+    if previous is None or not is_packed(model):
+        yield
+        return
+    model.set_attn_implementation(previous)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(PACKED_ATTENTION)
