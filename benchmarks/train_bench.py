@@ -114,6 +114,38 @@ def compiled_check(lm, exs, tmp: Path) -> dict:
             "loss_compiled": [c["loss"] for c in out["ci"][0]["loss_curve"]]}
 
 
+def precision_check(lm, exs, tmp: Path, steps: int = 6) -> dict:
+    """Which bf16 path is right? One cell, `steps` optimizer steps, three ways: an fp32 copy of the model (eager,
+    fp32 adapters: the reference), the pipeline's eager bf16 path and the opt-in inductor bf16 path. Per step the
+    loss of each, and each bf16 path's final LoRA B relative to the fp32 one (BENCHMARKS.md: the compiled curve
+    fell faster than the eager one from step 3 on; which is nearer the fp32 truth decides the default)."""
+    import copy
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    proto = get_protocol("paper", {"train.micro_batch": 0})
+    eff = proto.train.effective_batch
+    ref = dataclasses.replace(lm, model=copy.deepcopy(lm.model).float(), dtype=torch.float32)
+    runs = {"fp32": (ref, None), "bf16_eager": (lm, None), "bf16_inductor": (lm, "inductor")}
+    out, curves = {}, {}
+    for tag, (m, backend) in runs.items():
+        rec = train_cells(m, exs[:eff * steps], proto, [Cell(1e-4, 1)], 0, [tmp / f"prec_{tag}"],
+                          lora_autocast=m.dtype != torch.float32, compile_backend=backend)[0]
+        curves[tag] = [c["loss"] for c in rec["loss_curve"]]
+    del ref
+    b_ref = {k: v.float() for k, v in load_file(str(tmp / "prec_fp32" / "adapter_model.safetensors")).items()
+             if "lora_B" in k}
+    for tag in ("bf16_eager", "bf16_inductor"):
+        b = load_file(str(tmp / f"prec_{tag}" / "adapter_model.safetensors"))
+        num = sum(float((b[k].float() - v).norm() ** 2) for k, v in b_ref.items()) ** 0.5
+        den = sum(float(v.norm() ** 2) for v in b_ref.values()) ** 0.5
+        out[f"lora_B_rel_diff_{tag}_vs_fp32"] = round(num / den, 5)
+        out[f"max_abs_loss_diff_{tag}_vs_fp32"] = round(max(abs(x - y) for x, y in zip(curves[tag], curves["fp32"])), 5)
+    out["loss_curves"] = curves
+    return out
+
+
 def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str, compile_backend: str | None = None,
                  steps: int = 2) -> dict:
     """torch.profiler over a pass of `steps` steps per epoch (set-up and saving included: they are CPU time, little
@@ -188,6 +220,8 @@ def main() -> None:
                     "project the sweep from them")
     ap.add_argument("--kernels", action="store_true", help="GPU kernel profiles of 1-, 5- and 25-cell passes")
     ap.add_argument("--profile", action="store_true", help="profile a 25-cell pass (slow: minutes under the profiler)")
+    ap.add_argument("--precision", action="store_true", help="one cell in fp32 (reference), eager bf16 and "
+                    "inductor bf16: loss curves and LoRA B differences against fp32")
     ap.add_argument("--eager-only", action="store_true",
                     help="skip the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor) and its check")
     ap.add_argument("--tag", default="", help="suffix of the result files (train_results_<tag>.json), e.g. to run "
@@ -266,6 +300,9 @@ def main() -> None:
             for n in (25, 20, 15, 10):
                 run(f"train_135m_phase{n}_eager", 30, run_fast, lm, exs,
                     [Cell(lr * (1 + i / 100), 1) for i in range(n // len(lrs)) for lr in lrs], steps, tmp, f"ph{n}")
+        if args.precision:
+            run("precision_135m", 150, precision_check if not small else (lambda *a: {"skipped": "smoke"}),
+                lm, exs, tmp)
         if args.kernels:
             run("kernels_135m_1cell", 30, kernel_profile, lm, exs, [Cell(1e-4, 1)], steps, tmp, out,
                 f"135m_1cell{'_' + args.tag if args.tag else ''}")
@@ -312,11 +349,12 @@ def main() -> None:
     if best7:
         res["projected_7b_sweep_train_h200_hours"] = round(129e6 / best7 / 3600, 2)
     save()
-    print("\n| workload | tok/s | micro x cells | peak GiB |\n|---|---|---|---|")
+    print("\n| workload | tok/s | per forward (examples or packed tokens x cells) | peak GiB |\n|---|---|---|---|")
     for name, r in w.items():
         if isinstance(r, dict) and "tok_s" in r:
-            print(f"| {name} | {r['tok_s']} | {r.get('micro_batch')} x {r.get('cells_per_forward', 1)} | "
-                  f"{r.get('peak_gib')} |")
+            packed = (r.get("batch_plan") or {}).get("tokens_per_forward")
+            size = f"<= {packed:,} tokens" if packed else r.get("micro_batch")
+            print(f"| {name} | {r['tok_s']} | {size} x {r.get('cells_per_forward', 1)} | {r.get('peak_gib')} |")
         else:
             print(f"| {name} | {json.dumps(r)[:120]} |")
     print({k: v for k, v in res.items() if k.startswith(("train_", "projected"))})
