@@ -146,6 +146,51 @@ def precision_check(lm, exs, tmp: Path, steps: int = 6) -> dict:
     return out
 
 
+def packing_check(lm, exs, tmp: Path) -> dict:
+    """Packed attention on the GPU: varlen flash attention (the CUDA path) against the grid path (SDPA per example,
+    proven equal to the padded batch in float64 on the CPU), same 16 examples, a LoRA bank of 3 cells with random
+    B: loss sums and bank gradients (relative norm of the difference; bf16 rounding expected), and the time of
+    3 forward+backward passes each."""
+    from zlt_dagster.core import packing
+    from zlt_dagster.core.lora_bank import LoraBank, example_key
+    from zlt_dagster.core.train import block_loss_sums
+
+    proto = get_protocol("paper", {})
+    out = {"varlen_api": sorted(packing._varlen_api()[1]) if packing._varlen_api() else None}
+    results = {}
+    real = packing.use_varlen
+    with LoraBank(lm.model, proto, 0, 3) as bank, packing.packed_attention(lm.model):
+        with torch.no_grad():
+            bank.weights.normal_(0, 0.02)
+        lm.model.train()
+        b = packing.collate_packed(exs[:16], lm.tokenizer.pad_token_id, lm.device)
+        bank.set_batch([0, 1, 2])
+        bank.set_masks(bank.drop_masks([example_key(0, 0, i) for i in range(16)], b.lengths, lm.device, b.tokens))
+        for tag, varlen in (("grid", False), ("varlen", True)):
+            packing.use_varlen = (lambda *a, v=varlen: v and real(*a))
+            try:
+                bank.zero_grad()
+                loss = block_loss_sums(lm.model, b, 3)
+                loss.sum().backward()
+                results[tag] = (loss.detach().float().cpu(), bank.grads.detach().float().clone())
+                sync(lm.device)
+                t = time.perf_counter()
+                for _ in range(3):
+                    block_loss_sums(lm.model, b, 3).sum().backward()
+                sync(lm.device)
+                out[f"{tag}_fwd_bwd_ms"] = round((time.perf_counter() - t) / 3 * 1e3, 2)
+            finally:
+                packing.use_varlen = real
+        bank.set_masks(None)
+        lm.model.eval()
+    (lg, gg), (lv, gv) = results["grid"], results["varlen"]
+    out["loss_grid"], out["loss_varlen"] = lg.tolist(), lv.tolist()
+    out["loss_rel_diff"] = float(((lv - lg).abs() / lg.abs()).max())
+    out["grad_rel_diff"] = float((gv - gg).norm() / gg.norm())
+    out["varlen_used"] = bool(real(torch.zeros(1, device=lm.device, dtype=torch.bfloat16)))
+    return out
+
+
 def profile_step(lm, exs, cells, tmp: Path, out: Path, tag: str, compile_backend: str | None = None,
                  steps: int = 2) -> dict:
     """torch.profiler over a pass of `steps` steps per epoch (set-up and saving included: they are CPU time, little
@@ -222,6 +267,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile a 25-cell pass (slow: minutes under the profiler)")
     ap.add_argument("--precision", action="store_true", help="one cell in fp32 (reference), eager bf16 and "
                     "inductor bf16: loss curves and LoRA B differences against fp32")
+    ap.add_argument("--packing-check", action="store_true", help="packed attention: varlen flash attention vs the "
+                    "grid path (SDPA per example) on the same micro-batch: loss, gradients, time")
+    ap.add_argument("--compiled-only", action="store_true", help="only the opt-in compiled (inductor) workloads")
     ap.add_argument("--eager-only", action="store_true",
                     help="skip the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor) and its check")
     ap.add_argument("--tag", default="", help="suffix of the result files (train_results_<tag>.json), e.g. to run "
@@ -246,6 +294,8 @@ def main() -> None:
 
     def run(name, est_s, fn, *a):
         if args.eager_only and (name.startswith("compiled") or name in compiled):
+            return None
+        if args.compiled_only and not (name.startswith("compiled") or name in compiled or name.startswith("precision")):
             return None
         if time.perf_counter() + est_s > deadline:
             log(f"SKIP {name}: budget")
@@ -300,6 +350,8 @@ def main() -> None:
             for n in (25, 20, 15, 10):
                 run(f"train_135m_phase{n}_eager", 30, run_fast, lm, exs,
                     [Cell(lr * (1 + i / 100), 1) for i in range(n // len(lrs)) for lr in lrs], steps, tmp, f"ph{n}")
+        if args.packing_check:
+            run("packing_check_135m", 30, packing_check, lm, exs, tmp)
         if args.precision:
             run("precision_135m", 150, precision_check if not small else (lambda *a: {"skipped": "smoke"}),
                 lm, exs, tmp)

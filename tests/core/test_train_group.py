@@ -244,7 +244,7 @@ def test_saved_activation_bytes_grow_with_the_tokens(tiny_loaded):
         for ex in (short, long_):
             b = collate_packed([ex], tiny_loaded.tokenizer.pad_token_id, "cpu")
             bank.set_batch([0])
-            bank.set_masks(bank.keep_masks([1], [len(ex.input_ids)], "cpu"))
+            bank.set_masks(bank.drop_masks([1], [len(ex.input_ids)], "cpu"))
             sizes.append(batch_plan.saved_activation_bytes(lambda: block_loss_sums(tiny_loaded.model, b, 1)))
         tiny_loaded.model.eval()
     per_token = [s / len(e.input_ids) for s, e in zip(sizes, (short, long_))]

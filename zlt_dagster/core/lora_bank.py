@@ -55,7 +55,7 @@ def example_key(seed: int, epoch: int, index: int) -> int:
 
 @dataclass
 class _Routing:
-    """Shared by every MultiLoRALinear of one bank: which cells this forward carries and the dropout keep-masks."""
+    """Shared by every MultiLoRALinear of one bank: which cells this forward carries."""
     active: list[int] = field(default_factory=list)
     # (start, stop) when the active cells are the bank slots start..stop-1 (train.py orders the bank so that they
     # always are): their adapters are then plain slices of the bank's parameters, no gather and no scatter-add
@@ -73,7 +73,7 @@ class MultiLoRALinear(torch.nn.Module):
 
     lora_A [K, r, in] and lora_B [K, out, r] are views into the bank's one [K, P] buffer (LoraBank.weights), so a
     backward pass accumulates one gradient per module whatever K is (core/bank_adamw.py steps all cells at once).
-    Per forward: the base matmul, the dropout `where`, one bmm into rank r and one baddbmm that adds the
+    Per forward: the base matmul, the dropout masked_fill, one bmm into rank r and one baddbmm that adds the
     adapter's output onto the base's; the LoRA scale alpha/r and dropout's 1/(1-p) are folded into B (a [K, out,
     r] product) instead of two passes over the activations: B(A(x*m/(1-p)))*s = (B*s/(1-p))(A(x*m))."""
 
@@ -84,10 +84,10 @@ class MultiLoRALinear(torch.nn.Module):
         self.scale, self.dropout, self.offset = scale, dropout, offset
         self.routing = routing
         self.k = lora_A.shape[0]
-        # this module's columns of the micro-batch's dropout keep-mask (its own tensor, set by LoraBank.set_masks),
-        # not an offset into the whole mask: no per-module integer in the forward, so torch.compile gives every
-        # layer the same graph (core/train.py)
-        self.keep: torch.Tensor | None = None
+        # this module's columns of the micro-batch's dropout mask (True = dropped; its own tensor, set by
+        # LoraBank.set_masks), not an offset into the whole mask: no per-module integer in the forward, so
+        # torch.compile gives every layer the same graph (core/train.py)
+        self.drop: torch.Tensor | None = None
         self.in_features = base.in_features
         # the dtype peft chose for the adapter (fp32 over a bf16 base: peft's autocast_adapter_dtype)
         self.lora_A, self.lora_B = lora_A, lora_B
@@ -98,14 +98,16 @@ class MultiLoRALinear(torch.nn.Module):
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
         a, b = self._adapters()                                                    # [k, r, in], [k, out, r]
-        mask = self.keep if self.training else None                     # [tokens, in] (a packed micro-batch)
+        mask = self.drop if self.training else None                     # [tokens, in] (a packed micro-batch)
         b = b * (self.scale / (1.0 - self.dropout) if mask is not None else self.scale)
         # over a bf16 base the adapter's matmuls run in bf16 from the fp32 masters (the seed's autocast); else in
         # the adapter's dtype (peft without autocast: fp32 copies of the activations)
         cast = x.dtype if self.routing.autocast and x.dtype in (torch.bfloat16, torch.float16) else a.dtype
         a, b, xa = a.to(cast), b.to(cast), x.to(cast)
         if mask is not None:
-            xa = torch.where(mask, xa.reshape(k, *mask.shape), 0.0)
+            # masked_fill with a scalar reads two dense operands: the vectorised kernel (where(keep, x, 0.0) made
+            # the 0.0 a broadcast operand: the generic kernel, ~1/5 of the bandwidth; BENCHMARKS.md)
+            xa = xa.reshape(k, *mask.shape).masked_fill(mask, 0.0)
         h = torch.bmm(xa.reshape(k, -1, x.shape[-1]), a.transpose(1, 2))           # [k, block tokens, r]
         if cast == result.dtype:  # result + h B^T in one kernel
             return torch.baddbmm(result.view(k, -1, result.shape[-1]), h, b.transpose(1, 2)).view(result.shape)
@@ -231,35 +233,36 @@ class LoraBank:
         self.routing.active = list(active)
         self.routing.index, self.routing.select, self.routing.span = self._indices[active]
 
-    def set_masks(self, keep: torch.Tensor | None) -> None:
-        """The dropout keep-masks of the next forwards (as from keep_masks; None = no dropout, e.g. to free them).
-        Each module gets its columns as a contiguous copy, once per micro-batch, so `where` reads a dense mask: a
-        strided view of the [tokens, total_in] mask sent it down its generic non-vectorised path (the largest
-        elementwise kernel of a 5-cell step, 14%, BENCHMARKS.md). The copies cost one pass over the bool mask per
-        micro-batch; the caller drops `keep` afterwards, so the mask is not held twice."""
+    def set_masks(self, drop: torch.Tensor | None) -> None:
+        """The dropout masks of the next forwards (as from drop_masks; None = no dropout, e.g. to free them).
+        Each module gets its columns as a contiguous copy, once per micro-batch, so the masking kernel reads a dense
+        mask: a strided view of the [tokens, total_in] mask sent it down its generic non-vectorised path (the
+        largest elementwise kernel of a 5-cell step, 14%, BENCHMARKS.md). The copies cost one pass over the bool
+        mask per micro-batch; the caller drops `drop` afterwards, so the mask is not held twice."""
         for mod in self.modules.values():
-            mod.keep = None if keep is None else keep[..., mod.offset:mod.offset + mod.in_features].contiguous()
+            mod.drop = None if drop is None else drop[..., mod.offset:mod.offset + mod.in_features].contiguous()
 
-    def keep_masks(self, keys: Sequence[int], lengths: Sequence[int], device, total: int | None = None
+    def drop_masks(self, keys: Sequence[int], lengths: Sequence[int], device, total: int | None = None
                    ) -> torch.Tensor | None:
-        """Dropout keep-masks of one packed micro-batch (core/packing.py): bool [total, total_in], the examples'
-        rows one after the other (total defaults to sum(lengths); positions past it, alignment padding, keep
-        everything and are never supervised). Example r's lengths[r] rows are drawn from a generator seeded by
+        """Dropout masks of one packed micro-batch (core/packing.py): bool [total, total_in], True = dropped, the
+        examples' rows one after the other (total defaults to sum(lengths); positions past it, alignment padding,
+        drop nothing and are never supervised). Example r's lengths[r] rows are drawn from a generator seeded by
         keys[r] (see example_key), so they depend on nothing but the example and the epoch: not on the other rows,
         the micro-batch or the padding. None when dropout is 0. Raises ValueError if total < sum(lengths)."""
         if self.dropout <= 0:
             return None
         total = sum(lengths) if total is None else total
         if total < sum(lengths):
-            raise ValueError(f"keep_masks: total {total} < the examples' {sum(lengths)} tokens")
-        keep = torch.ones((total, self.total_in), dtype=torch.bool, device=device)
+            raise ValueError(f"drop_masks: total {total} < the examples' {sum(lengths)} tokens")
+        drop = torch.zeros((total, self.total_in), dtype=torch.bool, device=device)
         gen = torch.Generator(device=device)
         start = 0
         for key, n in zip(keys, lengths):
             gen.manual_seed(key)
-            keep[start:start + n] = torch.rand((n, self.total_in), generator=gen, device=device) >= self.dropout
+            # dropped where u < p: the complement of the keep mask u >= p drawn before (same streams, same masks)
+            drop[start:start + n] = torch.rand((n, self.total_in), generator=gen, device=device) < self.dropout
             start += n
-        return keep
+        return drop
 
     def save_peft(self, j: int, out_dir: str | Path, base_model_name: str) -> None:
         """Write cell j's adapter as a standard PEFT directory (adapter_config.json + adapter_model.safetensors),

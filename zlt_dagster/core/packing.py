@@ -10,8 +10,14 @@ a real token attends to the same keys of its own example as before (right paddin
 read by a real position). Exact: the loss and every gradient equal the padded batch's
 (tests/core/test_train.py::test_packed_batch_equals_padded_batch, float64).
 
+On CUDA in bf16/fp16 (eager), attention runs on the packed row itself instead: torch's variable-length flash
+attention (`torch.nn.attention.varlen.varlen_attn`, causal, one segment per example: what flash-attn's
+`flash_attn_varlen_func` does for HF's padding-free training) with no grid at all; the grid path is the
+reference it is checked against (benchmarks/train_bench.py --packing-check) and what CPU runs and
+torch.compile trace (a Python int max length per micro-batch would recompile).
+
 How it plugs in: transformers' documented `AttentionInterface` (a registered attention function, selected with
-`set_attn_implementation`); the grid travels to it as a forward keyword argument (`zlt_pack`), which
+`set_attn_implementation`); the packing travels to it as a forward keyword argument (`zlt_pack`), which
 transformers passes through the decoder layers to the attention function. A custom attention name also makes
 transformers skip building a causal mask (masking_utils: no mask function is registered for it).
 RoPE positions restart at 0 for each example (`position_ids`), as in the padded batch.
@@ -19,6 +25,8 @@ RoPE positions restart at 0 for each example (`position_ids`), as in the padded 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -35,13 +43,15 @@ class PackedBatch:
     plus trailing padding up to a multiple when asked, which forms a grid row of its own); dest int64 [T]: where
     packed token t sits in the row-major [rows, width] attention grid; grid: an empty [rows, width, 0] tensor
     that carries the grid's shape (a tensor, not ints, so torch.compile keeps it symbolic instead of
-    recompiling per micro-batch). labels are IGNORE at each example's first position (it has no predecessor in
+    recompiling per micro-batch); cu_seqlens int32 [rows + 1]: where each grid row's tokens start in the packed
+    row, and the end (flash attention's varlen convention). labels are IGNORE at each example's first position (it has no predecessor in
     its example: in the packed row it would be the "next token" of the previous example)."""
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
     dest: torch.Tensor
     grid: torch.Tensor
+    cu_seqlens: torch.Tensor
     lengths: list[int]
 
     @property
@@ -76,25 +86,38 @@ def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1) -
     def row(values):
         return torch.tensor(values, dtype=torch.long).view(1, -1).to(device)
 
+    starts = [0]
+    for n in lengths + ([extra] if extra else []):
+        starts.append(starts[-1] + n)
     return PackedBatch(row(ids), row(labels), row(positions), torch.tensor(dest, dtype=torch.long).to(device),
-                       torch.empty((rows, width, 0), device=device), lengths)
+                       torch.empty((rows, width, 0), device=device),
+                       torch.tensor(starts, dtype=torch.int32).to(device), lengths)
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                        zlt_pack: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+                        zlt_pack: tuple | None = None, **kwargs):
     """transformers attention function (AttentionInterface signature) over packed rows. query [b, heads, T, d],
-    key/value [b, kv heads, T, d] with b = packed rows (one per cell block); zlt_pack = (dest, grid) of the
-    PackedBatch. Returns ([b, T, heads, d], None), what transformers' own sdpa function returns.
-    Raises RuntimeError without zlt_pack, or with a mask or a cache (packing is for training forwards only)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    key/value [b, kv heads, T, d] with b = packed rows (one per cell block); zlt_pack as from `model_kwargs`.
+    Returns ([b, T, heads, d], None), what transformers' own sdpa function returns. Raises RuntimeError without
+    zlt_pack, or with a mask (packing is for training forwards only)."""
     if zlt_pack is None:
         raise RuntimeError(f"attention '{PACKED_ATTENTION}' needs zlt_pack= (a PackedBatch's dest and grid); "
                            "the model is still in packed-training mode")
     if attention_mask is not None:
         raise RuntimeError("packed attention takes no attention mask: the grid is the mask")
-    dest, grid = zlt_pack
+    if use_varlen(query, dropout):
+        return varlen_forward(query, key, value, zlt_pack, scaling), None
+    return grid_forward(module, query, key, value, zlt_pack, dropout, scaling, **kwargs), None
+
+
+def grid_forward(module, query, key, value, zlt_pack: tuple, dropout: float = 0.0, scaling: float | None = None,
+                 **kwargs) -> torch.Tensor:
+    """Attention per example through transformers' sdpa function on the right-padded [b x rows, width] grid;
+    [b, T, heads, d]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dest, grid = zlt_pack[0], zlt_pack[1]
     b = query.shape[0]
     rows, width = grid.shape[0], grid.shape[1]
 
@@ -105,13 +128,64 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
 
     out, _ = sdpa_attention_forward(module, to_grid(query), to_grid(key), to_grid(value), None, dropout=dropout,
                                     scaling=scaling, is_causal=True, **kwargs)   # [b x rows, width, h, d]
-    return out.reshape(b, rows * width, *out.shape[2:]).index_select(1, dest), None
+    return out.reshape(b, rows * width, *out.shape[2:]).index_select(1, dest)
+
+
+@functools.cache
+def _varlen_api() -> tuple | None:
+    """(varlen_attn, its keyword names) when this torch has the public varlen API, else None. Its signature
+    moved between releases (2.10: is_causal=; 2.11+: window_size=(-1, 0) for causal, scale=; 2.12+: enable_gqa=),
+    so the call is built from what this version takes."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10: the grid path
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def use_varlen(query: torch.Tensor, dropout: float = 0.0) -> bool:
+    """Whether packed attention runs as varlen flash attention: CUDA, bf16/fp16, no attention dropout, eager."""
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
+            and not torch.compiler.is_compiling() and _varlen_api() is not None)
+
+
+def varlen_forward(query, key, value, zlt_pack: tuple, scaling: float | None) -> torch.Tensor:
+    """Causal flash attention over the packed rows, one segment per example (cu_seqlens of all b rows, zlt_pack's
+    third item); [b, T, heads, d]. Raises RuntimeError where this torch's varlen_attn cannot take the scale."""
+    fn, names = _varlen_api()
+    cu, max_len = zlt_pack[2], zlt_pack[1].shape[1]
+    b, heads, t, d = query.shape
+    q = query.transpose(1, 2).reshape(b * t, heads, d)           # views of transformers' [b, T, h, d] projections
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    kw = {"is_causal": True} if "is_causal" in names else {"window_size": (-1, 0)}
+    if scaling is not None:
+        if "scale" in names:
+            kw["scale"] = scaling
+        elif abs(scaling - d ** -0.5) > 1e-12:
+            raise RuntimeError(f"this torch's varlen_attn has no scale= and the model's attention scale {scaling} "
+                               f"is not 1/sqrt({d})")
+    if k.shape[1] != heads:  # grouped-query attention: each kv head serves heads / kv heads query heads
+        if "enable_gqa" in names:
+            kw["enable_gqa"] = True
+        else:  # transformers' repeat_kv order: kv head j -> query heads j*g .. j*g+g-1
+            g = heads // k.shape[1]
+            k = k[:, :, None, :].expand(b * t, k.shape[1], g, d).reshape(b * t, heads, d)
+            v = v[:, :, None, :].expand(b * t, v.shape[1], g, d).reshape(b * t, heads, d)
+    out = fn(q, k, v, cu, cu, max_len, max_len, **kw)
+    return out.view(b, t, heads, d)
 
 
 def model_kwargs(batch: PackedBatch, k: int) -> dict:
-    """Forward keyword arguments of `batch` repeated for k cell blocks (rows [k, T])."""
+    """Forward keyword arguments of `batch` repeated for k cell blocks (rows [k, T]); zlt_pack = (dest, grid,
+    cu_seqlens of all k rows)."""
+    t = batch.tokens
+    cu = batch.cu_seqlens
+    if k > 1:  # row r's segments start r*T further on
+        offsets = torch.arange(k, device=cu.device, dtype=cu.dtype)[:, None] * t
+        cu = torch.cat([(cu[None, :-1] + offsets).flatten(), cu.new_full((1,), k * t)])
     return {"input_ids": batch.input_ids.repeat(k, 1), "position_ids": batch.position_ids.expand(k, -1),
-            "zlt_pack": (batch.dest, batch.grid)}
+            "zlt_pack": (batch.dest, batch.grid, cu)}
 
 
 def _register() -> None:

@@ -262,11 +262,11 @@ def _compiled_layers(model, backend: str | None):
 
 def _micro_batch(loaded: LoadedModel, bank: LoraBank, examples, mb: list[int], seed: int, epoch: int,
                  multiple: int) -> PackedBatch:
-    """Examples `mb` (indices) packed into one row (core/packing.py); their dropout keep-masks for `epoch` are
+    """Examples `mb` (indices) packed into one row (core/packing.py); their dropout masks for `epoch` are
     set on the bank (LoraBank.set_masks)."""
     exs = [examples[i] for i in mb]
     b = collate_packed(exs, loaded.tokenizer.pad_token_id, loaded.device, multiple)
-    bank.set_masks(bank.keep_masks([example_key(seed, epoch, i) for i in mb], b.lengths, loaded.device, b.tokens))
+    bank.set_masks(bank.drop_masks([example_key(seed, epoch, i) for i in mb], b.lengths, loaded.device, b.tokens))
     return b
 
 

@@ -1,0 +1,79 @@
+"""core/packing.py's varlen path, on the CPU: torch's varlen flash attention runs on CUDA only, so a reference
+implementation with the signature of each torch release stands in for it. What is tested is the project's side:
+the per-row segment offsets of k packed rows, grouped-query heads, the causal and scale keywords per torch
+version; the result must equal the grid path (transformers' sdpa per example), which tests/core/test_train.py
+proves equal to the padded batch. The kernel itself is checked on the GPU (benchmarks/train_bench.py
+--packing-check)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zlt_dagster.core import packing
+from zlt_dagster.core.masking import IGNORE
+
+
+def reference_varlen(names):
+    """A varlen_attn stand-in taking only the keywords `names` (one torch release's signature)."""
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        assert set(kw) <= names, f"keyword {set(kw) - names} not in this release's signature"
+        assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+        causal = kw.get("is_causal", False) or kw.get("window_size") == (-1, 0)
+        assert causal
+        if k.shape[1] != q.shape[1]:
+            assert kw.get("enable_gqa"), "fewer kv heads without enable_gqa"
+        out = torch.empty_like(q)
+        bounds = cu_q.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            assert e - s <= max_q
+            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))                 # [h, n, d]
+            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=kw.get("scale"),
+                                                      enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1)
+        return out
+    return fn
+
+
+RELEASES = {  # torch 2.10, 2.11, 2.12+ (docs.pytorch.org/docs/<version>/nn.attention.varlen.html)
+    "2.10": frozenset({"is_causal", "return_aux"}),
+    "2.11": frozenset({"return_aux", "scale", "window_size"}),
+    "2.12": frozenset({"return_aux", "scale", "window_size", "enable_gqa", "seqused_k", "block_table", "num_splits"}),
+}
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+@pytest.mark.parametrize("k", [1, 3])
+def test_varlen_path_equals_grid_path(monkeypatch, release, k):
+    names = RELEASES[release]
+    monkeypatch.setattr(packing, "_varlen_api", lambda: (reference_varlen(names), names))
+    g = torch.Generator().manual_seed(0)
+    exs = [SimpleNamespace(input_ids=list(range(n)), labels=[IGNORE] * n) for n in (5, 9, 3, 6)]
+    batch = packing.collate_packed(exs, 0, "cpu", multiple=8)      # 23 tokens + 1 of alignment padding
+    pack = packing.model_kwargs(batch, k)["zlt_pack"]
+    assert pack[2].tolist()[-1] == k * batch.tokens and len(pack[2]) == k * (len(exs) + 1) + 1
+    heads, kv_heads, d, t = 4, 2, 8, batch.tokens
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    q = torch.randn(k, t, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)   # as transformers gives them
+    key = torch.randn(k, t, kv_heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    value = torch.randn(k, t, kv_heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    scale = 0.3 if "scale" in names else d ** -0.5
+    grid = packing.grid_forward(module, q, key, value, pack, scaling=scale)
+    var = packing.varlen_forward(q, key, value, pack, scale)
+    assert var.shape == grid.shape == (k, t, heads, d)
+    torch.testing.assert_close(var, grid, rtol=1e-12, atol=1e-12)
+
+
+def test_varlen_refuses_a_scale_it_cannot_take(monkeypatch):
+    names = RELEASES["2.10"]
+    monkeypatch.setattr(packing, "_varlen_api", lambda: (reference_varlen(names), names))
+    batch = packing.collate_packed([SimpleNamespace(input_ids=[1, 2, 3], labels=[IGNORE] * 3)], 0, "cpu")
+    q = torch.randn(1, 2, 3, 8).transpose(1, 2).transpose(1, 2)
+    with pytest.raises(RuntimeError, match="scale"):
+        packing.varlen_forward(q, q, q, packing.model_kwargs(batch, 1)["zlt_pack"], 0.3)
+
+
+def test_varlen_is_for_eager_cuda_half_precision_only():
+    cpu = torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)
+    assert not packing.use_varlen(cpu)  # CPU: the grid path
