@@ -270,6 +270,7 @@ def main() -> None:
     ap.add_argument("--packing-check", action="store_true", help="packed attention: varlen flash attention vs the "
                     "grid path (SDPA per example) on the same micro-batch: loss, gradients, time")
     ap.add_argument("--compiled-only", action="store_true", help="only the opt-in compiled (inductor) workloads")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive (peft) workloads")
     ap.add_argument("--eager-only", action="store_true",
                     help="skip the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor) and its check")
     ap.add_argument("--tag", default="", help="suffix of the result files (train_results_<tag>.json), e.g. to run "
@@ -294,6 +295,8 @@ def main() -> None:
 
     def run(name, est_s, fn, *a):
         if args.eager_only and (name.startswith("compiled") or name in compiled):
+            return None
+        if args.no_naive and name.endswith("_naive"):
             return None
         if args.compiled_only and not (name.startswith("compiled") or name in compiled or name.startswith("precision")):
             return None
