@@ -319,7 +319,8 @@ def main() -> None:
         return r
 
     compiled = {"train_135m", "train_135m_fused5", "train_135m_fused25", "profile_135m_5cells_compiled", "train_7b",
-                "train_7b_fused5"}
+                "train_7b_fused5", "train_135m_phase25", "train_135m_phase20", "train_135m_phase15",
+                "train_135m_phase10"}
     small = args.smoke
     steps = 2 if small else 6
     lrs = list(PAPER.learning_rates)
@@ -351,8 +352,9 @@ def main() -> None:
         # the projection weighs each phase's rate by its share of the 195 cell-epochs (PHASES)
         if args.phases:
             for n in (25, 20, 15, 10):
-                run(f"train_135m_phase{n}_eager", 30, run_fast, lm, exs,
-                    [Cell(lr * (1 + i / 100), 1) for i in range(n // len(lrs)) for lr in lrs], steps, tmp, f"ph{n}")
+                cells_n = [Cell(lr * (1 + i / 100), 1) for i in range(n // len(lrs)) for lr in lrs]
+                run(f"train_135m_phase{n}_eager", 30, run_fast, lm, exs, cells_n, steps, tmp, f"ph{n}")
+                run(f"train_135m_phase{n}", 40, run_fast, lm, exs, cells_n, steps, tmp, f"phc{n}", True, True, ind)
         if args.packing_check:
             run("packing_check_135m", 30, packing_check, lm, exs, tmp)
         if args.precision:
@@ -400,6 +402,10 @@ def main() -> None:
     if all(phase_rates.values()):
         res["projected_135m_sweep_train_min_phases"] = round(
             sum(137e6 * share / 195 / phase_rates[n] for n, share in phases.items()) / 60, 1)
+    compiled_rates = {n: rate(f"train_135m_phase{n}") if n != 5 else rate("train_135m_fused5") for n in phases}
+    if all(compiled_rates.values()):
+        res["projected_135m_sweep_train_min_phases_compiled"] = round(
+            sum(137e6 * share / 195 / compiled_rates[n] for n, share in phases.items()) / 60, 1)
     best7 = max([r for r in (rate("train_7b"), rate("train_7b_fused5")) if r] or [0])
     if best7:
         res["projected_7b_sweep_train_h200_hours"] = round(129e6 / best7 / 3600, 2)

@@ -315,6 +315,12 @@ def test_compiled_layers_compute_what_eager_computes(lm64, tmp_path, force_plan)
     train_cells(lm64, examples, proto, other, seed=3, out_dirs=[tmp_path / f"o{j}" for j in range(3)],
                 compile_backend="inductor")
     assert counters["stats"]["unique_graphs"] == graphs
+    # three cells per forward, then two, then one as they finish: the multi-cell graph takes any number of
+    # cells (it recompiled at every step down when the count was a Python int: 25 -> 20 -> ... in the paper pass)
+    force_plan(4, 3)
+    train_cells(lm64, examples, proto, [Cell(2e-2, 3), Cell(5e-3, 2), Cell(4e-2, 1)], seed=3,
+                out_dirs=[tmp_path / f"t{j}" for j in range(3)], compile_backend="inductor")
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_training_budget_counts_memory_torch_caches_unused(monkeypatch):

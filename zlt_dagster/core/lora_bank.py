@@ -94,9 +94,15 @@ class MultiLoRALinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        k = len(self.routing.active)
-        if x.shape[0] % k:
-            raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
+        if torch.compiler.is_compiling():
+            # the cells of this forward from a tensor's shape, not len(active): a Python int would specialise the
+            # graph on it, and a pass whose cells finish (25 -> 20 -> ... -> 5) recompiled every layer at each
+            # step down (~15 s each on the H200, BENCHMARKS.md)
+            k = self.routing.select.shape[0]
+        else:
+            k = len(self.routing.active)
+            if x.shape[0] % k:
+                raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} cell blocks")
         a, b = self._adapters()                                                    # [k, r, in], [k, out, r]
         mask = self.drop if self.training else None                     # [tokens, in] (a packed micro-batch)
         b = b * (self.scale / (1.0 - self.dropout) if mask is not None else self.scale)
