@@ -46,10 +46,10 @@ ZLT_GENERATION_BACKEND | auto | `auto` = `vllm` on a GPU where it imports for mo
 ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
     and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)
-ZLT_TRAIN_COMPILE | off | `off` = eager training forward; `inductor` (or another `torch.compile` backend) = each
-    decoder layer, LoRA bank inside, through `torch.compile`: opt-in, 1.9x one SmolLM2 cell on the H200 but its
-    bf16 loss curves differ from eager's, unexplained yet ([BENCHMARKS.md](BENCHMARKS.md)); compile time is
-    recorded in each `train_run.json` (`compile`)
+ZLT_TRAIN_COMPILE | auto | `auto` = each decoder layer, LoRA bank inside, through `torch.compile` (inductor) for
+    models under 1B parameters on CUDA (SmolLM2 on the H200: 1.6-1.8x, ~20-30 s of compiling per process), eager
+    otherwise (7B compiled is not measured since a fix); `off` = eager; or a `torch.compile` backend
+    ([BENCHMARKS.md](BENCHMARKS.md)); compile time is recorded in each `train_run.json` (`compile`)
 ZLT_TRAIN_GROUP_SIZE | 25 | `adapter` partitions per backfill run (and per `zlt run` pass), trained in one pass;
     read when the definitions load
 ZLT_SWEEP_REGISTRY | configs/sweeps.yaml | the registry file the sensor reads ([docs/user-flows.md](docs/user-flows.md))

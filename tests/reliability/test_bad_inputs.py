@@ -6,12 +6,13 @@ import dataclasses
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from zlt_dagster import steps
 from zlt_dagster.steps import layout
-from zlt_dagster.core.protocol import TINY, ProtocolError, Sweep, get_protocol
+from zlt_dagster.core.protocol import TINY, ProtocolError, Sweep
 from zlt_dagster.core.sweep_file import sweep_from_dict
 from zlt_dagster.storage import LocalStore, S3Store, StoreError, UnsafeKeyError
 
@@ -303,10 +304,23 @@ def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
             _bad_input_fails_once(boom(exc))
 
 
-def test_train_compile_setting():
-    """off (default) = eager; a backend torch knows; anything else fails naming the field."""
-    assert steps.ComputeSettings().compile_backend() is None
-    assert steps.ComputeSettings(train_compile="off").compile_backend() is None
+def test_train_compile_setting(monkeypatch):
+    """auto (default) = inductor for a model under 1B parameters on CUDA, eager on the CPU, for larger models and
+    when only the value is checked; off = eager; a backend torch knows; anything else fails naming the field."""
+    import torch
+
+    from zlt_dagster.steps import common
+
+    def lm(device):  # the device is only read: nothing is allocated on it
+        return SimpleNamespace(device=torch.device(device), model=torch.nn.Linear(4, 1))
+
+    auto = steps.ComputeSettings()
+    assert auto.train_compile == "auto" and auto.compile_backend() is None
+    assert auto.compile_backend(lm("cpu")) is None
+    assert auto.compile_backend(lm("cuda")) == "inductor"
+    monkeypatch.setattr(common, "parameter_count", lambda model: common.AUTO_COMPILE_MAX_PARAMETERS)
+    assert auto.compile_backend(lm("cuda")) is None  # a 7B model stays eager
+    assert steps.ComputeSettings(train_compile="off").compile_backend(lm("cuda")) is None
     assert steps.ComputeSettings(train_compile="Inductor").compile_backend() == "inductor"
-    with pytest.raises(steps.StepError, match="train_compile='turbo'; expected off or one of"):
+    with pytest.raises(steps.StepError, match="train_compile='turbo'; expected auto, off or one of"):
         steps.ComputeSettings(train_compile="turbo").compile_backend()

@@ -51,8 +51,9 @@ class Compute(ConfigurableResource):
                                                      "a .jsonl path; or s3://bucket/key")
     torch_threads: int = Field(default=0, description="0 = torch default")
     work_dir: str = Field(default="", description="local scratch for adapters fetched from the store")
-    train_compile: str = Field(default="off", description="off = eager training forward; or a torch.compile "
-                               "backend (inductor) for each decoder layer: opt-in, see BENCHMARKS.md")
+    train_compile: str = Field(default="auto", description="auto = each decoder layer through torch.compile "
+                               "(inductor) for models under 1B parameters on CUDA, else eager; off = eager; or a "
+                               "torch.compile backend; see BENCHMARKS.md")
 
     def settings(self) -> ComputeSettings:
         return ComputeSettings(device=self.device, generation_backend=self.generation_backend,

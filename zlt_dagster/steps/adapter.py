@@ -45,7 +45,7 @@ def run_adapters(store: ObjectStore, sweep: Sweep, cells: list[Cell], compute: C
         return done
     data = load_onpolicy(store, sweep)
     lm = model(sweep, compute)
-    backend = compute.compile_backend()
+    backend = compute.compile_backend(lm)
     examples = tokenize_dataset(lm, data, sweep.protocol)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=compute.work_dir or None)))

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..core.arc import ARC_CONVENTION_VERSION
+from ..core.generation.factory import parameter_count
 from ..core.generation.progress import PROGRESS_INTERVAL_S, GenerationProgress
 from ..core.models import LoadedModel, load_model_cached
 from ..core.personas import personas_hash
@@ -16,6 +17,14 @@ from ..core.questions import questions_hash
 from ..storage import ObjectStore
 
 Log = Callable[[str], None]
+
+
+# `auto` compiles the training forward (inductor, per decoder layer) for models under 1B parameters on CUDA:
+# SmolLM2-135M on the H200 (BENCHMARKS.md, issue 18, same call): one cell 19.3k -> 32.5k tok/s, 5 cells 86.1k ->
+# 136.9k, a steady 25 cells 123.7k -> 222.1k, for ~20-30 s of compiling per process; its bf16 curves are as near
+# an fp32 run's as eager's are (LoRA B 6.0% vs 7.8% from fp32 after 6 steps). 7B shapes compiled ran 7x SLOWER
+# than eager when last measured (run 4, before the cell-count recompile fix) and were not measured since: eager.
+AUTO_COMPILE_MAX_PARAMETERS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -28,18 +37,24 @@ class ComputeSettings:
     work_dir: str = ""                  # local scratch for adapters pulled from the store ("" = system temp)
     lease_ttl_s: float = 120.0          # a cell's training lease: expiry unless renewed (a killed trainer's lease
                                         # blocks a rerun at most this long)
-    train_compile: str = "off"          # off = eager; or a torch.compile backend ("inductor") for the training
-                                        # forward: opt-in, its bf16 numbers are not yet explained (BENCHMARKS.md)
+    train_compile: str = "auto"         # auto = inductor for models < 1B parameters on CUDA, else eager; off =
+                                        # eager; or a torch.compile backend ("inductor") for the training forward
     progress_interval_s: float = PROGRESS_INTERVAL_S  # at most one progress line per this many seconds in
                                         # on-policy data, completions and ARC (0 = every report: tests)
 
-    def compile_backend(self) -> str | None:
-        """The torch.compile backend for training, or None for eager. Raises StepError on an unknown value."""
+    def compile_backend(self, lm=None) -> str | None:
+        """The torch.compile backend for training `lm` (a LoadedModel), or None for eager. `auto`: inductor on
+        CUDA for models under AUTO_COMPILE_MAX_PARAMETERS, else eager (None also when no model is given: the
+        value is only being checked). Raises StepError on an unknown value."""
         value = self.train_compile.strip().lower()
         if value in ("off", "0", "false", "eager", ""):
             return None
+        if value == "auto":
+            if lm is None or lm.device.type != "cuda":
+                return None
+            return "inductor" if parameter_count(lm.model) < AUTO_COMPILE_MAX_PARAMETERS else None
         if value not in torch.compiler.list_backends(exclude_tags=()):
-            raise StepError(f"train_compile={self.train_compile!r}; expected off or one of "
+            raise StepError(f"train_compile={self.train_compile!r}; expected auto, off or one of "
                             f"{sorted(torch.compiler.list_backends())}")  # debug backends are accepted, not offered
         return value
 
