@@ -305,8 +305,8 @@ def test_bad_input_errors_fail_once_and_transient_errors_are_retried():
 
 
 def test_train_compile_setting(monkeypatch):
-    """auto (default) = inductor for a model under 1B parameters on CUDA, eager on the CPU, for larger models and
-    when only the value is checked; off = eager; a backend torch knows; anything else fails naming the field."""
+    """auto (default) = inductor for a model under 1B parameters on CUDA where Triton can build kernels, eager on
+    the CPU, for larger models, without a C compiler and when only the value is checked; off = eager; a backend torch knows; anything else fails naming the field."""
     import torch
 
     from zlt_dagster.steps import common
@@ -317,7 +317,11 @@ def test_train_compile_setting(monkeypatch):
     auto = steps.ComputeSettings()
     assert auto.train_compile == "auto" and auto.compile_backend() is None
     assert auto.compile_backend(lm("cpu")) is None
+    monkeypatch.setattr(common, "can_build_triton_kernels", lambda: True)
     assert auto.compile_backend(lm("cuda")) == "inductor"
+    monkeypatch.setattr(common, "can_build_triton_kernels", lambda: False)  # no C compiler or Python.h: eager
+    assert auto.compile_backend(lm("cuda")) is None
+    monkeypatch.setattr(common, "can_build_triton_kernels", lambda: True)
     monkeypatch.setattr(common, "parameter_count", lambda model: common.AUTO_COMPILE_MAX_PARAMETERS)
     assert auto.compile_backend(lm("cuda")) is None  # a 7B model stays eager
     assert steps.ComputeSettings(train_compile="off").compile_backend(lm("cuda")) is None

@@ -1,8 +1,12 @@
 """What every step shares: compute settings, the step error, the model cache, the versions stored with artifacts."""
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,6 +29,14 @@ Log = Callable[[str], None]
 # an fp32 run's as eager's are (LoRA B 6.0% vs 7.8% from fp32 after 6 steps). 7B shapes compiled ran 7x SLOWER
 # than eager when last measured (run 4, before the cell-count recompile fix) and were not measured since: eager.
 AUTO_COMPILE_MAX_PARAMETERS = 1_000_000_000
+
+
+def can_build_triton_kernels() -> bool:
+    """Whether inductor's GPU kernels can be built here: Triton compiles a small C launcher per kernel with the C
+    compiler ($CC, else cc/gcc/clang on PATH) against Python's headers (Python.h). Without them `auto` trains eager
+    instead of failing in the adapter step (docker/Dockerfile installs both)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return bool(compiler) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ class ComputeSettings:
         if value in ("off", "0", "false", "eager", ""):
             return None
         if value == "auto":
-            if lm is None or lm.device.type != "cuda":
+            if lm is None or lm.device.type != "cuda" or not can_build_triton_kernels():
                 return None
             return "inductor" if parameter_count(lm.model) < AUTO_COMPILE_MAX_PARAMETERS else None
         if value not in torch.compiler.list_backends(exclude_tags=()):
