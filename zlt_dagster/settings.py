@@ -47,8 +47,8 @@ ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a
     and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)
 ZLT_TRAIN_COMPILE | auto | `auto` = each decoder layer, LoRA bank inside, through `torch.compile` (inductor) for
-    models under 1B parameters on CUDA (SmolLM2 on the H200: 1.6-1.8x, ~20-30 s of compiling per process), eager
-    otherwise (7B compiled is not measured since a fix); `off` = eager; or a `torch.compile` backend
+    models under 1B parameters on CUDA where Triton can build kernels (a C compiler and Python.h; SmolLM2 on the
+    H200: 1.6-1.8x, ~20-30 s of compiling per process), eager otherwise (7B compiled is not measured since a fix); `off` = eager; or a `torch.compile` backend
     ([BENCHMARKS.md](BENCHMARKS.md)); compile time is recorded in each `train_run.json` (`compile`)
 ZLT_TRAIN_GROUP_SIZE | 25 | `adapter` partitions per backfill run (and per `zlt run` pass), trained in one pass;
     read when the definitions load
