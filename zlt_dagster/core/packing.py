@@ -44,8 +44,8 @@ class PackedBatch:
     packed token t sits in the row-major [rows, width] attention grid; grid: an empty [rows, width, 0] tensor
     that carries the grid's shape (a tensor, not ints, so torch.compile keeps it symbolic instead of
     recompiling per micro-batch); cu_seqlens int32 [rows + 1]: where each grid row's tokens start in the packed
-    row, and the end (flash attention's varlen convention). labels are IGNORE at each example's first position (it has no predecessor in
-    its example: in the packed row it would be the "next token" of the previous example)."""
+    row, and the end (flash attention's varlen convention). labels are IGNORE at each example's first position
+    (it has no predecessor in its example: in the packed row it would be the "next token" of the previous one)."""
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
