@@ -21,8 +21,10 @@ def reference_varlen(names):
     def fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
         assert set(kw) <= names, f"keyword {set(kw) - names} not in this release's signature"
         assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
-        causal = kw.get("is_causal", False) or kw.get("window_size") == (-1, 0)
+        window = kw.get("window_size")
+        causal = kw.get("is_causal", False) or (window is not None and window[1] == 0)
         assert causal
+        left = window[0] if window is not None and window[0] >= 0 else None  # keys this far back, at most
         if k.shape[1] != q.shape[1]:
             assert kw.get("enable_gqa"), "fewer kv heads without enable_gqa"
         out = torch.empty_like(q)
@@ -30,7 +32,9 @@ def reference_varlen(names):
         for s, e in zip(bounds[:-1], bounds[1:]):
             assert e - s <= max_q
             qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))                 # [h, n, d]
-            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=kw.get("scale"),
+            pos = torch.arange(e - s)
+            mask = (pos[:, None] >= pos[None, :]) & (left is None or (pos[:, None] - pos[None, :] <= left))
+            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=kw.get("scale"),
                                                       enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1)
         return out
     return fn
@@ -77,3 +81,49 @@ def test_varlen_refuses_a_scale_it_cannot_take(monkeypatch):
 def test_varlen_is_for_eager_cuda_half_precision_only():
     cpu = torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)
     assert not packing.use_varlen(cpu)  # CPU: the grid path
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_sliding_window_varlen_equals_grid(monkeypatch, release):
+    """A sliding-window layer's window (transformers passes sliding_window=W: a query sees its last W keys) on both
+    paths: varlen as window_size=(W - 1, 0) where the release takes it, else the grid with a band mask; both equal
+    the plain per-example reference, and a window shorter than no example changes nothing."""
+    names = RELEASES[release]
+    monkeypatch.setattr(packing, "_varlen_api", lambda: (reference_varlen(names), names))
+    g = torch.Generator().manual_seed(1)
+    exs = [SimpleNamespace(input_ids=list(range(n)), labels=[IGNORE] * n) for n in (5, 9, 3, 6)]
+    batch = packing.collate_packed(exs, 0, "cpu", multiple=8)
+    pack = packing.model_kwargs(batch, 2)["zlt_pack"]
+    heads, kv_heads, d, t = 4, 2, 8, batch.tokens
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    q = torch.randn(2, t, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    key = torch.randn(2, t, kv_heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    value = torch.randn(2, t, kv_heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    windowed = reference_varlen(RELEASES["2.12"])(
+        q.transpose(1, 2).reshape(-1, heads, d), key.transpose(1, 2).reshape(-1, kv_heads, d),
+        value.transpose(1, 2).reshape(-1, kv_heads, d), pack[2], pack[2], 16, 16, window_size=(2, 0),
+        enable_gqa=True).view(2, t, heads, d)
+    grid = packing.grid_forward(module, q, key, value, pack, window=3)
+    torch.testing.assert_close(grid, windowed, rtol=1e-12, atol=1e-12)
+    full = packing.grid_forward(module, q, key, value, pack)
+    assert not torch.allclose(grid, full)  # the window really bites
+    if "window_size" in names:
+        torch.testing.assert_close(packing.varlen_forward(q, key, value, pack, None, window=3), windowed,
+                                   rtol=1e-12, atol=1e-12)
+    else:
+        with pytest.raises(RuntimeError, match="window"):
+            packing.varlen_forward(q, key, value, pack, None, window=3)
+    # through the attention function (CPU: the grid path), the window as transformers passes it
+    out, _ = packing.packed_sdpa_forward(module, q, key, value, None, zlt_pack=pack, sliding_window=3)
+    torch.testing.assert_close(out, windowed, rtol=1e-12, atol=1e-12)
+    wide, _ = packing.packed_sdpa_forward(module, q, key, value, None, zlt_pack=pack, sliding_window=9)
+    torch.testing.assert_close(wide, full, rtol=1e-12, atol=1e-12)  # no example is longer than 9: plain causal
+
+
+def test_varlen_keeps_a_window_only_where_the_release_takes_it(monkeypatch):
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    for release, takes in (("2.10", False), ("2.11", True)):
+        names = RELEASES[release]
+        monkeypatch.setattr(packing, "_varlen_api", lambda names=names: (reference_varlen(names), names))
+        assert packing.use_varlen(cuda) and packing.use_varlen(cuda, 0.0, 4) == takes

@@ -464,3 +464,43 @@ def test_packed_batch_equals_padded_batch_on_qwen2(qwen25_tok):
     for name, grad in g_pad.items():
         torch.testing.assert_close(g_pack[name], grad, rtol=1e-10, atol=1e-14, msg=name)
     assert any(torch.count_nonzero(gr) for name, gr in g_pad.items() if "q_proj.bias" in name)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_packed_batch_keeps_a_sliding_window(arch):
+    """Sliding-window layers (Mistral; Qwen2 with use_sliding_window) see only the last `sliding_window` keys of
+    their example, packed as padded: examples longer than the window (alignment padding too) give the padded
+    batch's loss and gradients; the packed attention used to drop the window and attend to the whole example."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from zlt_dagster.core.packing import collate_packed, packed_attention
+
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    if arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**shape, sliding_window=5))
+    else:  # one sliding layer, one full: each layer gets its own window
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **shape, use_sliding_window=True, sliding_window=5, layer_types=["sliding_attention", "full_attention"]))
+    model = model.double().requires_grad_(True)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    exs = []
+    for n in (9, 17, 4, 12):
+        ids = torch.randint(1, 300, (n,), generator=g).tolist()
+        exs.append(SimpleNamespace(input_ids=ids, labels=[IGNORE] * (n - 3) + ids[-3:]))
+    results = []
+    for batch in (collate(exs, 0, "cpu"), collate_packed(exs, 0, "cpu", 8)):
+        model.zero_grad(set_to_none=True)
+        packed = not isinstance(batch, dict)
+        with packed_attention(model) if packed else contextlib.nullcontext():
+            loss = trainmod.block_loss_sums(model, batch, 1)
+        loss.sum().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l_pad, g_pad), (l_pack, g_pack) = results
+    torch.testing.assert_close(l_pack, l_pad, rtol=1e-12, atol=0)
+    for name, grad in g_pad.items():
+        torch.testing.assert_close(g_pack[name], grad, rtol=1e-10, atol=1e-14, msg=name)

@@ -20,7 +20,8 @@ How it plugs in: transformers' documented `AttentionInterface` (a registered att
 `set_attn_implementation`); the packing travels to it as a forward keyword argument (`zlt_pack`), which
 transformers passes through the decoder layers to the attention function. A custom attention name also makes
 transformers skip building a causal mask (masking_utils: no mask function is registered for it).
-RoPE positions restart at 0 for each example (`position_ids`), as in the padded batch.
+RoPE positions restart at 0 for each example (`position_ids`), as in the padded batch. Sliding-window layers
+(Mistral, Qwen2 with use_sliding_window) keep their window: a band mask on the grid, window_size= for varlen.
 """
 from __future__ import annotations
 
@@ -106,15 +107,22 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                            "the model is still in packed-training mode")
     if attention_mask is not None:
         raise RuntimeError("packed attention takes no attention mask: the grid is the mask")
-    if use_varlen(query, dropout):
-        return varlen_forward(query, key, value, zlt_pack, scaling), None
-    return grid_forward(module, query, key, value, zlt_pack, dropout, scaling, **kwargs), None
+    # sliding-window layers (Mistral, Qwen2 with use_sliding_window, ...) pass their window: a query sees the last
+    # `window` keys of its example, itself included (transformers' sliding_window_overlay). Only where an example
+    # can be longer than the window does it change anything
+    window = kwargs.pop("sliding_window", None)
+    if window is not None and not zlt_pack[1].shape[1] > window:
+        window = None
+    if use_varlen(query, dropout, window):
+        return varlen_forward(query, key, value, zlt_pack, scaling, window), None
+    return grid_forward(module, query, key, value, zlt_pack, dropout, scaling, window=window, **kwargs), None
 
 
 def grid_forward(module, query, key, value, zlt_pack: tuple, dropout: float = 0.0, scaling: float | None = None,
-                 **kwargs) -> torch.Tensor:
+                 window: int | None = None, **kwargs) -> torch.Tensor:
     """Attention per example through transformers' sdpa function on the right-padded [b x rows, width] grid;
-    [b, T, heads, d]."""
+    [b, T, heads, d]. window: a sliding window (each query sees its last `window` keys), as an explicit causal
+    band mask; None = plain causal."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dest, grid = zlt_pack[0], zlt_pack[1]
@@ -126,7 +134,12 @@ def grid_forward(module, query, key, value, zlt_pack: tuple, dropout: float = 0.
         padded = tokens.new_zeros((b, rows * width, *tokens.shape[2:])).index_copy(1, dest, tokens)
         return padded.view(b * rows, width, *tokens.shape[2:]).transpose(1, 2)
 
-    out, _ = sdpa_attention_forward(module, to_grid(query), to_grid(key), to_grid(value), None, dropout=dropout,
+    mask = None
+    if window is not None:  # causal and within the window: key j <= query i and i - j < window
+        pos = torch.arange(width, device=query.device)
+        gap = pos[:, None] - pos[None, :]
+        mask = ((gap >= 0) & (gap < window))[None, None]
+    out, _ = sdpa_attention_forward(module, to_grid(query), to_grid(key), to_grid(value), mask, dropout=dropout,
                                     scaling=scaling, is_causal=True, **kwargs)   # [b x rows, width, h, d]
     return out.reshape(b, rows * width, *out.shape[2:]).index_select(1, dest)
 
@@ -143,22 +156,31 @@ def _varlen_api() -> tuple | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def use_varlen(query: torch.Tensor, dropout: float = 0.0) -> bool:
-    """Whether packed attention runs as varlen flash attention: CUDA, bf16/fp16, no attention dropout, eager."""
+def use_varlen(query: torch.Tensor, dropout: float = 0.0, window: int | None = None) -> bool:
+    """Whether packed attention runs as varlen flash attention: CUDA, bf16/fp16, no attention dropout, eager, and a
+    sliding window only where this torch's varlen_attn takes one (window_size=)."""
     return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
-            and not torch.compiler.is_compiling() and _varlen_api() is not None)
+            and not torch.compiler.is_compiling() and _varlen_api() is not None
+            and (window is None or "window_size" in _varlen_api()[1]))
 
 
-def varlen_forward(query, key, value, zlt_pack: tuple, scaling: float | None) -> torch.Tensor:
+def varlen_forward(query, key, value, zlt_pack: tuple, scaling: float | None, window: int | None = None
+                   ) -> torch.Tensor:
     """Causal flash attention over the packed rows, one segment per example (cu_seqlens of all b rows, zlt_pack's
-    third item); [b, T, heads, d]. Raises RuntimeError where this torch's varlen_attn cannot take the scale."""
+    third item); [b, T, heads, d]. window: a sliding window (window_size=(window - 1, 0): the left reach transformers'
+    flash path gives it). Raises RuntimeError where this torch's varlen_attn cannot take the scale or the window."""
     fn, names = _varlen_api()
     cu, max_len = zlt_pack[2], zlt_pack[1].shape[1]
     b, heads, t, d = query.shape
     q = query.transpose(1, 2).reshape(b * t, heads, d)           # views of transformers' [b, T, h, d] projections
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
-    kw = {"is_causal": True} if "is_causal" in names else {"window_size": (-1, 0)}
+    if window is not None:
+        if "window_size" not in names:
+            raise RuntimeError("this torch's varlen_attn has no window_size=; a sliding window needs the grid path")
+        kw = {"window_size": (window - 1, 0)}
+    else:
+        kw = {"is_causal": True} if "is_causal" in names else {"window_size": (-1, 0)}
     if scaling is not None:
         if "scale" in names:
             kw["scale"] = scaling
