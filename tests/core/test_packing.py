@@ -121,9 +121,27 @@ def test_sliding_window_varlen_equals_grid(monkeypatch, release):
 
 
 def test_varlen_keeps_a_window_only_where_the_release_takes_it(monkeypatch):
-    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(packing, "_flash_capable", lambda index: True)
     for release, takes in (("2.10", False), ("2.11", True)):
         names = RELEASES[release]
         monkeypatch.setattr(packing, "_varlen_api", lambda names=names: (reference_varlen(names), names))
         assert packing.use_varlen(cuda) and packing.use_varlen(cuda, 0.0, 4) == takes
+
+
+def test_varlen_needs_an_ampere_or_newer_gpu(monkeypatch):
+    """torch's varlen_attn calls the flash kernels, which refuse GPUs older than sm80 (V100, T4): those take the
+    grid path (transformers' sdpa picks a kernel they have), as the padded batch did."""
+    names = RELEASES["2.12"]
+    monkeypatch.setattr(packing, "_varlen_api", lambda: (reference_varlen(names), names))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    capability = {0: (7, 5), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[index])
+    packing._flash_capable.cache_clear()
+    try:
+        on = {i: packing.use_varlen(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16,
+                                                    device=torch.device("cuda", i))) for i in capability}
+    finally:
+        packing._flash_capable.cache_clear()
+    assert on == {0: False, 1: True, 2: True}

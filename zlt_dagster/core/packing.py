@@ -156,12 +156,19 @@ def _varlen_api() -> tuple | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+@functools.cache
+def _flash_capable(device_index: int | None) -> bool:
+    """Whether this GPU runs torch's flash attention kernels (varlen_attn calls them directly): Ampere (sm80) or
+    newer; older GPUs (V100, T4) raise "FlashAttention only supports Ampere GPUs or newer" and take the grid."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def use_varlen(query: torch.Tensor, dropout: float = 0.0, window: int | None = None) -> bool:
-    """Whether packed attention runs as varlen flash attention: CUDA, bf16/fp16, no attention dropout, eager, and a
-    sliding window only where this torch's varlen_attn takes one (window_size=)."""
+    """Whether packed attention runs as varlen flash attention: CUDA on Ampere or newer, bf16/fp16, no attention
+    dropout, eager, and a sliding window only where this torch's varlen_attn takes one (window_size=)."""
     return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
             and not torch.compiler.is_compiling() and _varlen_api() is not None
-            and (window is None or "window_size" in _varlen_api()[1]))
+            and (window is None or "window_size" in _varlen_api()[1]) and _flash_capable(query.device.index))
 
 
 def varlen_forward(query, key, value, zlt_pack: tuple, scaling: float | None, window: int | None = None
