@@ -145,3 +145,18 @@ def test_varlen_needs_an_ampere_or_newer_gpu(monkeypatch):
     finally:
         packing._flash_capable.cache_clear()
     assert on == {0: False, 1: True, 2: True}
+
+
+def test_a_model_without_sdpa_support_is_refused_clearly():
+    """Gemma2 (attention logit soft-capping) has no SDPA support, and transformers checks that for any attention
+    name containing "sdpa": a RuntimeError naming packed attention, the model's attention untouched."""
+    import transformers
+
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8))
+    before = model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="Gemma2ForCausalLM cannot train with packed attention"):
+        with packing.packed_attention(model):
+            pass
+    assert model.config._attn_implementation == before and not hasattr(model, "_zlt_unpacked_attention")

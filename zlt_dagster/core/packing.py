@@ -231,7 +231,7 @@ def is_packed(model: torch.nn.Module) -> bool:
 def packed_attention(model: torch.nn.Module) -> Iterator[None]:
     """For the duration, `model` (a transformers model using the AttentionInterface, e.g. Llama, Qwen2) runs its
     attention through `packed_sdpa_forward`; its previous implementation is restored on exit. Raises
-    RuntimeError for a model that cannot switch attention functions."""
+    RuntimeError for a model that cannot switch attention functions or has no SDPA support (e.g. Gemma2)."""
     previous = model.config._attn_implementation
     if previous == PACKED_ATTENTION:
         yield
@@ -240,7 +240,11 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
     if not model._can_set_attn_implementation():
         raise RuntimeError(f"{type(model).__name__} does not use transformers' AttentionInterface; packed training "
                            "needs it")
-    model.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        model.set_attn_implementation(PACKED_ATTENTION)
+    except ValueError as e:  # transformers checks SDPA support for an "sdpa" name: Gemma2 (soft-capping) has none
+        raise RuntimeError(f"{type(model).__name__} cannot train with packed attention, which runs transformers' "
+                           f"sdpa per example: {str(e).splitlines()[0][:200]}") from e
     model._zlt_unpacked_attention = previous
     try:
         yield
