@@ -101,7 +101,8 @@ def block_loss_sums(model, batch: dict[str, torch.Tensor] | PackedBatch, k: int,
     # No attention mask: padded batches are right-padded (collate), so under the causal mask a real token only
     # ever attends to real tokens and the padding mask changes nothing at the positions the loss reads; without it
     # SDPA can take its flash kernel instead of the masked "efficient" one (the largest GPU cost of a SmolLM2 step,
-    # BENCHMARKS.md); packed batches run the same right-padded SDPA per example (core/packing.py).
+    # BENCHMARKS.md); packed batches attend per example (core/packing.py: that right-padded SDPA on a grid, or
+    # varlen flash attention on the packed row on CUDA).
     # use_cache=False: transformers would build a KV cache that training never reads.
     hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
@@ -232,8 +233,8 @@ def _training_mode(model, gradient_checkpointing: bool, tf32: bool):
 def _compiled_layers(model, backend: str | None):
     """For the duration, every decoder layer runs through torch.compile(backend, dynamic=True) (nothing if backend
     is None). Per layer, not the whole decoder: all layers share one code object and, since the LoRA bank gives
-    each module its own dropout-mask view (no per-layer integers in the graph), one compiled graph serves all
-    of them; compiling the whole SmolLM2 decoder as one graph took 422 s on the H200, BENCHMARKS.md.
+    each module its own dropout-mask tensor (LoraBank.set_masks; no per-layer integers in the graph), one compiled
+    graph serves all of them; compiling the whole SmolLM2 decoder as one graph took 422 s on the H200, BENCHMARKS.md.
     dynamic=True: sequence width, rows and cells per forward are symbolic (sizes 0 and 1 are specialised, so a
     forward of ONE cell is a second graph; a bank of another size is another). Undone on exit: the model's later
     users (generation) get the eager layers back."""
