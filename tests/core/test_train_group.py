@@ -122,6 +122,9 @@ def test_token_capped_packed_micro_batches_change_nothing(lm64, tmp_path, force_
     force_plan(16, 2, max_tokens=cap)
     group = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / f"g{j}" for j in range(2)])
     assert group[0]["batch_plan"]["tokens_per_forward"] == cap
+    real_cuts = group[0]["micro_batches"]  # what the pass ran, in the run record
+    assert real_cuts["largest_tokens"] <= max(cap, max(lengths)) and 1 < real_cuts["per_step"] < 4
+    assert real_cuts["examples_each"] == pytest.approx(sum(len(mb) for mb in seen[1:]) / len(seen[1:]), abs=0.01)
     sizes = {len(mb) for mb in seen[1:]}  # seen[0]: the memory probe's one example
     assert len(sizes) > 1 and max(sizes) >= 3
     assert all(sum(mb) <= cap or len(mb) == 1 for mb in seen)

@@ -318,7 +318,12 @@ def test_train_compile_setting(monkeypatch):
     assert auto.train_compile == "auto" and auto.compile_backend() is None
     assert auto.compile_backend(lm("cpu")) is None
     monkeypatch.setattr(common, "can_build_triton_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert auto.compile_backend(lm("cuda")) == "inductor"
+    assert steps.ComputeSettings(train_compile=" ").compile_backend(lm("cuda")) == "inductor"  # empty = unset = auto
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))  # no Triton below sm70
+    assert auto.compile_backend(lm("cuda")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(common, "can_build_triton_kernels", lambda: False)  # no C compiler or Python.h: eager
     assert auto.compile_backend(lm("cuda")) is None
     monkeypatch.setattr(common, "can_build_triton_kernels", lambda: True)

@@ -63,10 +63,13 @@ class PackedBatch:
 def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1) -> PackedBatch:
     """Pack `examples` (TokenizedExample: input_ids, labels) into one row. `multiple` > 1 rounds the row's
     length and the grid's width up to a multiple of it (torch.compile's SDPA graph guards on alignment); the
-    extra tokens are pad ids with IGNORE labels in a grid row of their own. Raises ValueError on no examples."""
+    extra tokens are pad ids with IGNORE labels in a grid row of their own. Raises ValueError on no examples or an
+    example without tokens."""
     if not examples:
         raise ValueError("a packed batch needs at least one example")
     lengths = [len(e.input_ids) for e in examples]
+    if min(lengths) < 1:
+        raise ValueError(f"example {lengths.index(min(lengths))} of the micro-batch has no tokens")
     total = sum(lengths)
     extra = -total % multiple
     width = -(-max(lengths + [extra]) // multiple) * multiple

@@ -421,6 +421,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                      f"longest example {bp.longest_example_tokens} tokens, budget {bp.budget_bytes / 2**30:.1f} GiB)")
         stack.enter_context(_compiled_layers(loaded.model, compile_backend))  # after the (eager) memory probe
         records: list[dict | None] = [None] * k
+        # how the pass's steps were really cut (packed micro-batches vary with the examples' lengths): run record
+        packed = {"steps": 0, "micro_batches": 0, "examples": 0, "largest_tokens": 0}
 
         def finish(j: int) -> dict:
             """Cell j is done: write its PEFT directory and run record (the bank is detached meanwhile), free
@@ -429,7 +431,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 bank.save_peft(j, out_dirs[j], loaded.base_model)
             loaded.model.train()  # saving through peft leaves the base in eval mode
             rec = _record(loaded, protocol, cells, j, seed, states[j], plans[j], lr_steps[j], bp, len(examples),
-                          data_hash, full_logits, states, lora_matmul)
+                          data_hash, full_logits, states, lora_matmul, packed)
             rec["compile"] = {"backend": compile_backend, "compile_s": round(compile_s, 3)}
             (Path(out_dirs[j]) / "train_run.json").write_text(json.dumps(rec, indent=1))
             if on_cell_done is not None:
@@ -466,9 +468,13 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             step_loss = torch.zeros(k, device=dev)
             step_tokens = 0
             micro, per_forward, max_tokens = _cut(bp, protocol, len(active))
+            packed["steps"] += 1
             for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids), max_tokens=max_tokens):
                 b = _micro_batch(loaded, bank, examples, mb, seed, epoch,
                                  COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
+                packed["micro_batches"] += 1
+                packed["examples"] += len(mb)
+                packed["largest_tokens"] = max(packed["largest_tokens"], b.tokens)
                 step_tokens += sum(len(examples[i].input_ids) for i in mb)
                 for c0 in range(0, len(active), per_forward):
                     chunk = active[c0:c0 + per_forward]
@@ -522,7 +528,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
 
 
 def _record(loaded, protocol, cells, j, seed, state, plan, lr_steps, bp, n_examples, data_hash, full_logits,
-            states, lora_matmul: str) -> dict:
+            states, lora_matmul: str, packed: dict) -> dict:
     """The run record of cell j. wall_s / gpu_s = its share of the pass (each step's time split equally among the
     cells that step trained); `group` = the pass so far (all cells, tokens and wall time up to now)."""
     steps_per_epoch, total, warmup = plan
@@ -538,6 +544,12 @@ def _record(loaded, protocol, cells, j, seed, state, plan, lr_steps, bp, n_examp
         "first_loss": st.curve[0]["loss"] if st.curve else None,
         "final_loss": st.curve[-1]["loss"] if st.curve else None, "loss_curve": st.curve,
         "micro_batch": bp.micro_batch, "cells_per_forward": bp.cells_per_forward, "batch_plan": bp.to_dict(),
+        # micro_batch is the plan's guaranteed minimum; packed micro-batches capped by tokens hold more: what the
+        # pass so far really ran (micro-batches per optimizer step, examples per micro-batch, the largest's tokens)
+        "micro_batches": {"per_step": round(packed["micro_batches"] / packed["steps"], 2) if packed["steps"] else None,
+                          "examples_each": (round(packed["examples"] / packed["micro_batches"], 2)
+                                            if packed["micro_batches"] else None),
+                          "largest_tokens": packed["largest_tokens"]},
         "group": {"cells": [c.key for c in cells], "n_cells": len(cells), "wall_s": round(group_wall, 3),
                   "tokens_per_s": round(group_tokens / group_wall, 1) if group_wall > 0 else None},
         "dropout_masks": DROPOUT_MASKS, "lora_matmul": lora_matmul,

@@ -151,8 +151,8 @@ def _figure_md(alt: str, fig_or_png) -> MetadataValue:
 
 
 ADAPTER_KEYS = ("steps", "steps_with_nonzero_lr", "tokens", "supervised_tokens", "tokens_per_s", "wall_s", "gpu_s",
-                "first_loss", "final_loss", "micro_batch", "cells_per_forward", "group", "reused", "device",
-                "artifact")
+                "first_loss", "final_loss", "micro_batch", "micro_batches", "cells_per_forward", "group", "reused",
+                "device", "artifact")
 
 
 def adapter_metadata(sweep, cell, s: dict) -> dict:

@@ -58,11 +58,14 @@ class ComputeSettings:
         """The torch.compile backend for training `lm` (a LoadedModel), or None for eager. `auto`: inductor on
         CUDA for models under AUTO_COMPILE_MAX_PARAMETERS, else eager (None also when no model is given: the
         value is only being checked). Raises StepError on an unknown value."""
-        value = self.train_compile.strip().lower()
-        if value in ("off", "0", "false", "eager", ""):
+        value = self.train_compile.strip().lower() or "auto"  # empty = unset, as for the environment variable
+        if value in ("off", "0", "false", "eager"):
             return None
         if value == "auto":
             if lm is None or lm.device.type != "cuda" or not can_build_triton_kernels():
+                return None
+            # Triton generates code for compute capability 7.0 and newer only
+            if torch.cuda.get_device_capability(lm.device) < (7, 0):
                 return None
             return "inductor" if parameter_count(lm.model) < AUTO_COMPILE_MAX_PARAMETERS else None
         if value not in torch.compiler.list_backends(exclude_tags=()):
