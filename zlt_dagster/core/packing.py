@@ -142,6 +142,12 @@ def grid_forward(module, query, key, value, zlt_pack: tuple, dropout: float = 0.
         pos = torch.arange(width, device=query.device)
         gap = pos[:, None] - pos[None, :]
         mask = ((gap >= 0) & (gap < window))[None, None]
+    if rows == 1 and not torch.compiler.is_compiling():
+        # one example and no alignment row: the grid IS the packed row (dest = 0..T-1): no copies (single-example
+        # micro-batches are common: the CPU demo's 25-cell forwards, the memory probe)
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                        is_causal=True, **kwargs)
+        return out
     out, _ = sdpa_attention_forward(module, to_grid(query), to_grid(key), to_grid(value), mask, dropout=dropout,
                                     scaling=scaling, is_causal=True, **kwargs)   # [b x rows, width, h, d]
     return out.reshape(b, rows * width, *out.shape[2:]).index_select(1, dest)
