@@ -391,6 +391,34 @@ def test_a_one_step_cell_is_all_warmup_and_says_so(loaded, tmp_path):
 
 
 # --- packed micro-batches are exact ----------------------------------------------------------------------------
+def padded_and_packed(model, exs, pad: int, multiple: int, full: bool = False) -> list:
+    """[(loss, {param: grad}) of the padded batch, the same of the packed batch] for a float64 `model` whose
+    parameters all require grad."""
+    from zlt_dagster.core.packing import collate_packed, packed_attention
+
+    results = []
+    for batch in (collate(exs, pad, "cpu"), collate_packed(exs, pad, "cpu", multiple)):
+        model.zero_grad(set_to_none=True)
+        packed = not isinstance(batch, dict)
+        with packed_attention(model) if packed else contextlib.nullcontext():
+            loss = trainmod.block_loss_sums(model, batch, 1, full_logits=full)
+        loss.sum().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return results
+
+
+def random_examples(lengths, low: int, high: int) -> list:
+    """Examples of random token ids in [low, high) with their last 3 tokens supervised."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    exs = []
+    for n in lengths:
+        ids = torch.randint(low, high, (n,), generator=g).tolist()
+        exs.append(SimpleNamespace(input_ids=ids, labels=[IGNORE] * (n - 3) + ids[-3:]))
+    return exs
+
+
 @pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("multiple", [1, 8])
 @pytest.mark.parametrize("full", [False, True])
@@ -398,24 +426,16 @@ def test_packed_batch_equals_padded_batch(loaded, examples8, multiple, full, n):
     """One row of real tokens (core/packing.py: attention per example on a padded grid) gives the padded batch's
     loss and gradients, float64, for every base weight (LoRA or not, the arithmetic below the adapters is the
     same); rows of different lengths, with and without trailing alignment padding, loss head or full logits."""
-    from zlt_dagster.core.packing import collate_packed, packed_attention
+    from zlt_dagster.core.packing import collate_packed
 
     model = copy.deepcopy(loaded.model).double().requires_grad_(True)
     model.train()
     exs = examples8[:n]
     assert n == 1 or len({len(e.input_ids) for e in exs}) > 1  # different lengths: padding in the padded batch
     pad = loaded.tokenizer.pad_token_id
-    padded = collate(exs, pad, loaded.device)
     packed = collate_packed(exs, pad, loaded.device, multiple)
     assert packed.tokens == -(-sum(len(e.input_ids) for e in exs) // multiple) * multiple
-    results = []
-    for batch in (padded, packed):
-        model.zero_grad(set_to_none=True)
-        with packed_attention(model) if batch is packed else contextlib.nullcontext():
-            loss = trainmod.block_loss_sums(model, batch, 1, full_logits=full)
-        loss.sum().backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (l_pad, g_pad), (l_pack, g_pack) = results
+    (l_pad, g_pad), (l_pack, g_pack) = padded_and_packed(model, exs, pad, multiple, full)
     assert l_pad.item() > 0
     # the full-logits path computes its cross-entropy in float32 (`.float()`), summed over differently shaped
     # tensors: float32 rounding; the loss head path stays float64
@@ -439,28 +459,12 @@ def test_packed_batch_needs_packed_attention(loaded, examples8):
 
 def test_packed_batch_equals_padded_batch_on_qwen2(qwen25_tok):
     """The same on the Qwen2 architecture (biased q/k/v, untied head): what the 7B rows of the benchmark train."""
-    from types import SimpleNamespace
-
     from zlt_dagster.core.models import tiny_qwen2_model
-    from zlt_dagster.core.packing import collate_packed, packed_attention
 
     model = tiny_qwen2_model(qwen25_tok, {}).double().requires_grad_(True)
     model.train()
-    g = torch.Generator().manual_seed(0)
-    exs = []
-    for n in (9, 17, 4, 12):
-        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
-        exs.append(SimpleNamespace(input_ids=ids, labels=[IGNORE] * (n - 3) + ids[-3:]))
-    pad = qwen25_tok.pad_token_id
-    results = []
-    for batch in (collate(exs, pad, "cpu"), collate_packed(exs, pad, "cpu", 8)):
-        model.zero_grad(set_to_none=True)
-        packed = not isinstance(batch, dict)
-        with packed_attention(model) if packed else contextlib.nullcontext():
-            loss = trainmod.block_loss_sums(model, batch, 1)
-        loss.sum().backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (l_pad, g_pad), (l_pack, g_pack) = results
+    exs = random_examples((9, 17, 4, 12), 0, 1000)
+    (l_pad, g_pad), (l_pack, g_pack) = padded_and_packed(model, exs, qwen25_tok.pad_token_id, 8)
     torch.testing.assert_close(l_pack, l_pad, rtol=1e-12, atol=0)
     for name, grad in g_pad.items():
         torch.testing.assert_close(g_pack[name], grad, rtol=1e-10, atol=1e-14, msg=name)
@@ -472,11 +476,7 @@ def test_packed_batch_keeps_a_sliding_window(arch):
     """Sliding-window layers (Mistral; Qwen2 with use_sliding_window) see only the last `sliding_window` keys of
     their example, packed as padded: examples longer than the window (alignment padding too) give the padded
     batch's loss and gradients; the packed attention used to drop the window and attend to the whole example."""
-    from types import SimpleNamespace
-
     import transformers
-
-    from zlt_dagster.core.packing import collate_packed, packed_attention
 
     shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
@@ -488,20 +488,8 @@ def test_packed_batch_keeps_a_sliding_window(arch):
             **shape, use_sliding_window=True, sliding_window=5, layer_types=["sliding_attention", "full_attention"]))
     model = model.double().requires_grad_(True)
     model.train()
-    g = torch.Generator().manual_seed(0)
-    exs = []
-    for n in (9, 17, 4, 12):
-        ids = torch.randint(1, 300, (n,), generator=g).tolist()
-        exs.append(SimpleNamespace(input_ids=ids, labels=[IGNORE] * (n - 3) + ids[-3:]))
-    results = []
-    for batch in (collate(exs, 0, "cpu"), collate_packed(exs, 0, "cpu", 8)):
-        model.zero_grad(set_to_none=True)
-        packed = not isinstance(batch, dict)
-        with packed_attention(model) if packed else contextlib.nullcontext():
-            loss = trainmod.block_loss_sums(model, batch, 1)
-        loss.sum().backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (l_pad, g_pad), (l_pack, g_pack) = results
+    exs = random_examples((9, 17, 4, 12), 1, 300)
+    (l_pad, g_pad), (l_pack, g_pack) = padded_and_packed(model, exs, 0, 8)
     torch.testing.assert_close(l_pack, l_pad, rtol=1e-12, atol=0)
     for name, grad in g_pad.items():
         torch.testing.assert_close(g_pack[name], grad, rtol=1e-10, atol=1e-14, msg=name)
