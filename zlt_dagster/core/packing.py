@@ -70,32 +70,27 @@ def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1) -
     lengths = [len(e.input_ids) for e in examples]
     if min(lengths) < 1:
         raise ValueError(f"example {lengths.index(min(lengths))} of the micro-batch has no tokens")
-    total = sum(lengths)
-    extra = -total % multiple
+    extra = -sum(lengths) % multiple
     width = -(-max(lengths + [extra]) // multiple) * multiple
-    ids, labels, positions, dest = [], [], [], []
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids.extend(e.input_ids)
-        labels.extend([IGNORE] + list(e.labels[1:]))
+    # the examples, then the alignment padding as a segment (and grid row) of its own
+    segments = [(list(e.input_ids), [IGNORE] + list(e.labels[1:])) for e in examples]
+    if extra:
+        segments.append(([pad_id] * extra, [IGNORE] * extra))
+    ids, labels, positions, dest, starts = [], [], [], [], [0]
+    for row, (seg_ids, seg_labels) in enumerate(segments):
+        n = len(seg_ids)
+        ids.extend(seg_ids)
+        labels.extend(seg_labels)
         positions.extend(range(n))
         dest.extend(range(row * width, row * width + n))
-    rows = len(examples) + (1 if extra else 0)
-    if extra:
-        ids.extend([pad_id] * extra)
-        labels.extend([IGNORE] * extra)
-        positions.extend(range(extra))
-        dest.extend(range(len(examples) * width, len(examples) * width + extra))
-
-    def row(values):
-        return torch.tensor(values, dtype=torch.long).view(1, -1).to(device)
-
-    starts = [0]
-    for n in lengths + ([extra] if extra else []):
         starts.append(starts[-1] + n)
-    return PackedBatch(row(ids), row(labels), row(positions), torch.tensor(dest, dtype=torch.long).to(device),
-                       torch.empty((rows, width, 0), device=device),
-                       torch.tensor(starts, dtype=torch.int32).to(device), lengths)
+
+    def row(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype).view(1, -1).to(device)
+
+    return PackedBatch(row(ids), row(labels), row(positions), row(dest).view(-1),
+                       torch.empty((len(segments), width, 0), device=device), row(starts, torch.int32).view(-1),
+                       lengths)
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -203,13 +198,15 @@ def varlen_forward(query, key, value, zlt_pack: tuple, scaling: float | None, wi
         elif abs(scaling - d ** -0.5) > 1e-12:
             raise RuntimeError(f"this torch's varlen_attn has no scale= and the model's attention scale {scaling} "
                                f"is not 1/sqrt({d})")
-    if k.shape[1] != heads:  # grouped-query attention: each kv head serves heads / kv heads query heads
+    if key.shape[1] != heads:  # grouped-query attention: each kv head serves heads / kv heads query heads
         if "enable_gqa" in names:
             kw["enable_gqa"] = True
-        else:  # transformers' repeat_kv order: kv head j -> query heads j*g .. j*g+g-1
-            g = heads // k.shape[1]
-            k = k[:, :, None, :].expand(b * t, k.shape[1], g, d).reshape(b * t, heads, d)
-            v = v[:, :, None, :].expand(b * t, v.shape[1], g, d).reshape(b * t, heads, d)
+        else:  # transformers' own repeat_kv, as its sdpa path does
+            from transformers.integrations.sdpa_attention import repeat_kv
+
+            g = heads // key.shape[1]
+            k = repeat_kv(key, g).transpose(1, 2).reshape(b * t, heads, d)
+            v = repeat_kv(value, g).transpose(1, 2).reshape(b * t, heads, d)
     out = fn(q, k, v, cu, cu, max_len, max_len, **kw)
     return out.view(b, t, heads, d)
 
