@@ -56,29 +56,46 @@ def hf_generate(model, prompts, max_new, **kw):
 
 
 def count_compactions(monkeypatch):
+    """Rows kept at each compaction of the decode loop, whichever cache it runs on."""
     from transformers import DynamicCache
 
+    from zlt_dagster.core.generation.static_decode import DecodeStep
+
     calls = []
-    orig = DynamicCache.batch_select_indices
+    for cls, name in ((DynamicCache, "batch_select_indices"), (DecodeStep, "keep_rows")):
+        def spy(self, idx, orig=getattr(cls, name)):
+            calls.append(len(idx))
+            return orig(self, idx)
 
-    def spy(self, idx):
-        calls.append(len(idx))
-        return orig(self, idx)
-
-    monkeypatch.setattr(DynamicCache, "batch_select_indices", spy)
+        monkeypatch.setattr(cls, name, spy)
     return calls
+
+
+# The decode paths after the prompt (sampling.decode_path): transformers' DynamicCache; the static cache with one
+# ordinary forward per step; the static cache replayed as graphs (emulated off CUDA, static_decode._EmulatedGraph)
+# with 8-column width buckets, so that masked, not-yet-written columns are read as they are on the GPU.
+DECODES = {"dynamic": {"decode": "dynamic"}, "static": {"decode": "static", "graphs": False},
+           "graphs": {"decode": "static", "graphs": True}}
+
+
+@pytest.fixture(params=list(DECODES))
+def decode(request, monkeypatch):
+    from zlt_dagster.core.generation import static_decode
+
+    monkeypatch.setattr(static_decode, "WIDTH_BUCKET", 8)
+    return DECODES[request.param]
 
 
 # --- decode loop -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("check_every,compact_fraction", [(1, 0.01), (3, 0.01), (16, 0.125), (4, 2.0)])
-def test_fast_loop_greedy_equals_generate(chaotic, monkeypatch, check_every, compact_fraction):
+def test_fast_loop_greedy_equals_generate(chaotic, monkeypatch, check_every, compact_fraction, decode):
     model, prompts = chaotic
     ref = hf_generate(model, prompts, 40, do_sample=False)
     lens = [(r.index(EOS) + 1 if EOS in r else None) for r in ref.tolist()]
     assert len({n for n in lens if n}) > 10 and None in lens  # rows really end at many different steps
     calls = count_compactions(monkeypatch)
     new = sample_new_tokens(model, prompts, 40, EOS, PAD, temperature=0, check_every=check_every,
-                            compact_fraction=compact_fraction)
+                            compact_fraction=compact_fraction, **decode)
     assert torch.equal(new, ref)
     if compact_fraction <= 1:
         assert calls and calls == sorted(calls, reverse=True)  # finished rows were dropped from the cache
@@ -86,28 +103,28 @@ def test_fast_loop_greedy_equals_generate(chaotic, monkeypatch, check_every, com
         assert not calls
 
 
-def test_fast_loop_output_width_when_every_row_ends(chaotic):
+def test_fast_loop_output_width_when_every_row_ends(chaotic, decode):
     model, prompts = chaotic
     ending = [p for p, r in zip(prompts, hf_generate(model, prompts, 40, do_sample=False).tolist()) if EOS in r]
     ref = hf_generate(model, ending, 40, do_sample=False)
-    new = sample_new_tokens(model, ending, 40, EOS, PAD, temperature=0, check_every=16)
+    new = sample_new_tokens(model, ending, 40, EOS, PAD, temperature=0, check_every=16, **decode)
     assert new.shape[1] < 40 and torch.equal(new, ref)  # trimmed to the longest row, like generate()
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_fast_loop_sampling_equals_generate_same_seed(chaotic, temperature, top_p):
+def test_fast_loop_sampling_equals_generate_same_seed(chaotic, temperature, top_p, decode):
     """Without row dropping, the loop draws the same random numbers in the same order as generate()."""
     model, prompts = chaotic
     torch.manual_seed(123)
     ref = hf_generate(model, prompts, 30, do_sample=True, temperature=temperature, top_p=top_p)
     torch.manual_seed(123)
     new = sample_new_tokens(model, prompts, 30, EOS, PAD, temperature=temperature, top_p=top_p,
-                            compact_fraction=2.0)
+                            compact_fraction=2.0, **decode)
     assert torch.equal(new, ref)
 
 
 @pytest.mark.parametrize("repeats", [2, 5])
-def test_fast_loop_shared_prefill_equals_repeated_prompts(chaotic, repeats):
+def test_fast_loop_shared_prefill_equals_repeated_prompts(chaotic, repeats, decode):
     """One prefill per prompt, its KV cache copied `repeats` times, samples what generate() samples with every
     prompt written out `repeats` times (same seed, no row dropping): the copies are exact."""
     model, prompts = chaotic
@@ -116,11 +133,12 @@ def test_fast_loop_shared_prefill_equals_repeated_prompts(chaotic, repeats):
     torch.manual_seed(7)
     ref = hf_generate(model, repeated, 30, do_sample=True, temperature=1.0)
     torch.manual_seed(7)
-    new = sample_new_tokens(model, few, 30, EOS, PAD, temperature=1.0, compact_fraction=2.0, repeats=repeats)
+    new = sample_new_tokens(model, few, 30, EOS, PAD, temperature=1.0, compact_fraction=2.0, repeats=repeats,
+                            **decode)
     assert new.shape[0] == len(repeated) and torch.equal(new, ref)
     # and with row dropping, greedy: every copy of a prompt gives that prompt's continuation
     greedy = sample_new_tokens(model, few, 40, EOS, PAD, temperature=0, check_every=1, compact_fraction=0.01,
-                               repeats=repeats)
+                               repeats=repeats, **decode)
     assert torch.equal(greedy, hf_generate(model, repeated, 40, do_sample=False)[:, :greedy.shape[1]])
 
 
@@ -166,13 +184,13 @@ class Counting:
 
 
 @pytest.mark.parametrize("check_every", [1, 4])
-def test_fast_loop_with_progress_is_still_generate_and_counts_its_tokens(chaotic, check_every):
+def test_fast_loop_with_progress_is_still_generate_and_counts_its_tokens(chaotic, check_every, decode):
     """Reporting progress changes no token (greedy, rows dropped as they end), and the tokens and rows it reports
     add up to what the loop returned: tokens up to and including each row's stop id, every row once."""
     model, prompts = chaotic
     counting = Counting()
     new = sample_new_tokens(model, prompts, 40, EOS, PAD, temperature=0, check_every=check_every,
-                            compact_fraction=0.01, repeats=2, progress=counting)
+                            compact_fraction=0.01, repeats=2, progress=counting, **decode)
     assert torch.equal(new, hf_generate(model, [p for p in prompts for _ in range(2)], 40, do_sample=False))
     lengths = [r.index(EOS) + 1 if EOS in r else len(r) for r in new.tolist()]
     assert sum(t for t, _ in counting.reports) == sum(lengths)
@@ -213,7 +231,7 @@ def same_token_distribution(ref: torch.Tensor, new: torch.Tensor, vocab: int) ->
     return out
 
 
-def test_fast_loop_samples_the_distribution_generate_samples(chaotic, monkeypatch):
+def test_fast_loop_samples_the_distribution_generate_samples(chaotic, monkeypatch, decode):
     """At temperature 1.0 the fast loop (shared prefill, rows dropped from the cache as they end) draws tokens
     from the distribution plain generate() draws from: 4 prompts x 1,000 samples from each path, different seeds,
     the histogram of the token at each of 5 positions compared by a two-sample chi-square test. The same check
@@ -226,14 +244,14 @@ def test_fast_loop_samples_the_distribution_generate_samples(chaotic, monkeypatc
     calls = count_compactions(monkeypatch)
     torch.manual_seed(22)
     fast = sample_new_tokens(model, few, steps, EOS, PAD, temperature=1.0, check_every=1, compact_fraction=0.01,
-                             repeats=samples)
+                             repeats=samples, **decode)
     assert len(calls) >= 2  # rows that ended were dropped: the decode steps after compaction are under test
     assert fast.shape == ref.shape and (fast[:, 1:] == PAD).any()
     good = same_token_distribution(ref, fast, vocab)
     assert all(stat < crit for stat, crit in good), good
     torch.manual_seed(33)
     wrong = sample_new_tokens(model, few, steps, EOS, PAD, temperature=0.7, check_every=1, compact_fraction=0.01,
-                              repeats=samples)
+                              repeats=samples, **decode)
     bad = same_token_distribution(ref, wrong, vocab)
     assert all(stat > crit for stat, crit in bad), bad  # measured: 200-420 against a critical value of ~107
 

@@ -155,7 +155,8 @@ def generate_onpolicy(sweep: Sweep, generator: Generator, progress: Callable[[st
         "dropped_empty_or_marked": dropped_empty,
         "mean_answer_tokens": round(sum(e["n_answer_tokens"] for e in examples) / len(examples), 2),
         "max_new_tokens": d.max_new_tokens, "regen_max_new_tokens": d.regen_max_new_tokens,
-        "generator": generator.name, "stop_token_ids": list(generator.stop_token_ids),
+        "generator": generator.name, "decode": generator.decode_path,
+        "stop_token_ids": list(generator.stop_token_ids),
         # what generation cost, all passes together; each pass in generation_passes
         "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / gen_wall, 1) if gen_wall > 0 else 0.0,
         "gen_batch_size": passes[0]["batch_size"], "gen_batch_size_source": passes[0]["batch_size_source"],

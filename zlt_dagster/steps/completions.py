@@ -43,6 +43,7 @@ def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: Compu
     stats = {"n_completions": len(records), "new_tokens": new_tokens, "wall_s": round(wall, 2),
              "gpu_s": gpu_seconds(lm, wall),
              "tokens_per_s": round(new_tokens / wall, 1) if wall else None, "backend": gen.name,
+             "decode": gen.decode_path,
              "gen_batch_size": progress["batch_size"], "gen_batch_size_source": progress["batch_size_source"],
              "cut_at_limit": sum(r["finish_reason"] == "length" for r in records),
              "stop_token_ids": list(gen.stop_token_ids),

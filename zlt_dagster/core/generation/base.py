@@ -25,6 +25,8 @@ class Completion:
 
 class Generator(ABC):
     name: str
+    # how the backend runs its decode steps, for the records (stats.json); None = nothing to say beyond `name`
+    decode_path: str | None = None
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:

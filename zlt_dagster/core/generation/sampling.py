@@ -7,11 +7,13 @@ after it. Proven equal to `generate()` by tests/core/test_fast_paths.py.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 
 from ..models import unwrap_peft
+from . import static_decode
 
 def cache_kwargs(model, cache) -> dict:
     """The KV cache as the keyword this transformers version's forward takes: `cache` from 5.2x (where
@@ -44,10 +46,30 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torc
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
 
 
+def decode_path(model, decode: str = "auto", graphs: bool | None = None) -> str:
+    """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs)` runs after the prompt, for records:
+    "static, CUDA graphs", "static" or "dynamic" (with the reason where auto fell back). ValueError for an unknown
+    `decode`, or "static" on a model that cannot (the reason named)."""
+    if decode not in ("auto", "static", "dynamic"):
+        raise ValueError(f"decode={decode!r}; expected auto, static or dynamic")
+    if decode == "dynamic":
+        return "dynamic"
+    why_not = static_decode.unsupported_reason(model)
+    if why_not and decode == "static":
+        raise ValueError(f"decode='static' is not possible for this model: {why_not}")
+    cuda = next(model.parameters()).device.type == "cuda"
+    if why_not:
+        return f"dynamic ({why_not})"
+    if decode == "auto" and not cuda:
+        return "dynamic (CPU)"
+    return "static, CUDA graphs" if (cuda if graphs is None else graphs) else "static"
+
+
 @torch.inference_mode()
 def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | Sequence[int],
                       pad_id: int, temperature: float = 1.0, top_p: float = 1.0, check_every: int = 16,
-                      compact_fraction: float = 0.125, repeats: int = 1, progress=None) -> torch.Tensor:
+                      compact_fraction: float = 0.125, repeats: int = 1, progress=None, decode: str = "auto",
+                      graphs: bool | None = None) -> torch.Tensor:
     """New tokens for every prompt, [len(prompts) * repeats, steps] on the model's device, `pad_id` after a row's
     first stop token (which is kept), steps = the longest row's length (like `generate()`'s output minus the prompt).
 
@@ -63,7 +85,14 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
     progress (a GenerationProgress, generation/progress.py): told the tokens generated and the rows finished at
     each of those checks, read in the same device-to-host copy as the finished count, and the rest at the end;
-    tokens counted as Completion.n_new_tokens counts them (the stop token included, padding not)."""
+    tokens counted as Completion.n_new_tokens counts them (the stop token included, padding not).
+
+    decode: how the steps after the prompt run. "static" = generation/static_decode.py (preallocated KV cache, GQA
+    attention reading each KV head once, CUDA graphs on CUDA unless graphs=False); "dynamic" = transformers'
+    DynamicCache and the model's own attention; "auto" = static on CUDA where the model allows it
+    (`static_decode.unsupported_reason`), dynamic elsewhere (a CPU is compute-bound at its small batches: the
+    static path's gains are memory traffic and kernel launches). ValueError for another value, or "static" on a
+    model that cannot (the reason named)."""
     from transformers import DynamicCache
 
     if max_new_tokens < 1:
@@ -71,6 +100,7 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = next(model.parameters()).device
+    static = decode_path(model, decode, graphs).startswith("static")
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
     if stops.numel() == 0:
         raise ValueError("eos_id names no stop token")
@@ -93,33 +123,46 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         logits, mask, pos = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, pos))
     steps = 0
     reported = (0, 0)  # (tokens, finished rows) told to `progress` so far
-    for step in range(max_new_tokens):
-        nxt = _next_tokens(logits, temperature, top_p)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out[rows, step] = nxt
-        newly = torch.isin(nxt, stops) & ~done
-        ended[rows] = torch.where(newly, step + 1, ended[rows])
-        done = done | newly
-        steps = step + 1
-        if steps == max_new_tokens:
-            break
-        if steps % check_every == 0:
-            # the loop's one host sync every check_every steps; the token count rides along in the same copy
-            n_done, made = torch.stack([done.sum(), ended.clamp(max=steps).sum()]).tolist()
-            if progress is not None:
-                finished = n - len(rows) + n_done  # rows dropped earlier had finished
-                progress.advance(tokens=made - reported[0], sequences=finished - reported[1])
-                reported = (made, finished)
-            if n_done == len(rows):
+    with contextlib.ExitStack() as stack:
+        if static:
+            stack.enter_context(static_decode.decode_attention(model))
+            stepper = static_decode.DecodeStep(model, static_decode.static_decode_cache(cache, width + max_new_tokens),
+                                               mask, pos[:, -1:], graphs=graphs)
+            cache = kv = None  # its tensors were copied into the static cache: free them
+        for step in range(max_new_tokens):
+            nxt = _next_tokens(logits, temperature, top_p)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out[rows, step] = nxt
+            newly = torch.isin(nxt, stops) & ~done
+            ended[rows] = torch.where(newly, step + 1, ended[rows])
+            done = done | newly
+            steps = step + 1
+            if steps == max_new_tokens:
                 break
-            if n_done and n_done >= compact_fraction * len(rows):
-                keep = (~done).nonzero(as_tuple=True)[0]
-                cache.batch_select_indices(keep)
-                rows, mask, pos, nxt, done = rows[keep], mask[keep], pos[keep], nxt[keep], done[keep]
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        pos = pos[:, -1:] + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kv,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+            if steps % check_every == 0:
+                # the loop's one host sync every check_every steps; the token count rides along in the same copy
+                n_done, made = torch.stack([done.sum(), ended.clamp(max=steps).sum()]).tolist()
+                if progress is not None:
+                    finished = n - len(rows) + n_done  # rows dropped earlier had finished
+                    progress.advance(tokens=made - reported[0], sequences=finished - reported[1])
+                    reported = (made, finished)
+                if n_done == len(rows):
+                    break
+                if n_done and n_done >= compact_fraction * len(rows):
+                    keep = (~done).nonzero(as_tuple=True)[0]
+                    if static:
+                        stepper.keep_rows(keep)
+                    else:
+                        cache.batch_select_indices(keep)
+                        mask, pos = mask[keep], pos[keep]
+                    rows, nxt, done = rows[keep], nxt[keep], done[keep]
+            if static:
+                logits = stepper(nxt)
+                continue
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            pos = pos[:, -1:] + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kv,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
     all_done, longest, made = torch.stack([done.all().long(), ended.max(), ended.clamp(max=steps).sum()]).tolist()
     if progress is not None:  # every row has finished now, by a stop token or by the limit
         progress.advance(tokens=made - reported[0], sequences=n - reported[1])

@@ -14,7 +14,7 @@ from .base import Completion, Generator, PromptSpec
 from .batch_size import for_generation
 from .merging import merged_weights
 from .progress import GenerationProgress
-from .sampling import sample_new_tokens
+from .sampling import decode_path, sample_new_tokens
 
 
 @contextlib.contextmanager
@@ -68,6 +68,12 @@ class TransformersGenerator(Generator):
         self.loop = loop
         if loop == "fast" or merge_adapter:
             self.name = "transformers-fast" + ("" if merge_adapter else "-unmerged")
+
+    @property
+    def decode_path(self) -> str:
+        """The fast loop's decode path on this model (sampling.decode_path: static with CUDA graphs on CUDA where the
+        model allows, else dynamic), or "generate()" for the plain loop."""
+        return decode_path(self.loaded.model) if self.loop == "fast" else "generate()"
 
     @classmethod
     def fast(cls, loaded) -> "TransformersGenerator":
