@@ -51,6 +51,8 @@ from zlt_dagster.core.random_adapter import save_random_adapter  # noqa: E402
 SWEEP = Sweep(protocol=PAPER, base_model="smollm2-135m", source_persona="villain", seed=42)
 ENGINE_OVERRIDES: dict = {}  # --vllm-engine: extra LLM(...) arguments for the 135M engine (JSON)
 SMOKE = "--smoke" in sys.argv  # CPU dry run: tiny model, tiny lengths; checks the script, not speed
+NO_VLLM = "--no-vllm" in sys.argv  # the GPU machine without vLLM landed (../shared/tools/gpu-kit alone)
+PROFILE = "--profile" in sys.argv
 if SMOKE:
     SWEEP = dataclasses.replace(SWEEP, base_model="tiny")
 
@@ -63,8 +65,9 @@ def summary(comps, wall: float, **extra) -> dict:
             "stopped": sum(c.finish_reason == "stop" for c in comps), **extra}
 
 
-def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch: int, loop: str, merge: bool):
-    gen = TransformersGenerator(lm, merge_adapter=merge, loop=loop)
+def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch: int, loop: str, merge: bool,
+                       decode: str = "auto"):
+    gen = TransformersGenerator(lm, merge_adapter=merge, loop=loop, decode=decode)
     ps = prompts[:n_prompts]
     gen.generate(ps[:2], 10, 1.0, 1.0, 4, seed=1, adapter_dir=adapter, batch_size=batch)  # warm-up
     reset_peak(lm.device)
@@ -74,7 +77,40 @@ def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch
     comps = gen.generate(ps, 10, 1.0, 1.0, max_new, seed=0, adapter_dir=adapter, batch_size=batch, progress=bar)
     sync(lm.device)
     return summary(comps, time.perf_counter() - t, batch=bar.batch_size, batch_source=bar.batch_source, loop=loop,
-                   merged=merge, prompts=len(ps), max_new_tokens=max_new, peak_gib=peak_gib(lm.device))
+                   decode=gen.decode_path, merged=merge, prompts=len(ps), max_new_tokens=max_new,
+                   peak_gib=peak_gib(lm.device))
+
+
+def decode_profile(lm, prompts, adapter, decode: str, max_new: int, out: Path, tag: str) -> dict:
+    """GPU kernels only (CUPTI activity: kernels replayed inside CUDA graphs are listed too) over one fast-loop
+    generation of every prompt x 10 samples, <= max_new tokens, after a warm-up: kernel time / wall (GPU busy; far
+    under 1 = the host is the bottleneck), kernels per decode step and the largest kernels (table written to
+    --out as profile_decode_<tag>.txt)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = TransformersGenerator(lm, loop="fast", decode=decode)
+    gen.generate(prompts[:2], 10, 1.0, 1.0, 4, seed=1, adapter_dir=adapter, batch_size=0)  # warm-up
+    sync(lm.device)
+    acts = [ProfilerActivity.CUDA] if lm.device.type == "cuda" else [ProfilerActivity.CPU]  # CPU: the smoke run
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        comps = gen.generate(prompts, 10, 1.0, 1.0, max_new, seed=0, adapter_dir=adapter, batch_size=0)
+        sync(lm.device)
+        wall = time.perf_counter() - t
+    ev = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))
+    busy_ms = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 1e3
+    launches = sum(e.count for e in ev)
+    steps = max(c.n_new_tokens for c in comps)
+    lines = [f"{(getattr(e, 'self_device_time_total', 0) or 0) / 1e3:10.1f} ms {e.count:8d}x  {e.key[:150]}"
+             for e in ev[:40]]
+    head = (f"decode={gen.decode_path}: {len(comps)} rows, {steps} steps, wall {wall * 1e3:.1f} ms "
+            f"({wall * 1e3 / steps:.2f} ms a step), kernel time {busy_ms:.1f} ms (GPU busy {busy_ms / wall / 1e3:.0%}), "
+            f"{launches / steps:.0f} kernels a step\n")
+    (out / f"profile_decode_{tag}.txt").write_text(head + "\n".join(lines) + "\n")
+    return {"decode": gen.decode_path, "rows": len(comps), "steps": steps, "wall_ms": round(wall * 1e3, 1),
+            "ms_per_step": round(wall * 1e3 / steps, 2), "kernel_ms": round(busy_ms, 1),
+            "gpu_busy_fraction": round(busy_ms / wall / 1e3, 3), "kernels_per_step": round(launches / steps),
+            "tok_s": round(sum(c.n_new_tokens for c in comps) / wall, 1), "top": lines[:10]}
 
 
 def vllm_engine(lm, **overrides):
@@ -110,6 +146,18 @@ def first_tokens_agree(gen, lm, prompts, adapter) -> dict:
                                                                                zip(t[:2], v[:2])]}
 
 
+def static_vs_dynamic_greedy(lm, prompts, adapter, n_new: int = 32) -> dict:
+    """Greedy (temperature 0): the static decode's first n_new tokens vs the DynamicCache loop's, per prompt, both
+    in the model's dtype (a share, not an assertion: different attention kernels, a bf16 near-tie can flip; the
+    CPU tests assert equality in fp32)."""
+    outs = [TransformersGenerator(lm, loop="fast", decode=d).generate(prompts[:40], 1, 0.0, 1.0, n_new, seed=0,
+                                                                      adapter_dir=adapter, batch_size=0)
+            for d in ("auto", "dynamic")]
+    same = sum(a.text == b.text for a, b in zip(*outs))
+    return {"prompts": len(outs[0]), f"identical_first_{n_new}_tokens": same,
+            "decode": TransformersGenerator(lm, loop="fast").decode_path}
+
+
 def run_135m(R: Runner, tmp: Path) -> None:
     from zlt_dagster.steps.arc import run_base_arc
     from zlt_dagster.steps.common import ComputeSettings, model
@@ -133,8 +181,10 @@ def run_135m(R: Runner, tmp: Path) -> None:
     def start():
         box["gen"], s = vllm_engine(lm, **ENGINE_OVERRIDES)
         return {"engine_start_s": s, "overrides": ENGINE_OVERRIDES}
-    # vLLM first: the GPU path. The naive paths take one batch each (64 rows took 28 s at <= 512 tokens): rates.
-    R.run("vllm_135m_engine", 200, start)
+    # vLLM first where it is landed (--no-vllm: not). The naive paths take one batch each (64 rows took 28 s at
+    # <= 512 tokens): rates.
+    if not NO_VLLM:
+        R.run("vllm_135m_engine", 200, start)
     if "gen" in box:
         gen = box["gen"]
         start_s = R.results["workloads"]["vllm_135m_engine"]["engine_start_s"]
@@ -142,10 +192,22 @@ def run_135m(R: Runner, tmp: Path) -> None:
         R.run("gen_135m_vllm_unseeded", 60, bench_vllm, gen, prompts, adapter, n_new, False, start_s)
         R.run("greedy_135m_vllm_vs_hf", 30, first_tokens_agree, gen, lm, prompts, adapter)
         gen.seeded = True
+    everything = len(prompts)
+    # the pipeline's transformers path now (static decode, CUDA graphs), then the levers apart, then before
+    R.run("gen_135m_fast_static", 40, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
+          "fast", False, "auto")
+    R.run("gen_135m_fast_static_nographs", 60, bench_transformers, lm, prompts, adapter, everything, n_new,
+          auto.rows, "fast", False, "static" if not SMOKE else "auto")
+    R.run("gen_135m_fast_auto", 70, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
+          "fast", False, "dynamic")  # the pipeline's path before: DynamicCache, all rows at once
     R.run("gen_135m_naive_hf_b64", 40, bench_transformers, lm, prompts, adapter, 6, n_new, 64, "hf", False)
-    R.run("gen_135m_naive_fast_b60", 40, bench_transformers, lm, prompts, adapter, 6, n_new, 60, "fast", False)
-    R.run("gen_135m_fast_auto", 70, bench_transformers, lm, prompts, adapter, len(prompts), n_new, auto.rows,
-          "fast", False)
+    R.run("gen_135m_naive_fast_b60", 40, bench_transformers, lm, prompts, adapter, 6, n_new, 60, "fast", False,
+          "dynamic")
+    R.run("greedy_135m_static_vs_dynamic", 30, static_vs_dynamic_greedy, lm, prompts, adapter, 8 if SMOKE else 32)
+    if PROFILE:
+        for tag, decode in (("135m_static", "auto"), ("135m_dynamic", "dynamic")):
+            R.run(f"profile_decode_{tag}", 40, decode_profile, lm, prompts, adapter, decode, 8 if SMOKE else 64,
+                  R.out, tag)
     store = LocalStore(tmp / "store")
 
     def onpolicy(backend: str):
@@ -156,9 +218,9 @@ def run_135m(R: Runner, tmp: Path) -> None:
                 **{k: res.get(k) for k in ("kept", "new_tokens", "tokens_per_s", "gen_batch_size",
                                            "gen_batch_size_source", "generation_passes", "dropped_cut",
                                            "mean_answer_tokens")}}
-    R.run("onpolicy_135m_paper_vllm", 90, onpolicy, "transformers-fast" if SMOKE else "vllm")
     if not SMOKE:  # the paper protocol's 2,200 answers take minutes on a CPU
-        R.run("onpolicy_135m_paper_fast_auto", 200, onpolicy, "transformers-fast")
+        R.run("onpolicy_135m_paper_fast_auto", 60, onpolicy, "transformers-fast")
+    R.run("onpolicy_135m_paper_vllm", 90, onpolicy, "transformers-fast" if SMOKE or NO_VLLM else "vllm")
 
     def arc():
         t = time.perf_counter()
@@ -173,7 +235,16 @@ def run_7b(R: Runner, tmp: Path) -> None:
     lm = build_model("7b", device, torch.bfloat16)
     adapter = save_random_adapter(lm.model, lora_config(PAPER), tmp / "a7b", b_std=1e-3)
     prompts = [p for _, _, p in eval_prompts(SWEEP)]
-    R.run("gen_7b_naive_fast_b1100", 120, bench_transformers, lm, prompts, adapter, 110, 64, 1100, "fast", False)
+    R.run("gen_7b_fast_static", 120, bench_transformers, lm, prompts, adapter, len(prompts), 512, 0, "fast", False,
+          "auto")
+    R.run("gen_7b_naive_fast_b1100", 60, bench_transformers, lm, prompts, adapter, 110, 64, 1100, "fast", False,
+          "dynamic")
+    R.run("greedy_7b_static_vs_dynamic", 30, static_vs_dynamic_greedy, lm, prompts, adapter)
+    if PROFILE:
+        for tag, decode in (("7b_static", "auto"), ("7b_dynamic", "dynamic")):
+            R.run(f"profile_decode_{tag}", 60, decode_profile, lm, prompts[:110], adapter, decode, 32, R.out, tag)
+    if NO_VLLM:
+        return
     # vLLM reads config + tokenizer from a directory and draws random weights itself (load_format="dummy")
     d = tmp / "qwen7b-shape"
     lm.model.config.save_pretrained(d)
@@ -197,6 +268,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["135m", "7b"], required=True)
     ap.add_argument("--skip", default="", help="comma-separated workload names not to run (measured in a call before)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run with the tiny model (135m workloads only)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM workloads (vLLM not landed)")
+    ap.add_argument("--profile", action="store_true", help="kernel profiles of the decode step, static and dynamic "
+                    "(profile_decode_*.txt in --out)")
     ap.add_argument("--vllm-engine", default="{}", help='extra LLM(...) arguments as JSON, e.g. '
                     '\'{"max_num_seqs": 1024, "compilation_config": {"max_cudagraph_capture_size": 1024}}\'')
     a = ap.parse_args()

@@ -112,24 +112,26 @@ def test_generator_asked_for_zero_on_a_cpu_uses_the_cpu_default(tiny_loaded):
         gen.generate(PROMPTS, 3, 1.0, 1.0, 8, seed=1, batch_size=-1)
 
 
-@pytest.mark.parametrize("loop", ["hf", "fast"])
-def test_generator_asked_for_zero_sizes_from_its_prompts_and_limit(tiny_loaded, monkeypatch, loop):
+@pytest.mark.parametrize("loop,decode,headroom", [("hf", "auto", B.KV_HEADROOM), ("fast", "auto", B.KV_HEADROOM),
+                                                  ("fast", "static", B.STATIC_KV_HEADROOM)])
+def test_generator_asked_for_zero_sizes_from_its_prompts_and_limit(tiny_loaded, monkeypatch, loop, decode, headroom):
     """batch_size 0: the backend asks batch_size.for_generation with this call's longest prompt, token limit and
-    rows, runs batches of what it returns (the fast loop: whole prompts) and reports how it was sized."""
+    rows (and the KV headroom of its decode path: the static cache is allocated once, DynamicCache grows by
+    copies), runs batches of what it returns (the fast loop: whole prompts) and reports how it was sized."""
     from zlt_dagster.core.generation import transformers_backend
 
     asked = []
 
-    def fake(model, device, prompt_tokens, max_new_tokens, rows_wanted, memory=None):
-        asked.append((prompt_tokens, max_new_tokens, rows_wanted))
+    def fake(model, device, prompt_tokens, max_new_tokens, rows_wanted, memory=None, kv_headroom=None):
+        asked.append((prompt_tokens, max_new_tokens, rows_wanted, kv_headroom))
         return B.BatchSize(4, "auto: 4 of 6 rows from 1.0 GiB free (0.2 MiB per row)")
 
     monkeypatch.setattr(transformers_backend, "for_generation", fake)
-    gen = TransformersGenerator(tiny_loaded, loop=loop)
+    gen = TransformersGenerator(tiny_loaded, loop=loop, decode=decode)
     bar = GenerationProgress(lambda _line: None, "t", 6, interval_s=0)
     out = gen.generate(PROMPTS, 3, 1.0, 1.0, 8, seed=1, batch_size=0, progress=bar)
     longest = max(len(tiny_loaded.prompt_ids(p.system, p.user)) for p in PROMPTS)
-    assert asked == [(longest, 8, 6)] and len(out) == 6
+    assert asked == [(longest, 8, 6, headroom)] and len(out) == 6
     assert bar.batch_size == (3 if loop == "fast" else 4) and bar.batch_source.startswith("auto: 4 of 6 rows")
     assert bar.tokens == sum(c.n_new_tokens for c in out) and bar.sequences == 6
 

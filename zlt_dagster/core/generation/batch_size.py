@@ -14,6 +14,7 @@ The arithmetic, per row (one sequence being generated; one ARC continuation):
     act/token   = (4 x hidden + 3 x intermediate) x dtype bytes: one layer's transient activations in a forward
                   without grad (residual, q/k/v/o, MLP gate/up/product), for the prompt's prefill
     generation  = KV_HEADROOM x kv/token x (prompt + max_new_tokens)      the row's KV cache at its longest
+                  (STATIC_KV_HEADROOM for the static decode)
                 + act/token x prompt                                        its prefill
                 + LOGITS_COPIES x vocab x 4                                 fp32 logits and the sampler's copies
     ARC         = KV_HEADROOM x kv/token x sequence + act/token x sequence + ARC_LOGITS_COPIES x vocab x 4 x
@@ -25,7 +26,8 @@ E.g. SmolLM2-135M in bf16, 2,200 completions of <= 512 tokens after ~70-token pr
 + 13,824 x 70 + 8 x 49,152 x 4 = 19.3 MB per row, 39.5 GiB for all 2,200: all at once on an H200 (~139 GiB).
 Qwen2.5-7B: 57,344 x 1.25 x 582 + 142,336 x 70 + 8 x 152,064 x 4 = 56.5 MB per row, 116 GiB for 2,200: with
 ~124 GiB free beside its 15 GB of weights on an H200 the budget (110 GiB) holds ~2,090 rows (two batches); on an
-80 GB card (~65 GiB free) ~1,080.
+80 GB card (~65 GiB free) ~1,080. With the static decode (STATIC_KV_HEADROOM 1.05 in place of 1.25): 57,344 x
+1.05 x 582 + ... = 49.9 MB per row, 102 GiB for 2,200: all at once on an H200.
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ RESERVE_FRACTION = 0.10          # of total device memory: cuBLAS/attention work
 # new K/V coexist for a moment, and the caching allocator cannot reuse the smaller freed blocks for the larger
 # ones at once. A quarter on top of the cache's own size (an estimate; the GPU benchmark measures the peak).
 KV_HEADROOM = 1.25
+# The static decode (generation/static_decode.py) allocates the cache once at its full width and drops rows in
+# place, one layer's kept rows at a time (1/layers of the cache: 3% on SmolLM2's 30 layers, 4% on Qwen2.5-7B's 28);
+# the CUDA graph pool holds one step's activations, counted in the per-row prefill activations.
+STATIC_KV_HEADROOM = 1.05
 # fp32 logits of the last position (1), temperature-scaled (1), softmax for multinomial (1); top-p adds the
 # sort's values (1) and int64 indices (2), their cumsum (1) and the masked copy (1): 8 vocab-sized fp32 buffers
 LOGITS_COPIES = 8
@@ -104,10 +110,12 @@ class ModelShape:
         return (4 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
 
 
-def generation_row_bytes(shape: ModelShape, prompt_tokens: int, max_new_tokens: int) -> int:
+def generation_row_bytes(shape: ModelShape, prompt_tokens: int, max_new_tokens: int,
+                         kv_headroom: float = KV_HEADROOM) -> int:
     """Bytes one generated row may hold at its peak (module docstring): KV cache at prompt + max_new_tokens with
-    headroom, its prompt's prefill activations, the sampler's vocab-sized fp32 buffers."""
-    return int(KV_HEADROOM * shape.kv_bytes_per_token * (prompt_tokens + max_new_tokens)
+    headroom (KV_HEADROOM for DynamicCache, STATIC_KV_HEADROOM for the static decode), its prompt's prefill
+    activations, the sampler's vocab-sized fp32 buffers."""
+    return int(kv_headroom * shape.kv_bytes_per_token * (prompt_tokens + max_new_tokens)
                + shape.activation_bytes_per_token * prompt_tokens + LOGITS_COPIES * shape.vocab * 4)
 
 
@@ -171,11 +179,12 @@ def _sized(row_bytes: int, rows_wanted: int, device: torch.device, memory: tuple
 
 
 def for_generation(model, device: torch.device, prompt_tokens: int, max_new_tokens: int, rows_wanted: int,
-                   memory: tuple[int, int] | None = None) -> BatchSize:
+                   memory: tuple[int, int] | None = None, kv_headroom: float = KV_HEADROOM) -> BatchSize:
     """Rows per generation batch for a backend asked for 0: as many of `rows_wanted` as `generation_row_bytes`
     lets fit in the device's free memory (CUDA), or CPU_ROWS_DEFAULT on a CPU. prompt_tokens: the longest prompt.
-    memory: (free, total) bytes instead of asking the device (tests, and what-if arithmetic)."""
-    row = generation_row_bytes(ModelShape.of(model), prompt_tokens, max_new_tokens)
+    memory: (free, total) bytes instead of asking the device (tests, and what-if arithmetic). kv_headroom: see
+    generation_row_bytes."""
+    row = generation_row_bytes(ModelShape.of(model), prompt_tokens, max_new_tokens, kv_headroom)
     return _sized(row, rows_wanted, device, memory)
 
 

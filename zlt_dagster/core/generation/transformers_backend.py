@@ -11,7 +11,7 @@ import torch
 
 from ..models import quiet_peft
 from .base import Completion, Generator, PromptSpec
-from .batch_size import for_generation
+from .batch_size import KV_HEADROOM, STATIC_KV_HEADROOM, for_generation
 from .merging import merged_weights
 from .progress import GenerationProgress
 from .sampling import decode_path, sample_new_tokens
@@ -56,16 +56,19 @@ def applied_adapter(loaded, adapter_dir: str | None, merge: bool | None = None):
 class TransformersGenerator(Generator):
     """merge_adapter=True adds the adapter into the base weights for the call and restores them exactly afterwards
     (generation/merging.py); loop="fast" uses generation/sampling.py (one prefill per
-    prompt shared by its samples, no per-step host sync, finished rows leave the batch) instead of `generate()`.
+    prompt shared by its samples, no per-step host sync, finished rows leave the batch) instead of `generate()`;
+    decode: the fast loop's decode path (sampling.sample_new_tokens: auto, static or dynamic).
     The defaults are the original path; `fast(loaded)` is what the pipeline uses without vLLM."""
     name = "transformers"
 
-    def __init__(self, loaded, merge_adapter: bool = False, loop: str = "hf"):
+    def __init__(self, loaded, merge_adapter: bool = False, loop: str = "hf", decode: str = "auto"):
         if loop not in ("hf", "fast"):
             raise ValueError(f"loop {loop!r} is not one of hf, fast")
         self.loaded = loaded
         self.merge_adapter = merge_adapter
         self.loop = loop
+        self.decode = decode
+        decode_path(loaded.model, decode)  # ValueError now for a bad value or a model that cannot
         if loop == "fast" or merge_adapter:
             self.name = "transformers-fast" + ("" if merge_adapter else "-unmerged")
 
@@ -73,7 +76,7 @@ class TransformersGenerator(Generator):
     def decode_path(self) -> str:
         """The fast loop's decode path on this model (sampling.decode_path: static with CUDA graphs on CUDA where the
         model allows, else dynamic), or "generate()" for the plain loop."""
-        return decode_path(self.loaded.model) if self.loop == "fast" else "generate()"
+        return decode_path(self.loaded.model, self.decode) if self.loop == "fast" else "generate()"
 
     @classmethod
     def fast(cls, loaded) -> "TransformersGenerator":
@@ -97,8 +100,9 @@ class TransformersGenerator(Generator):
         gen = torch.Generator(device="cpu").manual_seed(seed)
         sized = None
         if batch_size == 0:
+            static = self.loop == "fast" and self.decode_path.startswith("static")
             sized = for_generation(lm.model, lm.device, max(map(len, prompt_ids), default=1), max_new_tokens,
-                                   max(1, len(jobs)))
+                                   max(1, len(jobs)), kv_headroom=STATIC_KV_HEADROOM if static else KV_HEADROOM)
             batch_size = sized.rows
         if self.loop == "fast":
             # whole prompts per batch, so that a prompt's samples share its prefill (sample_new_tokens' repeats)
@@ -120,7 +124,7 @@ class TransformersGenerator(Generator):
                 if self.loop == "fast":
                     new = sample_new_tokens(model, seqs[::n_samples], max_new_tokens, self.stop_token_ids, pad,
                                             temperature=temperature, top_p=top_p, repeats=n_samples,
-                                            progress=progress)
+                                            progress=progress, decode=self.decode)
                     out.extend(self._decode(new, chunk))
                     continue
                 res = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
