@@ -58,7 +58,7 @@ def decode_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if attention_mask is None or attention_mask.dtype != torch.bool:
         raise RuntimeError("decode attention needs the decode loop's bool mask [rows, 1, 1, width]")
     # the g = heads / kv_heads query heads of KV head j are heads j*g .. j*g+g-1: one [g, d] query block per KV head
-    q = query.view(rows, kv_heads, heads // kv_heads, d)
+    q = query.reshape(rows, kv_heads, heads // kv_heads, d)  # a copy only where rotary left it strided
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.view(rows, heads, 1, d).transpose(1, 2), None
 
