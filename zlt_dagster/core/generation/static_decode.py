@@ -60,7 +60,8 @@ def decode_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     # the g = heads / kv_heads query heads of KV head j are heads j*g .. j*g+g-1: one [g, d] query block per KV head
     q = query.reshape(rows, kv_heads, heads // kv_heads, d)  # a copy only where rotary left it strided
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.view(rows, heads, 1, d).transpose(1, 2), None
+    # the CUDA kernels return [rows, kv_heads, g, d] in [rows, g, kv_heads, d] memory: reshape copies there
+    return out.reshape(rows, heads, 1, d).transpose(1, 2), None
 
 
 def unsupported_reason(model) -> str | None:
