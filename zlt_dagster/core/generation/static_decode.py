@@ -208,7 +208,6 @@ class DecodeStep:
             raise ValueError(f"bucket={bucket}; expected >= 1 columns")
         self.bucket = bucket
         self.graph = None          # the graph of the current (rows, width): _CudaGraph, or _EmulatedGraph off CUDA
-        self.pool = torch.cuda.graph_pool_handle() if self.graphs and device.type == "cuda" else None
         self.captures = 0
         self.next_column = prompt  # the host's copy of cache.column: it counts the steps, no device read
 
@@ -239,7 +238,9 @@ class DecodeStep:
             width = min(capacity, -(-(self.next_column + 1) // self.bucket) * self.bucket)
             if self.graph is None or self.graph.shape != (self.rows, width):
                 c.width = width
-                self.graph = None  # frees the old graph's memory in the pool before the new one takes it
+                # the old graph and its private memory pool go first; each graph gets its own pool (a pool handle
+                # shared with a deleted graph fails an allocator assert in torch 2.11 at the next capture_begin)
+                self.graph = None
                 self.graph = (_CudaGraph if self.token.is_cuda else _EmulatedGraph)(self, width)
                 self.captures += 1
             logits = self.graph.replay()
@@ -270,7 +271,7 @@ class _CudaGraph:
             step._forward(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=step.pool):
+        with torch.cuda.graph(self.graph):
             self.logits = step._forward(*inputs)
 
     def replay(self) -> torch.Tensor:
