@@ -44,6 +44,7 @@ from zlt_dagster.core.eval_plan import eval_prompts  # noqa: E402
 from zlt_dagster.core.generation.progress import GenerationProgress  # noqa: E402
 from zlt_dagster.core.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from zlt_dagster.core.generation.batch_size import requested  # noqa: E402
+from zlt_dagster.core.generation.static_decode import ATTENTION_ENV  # noqa: E402
 from zlt_dagster.core.lora_bank import lora_config  # noqa: E402
 from zlt_dagster.core.protocol import PAPER, Sweep  # noqa: E402
 from zlt_dagster.core.random_adapter import save_random_adapter  # noqa: E402
@@ -79,6 +80,17 @@ def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch
     return summary(comps, time.perf_counter() - t, batch=bar.batch_size, batch_source=bar.batch_source, loop=loop,
                    decode=gen.decode_path, merged=merge, prompts=len(ps), max_new_tokens=max_new,
                    peak_gib=peak_gib(lm.device))
+
+
+def with_env(env: dict, fn, *args, **kw):
+    """fn(*args, **kw) with the environment variables `env` set for the call (a lever switched off in-process)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn(*args, **kw)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def decode_profile(lm, prompts, adapter, decode: str, max_new: int, out: Path, tag: str) -> dict:
@@ -196,8 +208,8 @@ def run_135m(R: Runner, tmp: Path) -> None:
     # the pipeline's transformers path now (static decode, CUDA graphs), then the levers apart, then before
     R.run("gen_135m_fast_static", 40, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
           "fast", False, "auto")
-    R.run("gen_135m_fast_static_nographs", 60, bench_transformers, lm, prompts, adapter, everything, n_new,
-          auto.rows, "fast", False, "static" if not SMOKE else "auto")
+    R.run("gen_135m_fast_static_sdpa", 60, with_env, {ATTENTION_ENV: "sdpa"}, bench_transformers, lm, prompts,
+          adapter, everything, n_new, auto.rows, "fast", False, "auto")  # the static path with SDPA attention
     R.run("gen_135m_fast_auto", 70, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
           "fast", False, "dynamic")  # the pipeline's path before: DynamicCache, all rows at once
     R.run("gen_135m_naive_hf_b64", 40, bench_transformers, lm, prompts, adapter, 6, n_new, 64, "hf", False)
@@ -237,6 +249,8 @@ def run_7b(R: Runner, tmp: Path) -> None:
     prompts = [p for _, _, p in eval_prompts(SWEEP)]
     R.run("gen_7b_fast_static", 120, bench_transformers, lm, prompts, adapter, len(prompts), 512, 0, "fast", False,
           "auto")
+    R.run("gen_7b_fast_static_sdpa", 120, with_env, {ATTENTION_ENV: "sdpa"}, bench_transformers, lm, prompts, adapter,
+          len(prompts), 512, 0, "fast", False, "auto")
     R.run("gen_7b_naive_fast_b1100", 60, bench_transformers, lm, prompts, adapter, 110, 64, 1100, "fast", False,
           "dynamic")
     R.run("greedy_7b_static_vs_dynamic", 30, static_vs_dynamic_greedy, lm, prompts, adapter)

@@ -411,6 +411,20 @@ def test_fast_generator_keeps_bf16_adapters_unmerged(tiny_loaded):
     assert gen.loop == "fast" and not gen.merge_adapter and gen.name == "transformers-fast-unmerged"
 
 
+def test_attached_adapter_runs_in_the_base_dtype(chaotic, tmp_path):
+    """peft would upcast a bf16 base's adapter to fp32 (fp32 SIMT GEMMs and casts around every LoRA'd Linear at
+    decode time); attached for generation it stays in the base's dtype, and the base comes back unchanged."""
+    from zlt_dagster.core.generation.transformers_backend import attached_adapter
+
+    model = copy.deepcopy(chaotic[0]).to(torch.bfloat16)
+    save_random_adapter(model, tmp_path / "a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with attached_adapter(model, str(tmp_path / "a")) as peft_model:
+        dtypes = {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.bfloat16}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_generator_rejects_unknown_loop(tiny_loaded):
     with pytest.raises(ValueError):
         TransformersGenerator(tiny_loaded, loop="vllm")

@@ -47,44 +47,86 @@ def tiny(kind: str, **extra):
     return model
 
 
+def reference_flash_varlen(q, k, v, cu_q, cu_k, max_k, scale, seqused_k):
+    """What static_decode.flash_varlen asks torch's CUDA flash kernel for, written out per row (CPU tests): row r's
+    one query attends to k[cu_k[r] : cu_k[r] + seqused_k[r]], query head h to KV head h // (heads / kv_heads)."""
+    assert q.shape[0] == len(cu_q) - 1 == len(cu_k) - 1 and torch.equal(cu_q, torch.arange(len(cu_q), dtype=cu_q.dtype))
+    assert cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and int(seqused_k.max()) <= max_k
+    out = torch.empty_like(q)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    for r in range(q.shape[0]):
+        start, n = int(cu_k[r]), int(seqused_k[r])
+        keys = k[start:start + n].repeat_interleave(heads // kv_heads, dim=1)     # [n, heads, d]
+        vals = v[start:start + n].repeat_interleave(heads // kv_heads, dim=1)
+        w = torch.einsum("hd,nhd->hn", q[r].double(), keys.double()) * scale
+        out[r] = torch.einsum("hn,nhd->hd", w.softmax(-1), vals.double()).to(q.dtype)
+    return out
+
+
+def decode_batch(lengths, capacity, width, flash):
+    ar = torch.arange(len(lengths) + 1, dtype=torch.int32)
+    mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
+    return static_decode.DecodeBatch(lengths.to(torch.int32), ar * capacity, ar, capacity, width,
+                                     None if flash else mask, flash)
+
+
+@pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (7, 1), (4, 4)])
-def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads):
-    """One query position per row, a left-padding mask: the grouped-query view gives transformers' sdpa result
-    (K/V repeated per query head) to float64 rounding, in its output layout [rows, 1, heads, d]."""
+def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, flash, monkeypatch):
+    """One query per row over its first length slots of a left-aligned [rows, capacity, kv_heads, d] cache: both
+    paths (SDPA with the grouped-query view; the flash varlen call, here with a per-row reference kernel) give
+    transformers' sdpa result (K/V repeated per query head, padding masked) to float64 rounding, in its output
+    layout [rows, 1, heads, d]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    rows, width, d = 5, 11, 8
+    monkeypatch.setattr(static_decode, "flash_varlen", reference_flash_varlen)
+    rows, capacity, width, d = 5, 13, 11, 8
     g = torch.Generator().manual_seed(0)
     q = torch.randn(rows, heads, 1, d, generator=g, dtype=torch.float64)
-    k = torch.randn(rows, kv_heads, width, d, generator=g, dtype=torch.float64)
-    v = torch.randn(rows, kv_heads, width, d, generator=g, dtype=torch.float64)
-    pad = torch.tensor([0, 3, 1, 7, 0])
-    mask = (torch.arange(width)[None, :] >= pad[:, None])[:, None, None, :]
+    k = torch.randn(rows, capacity, kv_heads, d, generator=g, dtype=torch.float64)
+    v = torch.randn(rows, capacity, kv_heads, d, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([11, 8, 10, 4, 1])
+    mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
-    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
-    out, _ = static_decode.decode_sdpa_forward(module, q, k, v, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k[:, :width].transpose(1, 2), v[:, :width].transpose(1, 2), mask,
+                                    scaling=0.3)
+    out, _ = static_decode.decode_attention_forward(module, q, k, v, None, scaling=0.3,
+                                                    zlt_decode=decode_batch(lengths, capacity, width, flash))
     assert out.shape == (rows, 1, heads, d)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_decode_attention_refuses_what_it_does_not_compute():
     module = torch.nn.Module()
-    q, k = torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 5, 8)
-    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    q, k = torch.zeros(2, 4, 1, 8), torch.zeros(2, 5, 2, 8)
+    batch = decode_batch(torch.tensor([5, 3]), 5, 5, False)
     with pytest.raises(RuntimeError, match="one query position"):
-        static_decode.decode_sdpa_forward(module, torch.zeros(2, 4, 3, 8), k, k, mask)
+        static_decode.decode_attention_forward(module, torch.zeros(2, 4, 3, 8), k, k, None, zlt_decode=batch)
+    with pytest.raises(RuntimeError, match="DecodeBatch"):
+        static_decode.decode_attention_forward(module, q, k, k, None)
     with pytest.raises(RuntimeError, match="sliding window"):
-        static_decode.decode_sdpa_forward(module, q, k, k, mask, sliding_window=4)
-    with pytest.raises(RuntimeError, match="bool mask"):
-        static_decode.decode_sdpa_forward(module, q, k, k, mask.float())
+        static_decode.decode_attention_forward(module, q, k, k, None, sliding_window=4, zlt_decode=batch)
+
+
+def test_flash_path_off_cuda_and_switched_off(monkeypatch):
+    assert not static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
+    monkeypatch.setenv(static_decode.ATTENTION_ENV, "sdpa")
+    assert not static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
+    monkeypatch.setenv(static_decode.ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION='fast'"):
+        static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-@pytest.mark.parametrize("graphs", [False, True])
-def test_static_greedy_equals_generate_on_gqa_models(kind, graphs, monkeypatch):
-    """3 query heads per KV head, rows dropped as they end, 5-column buckets (graphs): generate()'s tokens."""
+@pytest.mark.parametrize("graphs,flash", [(False, False), (True, False), (True, True)])
+def test_static_greedy_equals_generate_on_gqa_models(kind, graphs, flash, monkeypatch):
+    """3 query heads per KV head, rows dropped as they end, 5-slot buckets (SDPA path with graphs), the flash path
+    through the reference kernel: generate()'s tokens."""
     monkeypatch.setattr(static_decode, "WIDTH_BUCKET", 5)
+    if flash:
+        monkeypatch.setattr(static_decode, "flash_varlen", reference_flash_varlen)
+        monkeypatch.setattr(static_decode, "flash_decode_ok", lambda *a: True)
     model = tiny(kind)
     prompts = prompts_for(48)
     ref = hf_greedy(model, prompts, 30)
@@ -137,8 +179,8 @@ def test_models_the_static_decode_cannot_run_keep_the_dynamic_loop():
 def test_decode_path_names_what_runs():
     model = tiny("llama")
     assert decode_path(model) == "dynamic (CPU)"
-    assert decode_path(model, "static", graphs=False) == "static"
-    assert decode_path(model, "static", graphs=True) == "static, CUDA graphs"
+    assert decode_path(model, "static", graphs=False) == "static, sdpa (cpu torch.float32) attention"
+    assert decode_path(model, "static", graphs=True) == "static, CUDA graphs, sdpa (cpu torch.float32) attention"
     assert decode_path(model, "dynamic") == "dynamic"
     with pytest.raises(ValueError, match="decode='fast'"):
         decode_path(model, "fast")
@@ -154,33 +196,43 @@ def test_decode_attention_is_restored_after_an_error():
 
 
 def prefilled(rows=4, heads=2, width=3, d=2):
+    """A DynamicCache after a left-padded prompt batch: row r has r % width padding slots, then its tokens; K holds
+    its own (row, head, column, channel) coordinates, V their negatives."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for layer in range(2):
         k = torch.arange(rows * heads * width * d, dtype=torch.float32).view(rows, heads, width, d) + 1000 * layer
         cache.update(k, -k, layer)
-    return cache
+    mask = (torch.arange(width)[None, :] >= (torch.arange(rows) % width)[:, None]).long()
+    return cache, mask
 
 
-def test_static_cache_keeps_rows_in_place_and_writes_at_its_column():
-    cache = static_decode.static_decode_cache(prefilled(), capacity=6)
+def test_static_cache_left_aligns_rows_writes_at_their_columns_and_keeps_rows_in_place():
+    dyn, mask = prefilled()
+    k_in = dyn.layers[1].keys.clone()
+    cache = static_decode.static_decode_cache(dyn, mask, capacity=6)
     layer = cache.layers[1]
+    assert torch.equal(cache.column, torch.tensor([3, 2, 1, 3]))  # tokens per row
+    for r, n in enumerate([3, 2, 1, 3]):  # row r's tokens, padding removed, in slots 0..n-1, [capacity, heads, d]
+        assert torch.equal(layer.keys[r, :n], k_in[r, :, 3 - n:].transpose(0, 1))
     storage = layer.keys.data_ptr()
-    before = layer.keys[:, :, :3].clone()
-    new = torch.full((4, 2, 1, 2), 7.0)
+    new = torch.arange(4 * 2 * 2, dtype=torch.float32).view(4, 2, 1, 2) + 7000
     k, v = cache.update(new, -new, 1)
-    assert k.shape == (4, 2, 3, 2) and torch.equal(layer.keys[:, :, 3], new[:, :, 0])  # column 3, read as 3 wide
-    cache.width = 4
+    assert k is layer.keys and k.shape == (4, 6, 2, 2)
+    for r, col in enumerate([3, 2, 1, 3]):
+        assert torch.equal(layer.keys[r, col], new[r, :, 0]) and torch.equal(layer.values[r, col], -new[r, :, 0])
+    before = layer.keys.clone()
     cache.keep_rows(torch.tensor([1, 3]))
-    assert layer.keys.shape == (2, 2, 6, 2) and layer.keys.data_ptr() == storage  # the same buffer, front rows
-    assert torch.equal(layer.keys[:, :, :3], before[[1, 3]]) and torch.equal(layer.values[:, :, :3], -before[[1, 3]])
-    assert torch.equal(layer.keys[:, :, 3], new[[1, 3], :, 0])
+    assert layer.keys.shape == (2, 6, 2, 2) and layer.keys.data_ptr() == storage  # the same buffer, front rows
+    assert torch.equal(layer.keys, before[[1, 3]]) and torch.equal(cache.column, torch.tensor([2, 3]))
+    assert torch.equal(cache.row_index, torch.arange(2))
 
 
 def test_static_cache_refuses_a_prompt_wider_than_its_capacity():
+    dyn, mask = prefilled()
     with pytest.raises(ValueError, match="capacity 2 < prompt width 3"):
-        static_decode.static_decode_cache(prefilled(), capacity=2)
+        static_decode.static_decode_cache(dyn, mask, capacity=2)
 
 
 def test_decode_step_stops_at_the_cache_capacity():
@@ -197,7 +249,7 @@ def test_decode_step_stops_at_the_cache_capacity():
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
-        step = static_decode.DecodeStep(model, static_decode.static_decode_cache(cache, width + 2), mask,
+        step = static_decode.DecodeStep(model, static_decode.static_decode_cache(cache, mask, width + 2),
                                         pos[:, -1:], graphs=False)
         with static_decode.decode_attention(model):
             step(torch.tensor([5, 6, 7]))

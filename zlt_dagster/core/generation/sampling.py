@@ -48,8 +48,9 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 
 def decode_path(model, decode: str = "auto", graphs: bool | None = None) -> str:
     """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs)` runs after the prompt, for records:
-    "static, CUDA graphs", "static" or "dynamic" (with the reason where auto fell back). ValueError for an unknown
-    `decode`, or "static" on a model that cannot (the reason named)."""
+    "static[, CUDA graphs], <attention> attention" (static_decode.attention_path: "flash varlen" or "sdpa (why
+    not flash)") or "dynamic" (with the reason where auto fell back). ValueError for an unknown `decode`, or
+    "static" on a model that cannot (the reason named)."""
     if decode not in ("auto", "static", "dynamic"):
         raise ValueError(f"decode={decode!r}; expected auto, static or dynamic")
     if decode == "dynamic":
@@ -62,7 +63,8 @@ def decode_path(model, decode: str = "auto", graphs: bool | None = None) -> str:
         return f"dynamic ({why_not})"
     if decode == "auto" and not cuda:
         return "dynamic (CPU)"
-    return "static, CUDA graphs" if (cuda if graphs is None else graphs) else "static"
+    graphed = ", CUDA graphs" if (cuda if graphs is None else graphs) else ""
+    return f"static{graphed}, {static_decode.attention_path(model)} attention"
 
 
 @torch.inference_mode()
@@ -126,8 +128,9 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     with contextlib.ExitStack() as stack:
         if static:
             stack.enter_context(static_decode.decode_attention(model))
-            stepper = static_decode.DecodeStep(model, static_decode.static_decode_cache(cache, width + max_new_tokens),
-                                               mask, pos[:, -1:], graphs=graphs)
+            stepper = static_decode.DecodeStep(
+                model, static_decode.static_decode_cache(cache, mask, width + max_new_tokens), pos[:, -1:],
+                graphs=graphs)
             cache = kv = None  # its tensors were copied into the static cache: free them
         for step in range(max_new_tokens):
             nxt = _next_tokens(logits, temperature, top_p)

@@ -1,67 +1,119 @@
-"""A decode step without host overhead (issue 17, item 3): a preallocated KV cache, GQA attention that reads each
-KV head once, and, on CUDA, the whole step replayed as one CUDA graph.
+"""A decode step without host overhead (issue 17, item 3): a preallocated KV cache, attention that reads each KV
+head once and only the columns a row has filled, and, on CUDA, the whole step replayed as one CUDA graph.
 
-Why (profile arithmetic of the loop before, SmolLM2-135M, 2,200 rows, context ~300 of <= 582 tokens):
-  * transformers' DynamicCache grows by torch.cat: every step copies the whole cache (read + write, 2x its size);
+Why (kernel profile of the loop before, benchmarks/gen_h200/, SmolLM2-135M, 2,200 rows, first 64 steps on the
+H200: 117 ms a step, GPU busy 42%, 6,013 kernels a step):
+  * transformers' DynamicCache grows by torch.cat: every step copies the whole cache (read + write);
   * with a padding mask, transformers' sdpa cannot pass enable_gqa (torch's flash kernel takes no mask) and calls
-    repeat_kv: K and V are written out once per query head (SmolLM2: 9 heads over 3 KV heads, 3x the cache;
-    Qwen2.5-7B: 7x) and read back by the masked kernel: ~9 cache sizes of memory traffic per step (~14 GB, ~30 ms);
-  * ~2,100 kernel launches per step (30 layers x norms, rotary, projections, peft's LoRA, residuals): the host
-    needs ~20 ms to issue them.
+    repeat_kv: K and V are written out once per query head (SmolLM2: 9 heads over 3 KV heads; Qwen2.5-7B: 28 over 4)
+    and read back by the masked kernel; copies were 34% of the kernel time, the masked attention 28%;
+  * ~6,000 kernel launches a step, issued one by one by the host.
 What this module does instead:
-  * `StaticDecodeCache`: one [rows, kv_heads, capacity, head_dim] buffer per layer, written in place at the current
-    column (index_copy_ with a device-side column, so a CUDA graph can replay it); attention reads a view of the
-    first `width` columns, `width` rounded up to WIDTH_BUCKET so that a captured graph serves 128 steps;
-  * `decode_sdpa_forward`, registered with transformers' AttentionInterface: a decode query [rows, heads, 1, d] is
-    viewed as [rows, kv_heads, heads/kv_heads, d], so the grouped query heads of one KV head are rows of one SDPA
-    problem over that KV head: K/V are read once, nothing is repeated (exact: the same dot products and softmax);
-  * a padding + causal mask as a preallocated bool [rows, 1, 1, capacity] tensor (True = attend), passed to the
-    model as a ready 4D mask (transformers' masking_utils returns a 4D mask as it is), one column switched on per
-    step inside the graph;
-  * `DecodeStep`: on CUDA, the model's forward for one token per row captured as a CUDA graph (torch.cuda.graph)
-    per (rows, width bucket) and replayed; the host then issues one replay per step instead of ~2,100 launches.
-    Rows leaving the batch (sampling.py's compaction) move to the front of the same buffers and the graph is
-    captured again for the smaller batch.
-Models with sliding-window layers or attention soft-capping keep the DynamicCache loop (`unsupported_reason`).
+  * `StaticDecodeCache`: per layer one [rows, capacity, kv_heads, d] buffer for K and one for V, each row's tokens
+    LEFT-aligned (the prompt's left padding is removed when the prefilled cache is copied in), so that a row's
+    cache is its first `column[row]` slots. A step writes its token's K/V at each row's column (index_put_ with
+    device-side columns, so a CUDA graph can replay it);
+  * `decode_attention_forward`, registered with transformers' AttentionInterface, for one new token per row:
+      - on CUDA (bf16/fp16, Ampere or newer), torch's flash-attention varlen kernel with `seqused_k`: each row reads
+        exactly its filled slots, the KV heads natively shared by their query heads (no repeat, no mask);
+      - elsewhere (CPU, and where that kernel is missing or disagrees with SDPA in a probe, `flash_decode_ok`):
+        SDPA over the first `width` slots with a length mask, the query viewed as [rows, kv_heads, heads/kv_heads,
+        d] so that a KV head's query heads are rows of one problem over it (K/V read once, nothing repeated);
+        `width` rounded up to WIDTH_BUCKET so that a captured graph serves 128 steps;
+  * `DecodeStep`: on CUDA the model's forward for one token per row is captured as a CUDA graph per row count (and
+    width bucket on the SDPA path) and replayed: one launch a step instead of thousands. Rows leaving the batch
+    (sampling.py's compaction) move to the front of the same buffers; the next step captures a graph for the
+    smaller batch.
+The attention function gets the step's lengths through a forward keyword (`zlt_decode`), as packed training does
+(core/packing.py); no attention mask goes to the model, so transformers builds none (masking_utils returns None for
+an attention function without a registered mask function). Models with sliding-window layers or attention
+soft-capping keep the DynamicCache loop (`unsupported_reason`).
 """
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from ..models import unwrap_peft
 
-DECODE_ATTENTION = "zlt_decode_sdpa"
-# Columns of the cache a captured graph attends over, rounded up to a multiple of this: one capture per 128 steps.
-# Smaller buckets read fewer masked columns (on average half a bucket per step: 64 x 23 KB per row on SmolLM2, ~3%
-# of a 512-token answer's cache), larger ones capture fewer graphs (each capture costs one eager step's host time).
+DECODE_ATTENTION = "zlt_decode_attention"
+# SDPA path: columns of the cache a step reads, rounded up to a multiple of this (one graph capture per 128 steps;
+# on average half a bucket of masked columns read per step: 64 x 23 KB a row on SmolLM2, ~3% of a 512-token
+# answer's cache). The flash path reads exactly the filled columns and needs no buckets.
 WIDTH_BUCKET = 128
+# ZLT_DECODE_ATTENTION=sdpa forces the SDPA path on CUDA too (benchmarks compare the two); auto = flash where the
+# probe passes.
+ATTENTION_ENV = "ZLT_DECODE_ATTENTION"
 
 
-def decode_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                        sliding_window=None, softcap=None, s_aux=None, **kwargs):
+@dataclass
+class DecodeBatch:
+    """What the attention function needs for one step, built inside the (captured) forward. lengths: int32 [rows],
+    filled slots per row including this step's token; cu: int32 [rows + 1], row r's slots start at cu[r] in the
+    flattened [rows x capacity] buffer (flash path); width: slots the SDPA path reads; mask: bool [rows, 1, 1, width],
+    True = attend (SDPA path); flash: which path."""
+    lengths: torch.Tensor
+    cu: torch.Tensor | None
+    cu_q: torch.Tensor | None
+    capacity: int
+    width: int
+    mask: torch.Tensor | None
+    flash: bool
+
+
+def _flash(query, key, value, batch: DecodeBatch, scaling):
+    """torch's flash-attention varlen forward: one query per row, keys = that row's first lengths[row] slots."""
+    rows, heads, _, d = query.shape
+    q = query.transpose(1, 2).reshape(rows, heads, d)
+    kv_heads = key.shape[2]
+    out = flash_varlen(q, key.view(rows * batch.capacity, kv_heads, d), value.view(rows * batch.capacity, kv_heads, d),
+                       batch.cu_q, batch.cu, batch.capacity, scaling, batch.lengths)
+    return out.view(rows, 1, heads, d)
+
+
+def flash_varlen(q, k, v, cu_q, cu_k, max_k: int, scale, seqused_k):
+    """torch's flash-attention varlen forward (aten._flash_attention_forward: one query per row, not causal, no
+    dropout): q [rows, heads, d], k/v [rows x capacity, kv_heads, d], row r's keys k[cu_k[r] : cu_k[r] +
+    seqused_k[r]]. Returns [rows, heads, d]. A module function so that CPU tests can stand a reference in."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, 1, max_k, 0.0, False, False, scale=scale,
+                                                   seqused_k=seqused_k)[0]
+
+
+def _sdpa(query, key, value, batch: DecodeBatch, scaling):
+    """SDPA over the first `width` slots with the length mask; the g = heads / kv_heads query heads of KV head j
+    (heads j*g .. j*g+g-1: transformers' repeat_kv order) form one [g, d] query block over that head."""
+    rows, heads, _, d = query.shape
+    kv_heads = key.shape[2]
+    k = key[:, :batch.width].transpose(1, 2)   # [rows, kv_heads, width, d], a view
+    v = value[:, :batch.width].transpose(1, 2)
+    q = query.reshape(rows, kv_heads, heads // kv_heads, d)  # a copy only where rotary left it strided
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scaling)
+    # CUDA kernels return [rows, kv_heads, g, d] in [rows, g, kv_heads, d] memory: reshape copies there
+    return out.reshape(rows, heads, 1, d).transpose(1, 2)
+
+
+def decode_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
+                             sliding_window=None, softcap=None, s_aux=None, zlt_decode: DecodeBatch | None = None,
+                             **kwargs):
     """transformers attention function (AttentionInterface signature) for ONE new token per row.
 
-    query [rows, heads, 1, d]; key, value [rows, kv_heads, width, d] (heads a multiple of kv_heads, query head h
-    uses KV head h // (heads / kv_heads), transformers' repeat_kv order); attention_mask bool [rows, 1, 1, width],
-    True = attend. Returns ([rows, 1, heads, d], None) as transformers' sdpa_attention_forward does.
-    Raises RuntimeError for more than one query position, a sliding window, soft-capping or attention sinks (the
-    decode loop only uses it for models without them, see `unsupported_reason`)."""
-    rows, heads, q_len, d = query.shape
-    kv_heads = key.shape[1]
-    if q_len != 1:
-        raise RuntimeError(f"decode attention takes one query position per row, got {q_len}")
+    query [rows, heads, 1, d]; key, value: the StaticDecodeCache buffers [rows, capacity, kv_heads, d] (heads a
+    multiple of kv_heads); zlt_decode: the step's DecodeBatch (a forward keyword). Returns ([rows, 1, heads, d],
+    None) as transformers' sdpa_attention_forward does. Raises RuntimeError for more than one query position, a
+    missing DecodeBatch, a sliding window, soft-capping or attention sinks (`unsupported_reason` keeps such models
+    off this path)."""
+    if query.shape[2] != 1:
+        raise RuntimeError(f"decode attention takes one query position per row, got {query.shape[2]}")
+    if zlt_decode is None:
+        raise RuntimeError("decode attention needs the decode step's DecodeBatch (forward keyword zlt_decode)")
     if sliding_window is not None or softcap is not None or s_aux is not None:
         raise RuntimeError("decode attention has no sliding window, soft-capping or attention sinks")
-    if attention_mask is None or attention_mask.dtype != torch.bool:
-        raise RuntimeError("decode attention needs the decode loop's bool mask [rows, 1, 1, width]")
-    # the g = heads / kv_heads query heads of KV head j are heads j*g .. j*g+g-1: one [g, d] query block per KV head
-    q = query.reshape(rows, kv_heads, heads // kv_heads, d)  # a copy only where rotary left it strided
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-    # the CUDA kernels return [rows, kv_heads, g, d] in [rows, g, kv_heads, d] memory: reshape copies there
-    return out.reshape(rows, heads, 1, d).transpose(1, 2), None
+    attend = _flash if zlt_decode.flash else _sdpa
+    return attend(query, key, value, zlt_decode, scaling), None
 
 
 def unsupported_reason(model) -> str | None:
@@ -85,13 +137,13 @@ def unsupported_reason(model) -> str | None:
 
 @contextlib.contextmanager
 def decode_attention(model) -> Iterator[None]:
-    """For the duration, `model` (peft wrapper looked through) attends with `decode_sdpa_forward`; its previous
+    """For the duration, `model` (peft wrapper looked through) attends with `decode_attention_forward`; its previous
     attention implementation is restored on exit, also after an error."""
     from transformers import AttentionInterface
 
     base = unwrap_peft(model)
     previous = base.config._attn_implementation
-    AttentionInterface.register(DECODE_ATTENTION, decode_sdpa_forward)
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
     base.set_attn_implementation(DECODE_ATTENTION)
     try:
         yield
@@ -99,13 +151,72 @@ def decode_attention(model) -> Iterator[None]:
         base.set_attn_implementation(previous)
 
 
+_FLASH_OK: dict = {}  # (device, dtype, heads, kv_heads, d) -> (usable, why not)
+
+
+def flash_decode_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                       head_dim: int) -> tuple[bool, str]:
+    """(whether the flash path runs here, why not). It needs CUDA, bf16/fp16, compute capability >= 8.0, not
+    switched off (ZLT_DECODE_ATTENTION=sdpa), and a probe (3 rows of different lengths, this head layout) that
+    agrees with the SDPA path to 2e-2; a torch whose flash kernel lacks `seqused_k` fails the probe with its error.
+    Kept per (device, dtype, heads, kv_heads, d). ValueError for another ZLT_DECODE_ATTENTION value."""
+    choice = os.environ.get(ATTENTION_ENV, "auto")
+    if choice not in ("auto", "sdpa"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}; expected auto or sdpa")
+    if choice == "sdpa":
+        return False, f"{ATTENTION_ENV}=sdpa"
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False, f"{device.type} {dtype}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False, "compute capability < 8.0"
+    key = (str(device), dtype, heads, kv_heads, head_dim)
+    if key not in _FLASH_OK:
+        _FLASH_OK[key] = _probe(device, dtype, heads, kv_heads, head_dim)
+    return _FLASH_OK[key]
+
+
+def flash_decode_ok(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """flash_decode_check's first answer."""
+    return flash_decode_check(device, dtype, heads, kv_heads, head_dim)[0]
+
+
+def _probe(device, dtype, heads, kv_heads, d) -> tuple[bool, str]:
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, capacity = 3, 40
+    q = torch.randn(rows, heads, 1, d, generator=g, device=device, dtype=dtype)
+    k = torch.randn(rows, capacity, kv_heads, d, generator=g, device=device, dtype=dtype)
+    v = torch.randn(rows, capacity, kv_heads, d, generator=g, device=device, dtype=dtype)
+    lengths = torch.tensor([1, 17, 40], device=device, dtype=torch.int32)
+    ar = torch.arange(rows + 1, device=device, dtype=torch.int32)
+    mask = (torch.arange(capacity, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    batch = DecodeBatch(lengths, ar * capacity, ar, capacity, capacity, mask, True)
+    ref = _sdpa(q, k, v, batch, d ** -0.5).float()
+    try:
+        out = _flash(q, k, v, batch, d ** -0.5).float()
+    except (RuntimeError, TypeError) as e:  # kept as the reason: this torch's flash kernel cannot do it
+        return False, f"flash probe failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    err = float((out - ref).abs().max())
+    return (True, "") if err <= 2e-2 else (False, f"flash probe differs from SDPA by {err:.3g}")
+
+
+def attention_path(model) -> str:
+    """"flash varlen" or "sdpa (why not flash)" for `model`'s device, dtype and head layout (records)."""
+    base = unwrap_peft(model)
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    p = next(base.parameters())
+    heads = cfg.num_attention_heads
+    ok, why = flash_decode_check(p.device, p.dtype, heads, getattr(cfg, "num_key_value_heads", None) or heads,
+                                 getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return "flash varlen" if ok else f"sdpa ({why})"
+
+
 def _cache_classes():
     """StaticDecodeCache and its layer, built on first use: transformers is imported lazily, as elsewhere in core."""
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     class StaticDecodeLayer(CacheLayerMixin):
-        """One layer's K and V: [rows, kv_heads, capacity, d] buffers, written at the cache's column, read as
-        the first `width` columns."""
+        """One layer's K and V: [rows, capacity, kv_heads, d] buffers, rows left-aligned, written at the cache's
+        per-row column; attention gets the whole buffers (and the step's lengths through DecodeBatch)."""
         is_compileable = False
         is_sliding = False
 
@@ -119,106 +230,134 @@ def _cache_classes():
             raise RuntimeError("StaticDecodeCache is built from a prefilled cache, not lazily")
 
         def update(self, key_states, value_states, *args, **kwargs):
-            o = self.owner
-            self.keys.index_copy_(2, o.column, key_states)
-            self.values.index_copy_(2, o.column, value_states)
-            return self.keys[:, :, :o.width], self.values[:, :, :o.width]
+            # key_states [rows, kv_heads, 1, d] -> slot (row, column[row]) of [rows, capacity, kv_heads, d]
+            where = (self.owner.row_index, self.owner.column)
+            self.keys.index_put_(where, key_states[:, :, 0])
+            self.values.index_put_(where, value_states[:, :, 0])
+            return self.keys, self.values
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.owner.width, 0
+            return self.keys.shape[1], 0
 
         def get_seq_length(self) -> int:
-            return self.owner.width
+            return self.keys.shape[1]
 
         def get_max_length(self) -> int:
-            return self.keys.shape[2]
+            return self.keys.shape[1]
 
     class StaticDecodeCache(Cache):
-        """KV cache of the decode loop (module docstring). `column` (int64 [1], on the device) is where the next
-        token's K/V go; `width` (int) how many columns attention reads; rows are the buffers' first dimension."""
+        """KV cache of the decode loop (module docstring). column: int64 [rows] on the device, the slot the next
+        token goes to in each row (= tokens the row holds); row_index: arange(rows) on the device."""
 
-        def __init__(self, prefilled, capacity: int):
-            """prefilled: a transformers cache after the prompt's forward (every layer [rows, kv_heads, prompt, d]);
-            capacity: columns to hold (prompt + new tokens). Its tensors are copied; it can be dropped afterwards."""
+        def __init__(self, prefilled, prompt_mask: torch.Tensor, capacity: int):
+            """prefilled: a transformers cache after the prompts' forward (every layer [rows, kv_heads, width, d],
+            left-padded as `prompt_mask` [rows, width] says: 1 = token); capacity: slots per row (prompt + new
+            tokens). Its tensors are copied, left-aligned; it can be dropped afterwards. ValueError when a prompt is
+            wider than `capacity`."""
+            rows, width = prompt_mask.shape
+            if width > capacity:
+                raise ValueError(f"capacity {capacity} < prompt width {width}")
+            lengths = prompt_mask.long().sum(1)
+            # slot j of row r holds the prompt's column j + pad[r] (slots past the prompt get a copy of its last
+            # column: they are never read, a row's length bounds what attention sees)
+            src = (torch.arange(width, device=prompt_mask.device)[None, :] + (width - lengths)[:, None]).clamp(
+                max=width - 1)
             layers = []
             for layer in prefilled.layers:
                 k, v = layer.keys, layer.values
-                if k is None or k.dim() != 4:
-                    raise RuntimeError(f"prefilled cache layer {type(layer).__name__} has no [rows, heads, len, d] keys")
-                if k.shape[2] > capacity:
-                    raise ValueError(f"capacity {capacity} < prompt width {k.shape[2]}")
-                bk = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
-                bv = v.new_zeros(v.shape[0], v.shape[1], capacity, v.shape[3])
-                bk[:, :, :k.shape[2]] = k
-                bv[:, :, :v.shape[2]] = v
-                layers.append(StaticDecodeLayer(self, bk, bv))
+                if k is None or k.dim() != 4 or k.shape[0] != rows or k.shape[2] != width:
+                    raise RuntimeError(f"prefilled cache layer {type(layer).__name__} holds no [rows, heads, "
+                                       f"{width}, d] keys")
+                bufs = []
+                for t in (k, v):
+                    buf = t.new_zeros(rows, capacity, t.shape[1], t.shape[3])
+                    at = src[:, :, None, None].expand(rows, width, t.shape[1], t.shape[3])
+                    buf[:, :width] = torch.gather(t.transpose(1, 2), 1, at)
+                    bufs.append(buf)
+                layers.append(StaticDecodeLayer(self, *bufs))
             super().__init__(layers=layers)
-            prompt = prefilled.layers[0].keys.shape[2]
-            self.column = torch.tensor([prompt], device=layers[0].keys.device)
-            self.width = prompt
+            self.column = lengths.clone()
+            self.row_index = torch.arange(rows, device=prompt_mask.device)
+
+        @property
+        def capacity(self) -> int:
+            return self.layers[0].keys.shape[1]
 
         def keep_rows(self, keep: torch.Tensor) -> None:
             """Keep only rows `keep` (int64, ascending), moved to the front of the same buffers (no second cache:
-            one layer's kept rows are copied at a time); columns past the ones in use are not copied."""
-            n, w = len(keep), self.width
+            one layer's kept rows are copied at a time)."""
+            n = len(keep)
             for layer in self.layers:
                 for name in ("keys", "values"):
                     buf = getattr(layer, name)
-                    buf[:n, :, :w] = buf[keep, :, :w]
+                    buf[:n] = buf[keep]
                     setattr(layer, name, buf[:n])
+            self.column = self.column[keep]
+            self.row_index = self.row_index[:n]
 
     return StaticDecodeLayer, StaticDecodeCache
 
 
-def static_decode_cache(prefilled, capacity: int):
-    """A StaticDecodeCache (module docstring) holding `prefilled`'s keys and values, `capacity` columns wide."""
-    return _cache_classes()[1](prefilled, capacity)
+def static_decode_cache(prefilled, prompt_mask: torch.Tensor, capacity: int):
+    """A StaticDecodeCache (module docstring) holding `prefilled`'s keys and values left-aligned, `capacity` slots
+    per row."""
+    return _cache_classes()[1](prefilled, prompt_mask, capacity)
 
 
 class DecodeStep:
     """One decode step of `model` for every live row: feed each row's next token, get its next-token logits.
 
-    Holds the step's inputs as fixed tensors (token [rows, 1], position [rows, 1], mask [rows, 1, 1, capacity]),
-    so that on CUDA the step is captured once per (rows, width bucket) as a CUDA graph and replayed; graphs=False
-    runs an ordinary forward per step over exactly the columns in use. graphs=True off CUDA replays an
+    Holds the step's inputs as fixed tensors (token [rows, 1], position [rows, 1], the cache's columns), so that on
+    CUDA the step is captured once per row count (and width bucket on the SDPA path) as a CUDA graph and replayed;
+    graphs=False runs an ordinary forward per step over exactly the slots in use. graphs=True off CUDA replays an
     `_EmulatedGraph` (tests: the same fixed-buffer protocol and width buckets, without CUDA). graphs=None: on CUDA.
-    bucket: columns per width bucket (None = WIDTH_BUCKET; tests use small ones). The model must be inside
-    `decode_attention`.
+    bucket: slots per width bucket on the SDPA path (None = WIDTH_BUCKET; tests use small ones). The model must be
+    inside `decode_attention`.
 
-    model: a transformers causal LM (peft wrapper allowed); cache: a StaticDecodeCache after the prompt; mask: the
-    prompt's attention mask [rows, prompt] (1 = token, 0 = left padding); positions: the last prompt token's
-    position per row [rows, 1]."""
+    model: a transformers causal LM (peft wrapper allowed); cache: a StaticDecodeCache after the prompt;
+    positions: the last prompt token's position per row [rows, 1]."""
 
-    def __init__(self, model, cache, mask: torch.Tensor, positions: torch.Tensor, graphs: bool | None = None,
-                 bucket: int | None = None):
+    def __init__(self, model, cache, positions: torch.Tensor, graphs: bool | None = None, bucket: int | None = None):
         from .sampling import cache_kwargs
 
         self.model, self.cache = model, cache
-        rows, prompt = mask.shape
-        capacity = cache.layers[0].keys.shape[2]
-        device = mask.device
-        self.mask = torch.zeros(rows, 1, 1, capacity, dtype=torch.bool, device=device)
-        self.mask[:, 0, 0, :prompt] = mask.bool()
+        device = positions.device
         self.position = positions.clone()
-        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.token = torch.zeros(positions.shape[0], 1, dtype=torch.long, device=device)
         self.kv = cache_kwargs(model, cache)
         self.graphs = device.type == "cuda" if graphs is None else graphs
         bucket = WIDTH_BUCKET if bucket is None else bucket
         if bucket < 1:
-            raise ValueError(f"bucket={bucket}; expected >= 1 columns")
+            raise ValueError(f"bucket={bucket}; expected >= 1 slots")
         self.bucket = bucket
-        self.graph = None          # the graph of the current (rows, width): _CudaGraph, or _EmulatedGraph off CUDA
+        base = unwrap_peft(model)
+        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        layer = cache.layers[0]
+        self.flash = flash_decode_ok(device, layer.keys.dtype, cfg.num_attention_heads, layer.keys.shape[2],
+                                     layer.keys.shape[3])
+        self.graph = None          # the graph of the current shape: _CudaGraph, or _EmulatedGraph off CUDA
         self.captures = 0
-        self.next_column = prompt  # the host's copy of cache.column: it counts the steps, no device read
+        self.next_width = int(cache.column.max())  # host bound on the longest row: it counts the steps, no reads
 
     @property
     def rows(self) -> int:
         return self.token.shape[0]
 
-    def _forward(self, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        mask.index_fill_(3, self.cache.column, True)  # the column this step writes (idempotent: replays may repeat)
-        out = self.model(input_ids=token, attention_mask=mask, position_ids=position, **self.kv, use_cache=True,
-                         logits_to_keep=1)
+    @property
+    def attention(self) -> str:
+        return "flash varlen" if self.flash else "sdpa"
+
+    def _forward(self, token: torch.Tensor, position: torch.Tensor, width: int) -> torch.Tensor:
+        c = self.cache
+        lengths = (c.column + 1).to(torch.int32)
+        if self.flash:
+            ar = torch.arange(self.rows + 1, device=token.device, dtype=torch.int32)
+            batch = DecodeBatch(lengths, ar * c.capacity, ar, c.capacity, width, None, True)
+        else:
+            mask = torch.arange(width, device=token.device)[None, :] < lengths[:, None]
+            batch = DecodeBatch(lengths, None, None, c.capacity, width, mask[:, None, None, :], False)
+        out = self.model(input_ids=token, position_ids=position, **self.kv, use_cache=True, logits_to_keep=1,
+                         zlt_decode=batch)
         return out.logits[:, -1]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -226,53 +365,52 @@ class DecodeStep:
         the model's dtype; with graphs the tensor is the graph's output, overwritten by the next call.
         RuntimeError past the cache's capacity."""
         c = self.cache
-        capacity = c.layers[0].keys.shape[2]
-        if self.next_column >= capacity:
-            raise RuntimeError(f"decode step at column {self.next_column}: past the cache's capacity {capacity}")
+        if self.next_width >= c.capacity:
+            raise RuntimeError(f"decode step writes slot {self.next_width}: past the cache's capacity {c.capacity}")
         self.token.copy_(tokens[:, None])
         self.position.add_(1)
+        width = self.next_width + 1  # the longest row's length after this step's token
         if not self.graphs:
-            c.width = self.next_column + 1
-            logits = self._forward(self.token, self.mask[:, :, :, :c.width], self.position)
+            logits = self._forward(self.token, self.position, width)
         else:
-            width = min(capacity, -(-(self.next_column + 1) // self.bucket) * self.bucket)
-            if self.graph is None or self.graph.shape != (self.rows, width):
-                c.width = width
+            if not self.flash:  # the SDPA path reads `width` slots: fixed per graph, so bucketed
+                width = min(c.capacity, -(-width // self.bucket) * self.bucket)
+            shape = (self.rows, c.capacity if self.flash else width)
+            if self.graph is None or self.graph.shape != shape:
                 # the old graph and its private memory pool go first; each graph gets its own pool (a pool handle
-                # shared with a deleted graph fails an allocator assert in torch 2.11 at the next capture_begin)
+                # shared with a deleted graph failed an allocator assert at the next capture_begin, torch 2.11)
                 self.graph = None
-                self.graph = (_CudaGraph if self.token.is_cuda else _EmulatedGraph)(self, width)
+                self.graph = (_CudaGraph if self.token.is_cuda else _EmulatedGraph)(self, shape)
                 self.captures += 1
             logits = self.graph.replay()
         c.column.add_(1)
-        self.next_column += 1
+        self.next_width += 1
         return logits
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Keep only rows `keep` (int64, ascending) in the cache and the step's inputs; the next call captures a
         graph for the new row count."""
         self.cache.keep_rows(keep)
-        self.mask, self.position, self.token = self.mask[keep], self.position[keep], self.token[keep]
+        self.position, self.token = self.position[keep], self.token[keep]
         self.graph = None
 
 
 class _CudaGraph:
-    """The step's forward captured as a CUDA graph for the current rows and width (torch.cuda.graph). Built by
-    running the step once eagerly on a side stream (as torch's CUDA graph notes ask: lazy initialisation outside
-    the capture) and then capturing it; `replay` runs it and returns the graph's logits tensor. The eager run's
-    writes (this step's K/V, its mask column) are the same ones the replay makes: replaying is idempotent."""
+    """The step's forward captured as a CUDA graph for one (rows, width) (torch.cuda.graph). Built by running the
+    step once eagerly on a side stream (torch's CUDA graph notes: lazy initialisation outside the capture), then
+    capturing it; `replay` runs it and returns the graph's logits tensor. The eager run's writes (this step's K/V at
+    the rows' columns) are the ones the replay makes again: replaying is idempotent."""
 
-    def __init__(self, step: DecodeStep, width: int):
-        self.shape = (step.rows, width)
-        inputs = (step.token, step.mask[:, :, :, :width], step.position)
+    def __init__(self, step: DecodeStep, shape: tuple[int, int]):
+        self.shape = shape
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step._forward(*inputs)
+            step._forward(step.token, step.position, shape[1])
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step._forward(*inputs)
+            self.logits = step._forward(step.token, step.position, shape[1])
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()
@@ -284,14 +422,18 @@ class _EmulatedGraph:
     the forward on exactly those tensors, writing into one output tensor. A caller that swapped a buffer instead of
     updating it in place (which a real graph would never see) gets stale results here too, so CPU tests catch it."""
 
-    def __init__(self, step: DecodeStep, width: int):
-        self.shape = (step.rows, width)
-        self.step, self.width = step, width
-        self.inputs = (step.token, step.mask[:, :, :, :width], step.position)
+    def __init__(self, step: DecodeStep, shape: tuple[int, int]):
+        self.shape = shape
+        self.step = step
+        self.inputs = (step.token, step.position, shape[1])
+        self.cache = (step.cache.column, step.cache.row_index, [(la.keys, la.values) for la in step.cache.layers])
         self.logits = None
 
     def replay(self) -> torch.Tensor:
-        self.step.cache.width = self.width
+        c = self.step.cache
+        if c.column is not self.cache[0] or c.row_index is not self.cache[1] or any(
+                la.keys is not k or la.values is not v for la, (k, v) in zip(c.layers, self.cache[2])):
+            raise RuntimeError("a buffer the graph was built on was replaced: a CUDA graph would not see it")
         out = self.step._forward(*self.inputs)
         if self.logits is None:
             self.logits = out.clone()

@@ -19,14 +19,20 @@ from .sampling import decode_path, sample_new_tokens
 
 @contextlib.contextmanager
 def attached_adapter(model, adapter_dir: str | None):
-    """Yield the model with the LoRA adapter at `adapter_dir` attached (unmerged), then remove it again."""
+    """Yield the model with the LoRA adapter at `adapter_dir` attached (unmerged, its weights in the base model's
+    dtype), then remove it again."""
     if adapter_dir is None:
         yield model
         return
     from peft import PeftModel
 
     with quiet_peft():
-        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        # the adapter in the base's dtype (peft would upcast a bf16 base's adapter to fp32): bf16 LoRA matmuls, as
+        # the seed's vLLM ran them and as training's bf16 autocast computed them. Measured on the H200
+        # (benchmarks/gen_h200/, run 4): with fp32 adapters, fp32 SIMT GEMMs, fp32 adds and dtype casts around
+        # every LoRA'd Linear were ~40% of a 2,200-row decode step's kernel time. Not a merge: the base weights
+        # stay untouched, so nothing of a small adapter is rounded away (see merges_adapters).
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, autocast_adapter_dtype=False)
     peft_model.eval()
     try:
         yield peft_model
