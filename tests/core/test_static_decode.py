@@ -47,19 +47,22 @@ def tiny(kind: str, **extra):
     return model
 
 
-def reference_flash_varlen(q, k, v, cu_q, cu_k, max_k, scale, seqused_k):
+def reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused_k):
     """What static_decode.flash_varlen asks torch's CUDA flash kernel for, written out per row (CPU tests): row r's
-    one query attends to k[cu_k[r] : cu_k[r] + seqused_k[r]], query head h to KV head h // (heads / kv_heads)."""
-    assert q.shape[0] == len(cu_q) - 1 == len(cu_k) - 1 and torch.equal(cu_q, torch.arange(len(cu_q), dtype=cu_q.dtype))
-    assert cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32 and int(seqused_k.max()) <= max_k
+    queries q[cu_q[r] : cu_q[r+1]] attend (not causally) to k[cu_k[r] : cu_k[r] + seqused_k[r]], query head h to
+    KV head h // (heads / kv_heads)."""
+    rows = len(cu_q) - 1
+    assert len(cu_k) == rows + 1 and cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32
+    assert int(seqused_k.max()) <= max_k and int((cu_q[1:] - cu_q[:-1]).max()) <= max_q and cu_q[-1] == q.shape[0]
     out = torch.empty_like(q)
     heads, kv_heads = q.shape[1], k.shape[1]
-    for r in range(q.shape[0]):
+    for r in range(rows):
         start, n = int(cu_k[r]), int(seqused_k[r])
         keys = k[start:start + n].repeat_interleave(heads // kv_heads, dim=1)     # [n, heads, d]
         vals = v[start:start + n].repeat_interleave(heads // kv_heads, dim=1)
-        w = torch.einsum("hd,nhd->hn", q[r].double(), keys.double()) * scale
-        out[r] = torch.einsum("hn,nhd->hd", w.softmax(-1), vals.double()).to(q.dtype)
+        qs = q[int(cu_q[r]):int(cu_q[r + 1])].double()                          # [queries, heads, d]
+        w = torch.einsum("qhd,nhd->qhn", qs, keys.double()) * scale
+        out[int(cu_q[r]):int(cu_q[r + 1])] = torch.einsum("qhn,nhd->qhd", w.softmax(-1), vals.double()).to(q.dtype)
     return out
 
 

@@ -66,20 +66,27 @@ class DecodeBatch:
 
 
 def _flash(query, key, value, batch: DecodeBatch, scaling):
-    """torch's flash-attention varlen forward: one query per row, keys = that row's first lengths[row] slots."""
+    """torch's flash-attention varlen forward over each row's filled slots. The g = heads / kv_heads query heads
+    that share a KV head go in as g query POSITIONS of that head (not causal: each sees all the row's keys), so
+    each KV head is loaded once for its g queries instead of once per query head (flash-attention's own
+    "seqlenq_ngroups_swapped" decode trick, which its varlen entry point does not apply): [rows, heads, 1, d] ->
+    [rows x g, kv_heads, d], row r's queries at cu_q[r] = r x g."""
     rows, heads, _, d = query.shape
-    q = query.transpose(1, 2).reshape(rows, heads, d)
     kv_heads = key.shape[2]
+    g = heads // kv_heads
+    # head h = j*g + i (transformers' repeat_kv order) -> query position i of KV head j
+    q = query.reshape(rows, kv_heads, g, d).transpose(1, 2).reshape(rows * g, kv_heads, d)
     out = flash_varlen(q, key.view(rows * batch.capacity, kv_heads, d), value.view(rows * batch.capacity, kv_heads, d),
-                       batch.cu_q, batch.cu, batch.capacity, scaling, batch.lengths)
-    return out.view(rows, 1, heads, d)
+                       batch.cu_q * g, batch.cu, g, batch.capacity, scaling, batch.lengths)
+    return out.view(rows, g, kv_heads, d).transpose(1, 2).reshape(rows, 1, heads, d)
 
 
-def flash_varlen(q, k, v, cu_q, cu_k, max_k: int, scale, seqused_k):
-    """torch's flash-attention varlen forward (aten._flash_attention_forward: one query per row, not causal, no
-    dropout): q [rows, heads, d], k/v [rows x capacity, kv_heads, d], row r's keys k[cu_k[r] : cu_k[r] +
-    seqused_k[r]]. Returns [rows, heads, d]. A module function so that CPU tests can stand a reference in."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, 1, max_k, 0.0, False, False, scale=scale,
+def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale, seqused_k):
+    """torch's flash-attention varlen forward (aten._flash_attention_forward, not causal, no dropout): q [total_q,
+    heads, d], row r's queries q[cu_q[r] : cu_q[r+1]] (at most max_q) attend to its keys k[cu_k[r] : cu_k[r] +
+    seqused_k[r]] of k/v [rows x capacity, kv_heads, d]. Returns [total_q, heads, d]. A module function so that
+    CPU tests can stand a reference in."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale,
                                                    seqused_k=seqused_k)[0]
 
 
