@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import importlib.util
 
+from . import static_decode
 from .base import BACKENDS, Generator
 from .transformers_backend import TransformersGenerator
 from .vllm_backend import VllmGenerator  # imports vllm itself only when a VllmGenerator is built
 
-# `auto` takes vLLM for models of at least this many parameters. Measured on the H200 (BENCHMARKS.md, "Generation
-# on the H200"; benchmarks/gen_h200/), the paper's completions workload (2,200 samples, <= 512 tokens, LoRA):
-#   SmolLM2-135M  transformers fast loop, all 2,200 rows at once: 18.2k tok/s, 51 s a cell; vLLM 0.24 with CUDA
-#                 graphs up to 1,024 rows: 25.8k, 35 s a cell, but its engine takes 128 s to start in every process,
-#                 and production runs every step in its own pod: 163 s a cell there. In one process (`zlt run`)
-#                 over 25 cells vLLM wins (128 + 25 x 35 = 1,003 s vs 1,275 s): `--backend vllm`.
-#   Qwen2.5-7B    vLLM: 12.9k tok/s (graphs to 512); the transformers fast loop: 7.6k at <= 64 tokens, 3.8k at 512
-# Between the two nothing was measured; 1e9 puts every model of the seed's size on vLLM.
+# What `auto` takes, measured on the H200 (BENCHMARKS.md, "Generation on the H200"; benchmarks/gen_h200/), the
+# paper's completions workload (2,200 samples, <= 512 tokens, LoRA r32):
+#   SmolLM2-135M  transformers fast loop with the static decode (generation/static_decode.py: CUDA graphs, flash
+#                 varlen attention): 88.0k tok/s, 10.3 s a cell; before it (DynamicCache) 19.0k; vLLM 0.24 with CUDA
+#                 graphs to 1,024 rows 25.8k, plus a 128 s engine start in every process.
+#   Qwen2.5-7B    the static decode: 21.7k tok/s, all 2,200 rows in one batch; vLLM 12.9k (graphs to 512).
+# So the transformers fast loop wherever the static decode runs the model. vLLM stays `auto`'s choice on a GPU
+# only for models the static decode cannot run (sliding-window layers, soft-capping: the transformers loop then
+# falls back to DynamicCache, 4-5x slower) and only from this size up, where its engine start pays for itself
+# (never measured below 1e9 for such models).
 VLLM_MIN_PARAMETERS = 1_000_000_000
 
 
@@ -27,9 +30,11 @@ def parameter_count(model) -> int:
 
 
 def auto_backend(loaded) -> str:
-    """What `auto` means for this model on this device: vllm on a GPU where it imports and the model has at least
-    VLLM_MIN_PARAMETERS parameters, else transformers-fast."""
-    if loaded.device.type == "cuda" and vllm_available() and parameter_count(loaded.model) >= VLLM_MIN_PARAMETERS:
+    """What `auto` means for this model on this device: transformers-fast, except on a GPU for a model the static
+    decode cannot run (static_decode.unsupported_reason) with at least VLLM_MIN_PARAMETERS parameters, where vLLM
+    imports: vllm."""
+    if (loaded.device.type == "cuda" and static_decode.unsupported_reason(loaded.model) is not None
+            and vllm_available() and parameter_count(loaded.model) >= VLLM_MIN_PARAMETERS):
         return "vllm"
     return "transformers-fast"
 
