@@ -3,7 +3,9 @@ its per-step host synchronisation: the host checks for finished rows only every 
 rows are dropped from the batch and the KV cache ("early exit"/compaction) instead of being carried to the longest
 row's length. Same token-by-token function as `generate()`: left padding, position ids = cumsum(mask) - 1, logits
 of the last position, temperature then top-p (HF's TopP warper rule), stop at the first of the `eos_id` ids, pad
-after it. Proven equal to `generate()` by tests/core/test_fast_paths.py.
+after it. Proven equal to `generate()` by tests/core/test_fast_paths.py. After the prompt the steps run on
+transformers' DynamicCache or, on CUDA, on generation/static_decode.py (preallocated cache, flash varlen
+attention, CUDA graphs; `decode`).
 """
 from __future__ import annotations
 
