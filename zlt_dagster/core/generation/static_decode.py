@@ -57,9 +57,10 @@ _STEP_BATCH: "DecodeBatch | None" = None
 @dataclass
 class DecodeBatch:
     """What the attention function needs for one step, built inside the (captured) forward. lengths: int32 [rows],
-    filled slots per row including this step's token; cu: int32 [rows + 1], row r's slots start at cu[r] in the
-    flattened [rows x capacity] buffer (flash path); width: slots the SDPA path reads; mask: bool [rows, 1, 1, width],
-    True = attend (SDPA path); flash: which path."""
+    filled slots per row including this step's token; cu: int32 [rows + 1], row r's slots start at cu[r] = r x
+    capacity in the flattened [rows x capacity] buffer (flash path); cu_q: int32 [rows + 1], arange (flash path: row
+    r's g query positions start at cu_q[r] x g); capacity: slots per row of the cache's buffers; width: slots the
+    SDPA path reads; mask: bool [rows, 1, 1, width], True = attend (SDPA path); flash: which path."""
     lengths: torch.Tensor
     cu: torch.Tensor | None
     cu_q: torch.Tensor | None
@@ -456,8 +457,11 @@ class _CudaGraph:
 
 class _EmulatedGraph:
     """What a CUDA graph does, on any device: the step's tensors are fixed when it is built and every replay runs
-    the forward on exactly those tensors, writing into one output tensor. A caller that swapped a buffer instead of
-    updating it in place (which a real graph would never see) gets stale results here too, so CPU tests catch it."""
+    the forward on exactly those tensors, writing into one output tensor. A caller that swapped the step's token or
+    position tensor instead of updating it in place (which a real graph would never see) gets stale results here
+    too, and one that swapped a cache buffer (column, row_index, a layer's K or V) a RuntimeError, so CPU tests
+    catch both. It cannot see a host read inside the forward, which a real capture refuses (the review tests spy
+    for those)."""
 
     def __init__(self, step: DecodeStep, shape: tuple[int, int]):
         self.shape = shape
