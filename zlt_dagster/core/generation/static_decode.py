@@ -25,9 +25,10 @@ What this module does instead:
     (sampling.py's compaction) move to the front of the same buffers; the next step captures a graph for the
     smaller batch.
 The attention function gets the step's lengths through a forward keyword (`zlt_decode`), as packed training does
-(core/packing.py); no attention mask goes to the model, so transformers builds none (masking_utils returns None for
-an attention function without a registered mask function). Models with sliding-window layers or attention
-soft-capping keep the DynamicCache loop (`unsupported_reason`).
+(core/packing.py), and, for models whose decoder layers drop forward keywords (StableLm, Nemotron), from the step
+in progress (`_STEP_BATCH`); no attention mask goes to the model, so transformers builds none (masking_utils returns
+None for an attention function without a registered mask function). Models with sliding-window layers, attention
+soft-capping, latent (MLA) caches or dynamic RoPE keep the DynamicCache loop (`unsupported_reason`).
 """
 from __future__ import annotations
 
@@ -48,14 +49,18 @@ WIDTH_BUCKET = 128
 # ZLT_DECODE_ATTENTION=sdpa forces the SDPA path on CUDA too (benchmarks compare the two); auto = flash where the
 # probe passes (read through settings.decode_attention at each decode)
 ATTENTION_ENV = "ZLT_DECODE_ATTENTION"
+# the DecodeBatch of the DecodeStep forward in progress (set around the model call, also while a CUDA graph is
+# captured): attention reads it where a model's decoder layers do not pass the forward keyword on (StableLm)
+_STEP_BATCH: "DecodeBatch | None" = None
 
 
 @dataclass
 class DecodeBatch:
     """What the attention function needs for one step, built inside the (captured) forward. lengths: int32 [rows],
-    filled slots per row including this step's token; cu: int32 [rows + 1], row r's slots start at cu[r] in the
-    flattened [rows x capacity] buffer (flash path); width: slots the SDPA path reads; mask: bool [rows, 1, 1, width],
-    True = attend (SDPA path); flash: which path."""
+    filled slots per row including this step's token; cu: int32 [rows + 1], row r's slots start at cu[r] = r x
+    capacity in the flattened [rows x capacity] buffer (flash path); cu_q: int32 [rows + 1], arange (flash path: row
+    r's g query positions start at cu_q[r] x g); capacity: slots per row of the cache's buffers; width: slots the
+    SDPA path reads; mask: bool [rows, 1, 1, width], True = attend (SDPA path); flash: which path."""
     lengths: torch.Tensor
     cu: torch.Tensor | None
     cu_q: torch.Tensor | None
@@ -110,13 +115,17 @@ def decode_attention_forward(module, query, key, value, attention_mask=None, dro
 
     query [rows, heads, 1, d]; key, value: the StaticDecodeCache buffers [rows, capacity, kv_heads, d] (heads a
     multiple of kv_heads); zlt_decode: the step's DecodeBatch (a forward keyword). Returns ([rows, 1, heads, d],
-    None) as transformers' sdpa_attention_forward does. Raises RuntimeError for more than one query position, a
-    missing DecodeBatch, a sliding window, soft-capping or attention sinks (`unsupported_reason` keeps such models
-    off this path)."""
+    None) as transformers' sdpa_attention_forward does. Without the keyword (a model whose layers drop forward
+    keywords) the DecodeBatch of the DecodeStep forward in progress. Raises RuntimeError for more than one query
+    position, no DecodeBatch (called outside a DecodeStep), a sliding window, soft-capping or attention sinks
+    (`unsupported_reason` keeps such models off this path)."""
     if query.shape[2] != 1:
         raise RuntimeError(f"decode attention takes one query position per row, got {query.shape[2]}")
     if zlt_decode is None:
-        raise RuntimeError("decode attention needs the decode step's DecodeBatch (forward keyword zlt_decode)")
+        zlt_decode = _STEP_BATCH
+    if zlt_decode is None:
+        raise RuntimeError("decode attention needs the decode step's DecodeBatch (forward keyword zlt_decode, or a "
+                           "DecodeStep forward in progress)")
     if sliding_window is not None or softcap is not None or s_aux is not None:
         raise RuntimeError("decode attention has no sliding window, soft-capping or attention sinks")
     attend = _flash if zlt_decode.flash else _sdpa
@@ -125,7 +134,10 @@ def decode_attention_forward(module, query, key, value, attention_mask=None, dro
 
 def unsupported_reason(model) -> str | None:
     """Why `model` cannot decode with this module (None = it can): it must switch attention functions through
-    transformers' AttentionInterface, and use full causal attention in every layer without soft-capping."""
+    transformers' AttentionInterface, use full causal attention in every layer without soft-capping, cache K/V
+    themselves (multi-head latent attention caches latents and expands them after the cache: kv_lora_rank), and
+    keep its RoPE frequencies fixed (dynamic NTK RoPE recomputes them on the host from the positions in every
+    forward: a host read a CUDA graph capture refuses, and a replaced buffer a captured graph would not see)."""
     base = unwrap_peft(model)
     cfg = base.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -139,7 +151,21 @@ def unsupported_reason(model) -> str | None:
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(cfg, name, None):
             return f"{name}={getattr(cfg, name)}"
+    if getattr(cfg, "kv_lora_rank", None):
+        return f"multi-head latent attention (kv_lora_rank={cfg.kv_lora_rank}): the cache holds latents"
+    dynamic = sorted(t for t in _rope_types(cfg) if "dynamic" in t)
+    if dynamic:
+        return f"rope_type {dynamic[0]}: frequencies recomputed on the host every forward"
     return None
+
+
+def _rope_types(cfg) -> set[str]:
+    """The RoPE types of `cfg` (rope_parameters: one dict, or one per layer type; rope_scaling before)."""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return set()
+    params = list(rope.values()) if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    return {str(p.get("rope_type", p.get("type", "default"))) for p in params if isinstance(p, dict)}
 
 
 @contextlib.contextmanager
@@ -360,8 +386,13 @@ class DecodeStep:
         else:
             mask = torch.arange(width, device=token.device)[None, :] < lengths[:, None]
             batch = DecodeBatch(lengths, None, None, c.capacity, width, mask[:, None, None, :], False)
-        out = self.model(input_ids=token, position_ids=position, **self.kv, use_cache=True, logits_to_keep=1,
-                         zlt_decode=batch)
+        global _STEP_BATCH
+        _STEP_BATCH = batch
+        try:
+            out = self.model(input_ids=token, position_ids=position, **self.kv, use_cache=True, logits_to_keep=1,
+                             zlt_decode=batch)
+        finally:
+            _STEP_BATCH = None
         return out.logits[:, -1]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -423,8 +454,11 @@ class _CudaGraph:
 
 class _EmulatedGraph:
     """What a CUDA graph does, on any device: the step's tensors are fixed when it is built and every replay runs
-    the forward on exactly those tensors, writing into one output tensor. A caller that swapped a buffer instead of
-    updating it in place (which a real graph would never see) gets stale results here too, so CPU tests catch it."""
+    the forward on exactly those tensors, writing into one output tensor. A caller that swapped the step's token or
+    position tensor instead of updating it in place (which a real graph would never see) gets stale results here
+    too, and one that swapped a cache buffer (column, row_index, a layer's K or V) a RuntimeError, so CPU tests
+    catch both. It cannot see a host read inside the forward, which a real capture refuses (the review tests spy
+    for those)."""
 
     def __init__(self, step: DecodeStep, shape: tuple[int, int]):
         self.shape = shape
