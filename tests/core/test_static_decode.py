@@ -119,6 +119,8 @@ def test_flash_path_off_cuda_and_switched_off(monkeypatch):
     monkeypatch.setenv(static_decode.ATTENTION_ENV, "fast")
     with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION: 'fast'; expected auto or sdpa"):
         static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
+    with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION: 'fast'"):  # also where the CPU would not read it
+        decode_path(tiny("llama"))
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -216,6 +218,7 @@ def test_static_cache_left_aligns_rows_writes_at_their_columns_and_keeps_rows_in
     k_in = dyn.layers[1].keys.clone()
     cache = static_decode.static_decode_cache(dyn, mask, capacity=6)
     layer = cache.layers[1]
+    assert all(la.keys is None and la.values is None for la in dyn.layers)  # moved in, not held twice
     assert torch.equal(cache.column, torch.tensor([3, 2, 1, 3]))  # tokens per row
     for r, n in enumerate([3, 2, 1, 3]):  # row r's tokens, padding removed, in slots 0..n-1, [capacity, heads, d]
         assert torch.equal(layer.keys[r, :n], k_in[r, :, 3 - n:].transpose(0, 1))

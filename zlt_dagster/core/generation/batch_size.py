@@ -45,9 +45,10 @@ RESERVE_FRACTION = 0.10          # of total device memory: cuBLAS/attention work
 # new K/V coexist for a moment, and the caching allocator cannot reuse the smaller freed blocks for the larger
 # ones at once. A quarter on top of the cache's own size (an estimate; the GPU benchmark measures the peak).
 KV_HEADROOM = 1.25
-# The static decode (generation/static_decode.py) allocates the cache once at its full width and drops rows in
-# place, one layer's kept rows at a time (1/layers of the cache: 3% on SmolLM2's 30 layers, 4% on Qwen2.5-7B's 28);
-# the CUDA graph pool holds one step's activations, counted in the per-row prefill activations.
+# The static decode (generation/static_decode.py) allocates the cache once at its full width, moves the prompt's
+# cache in one layer at a time (that layer's prompt copy and buffer coexist) and drops rows in place, one layer's
+# kept rows at a time: 1/layers of the cache on top (3% on SmolLM2's 30 layers, 4% on Qwen2.5-7B's 28); the CUDA
+# graph pool holds one step's activations, counted in the per-row prefill activations.
 STATIC_KV_HEADROOM = 1.05
 # fp32 logits of the last position (1), temperature-scaled (1), softmax for multinomial (1); top-p adds the
 # sort's values (1) and int64 indices (2), their cumsum (1) and the masked copy (1): 8 vocab-sized fp32 buffers

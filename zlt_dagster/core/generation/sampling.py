@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from ... import settings
 from ..models import unwrap_peft
 from . import static_decode
 
@@ -52,11 +53,12 @@ def decode_path(model, decode: str = "auto", graphs: bool | None = None) -> str:
     """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs)` runs after the prompt, for records:
     "static[, CUDA graphs], <attention> attention" (static_decode.attention_path: "flash varlen" or "sdpa (why
     not flash)") or "dynamic" (with the reason where auto fell back). ValueError for an unknown `decode`, or
-    "static" on a model that cannot (the reason named)."""
+    "static" on a model that cannot (the reason named); settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
     if decode not in ("auto", "static", "dynamic"):
         raise ValueError(f"decode={decode!r}; expected auto, static or dynamic")
     if decode == "dynamic":
         return "dynamic"
+    settings.decode_attention()  # a bad ZLT_DECODE_ATTENTION fails here, also where the CPU would not read it
     why_not = static_decode.unsupported_reason(model)
     if why_not and decode == "static":
         raise ValueError(f"decode='static' is not possible for this model: {why_not}")

@@ -229,14 +229,25 @@ def _probe(device, dtype, heads, kv_heads, d) -> tuple[bool, str]:
     return (True, "") if err <= 2e-2 else (False, f"flash probe differs from SDPA by {err:.3g}")
 
 
-def attention_path(model) -> str:
-    """"flash varlen" or "sdpa (why not flash)" for `model`'s device, dtype and head layout (records)."""
+def head_layout(model) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) as the model's attention modules compute them (their head_dim and
+    num_key_value_groups attributes, which transformers' attention classes carry), else from the config."""
     base = unwrap_peft(model)
     cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    p = next(base.parameters())
     heads = cfg.num_attention_heads
-    ok, why = flash_decode_check(p.device, p.dtype, heads, getattr(cfg, "num_key_value_heads", None) or heads,
-                                 getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    for module in base.modules():
+        if isinstance(getattr(module, "head_dim", None), int) and isinstance(
+                getattr(module, "num_key_value_groups", None), int):
+            return heads, heads // module.num_key_value_groups, module.head_dim
+    return heads, getattr(cfg, "num_key_value_heads", None) or heads, (getattr(cfg, "head_dim", None)
+                                                                        or cfg.hidden_size // heads)
+
+
+def attention_path(model) -> str:
+    """"flash varlen" or "sdpa (why not flash)" for `model`'s device, dtype and head layout (records); the same
+    check a DecodeStep of this model makes."""
+    p = next(unwrap_peft(model).parameters())
+    ok, why = flash_decode_check(p.device, p.dtype, *head_layout(model))
     return "flash varlen" if ok else f"sdpa ({why})"
 
 
@@ -282,8 +293,9 @@ def _cache_classes():
         def __init__(self, prefilled, prompt_mask: torch.Tensor, capacity: int):
             """prefilled: a transformers cache after the prompts' forward (every layer [rows, kv_heads, width, d],
             left-padded as `prompt_mask` [rows, width] says: 1 = token); capacity: slots per row (prompt + new
-            tokens). Its tensors are copied, left-aligned; it can be dropped afterwards. ValueError when a prompt is
-            wider than `capacity`."""
+            tokens). Its tensors are moved in, left-aligned: each of its layers is emptied once copied, so the prompt's
+            cache and the new buffers coexist one layer at a time (batch_size.STATIC_KV_HEADROOM). ValueError when a
+            prompt is wider than `capacity`."""
             rows, width = prompt_mask.shape
             if width > capacity:
                 raise ValueError(f"capacity {capacity} < prompt width {width}")
@@ -304,6 +316,7 @@ def _cache_classes():
                     at = src[:, :, None, None].expand(rows, width, t.shape[1], t.shape[3])
                     buf[:, :width] = torch.gather(t.transpose(1, 2), 1, at)
                     bufs.append(buf)
+                layer.keys = layer.values = k = v = None  # moved: the prompt's copy and the buffers coexist per layer
                 layers.append(StaticDecodeLayer(self, *bufs))
             super().__init__(layers=layers)
             self.column = lengths.clone()
@@ -360,11 +373,12 @@ class DecodeStep:
         if bucket < 1:
             raise ValueError(f"bucket={bucket}; expected >= 1 slots")
         self.bucket = bucket
-        base = unwrap_peft(model)
-        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         layer = cache.layers[0]
-        self.flash = flash_decode_ok(device, layer.keys.dtype, cfg.num_attention_heads, layer.keys.shape[2],
-                                     layer.keys.shape[3])
+        heads, kv_heads, head_dim = head_layout(model)
+        if (kv_heads, head_dim) != tuple(layer.keys.shape[2:]):
+            raise RuntimeError(f"the cache holds {tuple(layer.keys.shape[2:])} (KV heads, head dim); the model's "
+                               f"attention says {(kv_heads, head_dim)}")
+        self.flash = flash_decode_ok(device, layer.keys.dtype, heads, kv_heads, head_dim)
         self.graph = None          # the graph of the current shape: _CudaGraph, or _EmulatedGraph off CUDA
         self.captures = 0
         self.next_width = int(cache.column.max())  # host bound on the longest row: it counts the steps, no reads
