@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .generation.batch_size import for_arc
-from .generation.sampling import cache_kwargs
+from .generation.cache_keyword import cache_kwargs
 from .models import unwrap_peft
 
 ARC_CHALLENGE_TEST_SIZE = 1172  # ARC-Challenge test split, distinct questions

@@ -15,19 +15,8 @@ from typing import Sequence
 import torch
 
 from ... import settings
-from ..models import unwrap_peft
 from . import static_decode
-
-def cache_kwargs(model, cache) -> dict:
-    """The KV cache as the keyword this transformers version's forward takes: `cache` from 5.2x (where
-    `past_key_values` still works but warns that 5.40 removes it), `past_key_values` before (5.17 on the GPU
-    machine)."""
-    import inspect
-
-    base = unwrap_peft(model)
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    return {name: cache}
-
+from .cache_keyword import cache_kwargs
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """transformers' TopPLogitsWarper (min_tokens_to_keep=1)."""

@@ -40,6 +40,7 @@ import torch
 
 from ... import settings
 from ..models import unwrap_peft
+from .cache_keyword import cache_kwargs
 
 DECODE_ATTENTION = "zlt_decode_attention"
 # SDPA path: columns of the cache a step reads, rounded up to a multiple of this (one graph capture per 128 steps;
@@ -361,8 +362,6 @@ class DecodeStep:
     positions: the last prompt token's position per row [rows, 1]."""
 
     def __init__(self, model, cache, positions: torch.Tensor, graphs: bool | None = None, bucket: int | None = None):
-        from .sampling import cache_kwargs
-
         self.model, self.cache = model, cache
         device = positions.device
         self.position = positions.clone()
