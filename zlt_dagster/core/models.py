@@ -95,6 +95,13 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def text_config(model):
+    """The config of the language part of `model` (a peft wrapper looked through): get_text_config() where the
+    config has one (multimodal configs nest it), else the config itself."""
+    cfg = unwrap_peft(model).config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def _as_id_list(encoded: Any) -> list[int]:
     """apply_chat_template(tokenize=True) returns a list in transformers 4 and a BatchEncoding in 5."""
     if hasattr(encoded, "keys") and "input_ids" in encoded.keys():

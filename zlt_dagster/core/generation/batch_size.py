@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..models import unwrap_peft
+from ..models import text_config, unwrap_peft
 
 # The values 0 stands for on a CPU: what the fields held before they became overrides (data 32, eval 64, ARC 32).
 CPU_ROWS = {"data.gen_batch_size": 32, "eval.gen_batch_size": 64, "eval.arc_batch_size": 32}
@@ -84,8 +84,7 @@ class ModelShape:
         """The shape of a transformers causal LM (a peft wrapper is looked through). Raises ValueError naming the
         config field it lacks."""
         base = unwrap_peft(model)
-        cfg = base.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cfg = text_config(base)
 
         def need(name: str) -> int:
             value = getattr(cfg, name, None)

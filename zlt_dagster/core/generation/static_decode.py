@@ -24,9 +24,9 @@ What this module does instead:
     width bucket on the SDPA path) and replayed: one launch a step instead of thousands. Rows leaving the batch
     (sampling.py's compaction) move to the front of the same buffers; the next step captures a graph for the
     smaller batch.
-The attention function gets the step's lengths through a forward keyword (`zlt_decode`), as packed training does
-(core/packing.py), and, for models whose decoder layers drop forward keywords (StableLm, Nemotron), from the step
-in progress (`_STEP_BATCH`); no attention mask goes to the model, so transformers builds none (masking_utils returns
+The attention function gets the step's lengths from the DecodeStep forward in progress (`_STEP_BATCH`), not as a
+forward keyword as packed training does (core/packing.py): some models' decoder layers drop forward keywords
+(StableLm, Nemotron). No attention mask goes to the model, so transformers builds none (masking_utils returns
 None for an attention function without a registered mask function). Models with sliding-window layers, attention
 soft-capping, latent (MLA) caches or dynamic RoPE keep the DynamicCache loop (`unsupported_reason`).
 """
@@ -39,7 +39,7 @@ from typing import Iterator
 import torch
 
 from ... import settings
-from ..models import unwrap_peft
+from ..models import text_config, unwrap_peft
 from .cache_keyword import cache_kwargs
 
 DECODE_ATTENTION = "zlt_decode_attention"
@@ -51,7 +51,8 @@ WIDTH_BUCKET = 128
 # probe passes (read through settings.decode_attention at each decode)
 ATTENTION_ENV = "ZLT_DECODE_ATTENTION"
 # the DecodeBatch of the DecodeStep forward in progress (set around the model call, also while a CUDA graph is
-# captured): attention reads it where a model's decoder layers do not pass the forward keyword on (StableLm)
+# captured): what decode_attention_forward reads (a forward keyword would not reach it through every model's
+# decoder layers: StableLm drops them)
 _STEP_BATCH: "DecodeBatch | None" = None
 
 
@@ -90,8 +91,9 @@ def _flash(query, key, value, batch: DecodeBatch, scaling):
 def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale, seqused_k):
     """torch's flash-attention varlen forward (aten._flash_attention_forward, not causal, no dropout): q [total_q,
     heads, d], row r's queries q[cu_q[r] : cu_q[r+1]] (at most max_q) attend to its keys k[cu_k[r] : cu_k[r] +
-    seqused_k[r]] of k/v [rows x capacity, kv_heads, d]. Returns [total_q, heads, d]. A module function so that
-    CPU tests can stand a reference in."""
+    seqused_k[r]] of k/v [rows x capacity, kv_heads, d]. Returns [total_q, heads, d]. The aten op, not
+    torch.nn.attention.varlen.varlen_attn as packed training uses (core/packing.py): the GPU machine's torch 2.11
+    varlen_attn has no seqused_k. A module function so that CPU tests can stand a reference in."""
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale,
                                                    seqused_k=seqused_k)[0]
 
@@ -115,18 +117,16 @@ def decode_attention_forward(module, query, key, value, attention_mask=None, dro
     """transformers attention function (AttentionInterface signature) for ONE new token per row.
 
     query [rows, heads, 1, d]; key, value: the StaticDecodeCache buffers [rows, capacity, kv_heads, d] (heads a
-    multiple of kv_heads); zlt_decode: the step's DecodeBatch (a forward keyword). Returns ([rows, 1, heads, d],
-    None) as transformers' sdpa_attention_forward does. Without the keyword (a model whose layers drop forward
-    keywords) the DecodeBatch of the DecodeStep forward in progress. Raises RuntimeError for more than one query
-    position, no DecodeBatch (called outside a DecodeStep), a sliding window, soft-capping or attention sinks
-    (`unsupported_reason` keeps such models off this path)."""
+    multiple of kv_heads); zlt_decode: the step's DecodeBatch, None = the one of the DecodeStep forward in progress.
+    Returns ([rows, 1, heads, d], None) as transformers' sdpa_attention_forward does. Raises RuntimeError for more
+    than one query position, no DecodeBatch (called outside a DecodeStep), a sliding window, soft-capping or
+    attention sinks (`unsupported_reason` keeps such models off this path)."""
     if query.shape[2] != 1:
         raise RuntimeError(f"decode attention takes one query position per row, got {query.shape[2]}")
     if zlt_decode is None:
         zlt_decode = _STEP_BATCH
     if zlt_decode is None:
-        raise RuntimeError("decode attention needs the decode step's DecodeBatch (forward keyword zlt_decode, or a "
-                           "DecodeStep forward in progress)")
+        raise RuntimeError("decode attention runs inside a DecodeStep forward (no DecodeBatch)")
     if sliding_window is not None or softcap is not None or s_aux is not None:
         raise RuntimeError("decode attention has no sliding window, soft-capping or attention sinks")
     attend = _flash if zlt_decode.flash else _sdpa
@@ -140,8 +140,7 @@ def unsupported_reason(model) -> str | None:
     keep its RoPE frequencies fixed (dynamic NTK RoPE recomputes them on the host from the positions in every
     forward: a host read a CUDA graph capture refuses, and a replaced buffer a captured graph would not see)."""
     base = unwrap_peft(model)
-    cfg = base.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = text_config(base)
     if not getattr(base, "_can_set_attn_implementation", lambda: False)():
         return f"{type(base).__name__} does not use transformers' AttentionInterface"
     layer_types = getattr(cfg, "layer_types", None)
@@ -234,7 +233,7 @@ def head_layout(model) -> tuple[int, int, int]:
     """(query heads, KV heads, head dim) as the model's attention modules compute them (their head_dim and
     num_key_value_groups attributes, which transformers' attention classes carry), else from the config."""
     base = unwrap_peft(model)
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    cfg = text_config(base)
     heads = cfg.num_attention_heads
     for module in base.modules():
         if isinstance(getattr(module, "head_dim", None), int) and isinstance(
@@ -379,16 +378,11 @@ class DecodeStep:
                                f"attention says {(kv_heads, head_dim)}")
         self.flash = flash_decode_ok(device, layer.keys.dtype, heads, kv_heads, head_dim)
         self.graph = None          # the graph of the current shape: _CudaGraph, or _EmulatedGraph off CUDA
-        self.captures = 0
         self.next_width = int(cache.column.max())  # host bound on the longest row: it counts the steps, no reads
 
     @property
     def rows(self) -> int:
         return self.token.shape[0]
-
-    @property
-    def attention(self) -> str:
-        return "flash varlen" if self.flash else "sdpa"
 
     def _forward(self, token: torch.Tensor, position: torch.Tensor, width: int) -> torch.Tensor:
         c = self.cache
@@ -402,8 +396,7 @@ class DecodeStep:
         global _STEP_BATCH
         _STEP_BATCH = batch
         try:
-            out = self.model(input_ids=token, position_ids=position, **self.kv, use_cache=True, logits_to_keep=1,
-                             zlt_decode=batch)
+            out = self.model(input_ids=token, position_ids=position, **self.kv, use_cache=True, logits_to_keep=1)
         finally:
             _STEP_BATCH = None
         return out.logits[:, -1]
@@ -429,7 +422,6 @@ class DecodeStep:
                 # shared with a deleted graph failed an allocator assert at the next capture_begin, torch 2.11)
                 self.graph = None
                 self.graph = (_CudaGraph if self.token.is_cuda else _EmulatedGraph)(self, shape)
-                self.captures += 1
             logits = self.graph.replay()
         c.column.add_(1)
         self.next_width += 1

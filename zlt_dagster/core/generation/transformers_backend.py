@@ -29,7 +29,7 @@ def attached_adapter(model, adapter_dir: str | None):
     with quiet_peft():
         # the adapter in the base's dtype (peft would upcast a bf16 base's adapter to fp32): bf16 LoRA matmuls, as
         # the seed's vLLM ran them and as training's bf16 autocast computed them. Measured on the H200
-        # (benchmarks/gen_h200/, run 4): with fp32 adapters, fp32 SIMT GEMMs, fp32 adds and dtype casts around
+        # (benchmarks/gen_h200/, run 6): with fp32 adapters, fp32 SIMT GEMMs, fp32 adds and dtype casts around
         # every LoRA'd Linear were ~40% of a 2,200-row decode step's kernel time. Not a merge: the base weights
         # stay untouched, so nothing of a small adapter is rounded away (see merges_adapters).
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, autocast_adapter_dtype=False)
