@@ -35,10 +35,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
-from gpu_bench import LOG, Runner, T0, build_model, log, peak_gib, reset_peak, sync  # noqa: E402 (benchmarks/)
+from gpu_bench import LOG, Runner, T0, build_model, kernel_table, log, peak_gib, reset_peak, sync  # noqa: E402 (benchmarks/)
 
 from zlt_dagster.core.eval_plan import eval_prompts  # noqa: E402
 from zlt_dagster.core.generation.progress import GenerationProgress  # noqa: E402
@@ -84,13 +85,8 @@ def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch
 
 def with_env(env: dict, fn, *args, **kw):
     """fn(*args, **kw) with the environment variables `env` set for the call (a lever switched off in-process)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         return fn(*args, **kw)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def decode_profile(lm, prompts, adapter, decode: str, max_new: int, out: Path, tag: str) -> dict:
@@ -109,12 +105,8 @@ def decode_profile(lm, prompts, adapter, decode: str, max_new: int, out: Path, t
         comps = gen.generate(prompts, 10, 1.0, 1.0, max_new, seed=0, adapter_dir=adapter, batch_size=0)
         sync(lm.device)
         wall = time.perf_counter() - t
-    ev = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))
-    busy_ms = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 1e3
-    launches = sum(e.count for e in ev)
+    busy_ms, launches, lines = kernel_table(prof)
     steps = max(c.n_new_tokens for c in comps)
-    lines = [f"{(getattr(e, 'self_device_time_total', 0) or 0) / 1e3:10.1f} ms {e.count:8d}x  {e.key[:150]}"
-             for e in ev[:40]]
     head = (f"decode={gen.decode_path}: {len(comps)} rows, {steps} steps, wall {wall * 1e3:.1f} ms "
             f"({wall * 1e3 / steps:.2f} ms a step), kernel time {busy_ms:.1f} ms (GPU busy {busy_ms / wall / 1e3:.0%}), "
             f"{launches / steps:.0f} kernels a step\n")

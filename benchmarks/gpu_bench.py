@@ -369,6 +369,16 @@ def diagnose(lm: LoadedModel, out: Path) -> dict:
 
 
 # --- driver ------------------------------------------------------------------------------------------------------
+def kernel_table(prof, top: int = 40) -> tuple[float, int, list[str]]:
+    """A torch.profiler run's kernels: (total kernel time in ms, kernel launches, one line per kernel of the `top`
+    largest by self device time: "<ms> ms <count>x  <name>")."""
+    ev = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))
+    busy_ms = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 1e3
+    lines = [f"{(getattr(e, 'self_device_time_total', 0) or 0) / 1e3:10.1f} ms {e.count:8d}x  {e.key[:150]}"
+             for e in ev[:top]]
+    return busy_ms, sum(e.count for e in ev), lines
+
+
 class Runner:
     def __init__(self, out: Path, budget_s: float, results: dict):
         self.out, self.deadline, self.results = out, T0 + budget_s, results

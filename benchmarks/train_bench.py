@@ -228,11 +228,8 @@ def kernel_profile(lm, exs, cells, steps_per_epoch: int, tmp: Path, out: Path, t
         recs = train_cells(lm, exs[:eff * steps_per_epoch], proto, cells, 0,
                            [tmp / f"k{tag}{j}" for j in range(len(cells))])
         sync(lm.device)
-    ev = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))
-    busy_ms = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 1e3
+    busy_ms, _, lines = gpu_bench.kernel_table(prof)
     wall_ms = max(r["group"]["wall_s"] for r in recs) * 1e3
-    lines = [f"{(getattr(e, 'self_device_time_total', 0) or 0) / 1e3:10.1f} ms {e.count:8d}x  {e.key[:150]}"
-             for e in ev[:40]]
     (out / f"kernels_train_{tag}.txt").write_text(f"kernel time {busy_ms:.1f} ms, training wall {wall_ms:.1f} ms "
                                                    f"(set-up and adapter writes are outside the wall, inside the "
                                                    f"kernel time)\n" + "\n".join(lines) + "\n")
