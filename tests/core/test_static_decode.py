@@ -12,9 +12,10 @@ import torch
 from zlt_dagster.core.generation import static_decode
 from zlt_dagster.core.generation.sampling import decode_path, sample_new_tokens
 
+from tests.core.test_fast_paths import EOS, PAD, hf_generate
+
 warnings.filterwarnings("ignore", message=".*past_key_values.*")
 
-EOS, PAD = 42, 0
 
 
 def prompts_for(vocab: int, n: int = 12, seed: int = 1) -> list[list[int]]:
@@ -24,27 +25,26 @@ def prompts_for(vocab: int, n: int = 12, seed: int = 1) -> list[list[int]]:
 
 
 def hf_greedy(model, prompts, max_new):
-    width = max(map(len, prompts))
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=EOS,
-                             pad_token_id=PAD, do_sample=False)
-    return out[:, width:]
+    """generate()'s greedy new tokens, left-padded prompts (test_fast_paths.hf_generate)."""
+    return hf_generate(model, prompts, max_new, do_sample=False)
 
 
-def tiny(kind: str, **extra):
+def build(cfg_cls: str, model_cls: str, **extra):
+    """A tiny random transformers model (eval mode, seed 0) of the named config and model classes: 6 query heads
+    over 2 KV heads, vocabulary 48, EOS 42, PAD 0; `extra` overrides config fields."""
     import transformers
 
     common = dict(vocab_size=48, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, pad_token_id=PAD,
                   eos_token_id=EOS, bos_token_id=2)
     common.update(extra)
-    cfg_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-                          "mistral": ("MistralConfig", "MistralForCausalLM")}[kind]
     torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**common)).eval()
-    return model
+    return getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**common)).eval()
+
+
+def tiny(kind: str, **extra):
+    return build(*{"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                   "mistral": ("MistralConfig", "MistralForCausalLM")}[kind], **extra)
 
 
 def reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused_k):

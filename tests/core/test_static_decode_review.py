@@ -10,20 +10,9 @@ import torch
 from zlt_dagster.core.generation import static_decode
 from zlt_dagster.core.generation.sampling import decode_path, sample_new_tokens
 
-from tests.core.test_static_decode import EOS, PAD, hf_greedy, prompts_for, reference_flash_varlen
+from tests.core.test_static_decode import EOS, PAD, build, hf_greedy, prompts_for, reference_flash_varlen
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*")
-
-
-def build(cfg_cls: str, model_cls: str, **extra):
-    import transformers
-
-    common = dict(vocab_size=48, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, pad_token_id=PAD,
-                  eos_token_id=EOS, bos_token_id=2)
-    common.update(extra)
-    torch.manual_seed(0)
-    return getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**common)).eval()
 
 
 def mixed_prompts() -> list[list[int]]:
