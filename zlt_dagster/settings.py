@@ -53,6 +53,10 @@ ZLT_TRAIN_COMPILE | auto | `auto` = each decoder layer, LoRA bank inside, throug
     models under 1B parameters on CUDA where Triton can build kernels (a C compiler and Python.h; SmolLM2 on the
     H200: 1.6-1.8x, ~20-30 s of compiling per process), eager otherwise (7B compiled is not measured since a fix); `off` = eager; or a `torch.compile` backend
     ([BENCHMARKS.md](BENCHMARKS.md)); compile time is recorded in each `train_run.json` (`compile`)
+ZLT_GPUS | auto | GPUs `zlt run` / `zlt demo` use at once, one worker process per GPU (`auto` = every visible GPU
+    when the device is `auto` or `cuda`, else 1; or a number >= 1) (`zlt --gpus`)
+ZLT_GPU_LOCK_DIR | /tmp/zlt-gpu-locks | host-local lock files that give each GPU step or worker its own GPU on a
+    host with several (`defs/gpu_pinning.py`)
 ZLT_TRAIN_GROUP_SIZE | 25 | `adapter` partitions per backfill run (and per `zlt run` pass), trained in one pass;
     read when the definitions load
 ZLT_SWEEP_REGISTRY | configs/sweeps.yaml | the registry file the sensor reads ([docs/user-flows.md](docs/user-flows.md))
@@ -202,6 +206,7 @@ def validate() -> None:
     device("auto")
     torch_threads()
     train_group_size()
+    gpus()
     get_int("ZLT_REGISTRY_SENSOR_INTERVAL_S", minimum=1)
     tracking()
     cudnn_sdpa()
@@ -215,6 +220,20 @@ def deployment() -> str:
     if name not in DEPLOYMENTS:
         raise SettingsError("ZLT_DEPLOYMENT", f"{name!r} is not one of {list(DEPLOYMENTS)}")
     return name
+
+
+def gpus() -> str | int:
+    """ZLT_GPUS: "auto", or a number of GPUs >= 1."""
+    return check_gpus("ZLT_GPUS", get("ZLT_GPUS"))
+
+
+def check_gpus(name: str, raw: str) -> str | int:
+    value = str(raw).strip().lower()
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise SettingsError(name, f"{raw!r}; expected auto or an integer >= 1")
+    return int(value)
 
 
 def train_group_size() -> int:

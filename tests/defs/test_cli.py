@@ -299,6 +299,11 @@ BAD_SETTINGS = [
     ({}, ["--threads", "-2"], "command line: --threads: '-2'; expected an integer >= 0"),
     ({}, ["--threads", "two"], "command line: --threads: 'two'; expected an integer >= 0"),
     ({}, ["--device", "cuda:99"], "command line: --device: 'cuda:99', but torch sees"),
+    ({}, ["--gpus", "0"], "command line: --gpus: '0'; expected auto or an integer >= 1"),
+    ({"ZLT_GPUS": "two"}, [], "environment: ZLT_GPUS: 'two'; expected auto or an integer >= 1"),
+    ({"CUDA_VISIBLE_DEVICES": "0"}, ["--gpus", "2"], "command line: --gpus: '2', but 1 GPU(s) are visible here"),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, ["--gpus", "2", "--device", "cpu"],
+     "command line: --gpus: '2' with device 'cpu': several GPUs need device auto or cuda"),
 ]
 if importlib.util.find_spec("vllm") is None:  # CI and this machine: asking for vLLM is a config error up front
     BAD_SETTINGS += [

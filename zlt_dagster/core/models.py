@@ -68,6 +68,15 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def device_label(device: torch.device) -> str:
+    """What a record says of where it ran: `cpu`, or `cuda (NVIDIA H200, CUDA_VISIBLE_DEVICES=1)`: the GPU's name
+    and, where set (a pinned process, defs/gpu_pinning.py), which of the host's GPUs it was."""
+    if device.type != "cuda":
+        return str(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{device} ({torch.cuda.get_device_name(device)}{f', CUDA_VISIBLE_DEVICES={visible}' if visible else ''})"
+
+
 def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow on most hosts and lose precision for nothing)."""
     if precision == "bf16":

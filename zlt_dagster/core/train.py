@@ -32,7 +32,7 @@ from .bank_adamw import BankAdamW
 from .checkpoint import Checkpointer, TrainState, stop_signal_flags
 from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
-from .models import LoadedModel, unwrap_peft
+from .models import LoadedModel, device_label, unwrap_peft
 from .onpolicy import OnPolicyData
 from .packing import PackedBatch, collate_packed, is_packed, packed_attention
 from .protocol import Cell, Protocol, is_finite_number
@@ -553,7 +553,7 @@ def _record(loaded, protocol, cells, j, seed, state, plan, lr_steps, bp, n_examp
         "group": {"cells": [c.key for c in cells], "n_cells": len(cells), "wall_s": round(group_wall, 3),
                   "tokens_per_s": round(group_tokens / group_wall, 1) if group_wall > 0 else None},
         "dropout_masks": DROPOUT_MASKS, "lora_matmul": lora_matmul,
-        "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": device_label(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
         "loss_path": "full_logits" if full_logits else "supervised_logits",
         "resumed_from_step": st.resumed_from_step, "segments": st.segments,
         "checkpoints_written": st.checkpoints_written,

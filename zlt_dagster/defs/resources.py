@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field
 
 from .. import settings
 
 from ..steps import ComputeSettings
 from ..storage import LocalStore, ObjectStore, S3Store
+from .gpu_pinning import pin_gpu
 
 
 class ArtifactStore(ConfigurableResource):
@@ -54,6 +55,12 @@ class Compute(ConfigurableResource):
     train_compile: str = Field(default="auto", description="auto = each decoder layer through torch.compile "
                                "(inductor) for models under 1B parameters on CUDA, else eager; off = eager; or a "
                                "torch.compile backend; see BENCHMARKS.md")
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        """On a host with several GPUs, a step that may use CUDA takes one free GPU for its process before any CUDA
+        call (defs/gpu_pinning.py); an explicit `cuda:<n>` or `cpu` is left as given."""
+        if self.device in ("auto", "cuda"):
+            pin_gpu(settings.get("ZLT_GPU_LOCK_DIR"), log=context.log.info if context.log else print)
 
     def settings(self) -> ComputeSettings:
         return ComputeSettings(device=self.device, generation_backend=self.generation_backend,

@@ -8,12 +8,16 @@ step as one line on stderr; the full event log stays in the instance.
 One process keeps one copy of the base model for all cells. Finished cells are skipped (resume)."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import logging
+import multiprocessing
+import os
 import re
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from dagster import (
@@ -28,6 +32,7 @@ from .assets import (
     ALL_ASSETS, INTERRUPT_TAG, REPORT_ASSETS, SWEEP_DATA_ASSETS, TRAIN_GROUP_SIZE, StepInterrupted, adapter,
     adapter_metadata, arc_scores, base_arc_scores, completions, marker_rates,
 )
+from .gpu_pinning import pin_gpu, visible_gpus
 from .instance import open_instance
 from .partitions import add_partitions, partition_key, split_partition_key, sweep_cell_partitions
 from .registry import report_outdated
@@ -79,9 +84,10 @@ def zlt_console(init_context) -> logging.Logger:
 
 
 def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int) -> dict:
-    """``artifacts``: a local directory, or an ArtifactStore resource (the CLI's store from the environment)."""
-    store = (artifacts if isinstance(artifacts, ArtifactStore)
-             else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
+    """``artifacts``: a local directory, an ArtifactStore resource (the CLI's store from the environment) or its
+    fields as a dict (what a worker process receives)."""
+    store = (artifacts if isinstance(artifacts, ArtifactStore) else ArtifactStore(**artifacts)
+             if isinstance(artifacts, dict) else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
     return {"store": store,
             "compute": Compute(device=device, generation_backend=backend, arc_source=arc_source,
                                torch_threads=threads, train_compile=settings.get("ZLT_TRAIN_COMPILE"))}
@@ -127,14 +133,114 @@ def contiguous_groups(keys: list, ordered: list, size: int) -> list[list]:
     return groups
 
 
+def balanced_parts(costs: list[float], parts: int) -> list[int]:
+    """The cut positions that split `costs` (in order) into `parts` contiguous non-empty pieces with the smallest
+    largest sum (the linear partition problem; exact by dynamic programming, n <= a few hundred cells)."""
+    n, parts = len(costs), min(parts, len(costs))
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[k][i]: the smallest largest sum of the first i costs in k pieces; cut[k][i]: where its last piece starts
+    best = [[float("inf")] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                worst = max(best[k - 1][j], prefix[i] - prefix[j])
+                if worst < best[k][i]:
+                    best[k][i], cut[k][i] = worst, j
+    cuts, i = [], n
+    for k in range(parts, 0, -1):
+        i = cut[k][i]
+        cuts.append(i)
+    return sorted(cuts)[1:]  # the first piece starts at 0
+
+
+def split_for_workers(groups: list[list], cost: dict, workers: int) -> list[list]:
+    """`groups` (training passes, each contiguous in the partition order) cut further until there are `workers`
+    of them where the cells allow, so that `workers` GPUs finish at about the same time: each extra piece goes to
+    the pass with the largest cost per piece, and a pass is cut where its pieces' largest cost is smallest. A
+    cell's cost is its epochs (a fused pass spends per step in proportion to the cells still training). Every
+    piece stays contiguous (a Dagster partition range)."""
+    pieces = [1] * len(groups)
+    totals = [sum(cost[k] for k in g) for g in groups]
+    for _ in range(workers - len(groups)):
+        open_ = [i for i, g in enumerate(groups) if pieces[i] < len(g)]
+        if not open_:
+            break
+        i = max(open_, key=lambda i: totals[i] / pieces[i])
+        pieces[i] += 1
+    out = []
+    for g, p in zip(groups, pieces):
+        bounds = [0, *balanced_parts([cost[k] for k in g], p), len(g)]
+        out += [list(g[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def plain_metadata(meta: dict) -> dict:
+    """{asset: {name: value}} with Dagster's MetadataValue wrappers removed (what a worker process hands back)."""
+    return {asset: {k: getattr(v, "value", v) for k, v in m.items()} for asset, m in meta.items()}
+
+
+def worker_count(gpus, device: str) -> int:
+    """How many worker processes `zlt run` uses: `gpus` as given, or for "auto" one per visible GPU when the
+    device may be CUDA (`auto`/`cuda`), else 1 (an explicit `cuda:<n>` or `cpu` is one device)."""
+    if gpus != "auto":
+        return int(gpus)
+    return max(1, len(visible_gpus())) if device in ("auto", "cuda") else 1
+
+
+# --- several GPUs: one worker process per GPU, each pinned to its own (defs/gpu_pinning.py) --------------------
+_WORKER: "Runner | None" = None
+
+
+def _worker_start(runner_args: dict) -> None:
+    """A worker's first act in its fresh (spawned) interpreter: take a GPU before anything can start CUDA, then
+    open the instance. While idle it ignores SIGINT: a Ctrl-C reaches the whole process group, and an idle worker
+    has nothing to stop (Dagster installs its own handler while a run executes, which stops at the next step
+    boundary or training checkpoint)."""
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if runner_args["device"] in ("auto", "cuda"):
+        pin_gpu(settings.get("ZLT_GPU_LOCK_DIR"), log=lambda m: print(f"  worker {os.getpid()}: {m}", flush=True))
+    _WORKER = Runner(**runner_args, gpus=1, announce=False)
+
+
+class WorkerRunFailed(RuntimeError):
+    """A run failed in a worker process (its traceback is printed there): the parent's exception, as text, since
+    Dagster's own errors do not survive pickling between processes."""
+
+
+def _worker_materialize(asset_names: list[str], partition_key=None, partition_range=None) -> dict:
+    assets = [a for a in ALL_ASSETS if a.key.to_user_string() in asset_names]
+    try:
+        return _WORKER._materialize(assets, partition_key, partition_range)
+    except RunInterrupted:
+        raise
+    except BaseException as e:
+        traceback.print_exc()
+        raise WorkerRunFailed(f"worker {os.getpid()}: {type(e).__name__}: {e}") from None
+
+
 class Runner:
-    """Materializes one sweep partition by partition, printing progress (cells done, tokens/s, ETA)."""
+    """Materializes one sweep partition by partition, printing progress (cells done, tokens/s, ETA). With
+    `gpus` > 1 the training passes and the cells' evaluations run in that many worker processes at once, one GPU
+    each; the sweep-level steps too (on-policy data and base ARC side by side)."""
 
     def __init__(self, artifacts: str, device: str = "auto", backend: str = "auto", arc_source: str = "",
-                 threads: int = 0, force: bool = False):
+                 threads: int = 0, force: bool = False, gpus="auto", announce: bool = True):
         # the file `dagster dev` reads from here too (defs/instance.py says which): same runs, same limits
         self.instance, self.instance_file = open_instance()
-        print(f"Dagster instance: {self.instance_file}", flush=True)
+        if announce:
+            print(f"Dagster instance: {self.instance_file}", flush=True)
+        self.workers = worker_count(gpus, device)
+        # what a worker builds its own Runner from: plain values (a resource object does not pickle), the store as
+        # its resource's fields
+        store_fields = artifacts.model_dump() if isinstance(artifacts, ArtifactStore) else artifacts
+        self._runner_args = dict(artifacts=store_fields, device=device, backend=backend, arc_source=arc_source,
+                                 threads=threads, force=force)
+        self.pool: cf.ProcessPoolExecutor | None = None
         self.resources = _resources(artifacts, device, backend, arc_source, threads)
         self.store = self.resources["store"].get_store()
         self.force = force
@@ -163,8 +269,47 @@ class Runner:
             raise RunInterrupted(e.signal_name, f"{self.stage} ({detail})") from e
         except DagsterExecutionInterruptedError as e:  # between two steps of a run: Dagster raises at the next one
             raise RunInterrupted("", self.stage) from e
-        return {e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
-                for e in res.get_asset_materialization_events()}
+        return plain_metadata({e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
+                               for e in res.get_asset_materialization_events()})
+
+    def _run_all(self, tasks: list[tuple], labels: list[str] | None = None):
+        """Yield (task, {asset: metadata}) for each task (assets, partition key, partition range): one run each,
+        here one after the other (each `labels` line printed before its run), or with several workers all
+        submitted at once (the labels printed then) and yielded as they finish. A failed run raises once the runs
+        in progress have finished (their work is committed); interrupts: see _worker_pool."""
+        if self.workers == 1:
+            for i, task in enumerate(tasks):
+                if labels:
+                    print(labels[i], flush=True)
+                yield task, self._materialize(*task)
+            return
+        for line in labels or ():
+            print(line, flush=True)
+        if self.pool is None:
+            # spawn: a fresh interpreter per worker, so that its GPU is chosen before CUDA starts in it
+            self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                               initializer=_worker_start, initargs=(self._runner_args,))
+        futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
+                   (assets, key, rng) for assets, key, rng in tasks}
+        for future in cf.as_completed(futures):
+            yield futures[future], future.result()
+
+    @contextlib.contextmanager
+    def _worker_pool(self):
+        """The workers live for one `run`. On an interrupt of this process the signal goes on to the workers (a
+        SIGTERM sent to this process alone would not reach them; a terminal's Ctrl-C reached them already and
+        a second SIGINT is harmless), which stop their runs with a checkpoint; then the pool is closed."""
+        try:
+            yield
+        except _Signal as e:
+            for child in multiprocessing.active_children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGINT)
+            raise RunInterrupted(e.signal_name, self.stage) from e
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = None
 
     def _record_adapters_of_interrupted_passes(self, sweep, keys: list, cell_by_key: dict) -> None:
         """A pass killed mid-way has committed the adapters of the cells that finished (fewer epochs first), but
@@ -187,7 +332,8 @@ class Runner:
         """Materialize what `sweep` still needs; RunInterrupted on SIGINT/SIGTERM (committed work stays)."""
         with _signals_raise():
             try:
-                return self._run(sweep)
+                with self._worker_pool():
+                    return self._run(sweep)
             except _Signal as e:
                 raise RunInterrupted(e.signal_name, self.stage) from e
 
@@ -202,7 +348,11 @@ class Runner:
         if self.force or self.store.artifact_problem(layout.onpolicy_prefix(sid)):  # verified, not just present
             print("[1/3] on-policy data + base-model ARC ...", flush=True)
             self.stage = "on-policy data + base-model ARC"
-            self._materialize(SWEEP_DATA_ASSETS, sid)
+            # with several workers side by side: base ARC needs only the base model
+            tasks = ([([a], sid, None) for a in SWEEP_DATA_ASSETS] if self.workers > 1
+                     else [(SWEEP_DATA_ASSETS, sid, None)])
+            for _ in self._run_all(tasks):
+                pass
         else:
             print("[1/3] on-policy data already there: skipped", flush=True)
             if self.store.artifact_problem(layout.base_arc_prefix(sid)):
@@ -227,23 +377,27 @@ class Runner:
         t_train = time.time()
         ordered = [k for k in sweep_cell_partitions.get_partition_keys(dynamic_partitions_store=self.instance)
                    if split_partition_key(k)[0] == sid]
-        for group in contiguous_groups(to_train, ordered, TRAIN_GROUP_SIZE):
-            print(f"  training {len(group)} cell(s) in one pass: "
-                  f"{', '.join(cell_by_key[k].key for k in group)}", flush=True)
-            self.stage = f"training pass of {len(group)} cell(s)"
-            self._materialize([adapter], partition_range=(group[0], group[-1]))
+        groups = split_for_workers(contiguous_groups(to_train, ordered, TRAIN_GROUP_SIZE),
+                                   {k: cell_by_key[k].epochs for k in to_train}, self.workers)
+        self.stage = (f"training pass of {len(to_train)} cell(s)" if len(groups) == 1
+                      else f"{len(groups)} training passes of {len(to_train)} cells")
+        for _ in self._run_all([([adapter], None, (g[0], g[-1])) for g in groups], labels=[
+                f"  training {len(g)} cell(s) in one pass: {', '.join(cell_by_key[k].key for k in g)}"
+                for g in groups]):
+            pass
         if to_train:
             print(f"  training done in {(time.time() - t_train) / 60:.1f} min", flush=True)
         t_cells = time.time()
-        for n, key in enumerate(todo, 1):
-            self.stage = f"evaluation of {cell_by_key[key].key}"
-            meta = self._materialize([completions, marker_rates, arc_scores], key)
+        self.stage = "evaluation of the cells"
+        tasks = [([completions, marker_rates, arc_scores], key, None) for key in todo]
+        for n, (task, meta) in enumerate(self._run_all(tasks), 1):
+            key = task[1]
             m = meta[marker_rates.key.to_user_string()]
             elapsed = time.time() - t_cells
             eta = eta_seconds(elapsed, n, len(todo) - n)
-            print(f"  cell {len(keys) - len(todo) + n}/{len(keys)} {cell_by_key[key].key}: {m['regime'].value:13s} "
-                  f"source {m['source_adoption'].value:.2f} assistant {m['assistant_leakage'].value:.2f} "
-                  f"bystander {m['max_bystander_leakage'].value:.2f} | evaluation elapsed {elapsed / 60:.1f} min, "
+            print(f"  cell {len(keys) - len(todo) + n}/{len(keys)} {cell_by_key[key].key}: {m['regime']:13s} "
+                  f"source {m['source_adoption']:.2f} assistant {m['assistant_leakage']:.2f} "
+                  f"bystander {m['max_bystander_leakage']:.2f} | evaluation elapsed {elapsed / 60:.1f} min, "
                   f"ETA {eta / 60:.1f} min", flush=True)
         # the registry sensor's freshness rule (a cell committed after the report, a report listing missing cells,
         # or one that does not verify), and anything this run built: base ARC is in the report too

@@ -91,6 +91,9 @@ class RunInterrupted(Exception):
         super().__init__(f"{signal_name or 'interrupted'}: {what}")
         self.signal_name, self.what = signal_name, what
 
+    def __reduce__(self):  # rebuilt from both fields when a `zlt run` worker process hands it back
+        return (RunInterrupted, (self.signal_name, self.what))
+
     @property
     def signum(self) -> int:
         return int(getattr(signal, self.signal_name, signal.SIGINT))

@@ -7,6 +7,7 @@ import time
 
 from ..core.generation import make_generator
 from ..core.generation.batch_size import requested
+from ..core.models import device_label
 from ..core.onpolicy import OnPolicyData, generate_onpolicy, probe_sweep
 from ..core.protocol import Sweep
 from ..core.train import library_versions
@@ -38,7 +39,7 @@ def run_onpolicy(store: ObjectStore, sweep: Sweep, compute: ComputeSettings, log
     stats = {**data.stats, **marker.to_dict(),
              "stop_tokens": [lm.tokenizer.convert_ids_to_tokens(i) for i in data.stats["stop_token_ids"]],
              "wall_s": round(wall, 2), "gpu_s": gpu_seconds(lm, wall),
-             "device": str(lm.device), "versions": library_versions()}
+             "device": device_label(lm.device), "versions": library_versions()}
     prefix = layout.onpolicy_prefix(sweep.sweep_id)
     store.commit_bytes_artifact(prefix, {
         "data.jsonl": data.to_jsonl().encode(), "stats.json": json.dumps(stats, indent=1).encode(),

@@ -1,0 +1,195 @@
+"""Several GPUs on one host: each process pinned to its own GPU (defs/gpu_pinning.py), `zlt run --gpus N` with one
+worker per GPU (defs/runner.py), and the split of the training grid into balanced passes. On the CPU the GPUs are
+CUDA_VISIBLE_DEVICES entries: pinning only chooses and locks them, which is all that is tested here."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zlt_dagster.core.protocol import PROTOCOLS
+from zlt_dagster.defs import gpu_pinning
+from zlt_dagster.defs.runner import balanced_parts, contiguous_groups, split_for_workers, worker_count
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- splitting the grid into passes -------------------------------------------------------------------------------
+def test_balanced_parts_is_the_best_contiguous_split():
+    costs = [1, 3, 5, 10, 20] * 5  # the paper grid, LR-major: a cell costs its epochs
+    for parts in range(1, 8):
+        cuts = balanced_parts(costs, parts)
+        bounds = [0, *cuts, len(costs)]
+        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        # brute force over every split into `parts` pieces (small enough for 2-3 pieces)
+        if parts <= 3:
+            import itertools
+            best = min(max(sum(costs[a:b]) for a, b in zip([0, *c, 25], [*c, 25]))
+                       for c in itertools.combinations(range(1, 25), parts - 1))
+            assert worst == best
+        assert len(cuts) == parts - 1 and all(b > a for a, b in zip(bounds, bounds[1:]))
+
+
+def test_two_gpus_get_two_contiguous_passes_of_equal_work():
+    cells = PROTOCOLS["paper"].cells()
+    keys, cost = [c.key for c in cells], {c.key: c.epochs for c in cells}
+    groups = split_for_workers(contiguous_groups(keys, keys, 25), cost, 2)
+    assert [sum(cost[k] for k in g) for g in groups] == [97, 98]  # of 195 epoch-passes
+    assert [k for g in groups for k in g] == keys  # every cell once, in order: each piece a partition range
+    assert split_for_workers(contiguous_groups(keys, keys, 25), cost, 1) == [keys]
+    # passes already cut by the group size are cut further only as far as the workers need
+    groups = split_for_workers(contiguous_groups(keys, keys, 10), cost, 2)
+    assert [len(g) for g in groups] == [10, 10, 5]
+    # more workers than cells: one cell per pass, never an empty one
+    assert split_for_workers([keys[:3]], cost, 8) == [[k] for k in keys[:3]]
+
+
+def test_worker_count(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert worker_count("auto", "auto") == 3 and worker_count("auto", "cuda") == 3
+    assert worker_count("auto", "cpu") == 1 and worker_count("auto", "cuda:1") == 1 and worker_count(2, "auto") == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CUDA's convention: no GPU
+    assert worker_count("auto", "auto") == 1
+
+
+# --- pinning ------------------------------------------------------------------------------------------------------
+PIN = textwrap.dedent("""
+    import sys, time
+    from zlt_dagster.defs import gpu_pinning
+    gpu = gpu_pinning.pin_gpu(sys.argv[1], log=lambda m: print(m, flush=True), poll_s=0.05)
+    import os
+    print("GPU", gpu, os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+    time.sleep(float(sys.argv[2]))
+""")
+
+
+def _pin_proc(lock_dir, hold_s: float, visible: str = "0,1") -> subprocess.Popen:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", PIN, str(lock_dir), str(hold_s)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _gpu_line(proc) -> str:
+    while True:
+        line = proc.stdout.readline()
+        assert line, "the process ended without pinning"
+        if line.startswith("GPU "):
+            return line.split()[1]
+
+
+def test_processes_take_distinct_gpus_and_a_third_waits_for_one(tmp_path):
+    a, b = _pin_proc(tmp_path, 30), _pin_proc(tmp_path, 30)
+    try:
+        assert {_gpu_line(a), _gpu_line(b)} == {"0", "1"}
+        c = _pin_proc(tmp_path, 0)
+        time.sleep(3)
+        assert c.poll() is None  # waiting: both GPUs are held
+        a.kill()  # a killed holder frees its GPU (the kernel drops the flock)
+        a.wait()
+        gpu = _gpu_line(c)
+        c.wait(timeout=30)
+        assert gpu in ("0", "1")
+    finally:
+        for p in (a, b):
+            p.kill()
+
+
+def test_one_visible_gpu_is_never_pinned_and_pinning_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_pinning, "_PINNED", {})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert gpu_pinning.pin_gpu(tmp_path) is None and gpu_pinning.pinned_gpu() is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb")  # UUIDs work as indices do
+    lines = []
+    assert gpu_pinning.pin_gpu(tmp_path, log=lines.append) == "GPU-aaa"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-aaa" and lines == ["pinned to GPU GPU-aaa of GPU-aaa,GPU-bbb"]
+    assert gpu_pinning.pin_gpu(tmp_path) == "GPU-aaa"  # the process keeps its GPU
+    gpu_pinning._PINNED["lock"].close()
+
+
+def test_pinning_after_cuda_started_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_pinning, "_PINNED", {})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(gpu_pinning.GpuPinningError, match="CUDA started in this process before a GPU was pinned"):
+        gpu_pinning.pin_gpu(tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing locked
+
+
+# --- zlt run --gpus 2 ---------------------------------------------------------------------------------------------
+def test_zlt_run_with_two_gpus_trains_two_passes_in_two_pinned_workers(tmp_path, monkeypatch, capfd):
+    """Two workers, each pinned to its own (CUDA_VISIBLE_DEVICES) GPU, train two passes at once and evaluate the
+    cells between them; every cell is done and recorded, and a cell trained by a worker equals the same cell
+    trained alone in this process."""
+    from zlt_dagster import steps
+    from zlt_dagster.cli import main
+    from zlt_dagster.defs.registry import load_sweep_config
+    from zlt_dagster.storage import LocalStore
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARC_SOURCE", "sample")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("ZLT_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    art = tmp_path / "art"
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nsource_persona: comedian\nseed: 7\n"
+                   "cells: [[1.0e-3, 1], [1.0e-3, 2], [1.0e-2, 1], [1.0e-2, 2]]\n")
+    assert main(["--artifacts", str(art), "run", str(cfg), "--gpus", "2"]) == 0
+    out = capfd.readouterr().out
+    passes = re.findall(r"^  training 2 cell\(s\) in one pass: (.*)$", out, re.M)
+    assert passes == ["lr=0.001_ep=1, lr=0.001_ep=2", "lr=0.01_ep=1, lr=0.01_ep=2"], out  # 1+2 | 1+2 epochs
+    pinned = re.findall(r"worker (\d+): pinned to GPU (\d) of 0,1", out)
+    assert len(pinned) == 2 and {g for _, g in pinned} == {"0", "1"}, out
+    assert "cell 4/4" in out and "[3/3] compiled results + heatmap ..." in out
+    assert main(["--artifacts", str(art), "status"]) == 0
+    assert "4 cells, 4 done;" in capfd.readouterr().out
+
+    from dagster import DagsterInstance
+    with DagsterInstance.get() as instance:
+        runs = instance.get_runs()
+        # on-policy and base ARC side by side, 2 training passes, 4 evaluations, the report
+        assert len(runs) == 2 + 2 + 4 + 1 and all(r.is_success for r in runs)
+
+    store = LocalStore(str(art))
+    sweep = steps.as_stored(store, load_sweep_config(str(cfg)))
+    cell = sweep.cells()[3]  # lr 1e-2, 2 epochs: trained by the second worker
+    alone = LocalStore(str(tmp_path / "alone"))
+    for key in store.list_keys(f"sweeps/{sweep.sweep_id}/onpolicy") + [f"sweeps/{sweep.sweep_id}/sweep.json"]:
+        alone.put_bytes(key, store.get_bytes(key))
+    steps.run_adapters(alone, sweep, [cell], steps.ComputeSettings(device="cpu"), log=lambda _m: None)
+    weights = [load_file(s.fetch_artifact(f"sweeps/{sweep.sweep_id}/cells/{cell.key}/adapter", tmp_path / n)
+                         / "adapter_model.safetensors") for s, n in ((store, "w"), (alone, "a"))]
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        # fp32: a 2-cell pass sums in another order than a 1-cell one (equal in float64: tests/core/test_train_group.py)
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-3, atol=1e-5)
+    record = json.loads((art / "sweeps" / sweep.sweep_id / "cells" / cell.key / "adapter" / "train_run.json")
+                        .read_text())
+    assert record["device"] == "cpu"
+
+    # `zlt export`: the shareable results of the sweep (what results/ holds), no machine paths
+    out = tmp_path / "exported"
+    assert main(["--artifacts", str(art), "export", str(cfg), str(out), "--samples", "2"]) == 0
+    assert capfd.readouterr().out.startswith(f"{sweep.sweep_id}: 4 cells, ")
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert names == {"sweep.json", "compiled_results.json", "heatmap.png", "heatmap.pdf", "onpolicy_stats.json",
+                     "base_arc_scores.json"} | {f"cells/{c.key}/{f}" for c in sweep.cells() for f in (
+                         "train_run.json", "completions_stats.json", "completions_sample.jsonl",
+                         "marker_rates.json", "arc_scores.json")}
+    sample = [json.loads(x) for x in (out / "cells" / cell.key / "completions_sample.jsonl").read_text().splitlines()]
+    per_persona = {p: sum(r["persona"] == p for r in sample) for p in sweep.protocol.personas}
+    assert set(per_persona.values()) == {2}, per_persona
+    assert not [p for p in out.rglob("*.json") if str(tmp_path) in p.read_text()]
+    never = tmp_path / "never.yaml"
+    never.write_text("protocol: tiny\nbase_model: tiny\nseed: 99\n")
+    assert main(["--artifacts", str(art), "export", str(never), str(out)]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "was never run in" in err, err
