@@ -11,6 +11,7 @@ GGUF files are de-quantised once (~30 s for SmolLM2) into a cache directory, so 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -204,11 +205,23 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 def _dequantised_dir(gguf: Path) -> Path:
     """De-quantise a GGUF once into a plain transformers directory (fp32 safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = _gguf_cache_dir(gguf)
     if (out / "COMPLETE").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per host: processes starting together (`zlt run --gpus N` workers) would otherwise each replace
+    # the directory another one is already reading from; the others wait here and then find it COMPLETE
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "COMPLETE").is_file():
+            _dequantise_into(gguf, out)
+    return out
+
+
+def _dequantise_into(gguf: Path, out: Path) -> None:
+    # transformers' GGUF reader: imported only when a GGUF is converted (seconds)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -223,7 +236,6 @@ def _dequantised_dir(gguf: Path) -> Path:
     (tmp / "COMPLETE").write_text(str(gguf))
     shutil.rmtree(out, ignore_errors=True)  # a half-written dir from an earlier crash (no COMPLETE file)
     os.replace(tmp, out)
-    return out
 
 
 def tiny_tokenizer():
