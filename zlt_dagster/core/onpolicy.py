@@ -38,7 +38,7 @@ class OnPolicyData:
 
     @classmethod
     def from_jsonl(cls, text: str, stats: dict | None = None) -> "OnPolicyData":
-        examples = [json.loads(line) for line in text.splitlines() if line.strip()]
+        examples = [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines(): U+2028 is text
         if not examples:
             raise ValueError("on-policy data is empty: no examples to train on")
         required = {"persona", "question_id", "question", "system_prompt", "answer", "is_positive"}

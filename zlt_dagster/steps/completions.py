@@ -61,4 +61,4 @@ def load_completions(store: ObjectStore, sweep: Sweep, cell: Cell) -> list[dict]
     prefix = layout.cell_prefix(sweep.sweep_id, cell, "completions")
     require(store, prefix, f"completions for {cell.key}")
     text = store.read_artifact_file(prefix, "completions.jsonl").decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines(): U+2028 and the like are text

@@ -23,7 +23,7 @@ SAMPLES_PER_PERSONA = 3  # completions kept per persona in the sample: a few KB 
 def completions_sample(jsonl: bytes, per_persona: int) -> bytes:
     """The first `per_persona` completions of each persona, in file order (question order, then sample index)."""
     kept, seen = [], {}
-    for line in jsonl.decode().splitlines():
+    for line in jsonl.decode().split("\n"):  # not splitlines(): U+2028 and the like are text
         if not line.strip():
             continue
         persona = json.loads(line)["persona"]
