@@ -22,6 +22,7 @@ start)
   # a copy: the call's working tree is replaced by the next call's copy while the run still imports from it
   cp -r . "$WORK/tree"
   cd "$WORK/tree"
+  pkill -f "nvidia-smi --query-gpu=timestamp" || true  # the sampler of an earlier start
   setsid nohup nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used,power.draw --format=csv \
     -l 5 > "$WORK/smi.csv" 2>/dev/null < /dev/null &
   # DAGSTER_HOME: the instance every worker shares (zlt writes its dagster.yaml there)
