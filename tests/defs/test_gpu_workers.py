@@ -193,3 +193,30 @@ def test_zlt_run_with_two_gpus_trains_two_passes_in_two_pinned_workers(tmp_path,
     assert main(["--artifacts", str(art), "export", str(never), str(out)]) == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "was never run in" in err, err
+
+
+def test_base_arc_alone_runs_in_a_worker_and_the_runner_never_pins_itself(tmp_path, monkeypatch, capfd):
+    """A rerun whose on-policy data is there but whose base ARC is not (a run stopped in [1/3], where the two run
+    side by side) scores base ARC in a worker: the runner's own process must not take a GPU, or every worker it
+    spawns afterwards inherits that one GPU's CUDA_VISIBLE_DEVICES and they all share it."""
+    import shutil
+
+    from zlt_dagster.cli import main
+
+    monkeypatch.setattr(gpu_pinning, "_PINNED", {})  # this process pins nothing (asserted below)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARC_SOURCE", "sample")
+    monkeypatch.setenv("ZLT_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the first run: one process, no GPU to pin
+    art, cfg = tmp_path / "art", tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 3\ncells: [[1.0e-3, 1]]\n")
+    assert main(["--artifacts", str(art), "run", str(cfg), "--gpus", "1"]) == 0
+    (base_arc,) = (art / "sweeps").glob("*/base_arc")
+    shutil.rmtree(base_arc)
+    capfd.readouterr()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert main(["--artifacts", str(art), "run", str(cfg), "--gpus", "2"]) == 0
+    out = capfd.readouterr().out
+    assert gpu_pinning.pinned_gpu() is None and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1", out
+    assert re.search(r"worker \d+: pinned to GPU [01] of 0,1", out), out
+    assert base_arc.is_dir()

@@ -357,7 +357,10 @@ class Runner:
             print("[1/3] on-policy data already there: skipped", flush=True)
             if self.store.artifact_problem(layout.base_arc_prefix(sid)):
                 self.stage = "base-model ARC"
-                self._materialize([base_arc_scores], sid)
+                # in a worker where there are several: a GPU step in this process would pin it (the compute
+                # resource), and every worker spawned later would inherit that one GPU
+                for _ in self._run_all([([base_arc_scores], sid, None)]):
+                    pass
         cell_by_key = {partition_key(sweep, c): c for c in sweep.cells()}  # encoded once, never decoded back
         keys = list(cell_by_key)
         evaluated = set()
@@ -404,7 +407,7 @@ class Runner:
         if self.force or self.built_something or report_outdated(self.store, sweep):
             print("[3/3] compiled results + heatmap ...", flush=True)
             self.stage = "compiled results + heatmap"
-            self._materialize(REPORT_ASSETS, sid)
+            self._materialize(REPORT_ASSETS, sid)  # no GPU (no compute resource): here, never pinned
         else:
             print("[3/3] compiled results + heatmap already up to date: skipped", flush=True)
         out = {"sweep_id": sid, "wall_s": round(time.time() - t_start, 1),
