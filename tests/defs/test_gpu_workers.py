@@ -220,3 +220,53 @@ def test_base_arc_alone_runs_in_a_worker_and_the_runner_never_pins_itself(tmp_pa
     assert gpu_pinning.pinned_gpu() is None and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1", out
     assert re.search(r"worker \d+: pinned to GPU [01] of 0,1", out), out
     assert base_arc.is_dir()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a reparented zombie may linger where init does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_sigterm_stops_every_worker_and_no_queued_pass_starts_then_a_rerun_finishes(tmp_path):
+    """SIGTERM to `zlt run --gpus 2` alone (not its workers): the two passes in progress stop with a checkpoint,
+    the passes still queued for the workers never start (the pool hands a worker its next task before the
+    interrupt), the run ends with its one line and 143, no worker is left, and the same command resumes and
+    finishes every cell."""
+    import signal
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
+           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT),
+           "ZLT_TRAIN_GROUP_SIZE": "1"}  # four one-cell passes for two workers: two of them queued
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 5\n"
+                   "cells: [[1.0e-3, 5], [3.0e-3, 5], [1.0e-2, 5], [3.0e-2, 5]]\n")
+    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
+           "--gpus", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "adapter: epoch 1/5" in line:
+                break
+        assert out and "epoch 1/5" in out[-1], "".join(out)
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(out) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert err.strip().splitlines()[-1].startswith("zlt: interrupted by SIGTERM during 4 training passes"), err
+    assert "Traceback" not in err, err
+    assert "committed (15 steps" not in out, out  # no pass ran to its end after the signal
+    assert len(re.findall(r"adapter: training 1 cell\(s\) in one pass: micro-batch", out)) <= 2, out
+    workers = [int(p) for p in re.findall(r"worker (\d+): pinned", out)]
+    assert workers and not [p for p in workers if _alive(p)], out
+
+    done = subprocess.run(cmd, env=env, cwd=ROOT, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = subprocess.run(cmd[:5] + ["status"], env=env, cwd=ROOT, text=True, capture_output=True)
+    assert "4 cells, 4 done;" in status.stdout, status.stdout + status.stderr

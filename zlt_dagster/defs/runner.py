@@ -193,14 +193,17 @@ def worker_count(gpus, device: str) -> int:
 
 # --- several GPUs: one worker process per GPU, each pinned to its own (defs/gpu_pinning.py) --------------------
 _WORKER: "Runner | None" = None
+_STOPPING = None  # the runner's "stop" event (multiprocessing.Event), set when it stops: start no further run
 
 
-def _worker_start(runner_args: dict) -> None:
+def _worker_start(runner_args: dict, stopping) -> None:
     """A worker's first act in its fresh (spawned) interpreter: take a GPU before anything can start CUDA, then
     open the instance. While idle it ignores SIGINT: a Ctrl-C reaches the whole process group, and an idle worker
     has nothing to stop (Dagster installs its own handler while a run executes, which stops at the next step
-    boundary or training checkpoint)."""
-    global _WORKER
+    boundary or training checkpoint). `stopping`: set by the runner on an interrupt or a failure, before it
+    forwards the signal; the tasks the pool had already handed to this worker then end without starting."""
+    global _WORKER, _STOPPING
+    _STOPPING = stopping
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if runner_args["device"] in ("auto", "cuda"):
         pin_gpu(settings.get("ZLT_GPU_LOCK_DIR"), log=lambda m: print(f"  worker {os.getpid()}: {m}", flush=True))
@@ -214,6 +217,8 @@ class WorkerRunFailed(RuntimeError):
 
 def _worker_materialize(asset_names: list[str], partition_key=None, partition_range=None) -> dict:
     assets = [a for a in ALL_ASSETS if a.key.to_user_string() in asset_names]
+    if _STOPPING.is_set():  # queued before the runner stopped (the pool hands out tasks ahead): not started
+        raise RunInterrupted("", "the run stopped before this task started")
     try:
         return _WORKER._materialize(assets, partition_key, partition_range)
     except RunInterrupted:
@@ -241,6 +246,7 @@ class Runner:
         self._runner_args = dict(artifacts=store_fields, device=device, backend=backend, arc_source=arc_source,
                                  threads=threads, force=force)
         self.pool: cf.ProcessPoolExecutor | None = None
+        self._stopping = None  # the workers' stop event, made with the pool
         self.resources = _resources(artifacts, device, backend, arc_source, threads)
         self.store = self.resources["store"].get_store()
         self.force = force
@@ -287,8 +293,10 @@ class Runner:
             print(line, flush=True)
         if self.pool is None:
             # spawn: a fresh interpreter per worker, so that its GPU is chosen before CUDA starts in it
-            self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=_worker_start, initargs=(self._runner_args,))
+            context = multiprocessing.get_context("spawn")
+            self._stopping = context.Event()
+            self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_start,
+                                               initargs=(self._runner_args, self._stopping))
         futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
                    (assets, key, rng) for assets, key, rng in tasks}
         for future in cf.as_completed(futures):
@@ -298,18 +306,26 @@ class Runner:
     def _worker_pool(self):
         """The workers live for one `run`. On an interrupt of this process the signal goes on to the workers (a
         SIGTERM sent to this process alone would not reach them; a terminal's Ctrl-C reached them already and
-        a second SIGINT is harmless), which stop their runs with a checkpoint; then the pool is closed."""
+        a second SIGINT is harmless), which stop their runs with a checkpoint; then the pool is closed. Before
+        that, on an interrupt or a failure, the stop event tells the workers to start nothing more: the pool
+        has already handed them tasks beyond the runs in progress, which cancel_futures does not withdraw."""
         try:
             yield
         except _Signal as e:
+            self._stop_workers()
             for child in multiprocessing.active_children():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGINT)
             raise RunInterrupted(e.signal_name, self.stage) from e
         finally:
             if self.pool is not None:
+                self._stop_workers()
                 self.pool.shutdown(wait=True, cancel_futures=True)
                 self.pool = None
+
+    def _stop_workers(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
 
     def _record_adapters_of_interrupted_passes(self, sweep, keys: list, cell_by_key: dict) -> None:
         """A pass killed mid-way has committed the adapters of the cells that finished (fewer epochs first), but
