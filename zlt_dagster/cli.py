@@ -23,7 +23,7 @@ from .core.protocol import ProtocolError
 from .settings import SettingsError
 from .steps import layout
 from .core.generation import vllm_available
-from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken
+from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken, WorkerRunFailed
 from .steps.export import export_sweep
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zlt: interrupted{by} during {' '.join(e.what.split())}; finished work is kept: rerun the same "
               "command to resume", file=sys.stderr)
         return 128 + e.signum  # the shell's convention for a process ended by a signal (130 SIGINT, 143 SIGTERM)
+    except WorkerRunFailed as e:  # the worker printed the traceback; the pool's own would only repeat it
+        print(f"zlt: {e}; its traceback is above", file=sys.stderr)
+        return 1  # as a crash in one process
     except KeyboardInterrupt:  # Ctrl-C before the runner took the signals over (imports, the instance)
         print("zlt: interrupted before any step ran; rerun the same command", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -270,3 +270,25 @@ def test_sigterm_stops_every_worker_and_no_queued_pass_starts_then_a_rerun_finis
     assert done.returncode == 0, done.stdout + done.stderr
     status = subprocess.run(cmd[:5] + ["status"], env=env, cwd=ROOT, text=True, capture_output=True)
     assert "4 cells, 4 done;" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_step_failing_in_a_worker_is_one_line_after_its_traceback(tmp_path, monkeypatch, capfd):
+    """A bad input in a worker's step: the worker prints the step's traceback, the run stops (exit code 1, as a
+    crash in one process) and ends with one line naming the step and the error, not a second traceback of the
+    process pool's plumbing."""
+    from zlt_dagster.cli import main
+
+    bad = tmp_path / "arc.jsonl"
+    bad.write_text('{"bad": 1}\n')
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 4\ncells: [[1.0e-3, 1]]\n")
+    assert main(["--artifacts", str(tmp_path / "art"), "run", str(cfg), "--gpus", "2", "--arc-source",
+                 str(bad)]) == 1
+    err = capfd.readouterr().err
+    assert "ArcDataError" in err and "concurrent.futures" not in err and "_RemoteTraceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"zlt: base_arc_scores \(\w+\) failed in worker \d+: ArcDataError: .*missing field.*; "
+                        r"its traceback is above", last), last

@@ -27,7 +27,7 @@ from dagster import (
 from .. import settings, steps
 from ..core.checkpoint import signal_handlers
 from ..steps import layout
-from ..steps.common import RunInterrupted
+from ..steps.common import RunInterrupted, WorkerRunFailed
 from .assets import (
     ALL_ASSETS, INTERRUPT_TAG, REPORT_ASSETS, SWEEP_DATA_ASSETS, TRAIN_GROUP_SIZE, StepInterrupted, adapter,
     adapter_metadata, arc_scores, base_arc_scores, completions, marker_rates,
@@ -210,11 +210,6 @@ def _worker_start(runner_args: dict, stopping) -> None:
     _WORKER = Runner(**runner_args, gpus=1, announce=False)
 
 
-class WorkerRunFailed(RuntimeError):
-    """A run failed in a worker process (its traceback is printed there): the parent's exception, as text, since
-    Dagster's own errors do not survive pickling between processes."""
-
-
 def _worker_materialize(asset_names: list[str], partition_key=None, partition_range=None) -> dict:
     assets = [a for a in ALL_ASSETS if a.key.to_user_string() in asset_names]
     if _STOPPING.is_set():  # queued before the runner stopped (the pool hands out tasks ahead): not started
@@ -225,7 +220,12 @@ def _worker_materialize(asset_names: list[str], partition_key=None, partition_ra
         raise
     except BaseException as e:
         traceback.print_exc()
-        raise WorkerRunFailed(f"worker {os.getpid()}: {type(e).__name__}: {e}") from None
+        what = f"{type(e).__name__}: {e}"
+        if type(e).__name__ == "Failure":  # the steps' bad-input wrapper (defs/assets.py) names the error itself
+            what = str(getattr(e, "description", None) or e)
+        partition = partition_key or "..".join(partition_range or ())
+        raise WorkerRunFailed(f"{', '.join(asset_names)} ({partition}) failed in worker {os.getpid()}: "
+                              f"{' '.join(what.split())}") from None
 
 
 class Runner:
