@@ -300,6 +300,9 @@ BAD_SETTINGS = [
     ({}, ["--threads", "two"], "command line: --threads: 'two'; expected an integer >= 0"),
     ({}, ["--device", "cuda:99"], "command line: --device: 'cuda:99', but torch sees"),
     ({}, ["--gpus", "0"], "command line: --gpus: '0'; expected auto or an integer >= 1"),
+    # str.isdigit() takes these, int() does not: they crashed with a ValueError traceback
+    ({}, ["--gpus", "\u00b2"], "command line: --gpus: '\u00b2'; expected auto or an integer >= 1"),
+    ({}, ["--threads", "\u00b9"], "command line: --threads: '\u00b9'; expected an integer >= 0"),
     ({"ZLT_GPUS": "two"}, [], "environment: ZLT_GPUS: 'two'; expected auto or an integer >= 1"),
     ({"CUDA_VISIBLE_DEVICES": "0"}, ["--gpus", "2"], "command line: --gpus: '2', but 1 GPU(s) are visible here"),
     ({"CUDA_VISIBLE_DEVICES": "0,1"}, ["--gpus", "2", "--device", "cpu"],
