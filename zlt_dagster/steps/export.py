@@ -33,6 +33,27 @@ def completions_sample(jsonl: bytes, per_persona: int) -> bytes:
     return "".join(kept).encode()
 
 
+def target_problem(out: str | Path, sweep: Sweep) -> str | None:
+    """Why `out` cannot take the export of `sweep`, or None: a new or empty directory, or an earlier export of
+    the same sweep (updated in place; files beside it, such as a run log, are left alone). A directory holding
+    another sweep's export, or anything else, is refused: files are written one by one over what is there, so
+    two sweeps' records would mix."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return "is not a directory"
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    marker = out / "sweep.json"
+    if not marker.is_file():
+        return "is not empty and holds no sweep export (no sweep.json): give a new or an empty directory"
+    try:
+        same = json.loads(marker.read_text()) == json.loads(sweep.to_json())
+    except (OSError, ValueError):
+        same = False
+    return None if same else ("holds the export of another sweep (its sweep.json differs): give a new or an "
+                              "empty directory")
+
+
 def export_sweep(store: ObjectStore, sweep: Sweep, out: str | Path,
                  samples_per_persona: int = SAMPLES_PER_PERSONA) -> dict:
     """Write the sweep's results under `out` (layout in the module docstring); a cell contributes only its
