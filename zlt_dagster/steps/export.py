@@ -1,7 +1,9 @@
 """`zlt export`: a sweep's shareable results copied out of the store into a directory (what results/ in the repo
 holds): the compiled JSON and heatmap, the records of every finished cell and a sample of its completions. No
-adapters, checkpoints or full completion sets (tens of MB per sweep), and no machine paths: every file is a
-committed artifact's file, copied byte for byte, and the compiled JSON names artifacts by store key only.
+adapters, checkpoints or full completion sets (tens of MB per sweep). Every file is a committed artifact's file,
+copied byte for byte (the compiled JSON names artifacts by store key only), so what a record says is kept as it
+is: `arc_scores.json`'s `source` is the ARC file's path on the machine that ran it when a path was given
+(ZLT_ARC_SOURCE), and `device` in the records names the GPU.
 
 <out>/sweep.json, compiled_results.json, heatmap.png, heatmap.pdf, onpolicy_stats.json, base_arc_scores.json
 <out>/cells/<cell>/train_run.json, completions_stats.json, completions_sample.jsonl, marker_rates.json,
