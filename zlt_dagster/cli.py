@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zlt: interrupted{by} during {' '.join(e.what.split())}; finished work is kept: rerun the same "
               "command to resume", file=sys.stderr)
         return 128 + e.signum  # the shell's convention for a process ended by a signal (130 SIGINT, 143 SIGTERM)
-    except WorkerRunFailed as e:  # the worker printed the traceback; the pool's own would only repeat it
-        print(f"zlt: {e}; its traceback is above", file=sys.stderr)
+    except WorkerRunFailed as e:  # a failed step's worker printed its traceback; the pool's own would repeat it
+        print(f"zlt: {e}", file=sys.stderr)
         return 1  # as a crash in one process
     except KeyboardInterrupt:  # Ctrl-C before the runner took the signals over (imports, the instance)
         print("zlt: interrupted before any step ran; rerun the same command", file=sys.stderr)

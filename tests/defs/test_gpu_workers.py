@@ -292,3 +292,38 @@ def test_a_step_failing_in_a_worker_is_one_line_after_its_traceback(tmp_path, mo
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"zlt: base_arc_scores \(\w+\) failed in worker \d+: ArcDataError: .*missing field.*; "
                         r"its traceback is above", last), last
+
+
+def test_a_worker_killed_outright_ends_the_run_with_one_line(tmp_path):
+    """A worker killed outright (SIGKILL: the out-of-memory killer) breaks the pool, which stops the other worker:
+    the run ends with exit code 1 and one line saying what happened, not the pool's BrokenProcessPool traceback;
+    no worker is left."""
+    import signal
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
+           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT)}
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 6\ncells: [[1.0e-3, 5], [3.0e-3, 5]]\n")
+    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
+           "--gpus", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "adapter: epoch 1/5" in line:
+                break
+        workers = [int(p) for p in re.findall(r"worker (\d+): pinned", "".join(out))]
+        assert len(workers) == 2, "".join(out)
+        os.kill(workers[0], signal.SIGKILL)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, "".join(out) + rest + err
+    assert "Traceback" not in err and "BrokenProcessPool" not in err, err
+    # (after it, multiprocessing's resource tracker may warn of the semaphore the killed worker never released)
+    zlt = [x for x in err.splitlines() if x.startswith("zlt:")]
+    assert len(zlt) == 1 and re.fullmatch(r"zlt: a worker process ended abruptly .* during 2 training passes of 2 "
+                                          r"cells; finished work is kept: rerun the same command to resume",
+                                          zlt[0]), err
+    assert not [p for p in workers if _alive(p)]

@@ -225,7 +225,7 @@ def _worker_materialize(asset_names: list[str], partition_key=None, partition_ra
             what = str(getattr(e, "description", None) or e)
         partition = partition_key or "..".join(partition_range or ())
         raise WorkerRunFailed(f"{', '.join(asset_names)} ({partition}) failed in worker {os.getpid()}: "
-                              f"{' '.join(what.split())}") from None
+                              f"{' '.join(what.split())}; its traceback is above") from None
 
 
 class Runner:
@@ -300,7 +300,13 @@ class Runner:
         futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
                    (assets, key, rng) for assets, key, rng in tasks}
         for future in cf.as_completed(futures):
-            yield futures[future], future.result()
+            try:
+                result = future.result()
+            except cf.process.BrokenProcessPool:  # the pool has stopped the other workers already
+                raise WorkerRunFailed(f"a worker process ended abruptly (killed, e.g. by the out-of-memory killer, "
+                                      f"or crashed) during {self.stage}; finished work is kept: rerun the same "
+                                      "command to resume") from None
+            yield futures[future], result
 
     @contextlib.contextmanager
     def _worker_pool(self):

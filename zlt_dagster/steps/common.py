@@ -100,9 +100,9 @@ class RunInterrupted(Exception):
 
 
 class WorkerRunFailed(RuntimeError):
-    """A run failed in a `zlt run --gpus N` worker process, which printed its traceback: the runner's exception,
-    as text (Dagster's own errors do not survive pickling between processes); the CLI prints it as one line.
-    Defined here for the same reason as RunInterrupted."""
+    """A run failed in a `zlt run --gpus N` worker process, which printed its traceback, or a worker process died:
+    the runner's exception, as text (Dagster's own errors do not survive pickling between processes); the CLI
+    prints it as one line. Defined here for the same reason as RunInterrupted."""
 
 
 def model(sweep: Sweep, compute: ComputeSettings) -> LoadedModel:
