@@ -220,6 +220,7 @@ def test_base_arc_alone_runs_in_a_worker_and_the_runner_never_pins_itself(tmp_pa
     assert gpu_pinning.pinned_gpu() is None and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1", out
     assert re.search(r"worker \d+: pinned to GPU [01] of 0,1", out), out
     assert base_arc.is_dir()
+    assert "[3/3] compiled results + heatmap ...\n" in out, out  # base ARC is in the report: rebuilt
 
 
 def _alive(pid: int) -> bool:

@@ -291,6 +291,7 @@ class Runner:
             return
         for line in labels or ():
             print(line, flush=True)
+        self.built_something = self.built_something or bool(tasks)  # as _materialize says for its runs
         if self.pool is None:
             # spawn: a fresh interpreter per worker, so that its GPU is chosen before CUDA starts in it
             context = multiprocessing.get_context("spawn")
