@@ -3,6 +3,7 @@ worker per GPU (defs/runner.py), and the split of the training grid into balance
 CUDA_VISIBLE_DEVICES entries: pinning only chooses and locks them, which is all that is tested here."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -328,3 +329,38 @@ def test_a_worker_killed_outright_ends_the_run_with_one_line(tmp_path):
                                           r"cells; finished work is kept: rerun the same command to resume",
                                           zlt[0]), err
     assert not [p for p in workers if _alive(p)]
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) while the workers are still starting (importing torch and
+    Dagster, before they set SIGINT aside): no KeyboardInterrupt traceback from each worker's bootstrap, exit code
+    130 with the one line, no worker left and no task started."""
+    import signal
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
+           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT)}
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 8\ncells: [[1.0e-3, 1]]\n")
+    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
+           "--gpus", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("[1/3]"):
+                break
+        time.sleep(0.5)  # the pool is spawning its workers
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(out) + rest
+    assert proc.returncode == 128 + signal.SIGINT, out + err
+    assert "spawn_main" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("zlt: interrupted by SIGINT during on-policy data"), err
+    assert "onpolicy_data:" not in out, out  # no task started after the interrupt
+    workers = [int(p) for p in re.findall(r"worker (\d+): pinned", out)]
+    assert not [p for p in workers if _alive(p)], out

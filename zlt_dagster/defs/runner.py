@@ -204,7 +204,8 @@ def _worker_start(runner_args: dict, stopping) -> None:
     forwards the signal; the tasks the pool had already handed to this worker then end without starting."""
     global _WORKER, _STOPPING
     _STOPPING = stopping
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a SIGINT held back since the spawn (_run_all)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if runner_args["device"] in ("auto", "cuda"):
         pin_gpu(settings.get("ZLT_GPU_LOCK_DIR"), log=lambda m: print(f"  worker {os.getpid()}: {m}", flush=True))
     _WORKER = Runner(**runner_args, gpus=1, announce=False)
@@ -298,8 +299,15 @@ class Runner:
             self._stopping = context.Event()
             self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_start,
                                                initargs=(self._runner_args, self._stopping))
-        futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
-                   (assets, key, rng) for assets, key, rng in tasks}
+        # the pool spawns its workers in submit(): they inherit SIGINT blocked, so that a Ctrl-C while they still
+        # import does not end them with a KeyboardInterrupt traceback each (_worker_start ignores it, then
+        # unblocks it); here it is only held back until the submits are done, then raised as usual
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
+                       (assets, key, rng) for assets, key, rng in tasks}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         for future in cf.as_completed(futures):
             try:
                 result = future.result()
