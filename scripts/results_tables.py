@@ -72,6 +72,7 @@ def tables(root: Path) -> str:
     onp, barc = _load(root / "onpolicy_stats.json"), _load(root / "base_arc_scores.json")
     passes: dict[tuple, float] = {}
     comp = arc_s = 0.0
+    n_comp = n_arc = 0  # cells with the record (a partial export has fewer than the grid)
     for k in cells:
         tr = _load(root / "cells" / k / "train_run.json")
         if tr and tr.get("group"):
@@ -81,10 +82,11 @@ def tables(root: Path) -> str:
         cs, ac = _load(root / "cells" / k / "completions_stats.json"), _load(root / "cells" / k / "arc_scores.json")
         comp += cs["gpu_s"] if cs else 0.0
         arc_s += ac["gpu_s"] if ac else 0.0
+        n_comp, n_arc = n_comp + bool(cs), n_arc + bool(ac)
     rows = [("onpolicy_data", onp and onp["gpu_s"]), ("base_arc_scores", barc and barc["gpu_s"]),
             (f"adapter ({len(passes)} training pass(es): "
              + ", ".join(f"{len(c)} cells {s:.0f} s" for c, s in passes.items()) + ")", sum(passes.values())),
-            ("completions (25 cells)", comp), ("arc_scores (25 cells)", arc_s)]
+            (f"completions ({n_comp} cells)", comp), (f"arc_scores ({n_arc} cells)", arc_s)]
     total = sum(s or 0.0 for _, s in rows)
     out += ["", "GPU seconds per asset (the steps' own timings, model loading and Dagster overhead excluded):", "",
             "| asset | GPU s |", "|---|---|"] + [f"| {a} | {s:.1f} |" for a, s in rows if s is not None]

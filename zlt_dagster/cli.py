@@ -23,8 +23,8 @@ from .core.protocol import ProtocolError
 from .settings import SettingsError
 from .steps import layout
 from .core.generation import vllm_available
-from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken
-from .steps.export import export_sweep
+from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken, WorkerRunFailed
+from .steps.export import export_sweep, target_problem
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
@@ -109,10 +109,15 @@ def cmd_export(args) -> int:
     sweep = steps.as_stored(store, _sweep(args))  # a sweep stored under a legacy id is found under it
     if not store.exists(layout.sweep_config_key(sweep.sweep_id)):
         raise ConfigError(args.config, "(config)", f"sweep {sweep.sweep_id} was never run in {store.uri('')}")
+    problem = target_problem(args.out, sweep)
+    if problem:
+        raise ConfigError("command line", "DIR", f"{args.out!r} {problem}")
     try:
         n = export_sweep(store, sweep, args.out, args.samples)
     except StepError as e:
         raise ConfigError(args.config, "(results)", str(e)) from None
+    except OSError as e:  # a path under a file, a read-only or virtual filesystem
+        raise ConfigError("command line", "DIR", f"cannot write under {args.out!r}: {e.strerror or e}") from None
     print(f"{sweep.sweep_id}: {n['cells']} cells, {n['files']} files ({n['bytes'] / 1e6:.1f} MB) in {args.out}")
     return 0
 
@@ -149,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zlt: interrupted{by} during {' '.join(e.what.split())}; finished work is kept: rerun the same "
               "command to resume", file=sys.stderr)
         return 128 + e.signum  # the shell's convention for a process ended by a signal (130 SIGINT, 143 SIGTERM)
+    except WorkerRunFailed as e:  # a failed step's worker printed its traceback; the pool's own would repeat it
+        print(f"zlt: {e}", file=sys.stderr)
+        return 1  # as a crash in one process
     except KeyboardInterrupt:  # Ctrl-C before the runner took the signals over (imports, the instance)
         print("zlt: interrupted before any step ran; rerun the same command", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -236,7 +244,8 @@ def _main(argv: list[str] | None) -> int:
                             "GPU when the device is auto or cuda)")
         p.add_argument("--force", action="store_true", help="re-run cells that are already done")
     subparsers["export"].add_argument("config", help="the sweep YAML/JSON it ran with")
-    subparsers["export"].add_argument("out", help="directory to write (created; existing files are overwritten)")
+    subparsers["export"].add_argument("out", metavar="DIR", help="directory to write: new, empty, or an earlier "
+                                                                 "export of the same sweep (updated)")
     subparsers["export"].add_argument("--samples", type=int, default=3, help="completions kept per persona per cell")
     args = ap.parse_args(argv)
     args.backend_given = any(a == "--backend" or a.startswith("--backend=") for a in (argv or sys.argv[1:]))

@@ -133,9 +133,14 @@ def is_set(name: str) -> bool:
 
 # Validators: each takes the raw value and the name to blame (a variable, or the `zlt` flag that overrides it), so
 # the environment and the command line are checked by the same rule. SettingsError names it.
+def _is_int(text: str) -> bool:
+    """An optional minus and ASCII digits: str.isdigit() also takes '\u00b2' and the like, which int() refuses."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
+
+
 def check_int(name: str, raw: str, minimum: int | None = None) -> int:
     raw = str(raw).strip()
-    if not raw.lstrip("-").isdigit() or (minimum is not None and int(raw) < minimum):
+    if not _is_int(raw) or (minimum is not None and int(raw) < minimum):
         want = f"an integer >= {minimum}" if minimum is not None else "an integer"
         raise SettingsError(name, f"{raw!r}; expected {want}")
     return int(raw)
@@ -231,7 +236,7 @@ def check_gpus(name: str, raw: str) -> str | int:
     value = str(raw).strip().lower()
     if value == "auto":
         return value
-    if not value.isdigit() or int(value) < 1:
+    if not _is_int(value) or int(value) < 1:
         raise SettingsError(name, f"{raw!r}; expected auto or an integer >= 1")
     return int(value)
 

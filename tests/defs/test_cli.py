@@ -300,6 +300,9 @@ BAD_SETTINGS = [
     ({}, ["--threads", "two"], "command line: --threads: 'two'; expected an integer >= 0"),
     ({}, ["--device", "cuda:99"], "command line: --device: 'cuda:99', but torch sees"),
     ({}, ["--gpus", "0"], "command line: --gpus: '0'; expected auto or an integer >= 1"),
+    # str.isdigit() takes these, int() does not: they crashed with a ValueError traceback
+    ({}, ["--gpus", "\u00b2"], "command line: --gpus: '\u00b2'; expected auto or an integer >= 1"),
+    ({}, ["--threads", "\u00b9"], "command line: --threads: '\u00b9'; expected an integer >= 0"),
     ({"ZLT_GPUS": "two"}, [], "environment: ZLT_GPUS: 'two'; expected auto or an integer >= 1"),
     ({"CUDA_VISIBLE_DEVICES": "0"}, ["--gpus", "2"], "command line: --gpus: '2', but 1 GPU(s) are visible here"),
     ({"CUDA_VISIBLE_DEVICES": "0,1"}, ["--gpus", "2", "--device", "cpu"],
@@ -376,3 +379,50 @@ def test_duplicate_keys_in_a_json_sweep_file_are_refused(tmp_path, monkeypatch, 
                                  '{"protocol": "tiny", "base_model": "tiny", "seed": 1, "seed": 3}', name="s.json")
     assert (rc, out) == (2, "")
     assert err == f"zlt: error: {cfg}: (file): not valid JSON: duplicate key 'seed'\n"
+
+
+def test_export_refuses_a_file_an_unwritable_path_and_another_sweeps_export(tmp_path, monkeypatch, capsys):
+    """`zlt export SWEEP DIR`: DIR may be new, empty, or an earlier export of the same sweep (updated); a file, a
+    path that cannot be a directory, or a directory holding anything else (another sweep's export would be
+    mixed into this one's, file by file) is one line, exit code 2, nothing written."""
+    from zlt_dagster import steps
+    from zlt_dagster.defs.registry import load_sweep_config
+    from zlt_dagster.steps import layout
+    from zlt_dagster.storage import LocalStore
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    art = tmp_path / "art"
+    store = LocalStore(str(art))
+    cfgs = []
+    for seed in (1, 2):  # two sweeps with (stand-in) compiled results
+        cfg = tmp_path / f"s{seed}.yaml"
+        cfg.write_text(BASE + f"seed: {seed}\n")
+        sweep = load_sweep_config(str(cfg))
+        steps.register_sweep(store, sweep)
+        store.commit_bytes_artifact(layout.compiled_prefix(sweep.sweep_id), {"compiled_results.json": b"{}"})
+        cfgs.append(str(cfg))
+
+    def export(cfg, out):
+        code = main(["--artifacts", str(art), "export", cfg, str(out)])
+        return code, capsys.readouterr()
+
+    out = tmp_path / "out"
+    assert export(cfgs[0], out)[0] == 0 and (out / "compiled_results.json").is_file()
+    assert export(cfgs[0], out)[0] == 0  # the same sweep again: updated in place
+    (out / "run.log").write_text("a log kept beside the export\n")
+    assert export(cfgs[0], out)[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    code, (_, err) = export(cfgs[1], out)
+    assert code == 2 and err.count("\n") == 1 and "holds the export of another sweep" in err, err
+    assert sorted(p.name for p in out.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    code, (_, err) = export(cfgs[1], other)
+    assert code == 2 and err.count("\n") == 1 and "is not empty and holds no sweep export" in err, err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for bad in (afile, afile / "sub"):
+        code, (_, err) = export(cfgs[0], bad)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("zlt: error: command line: DIR: "), err
+    assert export(cfgs[1], tmp_path / "empty")[0] == 0

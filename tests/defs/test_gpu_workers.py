@@ -3,6 +3,7 @@ worker per GPU (defs/runner.py), and the split of the training grid into balance
 CUDA_VISIBLE_DEVICES entries: pinning only chooses and locks them, which is all that is tested here."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -193,3 +194,173 @@ def test_zlt_run_with_two_gpus_trains_two_passes_in_two_pinned_workers(tmp_path,
     assert main(["--artifacts", str(art), "export", str(never), str(out)]) == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "was never run in" in err, err
+
+
+def test_base_arc_alone_runs_in_a_worker_and_the_runner_never_pins_itself(tmp_path, monkeypatch, capfd):
+    """A rerun whose on-policy data is there but whose base ARC is not (a run stopped in [1/3], where the two run
+    side by side) scores base ARC in a worker: the runner's own process must not take a GPU, or every worker it
+    spawns afterwards inherits that one GPU's CUDA_VISIBLE_DEVICES and they all share it."""
+    import shutil
+
+    from zlt_dagster.cli import main
+
+    monkeypatch.setattr(gpu_pinning, "_PINNED", {})  # this process pins nothing (asserted below)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_ARC_SOURCE", "sample")
+    monkeypatch.setenv("ZLT_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the first run: one process, no GPU to pin
+    art, cfg = tmp_path / "art", tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 3\ncells: [[1.0e-3, 1]]\n")
+    assert main(["--artifacts", str(art), "run", str(cfg), "--gpus", "1"]) == 0
+    (base_arc,) = (art / "sweeps").glob("*/base_arc")
+    shutil.rmtree(base_arc)
+    capfd.readouterr()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert main(["--artifacts", str(art), "run", str(cfg), "--gpus", "2"]) == 0
+    out = capfd.readouterr().out
+    assert gpu_pinning.pinned_gpu() is None and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1", out
+    assert re.search(r"worker \d+: pinned to GPU [01] of 0,1", out), out
+    assert base_arc.is_dir()
+    assert "[3/3] compiled results + heatmap ...\n" in out, out  # base ARC is in the report: rebuilt
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a reparented zombie may linger where init does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_sigterm_stops_every_worker_and_no_queued_pass_starts_then_a_rerun_finishes(tmp_path):
+    """SIGTERM to `zlt run --gpus 2` alone (not its workers): the two passes in progress stop with a checkpoint,
+    the passes still queued for the workers never start (the pool hands a worker its next task before the
+    interrupt), the run ends with its one line and 143, no worker is left, and the same command resumes and
+    finishes every cell."""
+    import signal
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
+           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT),
+           "ZLT_TRAIN_GROUP_SIZE": "1"}  # four one-cell passes for two workers: two of them queued
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 5\n"
+                   "cells: [[1.0e-3, 5], [3.0e-3, 5], [1.0e-2, 5], [3.0e-2, 5]]\n")
+    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
+           "--gpus", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "adapter: epoch 1/5" in line:
+                break
+        assert out and "epoch 1/5" in out[-1], "".join(out)
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(out) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert err.strip().splitlines()[-1].startswith("zlt: interrupted by SIGTERM during 4 training passes"), err
+    assert "Traceback" not in err, err
+    assert "committed (15 steps" not in out, out  # no pass ran to its end after the signal
+    assert len(re.findall(r"adapter: training 1 cell\(s\) in one pass: micro-batch", out)) <= 2, out
+    workers = [int(p) for p in re.findall(r"worker (\d+): pinned", out)]
+    assert workers and not [p for p in workers if _alive(p)], out
+
+    done = subprocess.run(cmd, env=env, cwd=ROOT, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = subprocess.run(cmd[:5] + ["status"], env=env, cwd=ROOT, text=True, capture_output=True)
+    assert "4 cells, 4 done;" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_step_failing_in_a_worker_is_one_line_after_its_traceback(tmp_path, monkeypatch, capfd):
+    """A bad input in a worker's step: the worker prints the step's traceback, the run stops (exit code 1, as a
+    crash in one process) and ends with one line naming the step and the error, not a second traceback of the
+    process pool's plumbing."""
+    from zlt_dagster.cli import main
+
+    bad = tmp_path / "arc.jsonl"
+    bad.write_text('{"bad": 1}\n')
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZLT_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 4\ncells: [[1.0e-3, 1]]\n")
+    assert main(["--artifacts", str(tmp_path / "art"), "run", str(cfg), "--gpus", "2", "--arc-source",
+                 str(bad)]) == 1
+    err = capfd.readouterr().err
+    assert "ArcDataError" in err and "concurrent.futures" not in err and "_RemoteTraceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"zlt: base_arc_scores \(\w+\) failed in worker \d+: ArcDataError: .*missing field.*; "
+                        r"its traceback is above", last), last
+
+
+def test_a_worker_killed_outright_ends_the_run_with_one_line(tmp_path):
+    """A worker killed outright (SIGKILL: the out-of-memory killer) breaks the pool, which stops the other worker:
+    the run ends with exit code 1 and one line saying what happened, not the pool's BrokenProcessPool traceback;
+    no worker is left."""
+    import signal
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
+           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT)}
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 6\ncells: [[1.0e-3, 5], [3.0e-3, 5]]\n")
+    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
+           "--gpus", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "adapter: epoch 1/5" in line:
+                break
+        workers = [int(p) for p in re.findall(r"worker (\d+): pinned", "".join(out))]
+        assert len(workers) == 2, "".join(out)
+        os.kill(workers[0], signal.SIGKILL)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, "".join(out) + rest + err
+    assert "Traceback" not in err and "BrokenProcessPool" not in err, err
+    # (after it, multiprocessing's resource tracker may warn of the semaphore the killed worker never released)
+    zlt = [x for x in err.splitlines() if x.startswith("zlt:")]
+    assert len(zlt) == 1 and re.fullmatch(r"zlt: a worker process ended abruptly .* during 2 training passes of 2 "
+                                          r"cells; finished work is kept: rerun the same command to resume",
+                                          zlt[0]), err
+    assert not [p for p in workers if _alive(p)]
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) while the workers are still starting (importing torch and
+    Dagster, before they set SIGINT aside): no KeyboardInterrupt traceback from each worker's bootstrap, exit code
+    130 with the one line, no worker left and no task started."""
+    import signal
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
+           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT)}
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 8\ncells: [[1.0e-3, 1]]\n")
+    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
+           "--gpus", "2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("[1/3]"):
+                break
+        time.sleep(0.5)  # the pool is spawning its workers
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(out) + rest
+    assert proc.returncode == 128 + signal.SIGINT, out + err
+    assert "spawn_main" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("zlt: interrupted by SIGINT during on-policy data"), err
+    assert "onpolicy_data:" not in out, out  # no task started after the interrupt
+    workers = [int(p) for p in re.findall(r"worker (\d+): pinned", out)]
+    assert not [p for p in workers if _alive(p)], out

@@ -27,7 +27,7 @@ from dagster import (
 from .. import settings, steps
 from ..core.checkpoint import signal_handlers
 from ..steps import layout
-from ..steps.common import RunInterrupted
+from ..steps.common import RunInterrupted, WorkerRunFailed
 from .assets import (
     ALL_ASSETS, INTERRUPT_TAG, REPORT_ASSETS, SWEEP_DATA_ASSETS, TRAIN_GROUP_SIZE, StepInterrupted, adapter,
     adapter_metadata, arc_scores, base_arc_scores, completions, marker_rates,
@@ -193,34 +193,40 @@ def worker_count(gpus, device: str) -> int:
 
 # --- several GPUs: one worker process per GPU, each pinned to its own (defs/gpu_pinning.py) --------------------
 _WORKER: "Runner | None" = None
+_STOPPING = None  # the runner's "stop" event (multiprocessing.Event), set when it stops: start no further run
 
 
-def _worker_start(runner_args: dict) -> None:
+def _worker_start(runner_args: dict, stopping) -> None:
     """A worker's first act in its fresh (spawned) interpreter: take a GPU before anything can start CUDA, then
     open the instance. While idle it ignores SIGINT: a Ctrl-C reaches the whole process group, and an idle worker
     has nothing to stop (Dagster installs its own handler while a run executes, which stops at the next step
-    boundary or training checkpoint)."""
-    global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    boundary or training checkpoint). `stopping`: set by the runner on an interrupt or a failure, before it
+    forwards the signal; the tasks the pool had already handed to this worker then end without starting."""
+    global _WORKER, _STOPPING
+    _STOPPING = stopping
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a SIGINT held back since the spawn (_run_all)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if runner_args["device"] in ("auto", "cuda"):
         pin_gpu(settings.get("ZLT_GPU_LOCK_DIR"), log=lambda m: print(f"  worker {os.getpid()}: {m}", flush=True))
     _WORKER = Runner(**runner_args, gpus=1, announce=False)
 
 
-class WorkerRunFailed(RuntimeError):
-    """A run failed in a worker process (its traceback is printed there): the parent's exception, as text, since
-    Dagster's own errors do not survive pickling between processes."""
-
-
 def _worker_materialize(asset_names: list[str], partition_key=None, partition_range=None) -> dict:
     assets = [a for a in ALL_ASSETS if a.key.to_user_string() in asset_names]
+    if _STOPPING.is_set():  # queued before the runner stopped (the pool hands out tasks ahead): not started
+        raise RunInterrupted("", "the run stopped before this task started")
     try:
         return _WORKER._materialize(assets, partition_key, partition_range)
     except RunInterrupted:
         raise
     except BaseException as e:
         traceback.print_exc()
-        raise WorkerRunFailed(f"worker {os.getpid()}: {type(e).__name__}: {e}") from None
+        what = f"{type(e).__name__}: {e}"
+        if type(e).__name__ == "Failure":  # the steps' bad-input wrapper (defs/assets.py) names the error itself
+            what = str(getattr(e, "description", None) or e)
+        partition = partition_key or "..".join(partition_range or ())
+        raise WorkerRunFailed(f"{', '.join(asset_names)} ({partition}) failed in worker {os.getpid()}: "
+                              f"{' '.join(what.split())}; its traceback is above") from None
 
 
 class Runner:
@@ -241,6 +247,7 @@ class Runner:
         self._runner_args = dict(artifacts=store_fields, device=device, backend=backend, arc_source=arc_source,
                                  threads=threads, force=force)
         self.pool: cf.ProcessPoolExecutor | None = None
+        self._stopping = None  # the workers' stop event, made with the pool
         self.resources = _resources(artifacts, device, backend, arc_source, threads)
         self.store = self.resources["store"].get_store()
         self.force = force
@@ -285,31 +292,55 @@ class Runner:
             return
         for line in labels or ():
             print(line, flush=True)
+        self.built_something = self.built_something or bool(tasks)  # as _materialize says for its runs
         if self.pool is None:
             # spawn: a fresh interpreter per worker, so that its GPU is chosen before CUDA starts in it
-            self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=_worker_start, initargs=(self._runner_args,))
-        futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
-                   (assets, key, rng) for assets, key, rng in tasks}
+            context = multiprocessing.get_context("spawn")
+            self._stopping = context.Event()
+            self.pool = cf.ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_start,
+                                               initargs=(self._runner_args, self._stopping))
+        # the pool spawns its workers in submit(): they inherit SIGINT blocked, so that a Ctrl-C while they still
+        # import does not end them with a KeyboardInterrupt traceback each (_worker_start ignores it, then
+        # unblocks it); here it is only held back until the submits are done, then raised as usual
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
+                       (assets, key, rng) for assets, key, rng in tasks}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         for future in cf.as_completed(futures):
-            yield futures[future], future.result()
+            try:
+                result = future.result()
+            except cf.process.BrokenProcessPool:  # the pool has stopped the other workers already
+                raise WorkerRunFailed(f"a worker process ended abruptly (killed, e.g. by the out-of-memory killer, "
+                                      f"or crashed) during {self.stage}; finished work is kept: rerun the same "
+                                      "command to resume") from None
+            yield futures[future], result
 
     @contextlib.contextmanager
     def _worker_pool(self):
         """The workers live for one `run`. On an interrupt of this process the signal goes on to the workers (a
         SIGTERM sent to this process alone would not reach them; a terminal's Ctrl-C reached them already and
-        a second SIGINT is harmless), which stop their runs with a checkpoint; then the pool is closed."""
+        a second SIGINT is harmless), which stop their runs with a checkpoint; then the pool is closed. Before
+        that, on an interrupt or a failure, the stop event tells the workers to start nothing more: the pool
+        has already handed them tasks beyond the runs in progress, which cancel_futures does not withdraw."""
         try:
             yield
         except _Signal as e:
+            self._stop_workers()
             for child in multiprocessing.active_children():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGINT)
             raise RunInterrupted(e.signal_name, self.stage) from e
         finally:
             if self.pool is not None:
+                self._stop_workers()
                 self.pool.shutdown(wait=True, cancel_futures=True)
                 self.pool = None
+
+    def _stop_workers(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
 
     def _record_adapters_of_interrupted_passes(self, sweep, keys: list, cell_by_key: dict) -> None:
         """A pass killed mid-way has committed the adapters of the cells that finished (fewer epochs first), but
@@ -357,7 +388,10 @@ class Runner:
             print("[1/3] on-policy data already there: skipped", flush=True)
             if self.store.artifact_problem(layout.base_arc_prefix(sid)):
                 self.stage = "base-model ARC"
-                self._materialize([base_arc_scores], sid)
+                # in a worker where there are several: a GPU step in this process would pin it (the compute
+                # resource), and every worker spawned later would inherit that one GPU
+                for _ in self._run_all([([base_arc_scores], sid, None)]):
+                    pass
         cell_by_key = {partition_key(sweep, c): c for c in sweep.cells()}  # encoded once, never decoded back
         keys = list(cell_by_key)
         evaluated = set()
@@ -404,7 +438,7 @@ class Runner:
         if self.force or self.built_something or report_outdated(self.store, sweep):
             print("[3/3] compiled results + heatmap ...", flush=True)
             self.stage = "compiled results + heatmap"
-            self._materialize(REPORT_ASSETS, sid)
+            self._materialize(REPORT_ASSETS, sid)  # no GPU (no compute resource): here, never pinned
         else:
             print("[3/3] compiled results + heatmap already up to date: skipped", flush=True)
         out = {"sweep_id": sid, "wall_s": round(time.time() - t_start, 1),

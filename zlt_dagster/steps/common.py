@@ -99,6 +99,12 @@ class RunInterrupted(Exception):
         return int(getattr(signal, self.signal_name, signal.SIGINT))
 
 
+class WorkerRunFailed(RuntimeError):
+    """A run failed in a `zlt run --gpus N` worker process, which printed its traceback, or a worker process died:
+    the runner's exception, as text (Dagster's own errors do not survive pickling between processes); the CLI
+    prints it as one line. Defined here for the same reason as RunInterrupted."""
+
+
 def model(sweep: Sweep, compute: ComputeSettings) -> LoadedModel:
     """The sweep's base model on the compute's device, loaded once per process (core.models cache)."""
     if compute.torch_threads:

@@ -1,7 +1,9 @@
 """`zlt export`: a sweep's shareable results copied out of the store into a directory (what results/ in the repo
 holds): the compiled JSON and heatmap, the records of every finished cell and a sample of its completions. No
-adapters, checkpoints or full completion sets (tens of MB per sweep), and no machine paths: every file is a
-committed artifact's file, copied byte for byte, and the compiled JSON names artifacts by store key only.
+adapters, checkpoints or full completion sets (tens of MB per sweep). Every file is a committed artifact's file,
+copied byte for byte (the compiled JSON names artifacts by store key only), so what a record says is kept as it
+is: `arc_scores.json`'s `source` is the ARC file's path on the machine that ran it when a path was given
+(ZLT_ARC_SOURCE), and `device` in the records names the GPU.
 
 <out>/sweep.json, compiled_results.json, heatmap.png, heatmap.pdf, onpolicy_stats.json, base_arc_scores.json
 <out>/cells/<cell>/train_run.json, completions_stats.json, completions_sample.jsonl, marker_rates.json,
@@ -31,6 +33,27 @@ def completions_sample(jsonl: bytes, per_persona: int) -> bytes:
             seen[persona] = seen.get(persona, 0) + 1
             kept.append(line + "\n")
     return "".join(kept).encode()
+
+
+def target_problem(out: str | Path, sweep: Sweep) -> str | None:
+    """Why `out` cannot take the export of `sweep`, or None: a new or empty directory, or an earlier export of
+    the same sweep (updated in place; files beside it, such as a run log, are left alone). A directory holding
+    another sweep's export, or anything else, is refused: files are written one by one over what is there, so
+    two sweeps' records would mix."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return "is not a directory"
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    marker = out / "sweep.json"
+    if not marker.is_file():
+        return "is not empty and holds no sweep export (no sweep.json): give a new or an empty directory"
+    try:
+        same = json.loads(marker.read_text()) == json.loads(sweep.to_json())
+    except (OSError, ValueError):
+        same = False
+    return None if same else ("holds the export of another sweep (its sweep.json differs): give a new or an "
+                              "empty directory")
 
 
 def export_sweep(store: ObjectStore, sweep: Sweep, out: str | Path,
