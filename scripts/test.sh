@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export ZLT_CHECKOV="$PWD/.venv-checkov/bin/checkov"
-exec python -m pytest -q -ra "$@"
+exec python -m pytest -q -ra --durations=25 "$@"  # the slowest tests listed: what to trim when CI nears 20 min
