@@ -364,3 +364,31 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     assert "onpolicy_data:" not in out, out  # no task started after the interrupt
     workers = [int(p) for p in re.findall(r"worker (\d+): pinned", out)]
     assert not [p for p in workers if _alive(p)], out
+
+
+def test_the_compute_resource_pins_a_step_to_a_free_gpu(tmp_path):
+    """What steps launched by Dagster itself get (the UI, a backfill, the multiprocess executor: each step or run in
+    its own process): the `compute` resource takes a free GPU when the step starts; GPU 0 is held here, so the
+    step's process gets GPU 1. An explicit cuda:<n> is left alone."""
+    import fcntl
+
+    (tmp_path / "locks").mkdir()
+    held = open(tmp_path / "locks" / "gpu-0.lock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    script = textwrap.dedent("""
+        import os, sys
+        from dagster import build_init_resource_context
+        from zlt_dagster.defs.resources import Compute
+        Compute(device=sys.argv[1]).setup_for_execution(build_init_resource_context())
+        print("CUDA_VISIBLE_DEVICES=" + os.environ["CUDA_VISIBLE_DEVICES"])
+    """)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"),
+           "PYTHONPATH": str(ROOT)}
+    try:
+        for device, want in (("auto", "1"), ("cuda:0", "0,1")):
+            out = subprocess.run([sys.executable, "-c", script, device], env=env, text=True, capture_output=True,
+                                 timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.strip().splitlines()[-1] == f"CUDA_VISIBLE_DEVICES={want}", out.stdout + out.stderr
+    finally:
+        held.close()
