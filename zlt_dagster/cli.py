@@ -8,7 +8,7 @@
 Every step is a Dagster materialization recorded in the instance `dagster dev` uses from the same directory
 ($DAGSTER_HOME/dagster.yaml if DAGSTER_HOME is set, else ./dagster.yaml; zlt_dagster/defs/instance.py), so the UI
 shows the runs, partitions and metadata. Runs are in-process: the base model is loaded once and shared by all 25
-cells. Finished cells are skipped (resume).
+cells (with --gpus N > 1: once per worker process, one per GPU). Finished cells are skipped (resume).
 """
 from __future__ import annotations
 
