@@ -232,6 +232,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _zlt_run_gpus2(tmp_path, seed: int, cells: str, **extra_env) -> tuple[list[str], dict]:
+    """The command and environment of `zlt run --gpus 2` of a tiny sweep in its own process, two GPUs faked."""
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
+           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT),
+           **extra_env}
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"protocol: tiny\nbase_model: tiny\nseed: {seed}\ncells: {cells}\n")
+    return [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
+            "--gpus", "2"], env
+
+
+def _read_until(proc: subprocess.Popen, done) -> list[str]:
+    """proc's stdout lines up to and including the first for which done(line) holds (or to its end)."""
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if done(line):
+            break
+    return out
+
+
 def test_sigterm_stops_every_worker_and_no_queued_pass_starts_then_a_rerun_finishes(tmp_path):
     """SIGTERM to `zlt run --gpus 2` alone (not its workers): the two passes in progress stop with a checkpoint,
     the passes still queued for the workers never start (the pool hands a worker its next task before the
@@ -239,21 +260,12 @@ def test_sigterm_stops_every_worker_and_no_queued_pass_starts_then_a_rerun_finis
     finishes every cell."""
     import signal
 
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
-           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT),
-           "ZLT_TRAIN_GROUP_SIZE": "1"}  # four one-cell passes for two workers: two of them queued
-    cfg = tmp_path / "sweep.yaml"
-    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 5\n"
-                   "cells: [[1.0e-3, 3], [3.0e-3, 3], [1.0e-2, 3], [3.0e-2, 3]]\n")
-    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
-           "--gpus", "2"]
+    # four one-cell passes for two workers: two of them queued
+    cmd, env = _zlt_run_gpus2(tmp_path, 5, "[[1.0e-3, 3], [3.0e-3, 3], [1.0e-2, 3], [3.0e-2, 3]]",
+                              ZLT_TRAIN_GROUP_SIZE="1")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = []
     try:
-        for line in proc.stdout:
-            out.append(line)
-            if "adapter: epoch 1/3" in line:
-                break
+        out = _read_until(proc, lambda line: "adapter: epoch 1/3" in line)
         assert out and "epoch 1/3" in out[-1], "".join(out)
         proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=120)
@@ -302,19 +314,11 @@ def test_a_worker_killed_outright_ends_the_run_with_one_line(tmp_path):
     no worker is left."""
     import signal
 
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
-           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT)}
-    cfg = tmp_path / "sweep.yaml"
-    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 6\ncells: [[1.0e-3, 5], [3.0e-3, 5]]\n")
-    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
-           "--gpus", "2"]
+    cmd, env = _zlt_run_gpus2(tmp_path, 6, "[[1.0e-3, 5], [3.0e-3, 5]]")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = []
     try:
-        for line in proc.stdout:
-            out.append(line)
-            if "adapter: epoch 1/5" in line:
-                break
+        out = _read_until(proc, lambda line: "adapter: epoch 1/5" in line)
         workers = [int(p) for p in re.findall(r"worker (\d+): pinned", "".join(out))]
         assert len(workers) == 2, "".join(out)
         os.kill(workers[0], signal.SIGKILL)
@@ -337,20 +341,11 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     130 with the one line, no worker left and no task started."""
     import signal
 
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ZLT_ARC_SOURCE": "sample",
-           "CUDA_VISIBLE_DEVICES": "0,1", "ZLT_GPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT)}
-    cfg = tmp_path / "sweep.yaml"
-    cfg.write_text("protocol: tiny\nbase_model: tiny\nseed: 8\ncells: [[1.0e-3, 1]]\n")
-    cmd = [sys.executable, "-m", "zlt_dagster.cli", "--artifacts", str(tmp_path / "art"), "run", str(cfg),
-           "--gpus", "2"]
+    cmd, env = _zlt_run_gpus2(tmp_path, 8, "[[1.0e-3, 1]]")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        out = []
-        for line in proc.stdout:
-            out.append(line)
-            if line.startswith("[1/3]"):
-                break
+        out = _read_until(proc, lambda line: line.startswith("[1/3]"))
         time.sleep(0.5)  # the pool is spawning its workers
         os.killpg(proc.pid, signal.SIGINT)
         rest, err = proc.communicate(timeout=120)
