@@ -24,7 +24,7 @@ from .settings import SettingsError
 from .steps import layout
 from .core.generation import vllm_available
 from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken, WorkerRunFailed
-from .steps.export import export_sweep, target_problem
+from .steps.export import SAMPLES_PER_PERSONA, export_sweep, target_problem
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
 
@@ -246,7 +246,8 @@ def _main(argv: list[str] | None) -> int:
     subparsers["export"].add_argument("config", help="the sweep YAML/JSON it ran with")
     subparsers["export"].add_argument("out", metavar="DIR", help="directory to write: new, empty, or an earlier "
                                                                  "export of the same sweep (updated)")
-    subparsers["export"].add_argument("--samples", type=int, default=3, help="completions kept per persona per cell")
+    subparsers["export"].add_argument("--samples", type=int, default=SAMPLES_PER_PERSONA,
+                                      help="completions kept per persona per cell")
     args = ap.parse_args(argv)
     args.backend_given = any(a == "--backend" or a.startswith("--backend=") for a in (argv or sys.argv[1:]))
     checked = _check_artifacts(args)
