@@ -46,6 +46,9 @@ ZLT_GENERATION_BACKEND | auto | `auto` = `transformers-fast` (shared prefill per
     `transformers` = plain `generate()` (`zlt --backend`)
 ZLT_DECODE_ATTENTION | auto | the static decode's attention on CUDA: `auto` = torch's flash varlen kernel where a
     start-up probe agrees with SDPA, else SDPA; `sdpa` = SDPA with a length mask
+ZLT_DECODE_COMPILE | auto | the static decode's decoder layers through `torch.compile`, captured inside its CUDA
+    graphs: `auto` = inductor for models under 1B parameters on CUDA where Triton can build kernels (as
+    `ZLT_TRAIN_COMPILE`), eager otherwise; `off` = eager; or a `torch.compile` backend ([BENCHMARKS.md](BENCHMARKS.md))
 ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
     and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)
@@ -204,6 +207,20 @@ def decode_attention() -> str:
     return value
 
 
+def decode_compile() -> str:
+    """ZLT_DECODE_COMPILE: auto, off (or 0, false, eager) or a torch.compile backend name torch knows;
+    SettingsError naming it otherwise."""
+    value = get("ZLT_DECODE_COMPILE")
+    if value.lower() in ("auto", "off", "0", "false", "eager"):
+        return value
+    import torch  # only for a backend name (torch knows which exist); this module imports nothing heavy at load
+
+    if value.lower() not in torch.compiler.list_backends(exclude_tags=()):
+        raise SettingsError("ZLT_DECODE_COMPILE", f"{value!r}; expected auto, off or one of "
+                                                  f"{sorted(torch.compiler.list_backends())}")
+    return value
+
+
 def validate() -> None:
     """Every variable with a fixed set of values, checked at once: what `zlt` and the Dagster definitions call
     before anything is registered or runs. SettingsError names the first bad one."""
@@ -216,6 +233,7 @@ def validate() -> None:
     tracking()
     cudnn_sdpa()
     decode_attention()
+    decode_compile()
     store_locks_wanted()
     vllm_seeded()
 

@@ -309,7 +309,7 @@ def test_train_compile_setting(monkeypatch):
     the CPU, for larger models, without a C compiler and when only the value is checked; off = eager; a backend torch knows; anything else fails naming the field."""
     import torch
 
-    from zlt_dagster.steps import common
+    from zlt_dagster.core import compiled_layers
 
     def lm(device):  # the device is only read: nothing is allocated on it
         return SimpleNamespace(device=torch.device(device), model=torch.nn.Linear(4, 1))
@@ -317,17 +317,17 @@ def test_train_compile_setting(monkeypatch):
     auto = steps.ComputeSettings()
     assert auto.train_compile == "auto" and auto.compile_backend() is None
     assert auto.compile_backend(lm("cpu")) is None
-    monkeypatch.setattr(common, "can_build_triton_kernels", lambda: True)
+    monkeypatch.setattr(compiled_layers, "can_build_triton_kernels", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert auto.compile_backend(lm("cuda")) == "inductor"
     assert steps.ComputeSettings(train_compile=" ").compile_backend(lm("cuda")) == "inductor"  # empty = unset = auto
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))  # no Triton below sm70
     assert auto.compile_backend(lm("cuda")) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(common, "can_build_triton_kernels", lambda: False)  # no C compiler or Python.h: eager
+    monkeypatch.setattr(compiled_layers, "can_build_triton_kernels", lambda: False)  # no C compiler or Python.h: eager
     assert auto.compile_backend(lm("cuda")) is None
-    monkeypatch.setattr(common, "can_build_triton_kernels", lambda: True)
-    monkeypatch.setattr(common, "parameter_count", lambda model: common.AUTO_COMPILE_MAX_PARAMETERS)
+    monkeypatch.setattr(compiled_layers, "can_build_triton_kernels", lambda: True)
+    monkeypatch.setattr(compiled_layers, "parameter_count", lambda model: compiled_layers.AUTO_MAX_PARAMETERS)
     assert auto.compile_backend(lm("cuda")) is None  # a 7B model stays eager
     assert steps.ComputeSettings(train_compile="off").compile_backend(lm("cuda")) is None
     assert steps.ComputeSettings(train_compile="Inductor").compile_backend() == "inductor"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import batch_plan, packing
 from .bank_adamw import BankAdamW
 from .checkpoint import Checkpointer, TrainState, stop_signal_flags
+from .compiled_layers import compiled_decoder_layers
 from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
 from .models import LoadedModel, device_label, unwrap_peft
@@ -232,9 +233,8 @@ def _training_mode(model, gradient_checkpointing: bool, tf32: bool):
 @contextlib.contextmanager
 def _compiled_layers(model, backend: str | None):
     """For the duration, every decoder layer runs through torch.compile(backend, dynamic=True) (nothing if backend
-    is None). Per layer, not the whole decoder: all layers share one code object and, since the LoRA bank gives
-    each module its own dropout-mask tensor (LoraBank.set_masks; no per-layer integers in the graph), one compiled
-    graph serves all of them; compiling the whole SmolLM2 decoder as one graph took 422 s on the H200, BENCHMARKS.md.
+    is None; core/compiled_layers.py). Since the LoRA bank gives each module its own dropout-mask tensor
+    (LoraBank.set_masks; no per-layer integers in the graph), one compiled graph serves all layers.
     dynamic=True: sequence width, rows and cells per forward are symbolic (sizes 0 and 1 are specialised, so a
     forward of ONE cell is a second graph; a bank of another size is another). Undone on exit: the model's later
     users (generation) get the eager layers back."""
@@ -242,22 +242,14 @@ def _compiled_layers(model, backend: str | None):
         yield
         return
     base = unwrap_peft(model)
-    decoder = base.get_decoder()
-    layers = list(getattr(decoder, "layers", None) or [decoder])
     # the first layer's input (frozen embeddings) would not require grad and the others' would: two graphs per
     # layer class. transformers' own switch makes the embeddings' output require grad (no parameter changes; the
     # extra gradient is one layer's input-grad matmuls, ~1/30 of a 30-layer backward)
     base.enable_input_require_grads()
-    # graphs per (bank size, one cell or several per forward): a process that trains passes of several sizes
-    # (`zlt run` over groups, the benchmark) would pass dynamo's default limit of 8 and silently run eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for layer in layers:
-        layer.compile(backend=backend, dynamic=True)  # torch.nn.Module.compile: in place, names unchanged
     try:
-        yield
+        with compiled_decoder_layers(model, backend, dynamic=True):
+            yield
     finally:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set; None = the eager __call__ again
         base.disable_input_require_grads()
 
 

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..core.arc import ARC_CONVENTION_VERSION
-from ..core.generation.factory import parameter_count
+from ..core.compiled_layers import backend_for
 from ..core.generation.progress import PROGRESS_INTERVAL_S, GenerationProgress
 from ..core.models import LoadedModel, load_model_cached
 from ..core.personas import personas_hash
@@ -21,22 +18,6 @@ from ..core.questions import questions_hash
 from ..storage import ObjectStore
 
 Log = Callable[[str], None]
-
-
-# `auto` compiles the training forward (inductor, per decoder layer) for models under 1B parameters on CUDA:
-# SmolLM2-135M on the H200 (BENCHMARKS.md, issue 18, same call): one cell 19.3k -> 32.5k tok/s, 5 cells 86.1k ->
-# 136.9k, a steady 25 cells 123.7k -> 222.1k, for ~20-30 s of compiling per process; its bf16 curves are as near
-# an fp32 run's as eager's are (LoRA B 6.0% vs 7.8% from fp32 after 6 steps). 7B shapes compiled ran 7x SLOWER
-# than eager when last measured (run 4, before the cell-count recompile fix) and were not measured since: eager.
-AUTO_COMPILE_MAX_PARAMETERS = 1_000_000_000
-
-
-def can_build_triton_kernels() -> bool:
-    """Whether inductor's GPU kernels can be built here: Triton compiles a small C launcher per kernel with the C
-    compiler ($CC, else cc/gcc/clang on PATH) against Python's headers (Python.h). Without them `auto` trains eager
-    instead of failing in the adapter step (docker/Dockerfile installs both)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    return bool(compiler) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
 @dataclass(frozen=True)
@@ -55,23 +36,14 @@ class ComputeSettings:
                                         # on-policy data, completions and ARC (0 = every report: tests)
 
     def compile_backend(self, lm=None) -> str | None:
-        """The torch.compile backend for training `lm` (a LoadedModel), or None for eager. `auto`: inductor on
-        CUDA for models under AUTO_COMPILE_MAX_PARAMETERS, else eager (None also when no model is given: the
-        value is only being checked). Raises StepError on an unknown value."""
-        value = self.train_compile.strip().lower() or "auto"  # empty = unset, as for the environment variable
-        if value in ("off", "0", "false", "eager"):
-            return None
-        if value == "auto":
-            if lm is None or lm.device.type != "cuda" or not can_build_triton_kernels():
-                return None
-            # Triton generates code for compute capability 7.0 and newer only
-            if torch.cuda.get_device_capability(lm.device) < (7, 0):
-                return None
-            return "inductor" if parameter_count(lm.model) < AUTO_COMPILE_MAX_PARAMETERS else None
-        if value not in torch.compiler.list_backends(exclude_tags=()):
-            raise StepError(f"train_compile={self.train_compile!r}; expected auto, off or one of "
-                            f"{sorted(torch.compiler.list_backends())}")  # debug backends are accepted, not offered
-        return value
+        """The torch.compile backend for training `lm` (a LoadedModel), or None for eager
+        (core/compiled_layers.backend_for: `auto` = inductor on CUDA for models under 1B parameters where Triton
+        can build kernels; None also when no model is given: the value is only being checked). Raises StepError
+        on an unknown value."""
+        try:
+            return backend_for(self.train_compile, lm and lm.model, lm and lm.device, "train_compile")
+        except ValueError as e:
+            raise StepError(str(e)) from None
 
 
 class StepError(RuntimeError):

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ... import settings
+from ..compiled_layers import backend_for, compiled_decoder_layers
 from . import static_decode
 from .cache_keyword import cache_kwargs
 
@@ -28,26 +29,59 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(remove, float("-inf"))
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    scores = logits.float()
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's next token, int64 [rows], and (sampling only; None for greedy) bool [rows]: the row's
+    probabilities held NaN (its logits were not finite), which torch.multinomial would refuse.
+
+    Sampling draws what torch.multinomial(probs, 1) draws from the same generator state: it IS its one-sample path
+    (aten/src/ATen/native/Distributions.cpp: argmax(p / q) with q ~ Exp(1), the Gumbel-max trick), minus the
+    validation in front of it, which reads two reductions back to the host (`.item()`) every call: a device sync
+    per decode step that kept the host from queueing the next step while the GPU ran this one. The NaN check
+    stays, as a device-side flag the loop reads at its periodic sync. Temperature 1 skips the division and casts
+    inside the softmax (same values: softmax(x, dtype=float32) casts x first); greedy takes the argmax in the
+    logits' dtype (the cast to float32 is exact and keeps the order)."""
     if temperature == 0:
-        return scores.argmax(dim=-1)
-    scores = scores / temperature
-    if top_p < 1.0:
-        scores = _top_p_filter(scores, top_p)
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        return logits.argmax(dim=-1), None
+    if temperature == 1.0 and top_p >= 1.0:
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+    else:
+        scores = logits.float() / temperature
+        if top_p < 1.0:
+            scores = _top_p_filter(scores, top_p)
+        probs = scores.softmax(dim=-1)
+    q = torch.empty_like(probs).exponential_()
+    torch.div(probs, q, out=q)
+    tokens = q.argmax(dim=-1)
+    return tokens, q.gather(1, tokens[:, None]).squeeze(1).isnan()
 
 
-def decode_path(model, decode: str = "auto", graphs: bool | None = None) -> str:
-    """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs)` runs after the prompt, for records:
-    "static[, CUDA graphs], <attention> attention" (static_decode.attention_path: "flash varlen" or "sdpa (why
-    not flash)") or "dynamic" (with the reason where auto fell back). ValueError for an unknown `decode`, or
-    "static" on a model that cannot (the reason named); settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
+def _check_finite(nan_rows: int, step: int) -> None:
+    if nan_rows:
+        raise RuntimeError(f"sampling: the next-token probabilities of {nan_rows} row(s) held NaN by step {step} "
+                           "(the model's logits are not finite); torch.multinomial refuses these too")
+
+
+def decode_compile_backend(model, decode_compile: str | None = None) -> str | None:
+    """The torch.compile backend the static decode runs `model`'s decoder layers through (None = eager):
+    `decode_compile`, or ZLT_DECODE_COMPILE when None, by core/compiled_layers.backend_for's rule (auto = inductor on CUDA for models
+    under 1B parameters where Triton can build kernels). ValueError naming the setting for an unknown backend."""
+    value, name = ((settings.decode_compile(), "ZLT_DECODE_COMPILE") if decode_compile is None
+                   else (decode_compile, "decode_compile"))
+    return backend_for(value, model, next(model.parameters()).device, name)
+
+
+def decode_path(model, decode: str = "auto", graphs: bool | None = None, decode_compile: str | None = None) -> str:
+    """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs, decode_compile=decode_compile)` runs after the prompt,
+    for records: "static[, CUDA graphs][, layers compiled (<backend>)], <attention> attention"
+    (static_decode.attention_path: "flash varlen" or "sdpa (why not flash)") or "dynamic" (with the reason where
+    auto fell back). ValueError for an unknown `decode`, "static" on a model that cannot (the reason named), or an
+    unknown compile backend; settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
     if decode not in ("auto", "static", "dynamic"):
         raise ValueError(f"decode={decode!r}; expected auto, static or dynamic")
     if decode == "dynamic":
         return "dynamic"
     settings.decode_attention()  # a bad ZLT_DECODE_ATTENTION fails here, also where the CPU would not read it
+    backend = decode_compile_backend(model, decode_compile)  # likewise a bad ZLT_DECODE_COMPILE
     why_not = static_decode.unsupported_reason(model)
     if why_not and decode == "static":
         raise ValueError(f"decode='static' is not possible for this model: {why_not}")
@@ -57,14 +91,15 @@ def decode_path(model, decode: str = "auto", graphs: bool | None = None) -> str:
     if decode == "auto" and not cuda:
         return "dynamic (CPU)"
     graphed = ", CUDA graphs" if (cuda if graphs is None else graphs) else ""
-    return f"static{graphed}, {static_decode.attention_path(model)} attention"
+    compiled = f", layers compiled ({backend})" if backend else ""
+    return f"static{graphed}{compiled}, {static_decode.attention_path(model)} attention"
 
 
 @torch.inference_mode()
 def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | Sequence[int],
                       pad_id: int, temperature: float = 1.0, top_p: float = 1.0, check_every: int = 16,
                       compact_fraction: float = 0.125, repeats: int = 1, progress=None, decode: str = "auto",
-                      graphs: bool | None = None) -> torch.Tensor:
+                      graphs: bool | None = None, decode_compile: str | None = None) -> torch.Tensor:
     """New tokens for every prompt, [len(prompts) * repeats, steps] on the model's device, `pad_id` after a row's
     first stop token (which is kept), steps = the longest row's length (like `generate()`'s output minus the prompt).
 
@@ -87,7 +122,12 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     DynamicCache and the model's own attention; "auto" = static on CUDA where the model allows it
     (`static_decode.unsupported_reason`), dynamic elsewhere (a CPU is compute-bound at its small batches: the
     static path's gains are memory traffic and kernel launches). ValueError for another value, or "static" on a
-    model that cannot (the reason named)."""
+    model that cannot (the reason named).
+
+    decode_compile: the static decode's decoder layers through torch.compile (decode_compile_backend: None =
+    ZLT_DECODE_COMPILE, auto = inductor on CUDA for models under 1B parameters; "off"; or a backend), captured
+    inside its CUDA graphs: fused RMSNorm, rotary and LoRA arithmetic, fewer kernels a step. The cache writes and
+    the attention stay eager kernels inside the same graph (static_decode: graph breaks)."""
     from transformers import DynamicCache
 
     if max_new_tokens < 1:
@@ -95,7 +135,7 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = next(model.parameters()).device
-    static = decode_path(model, decode, graphs).startswith("static")
+    static = decode_path(model, decode, graphs, decode_compile).startswith("static")
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
     if stops.numel() == 0:
         raise ValueError("eos_id names no stop token")
@@ -117,16 +157,23 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         cache.batch_repeat_interleave(repeats)
         logits, mask, pos = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, pos))
     steps = 0
+    nan_rows = torch.zeros((), dtype=torch.long, device=device)  # rows whose probabilities held NaN, all steps
     reported = (0, 0)  # (tokens, finished rows) told to `progress` so far
     with contextlib.ExitStack() as stack:
         if static:
             stack.enter_context(static_decode.decode_attention(model))
+            # after the prompt's forward (eager): one compiled graph set serves every layer and, once the row count
+            # has changed, every row count (dynamic=None: sizes turn symbolic when seen to change)
+            stack.enter_context(compiled_decoder_layers(model, decode_compile_backend(model, decode_compile), dynamic=None,
+                                                        unspecialized_module_ints=True))
             stepper = static_decode.DecodeStep(
                 model, static_decode.static_decode_cache(cache, mask, width + max_new_tokens), pos[:, -1:],
                 graphs=graphs)
             cache = kv = None  # its tensors were copied into the static cache: free them
         for step in range(max_new_tokens):
-            nxt = _next_tokens(logits, temperature, top_p)
+            nxt, nan = _next_tokens(logits, temperature, top_p)
+            if nan is not None:
+                nan_rows = nan_rows + nan.sum()  # read at the periodic sync, not here (no host sync per step)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out[rows, step] = nxt
             newly = torch.isin(nxt, stops) & ~done
@@ -137,7 +184,8 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
                 break
             if steps % check_every == 0:
                 # the loop's one host sync every check_every steps; the token count rides along in the same copy
-                n_done, made = torch.stack([done.sum(), ended.clamp(max=steps).sum()]).tolist()
+                n_done, made, n_nan = torch.stack([done.sum(), ended.clamp(max=steps).sum(), nan_rows]).tolist()
+                _check_finite(n_nan, steps)
                 if progress is not None:
                     finished = n - len(rows) + n_done  # rows dropped earlier had finished
                     progress.advance(tokens=made - reported[0], sequences=finished - reported[1])
@@ -159,7 +207,9 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
             pos = pos[:, -1:] + 1
             logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kv,
                            use_cache=True, logits_to_keep=1).logits[:, -1]
-    all_done, longest, made = torch.stack([done.all().long(), ended.max(), ended.clamp(max=steps).sum()]).tolist()
+    all_done, longest, made, n_nan = torch.stack([done.all().long(), ended.max(), ended.clamp(max=steps).sum(),
+                                                  nan_rows]).tolist()
+    _check_finite(n_nan, steps)
     if progress is not None:  # every row has finished now, by a stop token or by the limit
         progress.advance(tokens=made - reported[0], sequences=n - reported[1])
     if all_done:

@@ -33,6 +33,7 @@ soft-capping, latent (MLA) caches or dynamic RoPE keep the DynamicCache loop (`u
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -176,7 +177,9 @@ def decode_attention(model) -> Iterator[None]:
 
     base = unwrap_peft(model)
     previous = base.config._attn_implementation
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
+    # kept out of torch.compile (a graph break where compiled decoder layers call it): it reads the step's
+    # DecodeBatch from a module global (_STEP_BATCH), a new object every step, which a compiled graph would guard on
+    AttentionInterface.register(DECODE_ATTENTION, torch.compiler.disable(decode_attention_forward))
     base.set_attn_implementation(DECODE_ATTENTION)
     try:
         yield
@@ -251,8 +254,10 @@ def attention_path(model) -> str:
     return "flash varlen" if ok else f"sdpa ({why})"
 
 
+@functools.cache
 def _cache_classes():
-    """StaticDecodeCache and its layer, built on first use: transformers is imported lazily, as elsewhere in core."""
+    """StaticDecodeCache and its layer, built once on first use: transformers is imported lazily, as elsewhere in
+    core. Once: torch.compile guards on a cache's type, so a class built per decode would recompile every layer."""
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     class StaticDecodeLayer(CacheLayerMixin):
@@ -321,6 +326,15 @@ def _cache_classes():
             super().__init__(layers=layers)
             self.column = lengths.clone()
             self.row_index = torch.arange(rows, device=prompt_mask.device)
+
+        @torch.compiler.disable
+        def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+            """Cache.update for this cache's own layers (no lazy layers, no offloading), kept out of torch.compile
+            (a graph break where compiled decoder layers call it): the index writes into the [rows, capacity,
+            ...] buffers stay two eager kernels, where inductor would functionalise them into a copy of a whole
+            buffer per layer. The layer index it gets from compiled layers is a graph input, not a constant
+            (core/compiled_layers.py: one graph for every layer)."""
+            return self.layers[layer_idx].update(key_states, value_states)
 
         @property
         def capacity(self) -> int:

@@ -63,18 +63,21 @@ class TransformersGenerator(Generator):
     """merge_adapter=True adds the adapter into the base weights for the call and restores them exactly afterwards
     (generation/merging.py); loop="fast" uses generation/sampling.py (one prefill per
     prompt shared by its samples, no per-step host sync, finished rows leave the batch) instead of `generate()`;
-    decode: the fast loop's decode path (sampling.sample_new_tokens: auto, static or dynamic).
+    decode: the fast loop's decode path (sampling.sample_new_tokens: auto, static or dynamic); decode_compile: its
+    decoder layers through torch.compile on the static path (None = ZLT_DECODE_COMPILE; auto, off or a backend).
     The defaults are the original path; `fast(loaded)` is what the pipeline uses without vLLM."""
     name = "transformers"
 
-    def __init__(self, loaded, merge_adapter: bool = False, loop: str = "hf", decode: str = "auto"):
+    def __init__(self, loaded, merge_adapter: bool = False, loop: str = "hf", decode: str = "auto",
+                 decode_compile: str | None = None):
         if loop not in ("hf", "fast"):
             raise ValueError(f"loop {loop!r} is not one of hf, fast")
         self.loaded = loaded
         self.merge_adapter = merge_adapter
         self.loop = loop
-        self.decode = decode
-        decode_path(loaded.model, decode)  # ValueError now for a bad value or a model that cannot
+        self.decode, self.decode_compile = decode, decode_compile
+        # ValueError now for a bad value, a model that cannot, or an unknown compile backend
+        decode_path(loaded.model, decode, decode_compile=decode_compile)
         if loop == "fast" or merge_adapter:
             self.name = "transformers-fast" + ("" if merge_adapter else "-unmerged")
 
@@ -82,7 +85,8 @@ class TransformersGenerator(Generator):
     def decode_path(self) -> str:
         """The fast loop's decode path on this model (sampling.decode_path: static with CUDA graphs on CUDA where the
         model allows, else dynamic), or "generate()" for the plain loop."""
-        return decode_path(self.loaded.model, self.decode) if self.loop == "fast" else "generate()"
+        return (decode_path(self.loaded.model, self.decode, decode_compile=self.decode_compile) if self.loop == "fast"
+                else "generate()")
 
     @classmethod
     def fast(cls, loaded) -> "TransformersGenerator":
@@ -130,7 +134,8 @@ class TransformersGenerator(Generator):
                 if self.loop == "fast":
                     new = sample_new_tokens(model, seqs[::n_samples], max_new_tokens, self.stop_token_ids, pad,
                                             temperature=temperature, top_p=top_p, repeats=n_samples,
-                                            progress=progress, decode=self.decode)
+                                            progress=progress, decode=self.decode,
+                                            decode_compile=self.decode_compile)
                     out.extend(self._decode(new, chunk))
                     continue
                 res = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,

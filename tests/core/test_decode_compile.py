@@ -1,0 +1,190 @@
+"""The static decode with its decoder layers through torch.compile (issue 17, third session; core/compiled_layers.py,
+sampling.sample_new_tokens(decode_compile=...)) samples what the eager static decode samples, compiles a fixed
+set of graphs whatever the number of layers, adapters or prompt batches, and gives the eager layers back; and the
+sampler draws what torch.multinomial draws without reading anything back to the host per step (CPU, tiny models;
+the `aot_eager` backend runs dynamo and AOTAutograd as inductor would, without generating code: inductor itself
+runs on the GPU, benchmarks/gen_bench.py)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from zlt_dagster import settings
+from zlt_dagster.core import compiled_layers
+from zlt_dagster.core.generation import sampling
+from zlt_dagster.core.generation.sampling import decode_path, sample_new_tokens
+
+from tests.core.test_fast_paths import EOS, PAD
+from tests.core.test_static_decode import hf_greedy, prompts_for, tiny
+from tests.core.test_static_decode_review import _HOST_SYNCS
+
+warnings.filterwarnings("ignore", message=".*past_key_values.*")
+
+GRAPHS: list = []
+
+
+def _counting_backend(gm, example_inputs):
+    """A torch.compile backend that records each graph dynamo hands it and runs it as traced."""
+    GRAPHS.append(gm)
+    return gm.forward
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counting_backend():
+    from torch._dynamo.backends.registry import register_backend
+
+    register_backend(_counting_backend, name="zlt_test_count")
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    """A tiny Llama (4 layers, 6 query heads over 2 KV heads) and two random LoRA adapters on every linear."""
+    from peft import LoraConfig
+
+    from zlt_dagster.core.random_adapter import save_random_adapter
+
+    model = tiny("llama", num_hidden_layers=4)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", bias="none",
+                     task_type="CAUSAL_LM")
+    for name, seed in (("a", 3), ("b", 4)):
+        save_random_adapter(model, cfg, tmp_path / name, b_std=0.3, seed=seed)
+    return model, tmp_path
+
+
+def _sample(model, prompts, decode_compile, seed=5, **kw):
+    torch.manual_seed(seed)
+    return sample_new_tokens(model, prompts, 20, EOS, PAD, temperature=1.0, check_every=2, compact_fraction=0.01,
+                             repeats=3, decode="static", graphs=True, decode_compile=decode_compile, **kw)
+
+
+def test_compiled_layers_sample_what_eager_layers_sample(adapters):
+    """aot_eager (dynamo + AOTAutograd, inductor's front half) inside the emulated CUDA graphs, an adapter
+    attached, rows dropped as they end: the same tokens as the eager static decode, for two adapters and two
+    prompt batches."""
+    from zlt_dagster.core.generation.transformers_backend import attached_adapter
+
+    model, tmp = adapters
+    prompts = prompts_for(48, 6)
+    for name, batch in (("a", prompts), ("b", prompts[:4])):
+        with attached_adapter(model, str(tmp / name)) as peft_model:
+            assert torch.equal(_sample(peft_model, batch, "aot_eager"), _sample(peft_model, batch, "off"))
+
+
+def test_compiled_greedy_equals_generate():
+    model = tiny("qwen2")
+    prompts = prompts_for(48)
+    ref = hf_greedy(model, prompts, 30)
+    new = sample_new_tokens(model, prompts, 30, EOS, PAD, temperature=0, check_every=2, compact_fraction=0.01,
+                            decode="static", graphs=True, decode_compile="aot_eager")
+    assert torch.equal(new, ref[:, :new.shape[1]])
+
+
+def test_one_set_of_graphs_serves_every_layer_adapter_and_batch(adapters):
+    """The graphs compiled do not grow with the layers (the cache's layer index is a graph input, not a constant
+    guarded on), a second adapter, another prompt batch or another row count: a 30-layer model would otherwise
+    compile 30 graphs of each kind and pass dynamo's recompile limit."""
+    from zlt_dagster.core.generation.transformers_backend import attached_adapter
+
+    counts = []
+    for layers in (2, 4):
+        torch._dynamo.reset()  # compiled code is kept per code object: another model of the class would reuse it
+        GRAPHS.clear()
+        model = tiny("llama", num_hidden_layers=layers)
+        _sample(model, prompts_for(48, 6), "zlt_test_count")
+        counts.append(len(GRAPHS))
+    assert counts[0] == counts[1] > 0
+    model, tmp = adapters
+    for name, batch in (("a", prompts_for(48, 6)), ("b", prompts_for(48, 3, seed=2)), ("a", prompts_for(48, 5))):
+        with attached_adapter(model, str(tmp / name)) as peft_model:
+            _sample(peft_model, batch, "zlt_test_count")
+            if name == "a" and len(batch) == 6:
+                first = len(GRAPHS)
+    assert len(GRAPHS) == first  # nothing new after the first decode on this model
+
+
+def test_eager_layers_come_back_also_after_an_error(monkeypatch):
+    model = tiny("llama")
+    layers = compiled_layers.decoder_layers(model)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        assert all(la._compiled_call_impl is not None for la in layers)  # compiled while the decode runs
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sampling, "_next_tokens", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        sample_new_tokens(model, prompts_for(48, 2), 4, EOS, PAD, decode="static", graphs=True,
+                          decode_compile="aot_eager")
+    assert calls and all(la._compiled_call_impl is None for la in layers)
+
+
+def test_decode_path_names_the_compile_backend_and_bad_values_fail(monkeypatch):
+    model = tiny("llama")
+    assert decode_path(model, "static", graphs=True, decode_compile="aot_eager").startswith(
+        "static, CUDA graphs, layers compiled (aot_eager), sdpa")
+    assert "compiled" not in decode_path(model, "static", decode_compile="auto")  # auto: eager on a CPU
+    monkeypatch.setenv("ZLT_DECODE_COMPILE", "aot_eager")
+    assert "layers compiled (aot_eager)" in decode_path(model, "static")
+    with pytest.raises(ValueError, match="decode_compile='turbo'; expected auto, off or one of"):
+        decode_path(model, "static", decode_compile="turbo")
+    monkeypatch.setenv("ZLT_DECODE_COMPILE", "turbo")
+    with pytest.raises(settings.SettingsError, match="ZLT_DECODE_COMPILE: 'turbo'; expected auto, off or one of"):
+        settings.validate()
+    assert decode_path(model, "dynamic") == "dynamic"  # the setting belongs to the static path only
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampler_draws_what_torch_multinomial_draws(temperature, top_p, dtype):
+    """Same generator state, same tokens as torch.multinomial over softmax(float32 logits / T) (generate()'s
+    sampler), 300 rows x 3 draws; the NaN flag is off for finite logits."""
+    logits = (torch.randn(300, 97, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    for seed in range(3):
+        scores = logits.float() / temperature
+        if top_p < 1:
+            scores = sampling._top_p_filter(scores, top_p)
+        torch.manual_seed(seed)
+        ref = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        torch.manual_seed(seed)
+        tokens, nan = sampling._next_tokens(logits, temperature, top_p)
+        assert torch.equal(tokens, ref) and not nan.any()
+
+
+def test_the_sampling_loop_reads_back_only_at_its_periodic_check():
+    """Host reads do not grow with the steps between checks: no .item(), no nonzero, and no torch.multinomial (its
+    kernel validates the probabilities with two reads back to the host per call: aten Distributions.cpp) in a
+    step; 12 or 24 steps without a check read back as often (the prompt and set-up read a few times)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny("llama", eos_token_id=99)  # no stop token in the vocabulary: every row runs to the limit
+
+    def host_reads(decode: str, steps: int) -> list[str]:
+        seen: list[str] = []
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func) in _HOST_SYNCS | {"aten.multinomial.default"}:
+                    seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Spy():
+            new = sample_new_tokens(model, prompts_for(48, 4), steps, 99, PAD, temperature=1.0, check_every=100,
+                                    decode=decode, graphs=True)
+        assert new.shape[1] == steps
+        return seen
+
+    # the static decode only: the dynamic loop's steps go through transformers' mask code, which reads back
+    # (is_nonzero) every step; it is the CPU's path, where a read costs nothing
+    short = host_reads("static", 12)
+    assert host_reads("static", 24) == short and "aten.multinomial.default" not in short
+
+
+def test_nan_logits_fail_loudly_at_the_periodic_check():
+    model = tiny("llama")
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"held NaN by step 2 \(the model's logits are not finite\)"):
+        sample_new_tokens(model, prompts_for(48, 3), 10, EOS, PAD, temperature=1.0, check_every=2)
