@@ -188,3 +188,26 @@ def test_nan_logits_fail_loudly_at_the_periodic_check():
         model.lm_head.weight[5, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"held NaN by step 2 \(the model's logits are not finite\)"):
         sample_new_tokens(model, prompts_for(48, 3), 10, EOS, PAD, temperature=1.0, check_every=2)
+
+
+def test_the_static_decode_never_shrinks_to_one_row(monkeypatch):
+    """Finished rows stay to keep two rows in the batch (compiled layers specialise a batch of one: a compile in
+    the last steps); the tokens are still generate()'s."""
+    from zlt_dagster.core.generation import static_decode
+
+    kept: list[int] = []
+    keep_rows = static_decode.DecodeStep.keep_rows
+
+    def spy(self, keep):
+        kept.append(len(keep))
+        return keep_rows(self, keep)
+
+    monkeypatch.setattr(static_decode.DecodeStep, "keep_rows", spy)
+    model = tiny("llama")
+    prompts = prompts_for(48, 8, seed=4)  # its rows end at steps 3, 4, 10, 11, 24, 27, 31 and 50
+    ref = hf_greedy(model, prompts, 60)
+    new = sample_new_tokens(model, prompts, 60, EOS, PAD, temperature=0, check_every=1, compact_fraction=0.01,
+                            decode="static", graphs=True)
+    assert torch.equal(new, ref[:, :new.shape[1]])
+    assert bool((ref == EOS).any(1).all())  # the last row runs alone from step 31: compaction would reach one row
+    assert kept and min(kept) == 2

@@ -19,6 +19,10 @@ from ..compiled_layers import backend_for, compiled_decoder_layers
 from . import static_decode
 from .cache_keyword import cache_kwargs
 
+# the static decode keeps at least this many rows when finished ones leave (sample_new_tokens)
+MIN_STATIC_ROWS = 2
+
+
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """transformers' TopPLogitsWarper (min_tokens_to_keep=1)."""
     sorted_logits, sorted_idx = torch.sort(scores, descending=False)
@@ -194,12 +198,18 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
                     break
                 if n_done and n_done >= compact_fraction * len(rows):
                     keep = (~done).nonzero(as_tuple=True)[0]
-                    if static:
-                        stepper.keep_rows(keep)
-                    else:
-                        cache.batch_select_indices(keep)
-                        mask, pos = mask[keep], pos[keep]
-                    rows, nxt, done = rows[keep], nxt[keep], done[keep]
+                    if static and len(keep) < MIN_STATIC_ROWS <= len(rows):
+                        # finished rows fill up to MIN_STATIC_ROWS: compiled layers specialise a batch of one
+                        # (dynamo's 0/1 specialisation), which would compile again in the last steps of a decode
+                        spare = done.nonzero(as_tuple=True)[0][:MIN_STATIC_ROWS - len(keep)]
+                        keep = torch.cat([keep, spare]).sort().values
+                    if len(keep) < len(rows):
+                        if static:
+                            stepper.keep_rows(keep)
+                        else:
+                            cache.batch_select_indices(keep)
+                            mask, pos = mask[keep], pos[keep]
+                        rows, nxt, done = rows[keep], nxt[keep], done[keep]
             if static:
                 logits = stepper(nxt)
                 continue
