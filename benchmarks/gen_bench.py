@@ -8,6 +8,8 @@ paper protocol's workloads.
         naive_hf         plain generate(), adapter attached, batch 64 (the eval protocol's old gen_batch_size)
         naive_fast       the pipeline's transformers path before issue 17: fast loop at batch 60 (64 rounded to
                          whole prompts)
+        fast_static      the pipeline's path: static decode, CUDA graphs, decoder layers compiled (inductor)
+        fast_static_eager  the same with ZLT_DECODE_COMPILE=off
         fast_auto        the same loop, batch sized to the device (core/generation/batch_size.py): all rows at once
         vllm_seeded      the vLLM backend as the pipeline runs it (per-prompt seeds)
         vllm_unseeded    the same with ZLT_VLLM_SEEDED=0 (the sampler's per-request generator loop off)
@@ -50,6 +52,7 @@ from zlt_dagster.core.lora_bank import lora_config  # noqa: E402
 from zlt_dagster.core.protocol import PAPER, Sweep  # noqa: E402
 from zlt_dagster.core.random_adapter import save_random_adapter  # noqa: E402
 
+COMPILE_ENV = "ZLT_DECODE_COMPILE"  # off = the static decode's layers eager (the lever of the third session)
 SWEEP = Sweep(protocol=PAPER, base_model="smollm2-135m", source_persona="villain", seed=42)
 ENGINE_OVERRIDES: dict = {}  # --vllm-engine: extra LLM(...) arguments for the 135M engine (JSON)
 SMOKE = "--smoke" in sys.argv  # CPU dry run: tiny model, tiny lengths; checks the script, not speed
@@ -67,11 +70,21 @@ def summary(comps, wall: float, **extra) -> dict:
             "stopped": sum(c.finish_reason == "stop" for c in comps), **extra}
 
 
+def warm_up(gen, prompts, adapter, batch: int) -> float:
+    """Two short calls of 20 and 30 rows before the clock: CUDA graphs, and on the compiled static decode
+    (ZLT_DECODE_COMPILE) the compile of the decoder layers, which turn the row count symbolic when they see it
+    change (sampling.sample_new_tokens). Seconds spent (compiling included: once per process in the pipeline)."""
+    t = time.perf_counter()
+    for n in (2, 3):
+        gen.generate(prompts[:n], 10, 1.0, 1.0, 4, seed=1, adapter_dir=adapter, batch_size=batch)
+    return round(time.perf_counter() - t, 2)
+
+
 def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch: int, loop: str, merge: bool,
                        decode: str = "auto"):
     gen = TransformersGenerator(lm, merge_adapter=merge, loop=loop, decode=decode)
     ps = prompts[:n_prompts]
-    gen.generate(ps[:2], 10, 1.0, 1.0, 4, seed=1, adapter_dir=adapter, batch_size=batch)  # warm-up
+    warm_s = warm_up(gen, ps, adapter, batch)
     reset_peak(lm.device)
     sync(lm.device)
     bar = GenerationProgress(log, f"{loop} b{batch or 'auto'}", len(ps) * 10)
@@ -80,7 +93,7 @@ def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch
     sync(lm.device)
     return summary(comps, time.perf_counter() - t, batch=bar.batch_size, batch_source=bar.batch_source, loop=loop,
                    decode=gen.decode_path, merged=merge, prompts=len(ps), max_new_tokens=max_new,
-                   peak_gib=peak_gib(lm.device))
+                   peak_gib=peak_gib(lm.device), warm_up_s=warm_s)
 
 
 def with_env(env: dict, fn, *args, **kw):
@@ -97,7 +110,7 @@ def decode_profile(lm, prompts, adapter, decode: str, max_new: int, out: Path, t
     from torch.profiler import ProfilerActivity, profile
 
     gen = TransformersGenerator(lm, loop="fast", decode=decode)
-    gen.generate(prompts[:2], 10, 1.0, 1.0, 4, seed=1, adapter_dir=adapter, batch_size=0)  # warm-up
+    warm_up(gen, prompts, adapter, 0)
     sync(lm.device)
     acts = [ProfilerActivity.CUDA] if lm.device.type == "cuda" else [ProfilerActivity.CPU]  # CPU: the smoke run
     with profile(activities=acts) as prof:
@@ -200,6 +213,8 @@ def run_135m(R: Runner, tmp: Path) -> None:
     # the pipeline's transformers path now (static decode, CUDA graphs), then the levers apart, then before
     R.run("gen_135m_fast_static", 40, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
           "fast", False, "auto")
+    R.run("gen_135m_fast_static_eager", 40, with_env, {COMPILE_ENV: "off"}, bench_transformers, lm, prompts,
+          adapter, everything, n_new, auto.rows, "fast", False, "auto")  # the static path, layers not compiled
     R.run("gen_135m_fast_static_sdpa", 60, with_env, {ATTENTION_ENV: "sdpa"}, bench_transformers, lm, prompts,
           adapter, everything, n_new, auto.rows, "fast", False, "auto")  # the static path with SDPA attention
     R.run("gen_135m_fast_auto", 70, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
@@ -207,11 +222,20 @@ def run_135m(R: Runner, tmp: Path) -> None:
     R.run("gen_135m_naive_hf_b64", 40, bench_transformers, lm, prompts, adapter, 6, n_new, 64, "hf", False)
     R.run("gen_135m_naive_fast_b60", 40, bench_transformers, lm, prompts, adapter, 6, n_new, 60, "fast", False,
           "dynamic")
+    def compile_again():
+        """The compiled decode's warm-up after torch._dynamo.reset(): dynamo traces again, inductor's on-disk caches
+        (FX graph, AOTAutograd, Triton) are warm: what a new process on this machine pays (the first warm-up above
+        is the cold figure)."""
+        torch._dynamo.reset()
+        gen = TransformersGenerator(lm, loop="fast", decode="auto")
+        return {"warm_up_s": warm_up(gen, prompts, adapter, auto.rows), "decode": gen.decode_path}
+    R.run("decode_compile_warm_cache", 60, compile_again)
     R.run("greedy_135m_static_vs_dynamic", 30, static_vs_dynamic_greedy, lm, prompts, adapter, 8 if SMOKE else 32)
     if PROFILE:
-        for tag, decode in (("135m_static", "auto"), ("135m_dynamic", "dynamic")):
-            R.run(f"profile_decode_{tag}", 40, decode_profile, lm, prompts, adapter, decode, 8 if SMOKE else 64,
-                  R.out, tag)
+        for tag, decode, env in (("135m_static", "auto", {}), ("135m_static_eager", "auto", {COMPILE_ENV: "off"}),
+                                 ("135m_dynamic", "dynamic", {})):
+            R.run(f"profile_decode_{tag}", 40, with_env, env, decode_profile, lm, prompts, adapter, decode,
+                  8 if SMOKE else 64, R.out, tag)
     store = LocalStore(tmp / "store")
 
     def onpolicy(backend: str):
