@@ -47,6 +47,7 @@ from zlt_dagster.core.eval_plan import eval_prompts  # noqa: E402
 from zlt_dagster.core.generation.progress import GenerationProgress  # noqa: E402
 from zlt_dagster.core.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from zlt_dagster.core.generation.batch_size import requested  # noqa: E402
+from zlt_dagster.core.generation import static_decode  # noqa: E402
 from zlt_dagster.core.generation.static_decode import ATTENTION_ENV  # noqa: E402
 from zlt_dagster.core.lora_bank import lora_config  # noqa: E402
 from zlt_dagster.core.protocol import PAPER, Sweep  # noqa: E402
@@ -88,12 +89,25 @@ def bench_transformers(lm, prompts, adapter, n_prompts: int, max_new: int, batch
     reset_peak(lm.device)
     sync(lm.device)
     bar = GenerationProgress(log, f"{loop} b{batch or 'auto'}", len(ps) * 10)
+    before = captures()
     t = time.perf_counter()
     comps = gen.generate(ps, 10, 1.0, 1.0, max_new, seed=0, adapter_dir=adapter, batch_size=batch, progress=bar)
     sync(lm.device)
-    return summary(comps, time.perf_counter() - t, batch=bar.batch_size, batch_source=bar.batch_source, loop=loop,
+    return summary(comps, time.perf_counter() - t, **captures(before), batch=bar.batch_size, batch_source=bar.batch_source, loop=loop,
                    decode=gen.decode_path, merged=merge, prompts=len(ps), max_new_tokens=max_new,
                    peak_gib=peak_gib(lm.device), warm_up_s=warm_s)
+
+
+def captures(before: dict | None = None) -> dict:
+    """The static decode's CUDA graph captures so far (static_decode.CAPTURES), or since `before`: graphs and host
+    seconds spent capturing (empty for a tree without the counter: --tag runs of older commits)."""
+    totals = getattr(static_decode, "CAPTURES", None)
+    if totals is None:
+        return {}
+    now = {"graph_captures": totals.graphs, "capture_s": totals.seconds}
+    if before:
+        now = {k: v - before.get(k, 0) for k, v in now.items()}
+    return {k: round(v, 3) for k, v in now.items()}
 
 
 def with_env(env: dict, fn, *args, **kw):
@@ -113,11 +127,13 @@ def decode_profile(lm, prompts, adapter, decode: str, max_new: int, out: Path, t
     warm_up(gen, prompts, adapter, 0)
     sync(lm.device)
     acts = [ProfilerActivity.CUDA] if lm.device.type == "cuda" else [ProfilerActivity.CPU]  # CPU: the smoke run
+    before = captures()
     with profile(activities=acts) as prof:
         t = time.perf_counter()
         comps = gen.generate(prompts, 10, 1.0, 1.0, max_new, seed=0, adapter_dir=adapter, batch_size=0)
         sync(lm.device)
         wall = time.perf_counter() - t
+    caught = captures(before)
     busy_ms, launches, lines = kernel_table(prof)
     steps = max(c.n_new_tokens for c in comps)
     head = (f"decode={gen.decode_path}: {len(comps)} rows, {steps} steps, wall {wall * 1e3:.1f} ms "
@@ -127,7 +143,7 @@ def decode_profile(lm, prompts, adapter, decode: str, max_new: int, out: Path, t
     return {"decode": gen.decode_path, "rows": len(comps), "steps": steps, "wall_ms": round(wall * 1e3, 1),
             "ms_per_step": round(wall * 1e3 / steps, 2), "kernel_ms": round(busy_ms, 1),
             "gpu_busy_fraction": round(busy_ms / wall / 1e3, 3), "kernels_per_step": round(launches / steps),
-            "tok_s": round(sum(c.n_new_tokens for c in comps) / wall, 1), "top": lines[:10]}
+            "tok_s": round(sum(c.n_new_tokens for c in comps) / wall, 1), **caught, "top": lines[:10]}
 
 
 def vllm_engine(lm, **overrides):

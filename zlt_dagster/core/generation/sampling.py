@@ -166,10 +166,11 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     with contextlib.ExitStack() as stack:
         if static:
             stack.enter_context(static_decode.decode_attention(model))
-            # after the prompt's forward (eager): one compiled graph set serves every layer and, once the row count
-            # has changed, every row count (dynamic=None: sizes turn symbolic when seen to change)
-            stack.enter_context(compiled_decoder_layers(model, decode_compile_backend(model, decode_compile), dynamic=None,
-                                                        unspecialized_module_ints=True))
+            # after the prompt's forward (eager): one compiled graph set serves every layer and every row count
+            # (dynamic=True: rows symbolic from the first compile; compiling static first and symbolic at the first
+            # compaction doubled the compile time)
+            stack.enter_context(compiled_decoder_layers(model, decode_compile_backend(model, decode_compile),
+                                                        dynamic=True, unspecialized_module_ints=True))
             stepper = static_decode.DecodeStep(
                 model, static_decode.static_decode_cache(cache, mask, width + max_new_tokens), pos[:, -1:],
                 graphs=graphs)

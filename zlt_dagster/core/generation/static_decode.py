@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -449,22 +450,44 @@ class DecodeStep:
         self.graph = None
 
 
+@dataclass
+class CaptureTotals:
+    """Process-wide counts of the decode's CUDA graph captures (benchmarks read them): graphs captured and host
+    seconds spent building them (eager run and capture; compiling included where it happens there)."""
+    graphs: int = 0
+    seconds: float = 0.0
+
+
+CAPTURES = CaptureTotals()
+
+
 class _CudaGraph:
-    """The step's forward captured as a CUDA graph for one (rows, width) (torch.cuda.graph). Built by running the
-    step once eagerly on a side stream (torch's CUDA graph notes: lazy initialisation outside the capture), then
-    capturing it; `replay` runs it and returns the graph's logits tensor. The eager run's writes (this step's K/V at
-    the rows' columns) are the ones the replay makes again: replaying is idempotent."""
+    """The step's forward captured as a CUDA graph for one (rows, width). Built by running the step once eagerly on
+    a side stream (torch's CUDA graph notes: lazy initialisation, and here compiling, outside the capture), then
+    capturing it on the same stream; `replay` runs it and returns the graph's logits tensor. The eager run's writes
+    (this step's K/V at the rows' columns) are the ones the replay makes again: replaying is idempotent.
+
+    CUDAGraph.capture_begin/capture_end directly, not the torch.cuda.graph context: that one synchronises the
+    device and empties the allocator's cache before every capture, so the GPU idled while the host captured and
+    the sampler's [rows, vocab] buffers were allocated afresh after each of the decode's captures (one per
+    compaction of finished rows). Each graph still gets its own memory pool."""
 
     def __init__(self, step: DecodeStep, shape: tuple[int, int]):
+        t = time.perf_counter()
         self.shape = shape
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             step._forward(step.token, step.position, shape[1])
+            self.graph.capture_begin()
+            try:
+                self.logits = step._forward(step.token, step.position, shape[1])
+            finally:
+                self.graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step._forward(step.token, step.position, shape[1])
+        CAPTURES.graphs += 1
+        CAPTURES.seconds += time.perf_counter() - t
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()
