@@ -222,3 +222,27 @@ def test_shared_context_falls_back_for_a_model_without_a_decoder():
     lls = shared_context_loglikelihoods(model, [([1, 2], [3]), ([1, 2], [4, 0])])
     logp = torch.log_softmax(torch.arange(5.0), dim=0)
     assert lls == pytest.approx([float(logp[3]), float(logp[4] + logp[0])], abs=1e-6)
+
+
+def lm_eval_encode_pair(tok, context, continuation, prefix):
+    """lm-eval's TemplateLM._encode_pair as it reads, one pair at a time (the reference for the batched path)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = list(prefix) + tok.encode(context + continuation, add_special_tokens=False)
+    ctx = list(prefix) + tok.encode(context, add_special_tokens=False)
+    return ctx, whole[len(ctx):]
+
+
+@pytest.mark.parametrize("with_bos", [True, False])
+def test_batched_encoding_equals_one_pair_at_a_time(with_bos):
+    """encode_pairs (what score_arc uses: distinct contexts once, one batch call) gives lm-eval's ids for every
+    pair, shared contexts and trailing context spaces included."""
+    from zlt_dagster.core.arc import encode_pairs
+
+    qs = load_arc(sample_arc_path())
+    tok = bpe_tokenizer([f"{arc_context(q.question)} {c}" for q in qs for c in q.choices], with_bos)
+    texts = [(arc_context(q.question), f" {c}") for q in qs for c in q.choices]
+    texts += [(arc_context(q.question) + " ", c) for q in qs[:3] for c in q.choices]  # spaces move over
+    prefix = bos_prefix(tok)
+    assert encode_pairs(tok, texts, prefix) == [lm_eval_encode_pair(tok, c, k, prefix) for c, k in texts]

@@ -428,3 +428,25 @@ def test_attached_adapter_runs_in_the_base_dtype(chaotic, tmp_path):
 def test_generator_rejects_unknown_loop(tiny_loaded):
     with pytest.raises(ValueError):
         TransformersGenerator(tiny_loaded, loop="vllm")
+
+
+def test_batched_text_decoding_equals_decode_one_row_at_a_time():
+    """decode_texts (the completions' text) through the Rust batch decoder: tokenizer.decode's strings, special
+    tokens skipped, empty rows included; a tokenizer that cleans up spaces keeps the one-by-one path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from zlt_dagster.core.generation.transformers_backend import decode_texts
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    texts = ["Hello there, villain!", "Ünïcode 和 text\\n\\nwith  spaces .", "[ZLT] end", "a , b ."]
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in torch.randint(0, 40, (50,), generator=g)]
+    rows += [[], [1, 1], raw.encode(texts[1]).ids + [1]]
+    for clean in (False, True):
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", clean_up_tokenization_spaces=clean)
+        assert decode_texts(tok, rows) == [tok.decode(r, skip_special_tokens=True) for r in rows]

@@ -148,15 +148,25 @@ class TransformersGenerator(Generator):
         return out
 
     def _decode(self, new: torch.Tensor, chunk) -> list[Completion]:
-        tok, stops = self.loaded.tokenizer, set(self.stop_token_ids)
-        done = []
-        for row, (i, s) in zip(new.tolist(), chunk):
+        stops = set(self.stop_token_ids)
+        kept = []
+        for row in new.tolist():
             cut = next((k for k, t in enumerate(row) if t in stops), None)
             if cut is not None:  # the FIRST stop id ends the answer, whichever it is
-                text_ids, n_new, reason = row[:cut], cut + 1, "stop"
+                kept.append((row[:cut], cut + 1, "stop"))
             else:
-                text_ids, n_new, reason = row, len(row), "length"
-            text = tok.decode(text_ids, skip_special_tokens=True)
-            done.append(Completion(prompt_index=i, sample_index=s, text=text, n_new_tokens=n_new,
-                                   finish_reason=reason))
-        return done
+                kept.append((row, len(row), "length"))
+        texts = decode_texts(self.loaded.tokenizer, [ids for ids, _, _ in kept])
+        return [Completion(prompt_index=i, sample_index=s, text=text, n_new_tokens=n_new, finish_reason=reason)
+                for (i, s), text, (_, n_new, reason) in zip(chunk, texts, kept)]
+
+
+def decode_texts(tokenizer, rows: list[list[int]]) -> list[str]:
+    """tokenizer.decode(row, skip_special_tokens=True) for every row: through the Rust tokenizer's decode_batch
+    (parallel) where the tokenizer is a fast one that cleans up no spaces, since its decode is then exactly that
+    call per row (transformers' TokenizersBackend._decode); one by one otherwise. Why: 2,200 completions of ~410
+    tokens took 0.44 s one by one on 2 cores (0.21 s batched), a few percent of a completions step on the H200."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+    return backend.decode_batch(rows, skip_special_tokens=True)
