@@ -63,7 +63,7 @@ class DecodeBatch:
     """What the attention function needs for one step, built inside the (captured) forward. lengths: int32 [rows],
     filled slots per row including this step's token; cu: int32 [rows + 1], row r's slots start at cu[r] = r x
     capacity in the flattened [rows x capacity] buffer (flash path); cu_q: int32 [rows + 1], arange (flash path: row
-    r's query starts at cu_q[r] = r); capacity: slots per row of the cache's buffers; width: slots the
+    r's g query positions start at cu_q[r] x g); capacity: slots per row of the cache's buffers; width: slots the
     SDPA path reads; mask: bool [rows, 1, 1, width], True = attend (SDPA path); flash: which path."""
     lengths: torch.Tensor
     cu: torch.Tensor | None
@@ -75,19 +75,21 @@ class DecodeBatch:
 
 
 def _flash(query, key, value, batch: DecodeBatch, scaling):
-    """torch's flash-attention varlen forward over each row's filled slots, one query position per row, the query
-    heads sharing their KV head natively (GQA: query head h reads KV head h // (heads / kv_heads), transformers'
-    repeat_kv order). query [rows, heads, 1, d] is [rows, 1, heads, d] in memory (the projection's view, and a
-    size-1 dimension either way), so it goes in as [rows, heads, d] and comes back as [rows, 1, heads, d] without a
-    copy. (Feeding a KV head's query heads as query positions of it instead, flash-attention's own
-    "seqlenq_ngroups_swapped" decode trick, left the kernel's time unchanged on the H200 and cost two copies a
-    layer: BENCHMARKS.md, issue 17.)"""
+    """torch's flash-attention varlen forward over each row's filled slots. The g = heads / kv_heads query heads
+    that share a KV head go in as g query POSITIONS of that head (not causal: each sees all the row's keys), so
+    each KV head is loaded once for its g queries instead of once per query head (flash-attention's own
+    "seqlenq_ngroups_swapped" decode trick, which its varlen entry point does not apply): [rows, heads, 1, d] ->
+    [rows x g, kv_heads, d], row r's queries at cu_q[r] = r x g. (Native GQA instead, the query as [rows, heads,
+    d], measured slower with compiled layers on the H200: their rotary output is not in that layout, so it copied
+    more, 94.3-94.8k vs 97.2k tok/s in one call; BENCHMARKS.md, issue 17.)"""
     rows, heads, _, d = query.shape
     kv_heads = key.shape[2]
-    q = query.transpose(1, 2).reshape(rows, heads, d)
+    g = heads // kv_heads
+    # head h = j*g + i (transformers' repeat_kv order) -> query position i of KV head j
+    q = query.reshape(rows, kv_heads, g, d).transpose(1, 2).reshape(rows * g, kv_heads, d)
     out = flash_varlen(q, key.view(rows * batch.capacity, kv_heads, d), value.view(rows * batch.capacity, kv_heads, d),
-                       batch.cu_q, batch.cu, 1, batch.capacity, scaling, batch.lengths)
-    return out.view(rows, 1, heads, d)
+                       batch.cu_q * g, batch.cu, g, batch.capacity, scaling, batch.lengths)
+    return out.view(rows, g, kv_heads, d).transpose(1, 2).reshape(rows, 1, heads, d)
 
 
 def flash_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale, seqused_k):
