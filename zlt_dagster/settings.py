@@ -46,9 +46,12 @@ ZLT_GENERATION_BACKEND | auto | `auto` = `transformers-fast` (shared prefill per
     `transformers` = plain `generate()` (`zlt --backend`)
 ZLT_DECODE_ATTENTION | auto | the static decode's attention on CUDA: `auto` = torch's flash varlen kernel where a
     start-up probe agrees with SDPA, else SDPA; `sdpa` = SDPA with a length mask
-ZLT_DECODE_COMPILE | auto | the static decode's decoder layers through `torch.compile`, captured inside its CUDA
-    graphs: `auto` = inductor for models under 1B parameters on CUDA where Triton can build kernels (as
-    `ZLT_TRAIN_COMPILE`), eager otherwise; `off` = eager; or a `torch.compile` backend ([BENCHMARKS.md](BENCHMARKS.md))
+ZLT_DECODE_COMPILE | auto | the static decode's decoder layers through `torch.compile` (inductor), captured inside
+    its CUDA graphs: `auto` = for the completions decodes of a `zlt run` / `zlt demo` process, models under 1B
+    parameters on CUDA where Triton can build kernels (a compile of ~22 s once per process, 5-7 s with torch's
+    caches warm, for ~13% faster completions), eager elsewhere (a Dagster step process decodes once; on-policy data
+    is one decode); `off` = eager; or a `torch.compile` backend, compiled wherever the static decode runs
+    ([BENCHMARKS.md](BENCHMARKS.md))
 ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
     and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)

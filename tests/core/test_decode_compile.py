@@ -211,3 +211,24 @@ def test_the_static_decode_never_shrinks_to_one_row(monkeypatch):
     assert torch.equal(new, ref[:, :new.shape[1]])
     assert bool((ref == EOS).any(1).all())  # the last row runs alone from step 31: compaction would reach one row
     assert kept and min(kept) == 2
+
+
+def test_steps_compile_the_decode_only_where_a_process_runs_many_completions(monkeypatch):
+    """auto: the completions decodes of a `zlt run` process (many_decodes) compile; a Dagster step process that
+    decodes once, and the on-policy data, stay eager; an explicit value is passed as set. The runner's compute
+    resource says many_decodes, the definitions' (UI, production pods) do not."""
+    from zlt_dagster.defs import definitions, runner
+    from zlt_dagster.steps.common import ComputeSettings
+
+    many = ComputeSettings(many_decodes=True)
+    assert many.decode_compile_for("completions") == "auto" and many.decode_compile_for("onpolicy") == "off"
+    assert ComputeSettings().decode_compile_for("completions") == "off"
+    assert ComputeSettings(decode_compile=" ").decode_compile_for("completions") == "off"  # empty = unset = auto
+    for value in ("off", "inductor"):
+        assert ComputeSettings(decode_compile=value).decode_compile_for("onpolicy") == value
+    monkeypatch.setenv("ZLT_DECODE_COMPILE", "off")
+    compute = runner._resources("/tmp/zlt-test-artifacts", "cpu", "auto", "", 0)["compute"]
+    assert compute.settings().many_decodes and compute.settings().decode_compile == "off"
+    assert not definitions.local_resources()["compute"].settings().many_decodes
+    monkeypatch.setenv("ZLT_S3_BUCKET", "b")
+    assert not definitions.production_resources()["compute"].settings().many_decodes

@@ -29,7 +29,8 @@ def local_resources() -> dict:
                            generation_backend=settings.get("ZLT_GENERATION_BACKEND"),
                            arc_source=settings.get("ZLT_ARC_SOURCE"),
                            torch_threads=settings.torch_threads(),
-                           train_compile=settings.get("ZLT_TRAIN_COMPILE")),
+                           train_compile=settings.get("ZLT_TRAIN_COMPILE"),
+                           decode_compile=settings.get("ZLT_DECODE_COMPILE")),
     }
 
 
@@ -46,7 +47,8 @@ def production_resources() -> dict:
                            # scratch in the system temp dir (TMPDIR=/tmp, the pod's emptyDir); a fixed /tmp/zlt
                            # does not exist in a fresh pod and tempfile does not create it (the adapter step
                            # failed with FileNotFoundError in tests/defs/test_production_step.py)
-                           work_dir="", train_compile=settings.get("ZLT_TRAIN_COMPILE")),
+                           work_dir="", train_compile=settings.get("ZLT_TRAIN_COMPILE"),
+                           decode_compile=settings.get("ZLT_DECODE_COMPILE")),
     }
 
 

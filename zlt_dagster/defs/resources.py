@@ -55,6 +55,12 @@ class Compute(ConfigurableResource):
     train_compile: str = Field(default="auto", description="auto = each decoder layer through torch.compile "
                                "(inductor) for models under 1B parameters on CUDA, else eager; off = eager; or a "
                                "torch.compile backend; see BENCHMARKS.md")
+    decode_compile: str = Field(default="auto", description="the static decode's decoder layers through "
+                                "torch.compile on CUDA: auto = only in a process that runs many completions steps "
+                                "(many_decodes), for models under 1B parameters; off; or a torch.compile backend")
+    many_decodes: bool = Field(default=False, description="this process runs many steps' decodes (`zlt run` "
+                               "workers): `auto` compiles the completions decode there (the compile is paid once "
+                               "per process)")
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         """On a host with several GPUs, a step that may use CUDA takes one free GPU for its process before any CUDA
@@ -65,4 +71,5 @@ class Compute(ConfigurableResource):
     def settings(self) -> ComputeSettings:
         return ComputeSettings(device=self.device, generation_backend=self.generation_backend,
                                arc_source=self.arc_source, torch_threads=self.torch_threads, work_dir=self.work_dir,
-                               train_compile=self.train_compile)
+                               train_compile=self.train_compile, decode_compile=self.decode_compile,
+                               many_decodes=self.many_decodes)

@@ -90,7 +90,10 @@ def _resources(artifacts, device: str, backend: str, arc_source: str, threads: i
              if isinstance(artifacts, dict) else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
     return {"store": store,
             "compute": Compute(device=device, generation_backend=backend, arc_source=arc_source,
-                               torch_threads=threads, train_compile=settings.get("ZLT_TRAIN_COMPILE"))}
+                               torch_threads=threads, train_compile=settings.get("ZLT_TRAIN_COMPILE"),
+                               # a `zlt run` process runs every cell's steps: the completions decodes' compile is
+                               # paid once for all of them (steps/common.ComputeSettings.decode_compile_for)
+                               decode_compile=settings.get("ZLT_DECODE_COMPILE"), many_decodes=True)}
 
 
 class _Signal(KeyboardInterrupt):

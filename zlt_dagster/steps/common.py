@@ -32,6 +32,9 @@ class ComputeSettings:
                                         # blocks a rerun at most this long)
     train_compile: str = "auto"         # auto = inductor for models < 1B parameters on CUDA, else eager; off =
                                         # eager; or a torch.compile backend ("inductor") for the training forward
+    decode_compile: str = "auto"        # the static decode's layers: auto (decode_compile_for), off or a backend
+    many_decodes: bool = False          # this process runs many steps' decodes (`zlt run` workers): see
+                                        # decode_compile_for
     progress_interval_s: float = PROGRESS_INTERVAL_S  # at most one progress line per this many seconds in
                                         # on-policy data, completions and ARC (0 = every report: tests)
 
@@ -44,6 +47,23 @@ class ComputeSettings:
             return backend_for(self.train_compile, lm and lm.model, lm and lm.device, "train_compile")
         except ValueError as e:
             raise StepError(str(e)) from None
+
+
+    def decode_compile_for(self, step: str) -> str:
+        """What step `step` ("onpolicy" or "completions") passes to the static decode as its decode_compile
+        (core/generation/sampling.decode_compile_backend resolves it on the model and device: inductor for models
+        under 1B parameters on CUDA where Triton can build kernels). An explicit value (off, a backend) as set.
+        `auto`: the completions decodes of a process that runs many of them (many_decodes: the `zlt run` / `zlt
+        demo` workers) are compiled, since the compile, once per process (SmolLM2 on the H200: ~22 s cold, 5-7 s
+        with torch's on-disk caches warm), is repaid at ~1.4 s saved per completions step (8.9-9.2 s instead of
+        10.3-10.8); everything else stays eager: a Dagster step process that decodes once (a partition
+        materialized from the UI, a production step pod) would pay the whole compile for one step, and the
+        on-policy data (one decode per sweep, the base model's own graphs) took 21.9-23.5 s compiled in a cold
+        process against 18.2-18.5 s eager (BENCHMARKS.md, issue 17)."""
+        value = (self.decode_compile or "").strip().lower() or "auto"
+        if value != "auto":
+            return value
+        return "auto" if self.many_decodes and step == "completions" else "off"
 
 
 class StepError(RuntimeError):

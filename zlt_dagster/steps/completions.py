@@ -22,7 +22,8 @@ def run_completions(store: ObjectStore, sweep: Sweep, cell: Cell, compute: Compu
     default" or how it was sized). Logs progress lines to `log` (at most every compute.progress_interval_s)."""
     e = sweep.protocol.eval
     lm = model(sweep, compute)
-    gen = make_generator(compute.generation_backend, lm, lora_rank=sweep.protocol.lora.r)
+    gen = make_generator(compute.generation_backend, lm, lora_rank=sweep.protocol.lora.r,
+                         decode_compile=compute.decode_compile_for("completions"))
     plan = eval_prompts(sweep)
     batch = requested("eval.gen_batch_size", e.gen_batch_size, lm.device)
     with tempfile.TemporaryDirectory(dir=compute.work_dir or None) as tmp:

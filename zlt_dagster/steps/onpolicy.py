@@ -29,7 +29,8 @@ def run_onpolicy(store: ObjectStore, sweep: Sweep, compute: ComputeSettings, log
     log(f"marker {sweep.protocol.marker!r} = {marker.count} sub-tokens {list(marker.tokens)} (ids "
         f"{list(marker.ids)}) after marker_separator {sweep.protocol.marker_separator!r}; generation stops at ids "
         f"{list(lm.stop_token_ids)}")
-    gen = make_generator(compute.generation_backend, lm, lora_rank=sweep.protocol.lora.r)
+    gen = make_generator(compute.generation_backend, lm, lora_rank=sweep.protocol.lora.r,
+                         decode_compile=compute.decode_compile_for("onpolicy"))
     batch = requested("data.gen_batch_size", sweep.protocol.data.gen_batch_size, lm.device)
     t0 = time.perf_counter()
     data = generate_onpolicy(sweep, gen, progress=log, batch_size=batch,

@@ -39,16 +39,20 @@ def auto_backend(loaded) -> str:
     return "transformers-fast"
 
 
-def make_generator(backend: str, loaded, lora_rank: int = 32) -> Generator:
+def make_generator(backend: str, loaded, lora_rank: int = 32, decode_compile: str | None = None) -> Generator:
     """backend: auto | transformers-fast | transformers | vllm (ValueError otherwise). auto = `auto_backend`;
     transformers-fast = shared prefill per prompt, early exit of finished rows, adapter merged into fp32 weights,
     batch sized to the device; `transformers` is plain `generate()` with the adapter attached, the reference the
     fast one is tested against (tests/core/test_fast_paths.py). lora_rank: the adapters' rank (vLLM sizes its LoRA
-    slots at start-up; the same rank for on-policy data and completions lets them share one engine)."""
+    slots at start-up; the same rank for on-policy data and completions lets them share one engine).
+    decode_compile: the transformers fast loop's static decode through torch.compile (None = ZLT_DECODE_COMPILE;
+    sampling.decode_compile_backend); vLLM compiles on its own terms."""
     if backend not in BACKENDS:
         raise ValueError(f"generation backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = auto_backend(loaded)
     if backend == "vllm":
         return VllmGenerator(loaded, lora_rank=lora_rank)
-    return TransformersGenerator.fast(loaded) if backend == "transformers-fast" else TransformersGenerator(loaded)
+    if backend == "transformers-fast":
+        return TransformersGenerator.fast(loaded, decode_compile=decode_compile)
+    return TransformersGenerator(loaded)

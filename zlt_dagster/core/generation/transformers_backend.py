@@ -89,9 +89,9 @@ class TransformersGenerator(Generator):
                 else "generate()")
 
     @classmethod
-    def fast(cls, loaded) -> "TransformersGenerator":
+    def fast(cls, loaded, decode_compile: str | None = None) -> "TransformersGenerator":
         """The fast loop, with the adapter merged only into fp32 weights (`merges_adapters`)."""
-        return cls(loaded, merge_adapter=merges_adapters(loaded), loop="fast")
+        return cls(loaded, merge_adapter=merges_adapters(loaded), loop="fast", decode_compile=decode_compile)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[PromptSpec], n_samples: int, temperature: float, top_p: float,
