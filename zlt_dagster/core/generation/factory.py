@@ -11,8 +11,9 @@ from .vllm_backend import VllmGenerator  # imports vllm itself only when a VllmG
 # What `auto` takes, measured on the H200 (BENCHMARKS.md, "Generation on the H200"; benchmarks/gen_h200/), the
 # paper's completions workload (2,200 samples, <= 512 tokens, LoRA r32):
 #   SmolLM2-135M  transformers fast loop with the static decode (generation/static_decode.py: CUDA graphs, flash
-#                 varlen attention): 88.0k tok/s, 10.3 s a cell; before it (DynamicCache) 19.0k; vLLM 0.24 with CUDA
-#                 graphs to 1,024 rows 25.8k, plus a 128 s engine start in every process.
+#                 varlen attention): 88.0k tok/s, 10.3 s a cell (~100k with compiled layers, third session);
+#                 before it (DynamicCache) 19.0k; vLLM 0.24 with CUDA graphs to 1,024 rows 25.8k, plus a 128 s
+#                 engine start in every process.
 #   Qwen2.5-7B    the static decode: 21.7k tok/s, all 2,200 rows in one batch; vLLM 12.9k (graphs to 512).
 # So the transformers fast loop wherever the static decode runs the model. vLLM stays `auto`'s choice on a GPU
 # only for models the static decode cannot run (sliding-window layers, soft-capping: the transformers loop then
