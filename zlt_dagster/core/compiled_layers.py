@@ -42,10 +42,10 @@ def parameter_count(model) -> int:
 
 def backend_for(value: str, model, device: torch.device | None, name: str) -> str | None:
     """The torch.compile backend a setting asks for on `model`, whose weights are on `device` (None = eager).
-    value: `auto` (or empty) = "inductor"
-    on CUDA (compute capability >= 7.0: what Triton generates code for) where Triton can build kernels, for models
-    under AUTO_MAX_PARAMETERS, else eager (eager also for model=None: the value is only being checked); off / 0 /
-    false / eager = eager; else a torch.compile backend name. ValueError naming `name` for an unknown backend."""
+    value: `auto` (or empty) = "inductor" on CUDA (compute capability >= 7.0: what Triton generates code for)
+    where Triton can build kernels, for models under AUTO_MAX_PARAMETERS, else eager (eager also for model=None:
+    the value is only being checked); off / 0 / false / eager = eager; else a torch.compile backend name.
+    ValueError naming `name` for an unknown backend."""
     raw = value
     value = (value or "").strip().lower() or "auto"  # empty = unset, as for an environment variable
     if value in OFF:

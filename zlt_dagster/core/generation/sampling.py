@@ -67,16 +67,18 @@ def _check_finite(nan_rows: int, step: int) -> None:
 
 def decode_compile_backend(model, decode_compile: str | None = None) -> str | None:
     """The torch.compile backend the static decode runs `model`'s decoder layers through (None = eager):
-    `decode_compile`, or ZLT_DECODE_COMPILE when None, by core/compiled_layers.backend_for's rule (auto = inductor on CUDA for models
-    under 1B parameters where Triton can build kernels). ValueError naming the setting for an unknown backend."""
+    `decode_compile`, or ZLT_DECODE_COMPILE when None, by core/compiled_layers.backend_for's rule (auto =
+    inductor on CUDA for models under 1B parameters where Triton can build kernels). ValueError naming the setting
+    for an unknown backend. (Whether compiling pays off in a process is the step layer's call:
+    steps/common.ComputeSettings.decode_compile_for.)"""
     value, name = ((settings.decode_compile(), "ZLT_DECODE_COMPILE") if decode_compile is None
                    else (decode_compile, "decode_compile"))
     return backend_for(value, model, next(model.parameters()).device, name)
 
 
 def decode_path(model, decode: str = "auto", graphs: bool | None = None, decode_compile: str | None = None) -> str:
-    """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs, decode_compile=decode_compile)` runs after the prompt,
-    for records: "static[, CUDA graphs][, layers compiled (<backend>)], <attention> attention"
+    """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs, decode_compile=decode_compile)` runs
+    after the prompt, for records: "static[, CUDA graphs][, layers compiled (<backend>)], <attention> attention"
     (static_decode.attention_path: "flash varlen" or "sdpa (why not flash)") or "dynamic" (with the reason where
     auto fell back). ValueError for an unknown `decode`, "static" on a model that cannot (the reason named), or an
     unknown compile backend; settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
@@ -167,8 +169,8 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
         if static:
             stack.enter_context(static_decode.decode_attention(model))
             # after the prompt's forward (eager): one compiled graph set serves every layer and every row count
-            # (dynamic=True: rows symbolic from the first compile; compiling static first and symbolic at the first
-            # compaction doubled the compile time)
+            # (dynamic=True: rows symbolic from the first compile, so the first compaction does not compile again
+            # in the middle of a decode; 5 graphs instead of 9, the same ~22 s cold on the H200)
             stack.enter_context(compiled_decoder_layers(model, decode_compile_backend(model, decode_compile),
                                                         dynamic=True, unspecialized_module_ints=True))
             stepper = static_decode.DecodeStep(

@@ -334,9 +334,10 @@ def _cache_classes():
         def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
             """Cache.update for this cache's own layers (no lazy layers, no offloading), kept out of torch.compile
             (a graph break where compiled decoder layers call it): the index writes into the [rows, capacity,
-            ...] buffers stay two eager kernels, where inductor would functionalise them into a copy of a whole
-            buffer per layer. The layer index it gets from compiled layers is a graph input, not a constant
-            (core/compiled_layers.py: one graph for every layer)."""
+            ...] buffers stay two in-place kernels (inductor functionalises a write into a graph input and puts it
+            back in place only where its reinplacing pass proves that safe: not risked on buffers this size). The
+            layer index it gets from compiled layers is a graph input, not a constant (core/compiled_layers.py:
+            one graph for every layer)."""
             return self.layers[layer_idx].update(key_states, value_states)
 
         @property
