@@ -23,7 +23,7 @@ from .core.protocol import ProtocolError
 from .settings import SettingsError
 from .steps import layout
 from .core.generation import vllm_available
-from .steps.common import ComputeSettings, RunInterrupted, StepError, SweepIdTaken, WorkerRunFailed
+from .steps.common import RunInterrupted, StepError, SweepIdTaken, WorkerRunFailed
 from .steps.export import SAMPLES_PER_PERSONA, export_sweep, target_problem
 
 CONFIG_ERROR = 2  # exit code of a configuration error (argparse uses 2 as well); a crash exits 1
@@ -206,11 +206,9 @@ def _main(argv: list[str] | None) -> int:
     env_backend = settings.get("ZLT_GENERATION_BACKEND")
     if env_backend not in BACKENDS:
         raise ConfigError("environment", "ZLT_GENERATION_BACKEND", f"{env_backend!r} is not one of {list(BACKENDS)}")
-    settings.validate()  # deployment, device, threads, group size, tracking, on/off switches: read by steps later
-    try:  # the adapter step would only fail after the on-policy data and base ARC
-        ComputeSettings(train_compile=settings.get("ZLT_TRAIN_COMPILE")).compile_backend()
-    except StepError as e:
-        raise ConfigError("environment", "ZLT_TRAIN_COMPILE", str(e)) from None
+    # deployment, device, threads, group size, tracking, on/off switches, compile backends: read by steps later
+    # (a bad ZLT_TRAIN_COMPILE would only fail the adapter step, after the on-policy data and base ARC)
+    settings.validate()
     ap = argparse.ArgumentParser(prog="zlt", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     artifacts_help = ("local artifact directory (default: the deployment's store: $ZLT_ARTIFACT_ROOT or "
                       f"{settings.VARIABLES['ZLT_ARTIFACT_ROOT'].default}; S3 from ZLT_S3_* when "

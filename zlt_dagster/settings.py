@@ -47,17 +47,18 @@ ZLT_GENERATION_BACKEND | auto | `auto` = `transformers-fast` (shared prefill per
 ZLT_DECODE_ATTENTION | auto | the static decode's attention on CUDA: `auto` = torch's flash varlen kernel where a
     start-up probe agrees with SDPA, else SDPA; `sdpa` = SDPA with a length mask
 ZLT_DECODE_COMPILE | auto | the static decode's decoder layers through `torch.compile` (inductor), captured inside
-    its CUDA graphs: `auto` = for the completions decodes of a `zlt run` / `zlt demo` process, models under 1B
-    parameters on CUDA where Triton can build kernels (a compile of ~22 s once per process, 5-7 s with torch's
-    caches warm, for ~13% faster completions), eager elsewhere (a Dagster step process decodes once; on-policy data
-    is one decode); `off` = eager; or a `torch.compile` backend, compiled wherever the static decode runs
-    ([BENCHMARKS.md](BENCHMARKS.md))
+    its CUDA graphs: `auto` = for the completions decodes of a `zlt run` / `zlt demo` worker that evaluates at
+    least 16 cells, models under 1B parameters on CUDA where Triton can build kernels (a compile of 17-24 s once
+    per process, 5-8 s with torch's caches warm, for ~13% faster completions), eager elsewhere (a Dagster step
+    process decodes once; on-policy data is one decode); `off` = eager; `inductor` = compiled wherever the static
+    decode runs ([BENCHMARKS.md](BENCHMARKS.md))
 ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
     and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)
 ZLT_TORCH_THREADS | 0 | torch CPU threads (`0` = torch's default) (`zlt --threads`)
 ZLT_TRAIN_COMPILE | auto | `auto` = each decoder layer, LoRA bank inside, through `torch.compile` (inductor) for
     models under 1B parameters on CUDA where Triton can build kernels (a C compiler and Python.h; SmolLM2 on the
-    H200: 1.6-1.8x, ~20-30 s of compiling per process), eager otherwise (7B compiled is not measured since a fix); `off` = eager; or a `torch.compile` backend
+    H200: 1.6-1.8x, ~20-30 s of compiling per process), eager otherwise (7B compiled is not measured since a fix);
+    `off` = eager; `inductor`
     ([BENCHMARKS.md](BENCHMARKS.md)); compile time is recorded in each `train_run.json` (`compile`)
 ZLT_GPUS | auto | GPUs `zlt run` / `zlt demo` use at once, one worker process per GPU (`auto` = every visible GPU
     when the device is `auto` or `cuda`, else 1; or a number >= 1) (`zlt --gpus`)
@@ -210,18 +211,36 @@ def decode_attention() -> str:
     return value
 
 
-def decode_compile() -> str:
-    """ZLT_DECODE_COMPILE: auto, off (or 0, false, eager) or a torch.compile backend name torch knows;
-    SettingsError naming it otherwise."""
-    value = get("ZLT_DECODE_COMPILE")
-    if value.lower() in ("auto", "off", "0", "false", "eager"):
+COMPILE_OFF = ("off", "0", "false", "eager")
+# torch.compile backends torch registers that cannot run here: cudagraphs captures CUDA graphs of its own (the
+# static decode captures the whole step as one; measured on the H200: "Cannot prepare for replay during capturing
+# stage"); the others need packages this project does not install (tvm failed with BackendCompilerFailed)
+UNUSABLE_COMPILE_BACKENDS = ("cudagraphs", "tvm", "openxla", "openxla_eval", "ts", "aot_ts")
+
+
+def check_compile_backend(name: str, raw: str) -> str:
+    """A compile setting (ZLT_TRAIN_COMPILE, ZLT_DECODE_COMPILE or their resource fields, named `name`): "auto"
+    (also for empty), an off value (COMPILE_OFF) or a torch.compile backend that runs here, lower-cased: inductor
+    (the one offered) or a debug backend torch registers (aot_eager, ...: tests). SettingsError naming `name`
+    otherwise, UNUSABLE_COMPILE_BACKENDS included."""
+    value = str(raw or "").strip().lower() or "auto"
+    if value == "auto" or value in COMPILE_OFF:
         return value
     import torch  # only for a backend name (torch knows which exist); this module imports nothing heavy at load
 
-    if value.lower() not in torch.compiler.list_backends(exclude_tags=()):
-        raise SettingsError("ZLT_DECODE_COMPILE", f"{value!r}; expected auto, off or one of "
-                                                  f"{sorted(torch.compiler.list_backends())}")
+    if value in UNUSABLE_COMPILE_BACKENDS or value not in torch.compiler.list_backends(exclude_tags=()):
+        raise SettingsError(name, f"{raw!r}; expected auto, off or inductor")
     return value
+
+
+def decode_compile() -> str:
+    """ZLT_DECODE_COMPILE, checked (check_compile_backend)."""
+    return check_compile_backend("ZLT_DECODE_COMPILE", get("ZLT_DECODE_COMPILE"))
+
+
+def train_compile() -> str:
+    """ZLT_TRAIN_COMPILE, checked (check_compile_backend)."""
+    return check_compile_backend("ZLT_TRAIN_COMPILE", get("ZLT_TRAIN_COMPILE"))
 
 
 def validate() -> None:
@@ -237,6 +256,7 @@ def validate() -> None:
     cudnn_sdpa()
     decode_attention()
     decode_compile()
+    train_compile()
     store_locks_wanted()
     vllm_seeded()
 

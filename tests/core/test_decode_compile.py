@@ -128,11 +128,13 @@ def test_decode_path_names_the_compile_backend_and_bad_values_fail(monkeypatch):
     assert "compiled" not in decode_path(model, "static", decode_compile="auto")  # auto: eager on a CPU
     monkeypatch.setenv("ZLT_DECODE_COMPILE", "aot_eager")
     assert "layers compiled (aot_eager)" in decode_path(model, "static")
-    with pytest.raises(ValueError, match="decode_compile='turbo'; expected auto, off or one of"):
+    with pytest.raises(ValueError, match="decode_compile: 'turbo'; expected auto, off or inductor"):
         decode_path(model, "static", decode_compile="turbo")
-    monkeypatch.setenv("ZLT_DECODE_COMPILE", "turbo")
-    with pytest.raises(settings.SettingsError, match="ZLT_DECODE_COMPILE: 'turbo'; expected auto, off or one of"):
-        settings.validate()
+    for bad in ("turbo", "cudagraphs", "tvm"):  # cudagraphs nests CUDA graphs in ours; tvm is not installed
+        monkeypatch.setenv("ZLT_DECODE_COMPILE", bad)
+        with pytest.raises(settings.SettingsError, match=f"ZLT_DECODE_COMPILE: '{bad}'; expected auto, off or "
+                                                         "inductor$"):
+            settings.validate()
     assert decode_path(model, "dynamic") == "dynamic"  # the setting belongs to the static path only
 
 
@@ -214,11 +216,12 @@ def test_the_static_decode_never_shrinks_to_one_row(monkeypatch):
 
 
 def test_steps_compile_the_decode_only_where_a_process_runs_many_completions(monkeypatch):
-    """auto: the completions decodes of a `zlt run` process (many_decodes) compile; a Dagster step process that
-    decodes once, and the on-policy data, stay eager; an explicit value is passed as set. The runner's compute
-    resource says many_decodes, the definitions' (UI, production pods) do not."""
+    """auto: the completions decodes of a process that runs enough of them (many_decodes: the runner's evaluation
+    runs where each worker has >= 16 cells) compile; a Dagster step process that decodes once, and the on-policy
+    data, stay eager; an explicit value is passed as set, a backend that cannot run is refused. The definitions'
+    compute resource (UI, production pods) never says many_decodes."""
     from zlt_dagster.defs import definitions, runner
-    from zlt_dagster.steps.common import ComputeSettings
+    from zlt_dagster.steps.common import ComputeSettings, StepError
 
     many = ComputeSettings(many_decodes=True)
     assert many.decode_compile_for("completions") == "auto" and many.decode_compile_for("onpolicy") == "off"
@@ -226,9 +229,63 @@ def test_steps_compile_the_decode_only_where_a_process_runs_many_completions(mon
     assert ComputeSettings(decode_compile=" ").decode_compile_for("completions") == "off"  # empty = unset = auto
     for value in ("off", "inductor"):
         assert ComputeSettings(decode_compile=value).decode_compile_for("onpolicy") == value
+    with pytest.raises(StepError, match="decode_compile: 'cudagraphs'; expected auto, off or inductor"):
+        ComputeSettings(decode_compile="cudagraphs", many_decodes=True).decode_compile_for("completions")
     monkeypatch.setenv("ZLT_DECODE_COMPILE", "off")
-    compute = runner._resources("/tmp/zlt-test-artifacts", "cpu", "auto", "", 0)["compute"]
-    assert compute.settings().many_decodes and compute.settings().decode_compile == "off"
+    for many in (False, True):
+        compute = runner._resources("/tmp/zlt-test-artifacts", "cpu", "auto", "", 0, many_decodes=many)["compute"]
+        assert compute.settings().many_decodes == many and compute.settings().decode_compile == "off"
+    # enough cells per worker to repay the compile: DECODE_COMPILE_MIN_STEPS (16) each
+    assert runner.compiles_decodes(25, 1) and runner.compiles_decodes(32, 2)
+    assert not runner.compiles_decodes(15, 1) and not runner.compiles_decodes(25, 2)
     assert not definitions.local_resources()["compute"].settings().many_decodes
     monkeypatch.setenv("ZLT_S3_BUCKET", "b")
     assert not definitions.production_resources()["compute"].settings().many_decodes
+
+
+def test_the_steps_setting_reaches_the_decode(monkeypatch, tmp_path):
+    """What a step decides (decode_compile_for) is what sample_new_tokens gets: the completions and on-policy
+    steps hand it to the generator, the generator to the decode loop."""
+    from zlt_dagster.core.generation import transformers_backend
+    from zlt_dagster.steps import completions, onpolicy
+    from zlt_dagster.steps.common import ComputeSettings
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_make_generator(backend, lm, lora_rank=32, decode_compile=None):
+        seen["make_generator"] = decode_compile
+        raise Stop
+
+    monkeypatch.setattr(completions, "make_generator", fake_make_generator)
+    monkeypatch.setattr(onpolicy, "make_generator", fake_make_generator)
+    monkeypatch.setattr(completions, "model", lambda sweep, compute: None)
+    monkeypatch.setattr(onpolicy, "model", lambda sweep, compute: type("LM", (), {
+        "tokenizer": None, "end_of_turn_id": 0, "stop_token_ids": []})())
+    monkeypatch.setattr(onpolicy, "probe_sweep", lambda *a: type("M", (), {"count": 1, "tokens": [], "ids": []})())
+    sweep = type("S", (), {"protocol": type("P", (), {"lora": type("L", (), {"r": 4})(), "marker": "[ZLT]",
+                                                       "marker_separator": " ", "eval": None})()})()
+    for many, want in ((True, "auto"), (False, "off")):
+        with pytest.raises(Stop):
+            completions.run_completions(None, sweep, None, ComputeSettings(many_decodes=many))
+        assert seen.pop("make_generator") == want
+    with pytest.raises(Stop):
+        onpolicy.run_onpolicy(None, sweep, ComputeSettings(many_decodes=True))
+    assert seen.pop("make_generator") == "off"
+
+    def spy(*args, **kwargs):
+        seen["sample_new_tokens"] = kwargs.get("decode_compile")
+        raise Stop
+
+    monkeypatch.setattr(transformers_backend, "sample_new_tokens", spy)
+    model = tiny("llama")
+    lm = type("LM", (), {"model": model, "device": torch.device("cpu"), "dtype": torch.float32,
+                         "tokenizer": type("T", (), {"pad_token_id": PAD})(), "prompt_ids": lambda self, s, u: [3, 4],
+                         "stop_token_ids": [EOS]})()
+    gen = transformers_backend.TransformersGenerator.fast(lm, decode_compile="aot_eager")
+    from zlt_dagster.core.generation.base import PromptSpec
+    with pytest.raises(Stop):
+        gen.generate([PromptSpec("s", "u")], 1, 1.0, 1.0, 4, seed=0)
+    assert seen["sample_new_tokens"] == "aot_eager"

@@ -436,6 +436,7 @@ def test_batched_text_decoding_equals_decode_one_row_at_a_time():
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from zlt_dagster.core.generation import transformers_backend
     from zlt_dagster.core.generation.transformers_backend import decode_texts
 
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -447,6 +448,15 @@ def test_batched_text_decoding_equals_decode_one_row_at_a_time():
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, 300, (int(n),), generator=g).tolist() for n in torch.randint(0, 40, (50,), generator=g)]
     rows += [[], [1, 1], raw.encode(texts[1]).ids + [1]]
-    for clean in (False, True):
-        tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", clean_up_tokenization_spaces=clean)
+    for clean, force in ((False, False), (True, False), (True, True)):
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", clean_up_tokenization_spaces=clean,
+                                      clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=force)
         assert decode_texts(tok, rows) == [tok.decode(r, skip_special_tokens=True) for r in rows]
+        # the batch path where decode is the Rust call alone: the flag False, or True on a BPE model (what
+        # transformers 5.17 loads SmolLM2's tokenizer with; it skips the clean-up there) unless forced
+        assert transformers_backend._cleans_up_spaces(tok) == force
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, ",": 2, "b": 3}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wordpiece, clean_up_tokenization_spaces=True)
+    assert transformers_backend._cleans_up_spaces(tok)  # cleaned up: one row at a time, as decode does
+    assert decode_texts(tok, [[1, 2, 3]]) == [tok.decode([1, 2, 3], skip_special_tokens=True)]

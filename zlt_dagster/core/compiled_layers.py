@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from .. import settings
 from .models import unwrap_peft
 
 # `auto` compiles for models under this many parameters on CUDA. Training (BENCHMARKS.md, issue 18, SmolLM2-135M
@@ -22,7 +23,6 @@ from .models import unwrap_peft
 # process; 7B shapes compiled ran 7x SLOWER than eager when last measured (run 4, before the cell-count recompile
 # fix) and were not measured since. The static decode: BENCHMARKS.md, issue 17 (third session); 7B not measured.
 AUTO_MAX_PARAMETERS = 1_000_000_000
-OFF = ("off", "0", "false", "eager")
 # graphs per layer code object a process may hold: a `zlt run` worker trains passes of several sizes and decodes
 # (each a few graphs); dynamo's default of 8 would be passed and the layers would silently run eager
 RECOMPILE_LIMIT = 64
@@ -45,10 +45,10 @@ def backend_for(value: str, model, device: torch.device | None, name: str) -> st
     value: `auto` (or empty) = "inductor" on CUDA (compute capability >= 7.0: what Triton generates code for)
     where Triton can build kernels, for models under AUTO_MAX_PARAMETERS, else eager (eager also for model=None:
     the value is only being checked); off / 0 / false / eager = eager; else a torch.compile backend name.
-    ValueError naming `name` for an unknown backend."""
-    raw = value
-    value = (value or "").strip().lower() or "auto"  # empty = unset, as for an environment variable
-    if value in OFF:
+    settings.SettingsError (a ValueError) naming `name` for a backend that does not exist or cannot run here
+    (settings.check_compile_backend)."""
+    value = settings.check_compile_backend(name, value)
+    if value in settings.COMPILE_OFF:
         return None
     if value == "auto":
         if model is None or device is None or device.type != "cuda" or not can_build_triton_kernels():
@@ -56,9 +56,6 @@ def backend_for(value: str, model, device: torch.device | None, name: str) -> st
         if torch.cuda.get_device_capability(device) < (7, 0):
             return None
         return "inductor" if parameter_count(model) < AUTO_MAX_PARAMETERS else None
-    if value not in torch.compiler.list_backends(exclude_tags=()):
-        raise ValueError(f"{name}={raw!r}; expected auto, off or one of "
-                         f"{sorted(torch.compiler.list_backends())}")  # debug backends are accepted, not offered
     return value
 
 
@@ -72,7 +69,9 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 def compiled_decoder_layers(model, backend: str | None, dynamic: bool | None,
                             unspecialized_module_ints: bool = False) -> Iterator[None]:
     """For the duration, every decoder layer of `model` runs through torch.compile(backend, dynamic=dynamic)
-    (nothing if backend is None); the eager layers are back on exit, also after an error.
+    (nothing if backend is None); on exit, also after an error, each layer runs as before (eager, or as an outer
+    compile had it). dynamo's recompile limit is raised to RECOMPILE_LIMIT for the process and left there (it
+    counts graphs per code object, which other users of the layers' class share).
 
     dynamic: torch.compile's (True = every size symbolic from the first graph; None = a size becomes symbolic once
     it is seen to change). unspecialized_module_ints: integer attributes of modules (a layer's `layer_idx`) are
@@ -82,14 +81,15 @@ def compiled_decoder_layers(model, backend: str | None, dynamic: bool | None,
         yield
         return
     layers = decoder_layers(model)
+    before = [layer._compiled_call_impl for layer in layers]  # what nn.Module.compile sets; None = eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     with contextlib.ExitStack() as stack:
         if unspecialized_module_ints:
             stack.enter_context(torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True))
-        for layer in layers:
-            layer.compile(backend=backend, dynamic=dynamic)  # torch.nn.Module.compile: in place, names unchanged
         try:
+            for layer in layers:
+                layer.compile(backend=backend, dynamic=dynamic)  # torch.nn.Module.compile: in place, names kept
             yield
         finally:
-            for layer in layers:
-                layer._compiled_call_impl = None  # what nn.Module.compile set; None = the eager __call__ again
+            for layer, impl in zip(layers, before):
+                layer._compiled_call_impl = impl

@@ -27,7 +27,7 @@ from dagster import (
 from .. import settings, steps
 from ..core.checkpoint import signal_handlers
 from ..steps import layout
-from ..steps.common import RunInterrupted, WorkerRunFailed
+from ..steps.common import DECODE_COMPILE_MIN_STEPS, RunInterrupted, WorkerRunFailed
 from .assets import (
     ALL_ASSETS, INTERRUPT_TAG, REPORT_ASSETS, SWEEP_DATA_ASSETS, TRAIN_GROUP_SIZE, StepInterrupted, adapter,
     adapter_metadata, arc_scores, base_arc_scores, completions, marker_rates,
@@ -83,17 +83,24 @@ def zlt_console(init_context) -> logging.Logger:
     return lg
 
 
-def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int) -> dict:
+def _resources(artifacts, device: str, backend: str, arc_source: str, threads: int,
+               many_decodes: bool = False) -> dict:
     """``artifacts``: a local directory, an ArtifactStore resource (the CLI's store from the environment) or its
-    fields as a dict (what a worker process receives)."""
+    fields as a dict (what a worker process receives). many_decodes: the process runs enough completions steps for
+    `ZLT_DECODE_COMPILE=auto` to compile their decode (compiles_decodes)."""
     store = (artifacts if isinstance(artifacts, ArtifactStore) else ArtifactStore(**artifacts)
              if isinstance(artifacts, dict) else ArtifactStore(kind="local", local_root=str(Path(artifacts).resolve())))
     return {"store": store,
             "compute": Compute(device=device, generation_backend=backend, arc_source=arc_source,
                                torch_threads=threads, train_compile=settings.get("ZLT_TRAIN_COMPILE"),
-                               # a `zlt run` process runs every cell's steps: the completions decodes' compile is
-                               # paid once for all of them (steps/common.ComputeSettings.decode_compile_for)
-                               decode_compile=settings.get("ZLT_DECODE_COMPILE"), many_decodes=True)}
+                               decode_compile=settings.get("ZLT_DECODE_COMPILE"), many_decodes=many_decodes)}
+
+
+def compiles_decodes(cells: int, workers: int) -> bool:
+    """Whether the cells' evaluation runs gets the compute resource that lets `ZLT_DECODE_COMPILE=auto` compile the
+    completions decode: when each worker process runs at least DECODE_COMPILE_MIN_STEPS completions steps, the
+    number that repays the compile it pays once (steps/common.py has the arithmetic)."""
+    return cells >= DECODE_COMPILE_MIN_STEPS * max(1, workers)
 
 
 class _Signal(KeyboardInterrupt):
@@ -214,12 +221,13 @@ def _worker_start(runner_args: dict, stopping) -> None:
     _WORKER = Runner(**runner_args, gpus=1, announce=False)
 
 
-def _worker_materialize(asset_names: list[str], partition_key=None, partition_range=None) -> dict:
+def _worker_materialize(asset_names: list[str], partition_key=None, partition_range=None,
+                        many_decodes: bool = False) -> dict:
     assets = [a for a in ALL_ASSETS if a.key.to_user_string() in asset_names]
     if _STOPPING.is_set():  # queued before the runner stopped (the pool hands out tasks ahead): not started
         raise RunInterrupted("", "the run stopped before this task started")
     try:
-        return _WORKER._materialize(assets, partition_key, partition_range)
+        return _WORKER._materialize(assets, partition_key, partition_range, many_decodes)
     except RunInterrupted:
         raise
     except BaseException as e:
@@ -252,14 +260,18 @@ class Runner:
         self.pool: cf.ProcessPoolExecutor | None = None
         self._stopping = None  # the workers' stop event, made with the pool
         self.resources = _resources(artifacts, device, backend, arc_source, threads)
+        # the evaluation runs' resources when each process runs enough of them to compile its decodes
+        self._many_decodes_resources = _resources(artifacts, device, backend, arc_source, threads, many_decodes=True)
         self.store = self.resources["store"].get_store()
         self.force = force
         self.stage = "start"  # what the run is doing, for the one line an interrupt prints
         self.built_something = False  # whether this run materialized anything (the report then is rebuilt)
 
-    def _materialize(self, assets: list, partition_key=None, partition_range: tuple | None = None) -> dict:
+    def _materialize(self, assets: list, partition_key=None, partition_range: tuple | None = None,
+                     many_decodes: bool = False) -> dict:
         """One in-process run of `assets` for one partition or a partition range (start, end); returns
-        {asset: metadata} of its materializations (the last one per asset)."""
+        {asset: metadata} of its materializations (the last one per asset). many_decodes: with the compute resource
+        that lets the completions decode compile (compiles_decodes)."""
         tags = {INTERRUPT_TAG: "stop"}  # Ctrl-C / SIGTERM stop this process's runs, never retried (defs/assets.py)
         if partition_range is not None:  # Dagster's own range tags: what a backfill run of several partitions gets
             tags.update({"dagster/asset_partition_range_start": str(partition_range[0]),
@@ -267,7 +279,8 @@ class Runner:
         # INFO: the steps' own progress lines (training epochs, ETA); Dagster's engine events are DEBUG. The full
         # event log is in the instance (UI). Built as dagster.materialize builds it, with zlt's console logger.
         console = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-        defs = Definitions(assets=ALL_ASSETS, resources=self.resources, loggers={"console": zlt_console},
+        resources = self._many_decodes_resources if many_decodes else self.resources
+        defs = Definitions(assets=ALL_ASSETS, resources=resources, loggers={"console": zlt_console},
                            jobs=[define_asset_job(name=RUN_JOB, selection=assets)])
         self.built_something = True
         try:
@@ -283,7 +296,8 @@ class Runner:
                                for e in res.get_asset_materialization_events()})
 
     def _run_all(self, tasks: list[tuple], labels: list[str] | None = None):
-        """Yield (task, {asset: metadata}) for each task (assets, partition key, partition range): one run each,
+        """Yield (task, {asset: metadata}) for each task (assets, partition key, partition range[, many_decodes]): one
+        run each,
         here one after the other (each `labels` line printed before its run), or with several workers all
         submitted at once (the labels printed then) and yielded as they finish. A failed run raises once the runs
         in progress have finished (their work is committed); interrupts: see _worker_pool."""
@@ -307,8 +321,8 @@ class Runner:
         # unblocks it); here it is only held back until the submits are done, then raised as usual
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in assets], key, rng):
-                       (assets, key, rng) for assets, key, rng in tasks}
+            futures = {self.pool.submit(_worker_materialize, [a.key.to_user_string() for a in task[0]], *task[1:]):
+                       task for task in tasks}
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         for future in cf.as_completed(futures):
@@ -426,7 +440,8 @@ class Runner:
             print(f"  training done in {(time.time() - t_train) / 60:.1f} min", flush=True)
         t_cells = time.time()
         self.stage = "evaluation of the cells"
-        tasks = [([completions, marker_rates, arc_scores], key, None) for key in todo]
+        many = compiles_decodes(len(todo), self.workers)
+        tasks = [([completions, marker_rates, arc_scores], key, None, many) for key in todo]
         for n, (task, meta) in enumerate(self._run_all(tasks), 1):
             key = task[1]
             m = meta[marker_rates.key.to_user_string()]

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .. import settings
 from ..core.arc import ARC_CONVENTION_VERSION
 from ..core.compiled_layers import backend_for
 from ..core.generation.progress import PROGRESS_INTERVAL_S, GenerationProgress
@@ -18,6 +19,14 @@ from ..core.questions import questions_hash
 from ..storage import ObjectStore
 
 Log = Callable[[str], None]
+
+
+# Completions steps a process must run for `ZLT_DECODE_COMPILE=auto` to compile their decode (many_decodes; the
+# runner decides, defs/runner.compiles_decodes). SmolLM2 on the H200 (BENCHMARKS.md, issue 17): the compile costs
+# 17-24 s once per process on a cold machine (5-8 s with torch's caches warm) and saves ~1.4 s per completions step
+# of ~410-token answers (8.9-9.9 s instead of 10.3-10.8 s): 22 / 1.4 = 16 steps. (Adapters that answer in a few
+# tokens save less per step: the sweeps in RESULTS.md would need ~30.)
+DECODE_COMPILE_MIN_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -33,8 +42,8 @@ class ComputeSettings:
     train_compile: str = "auto"         # auto = inductor for models < 1B parameters on CUDA, else eager; off =
                                         # eager; or a torch.compile backend ("inductor") for the training forward
     decode_compile: str = "auto"        # the static decode's layers: auto (decode_compile_for), off or a backend
-    many_decodes: bool = False          # this process runs many steps' decodes (`zlt run` workers): see
-                                        # decode_compile_for
+    many_decodes: bool = False          # this process runs >= DECODE_COMPILE_MIN_STEPS completions steps (the
+                                        # runner's say): see decode_compile_for
     progress_interval_s: float = PROGRESS_INTERVAL_S  # at most one progress line per this many seconds in
                                         # on-policy data, completions and ARC (0 = every report: tests)
 
@@ -53,14 +62,17 @@ class ComputeSettings:
         """What step `step` ("onpolicy" or "completions") passes to the static decode as its decode_compile
         (core/generation/sampling.decode_compile_backend resolves it on the model and device: inductor for models
         under 1B parameters on CUDA where Triton can build kernels). An explicit value (off, a backend) as set.
-        `auto`: the completions decodes of a process that runs many of them (many_decodes: the `zlt run` / `zlt
-        demo` workers) are compiled, since the compile, once per process (SmolLM2 on the H200: ~22 s cold, 5-7 s
-        with torch's on-disk caches warm), is repaid at ~1.4 s saved per completions step (8.9-9.2 s instead of
-        10.3-10.8); everything else stays eager: a Dagster step process that decodes once (a partition
+        `auto`: the completions decodes of a process that runs at least DECODE_COMPILE_MIN_STEPS of them
+        (many_decodes: `zlt run` / `zlt demo` set it where each worker has that many cells to evaluate) are
+        compiled, the compile being paid once per process and repaid per step (DECODE_COMPILE_MIN_STEPS has the
+        arithmetic); everything else stays eager: a Dagster step process that decodes once (a partition
         materialized from the UI, a production step pod) would pay the whole compile for one step, and the
         on-policy data (one decode per sweep, the base model's own graphs) took 21.9-23.5 s compiled in a cold
-        process against 18.2-18.5 s eager (BENCHMARKS.md, issue 17)."""
-        value = (self.decode_compile or "").strip().lower() or "auto"
+        process against 18.5 s eager (BENCHMARKS.md, issue 17). StepError for an unknown value."""
+        try:
+            value = settings.check_compile_backend("decode_compile", self.decode_compile)
+        except ValueError as e:
+            raise StepError(str(e)) from None
         if value != "auto":
             return value
         return "auto" if self.many_decodes and step == "completions" else "off"

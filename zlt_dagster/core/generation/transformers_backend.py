@@ -163,10 +163,27 @@ class TransformersGenerator(Generator):
 
 def decode_texts(tokenizer, rows: list[list[int]]) -> list[str]:
     """tokenizer.decode(row, skip_special_tokens=True) for every row: through the Rust tokenizer's decode_batch
-    (parallel) where the tokenizer is a fast one that cleans up no spaces, since its decode is then exactly that
-    call per row (transformers' TokenizersBackend._decode); one by one otherwise. Why: 2,200 completions of ~410
-    tokens took 0.44 s one by one on 2 cores (0.21 s batched), a few percent of a completions step on the H200."""
+    (parallel) where the tokenizer's decode is exactly that call per row (transformers' TokenizersBackend._decode:
+    a fast tokenizer that cleans up no spaces, `_cleans_up_spaces`); one by one otherwise. Why: 2,200 completions
+    of ~410 tokens took 0.44 s one by one on 2 cores (0.21 s batched), a few percent of a completions step on the
+    H200."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+    if backend is None or _cleans_up_spaces(tokenizer):
         return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
     return backend.decode_batch(rows, skip_special_tokens=True)
+
+
+# transformers' switch that forces the clean-up on BPE tokenizers; the versions that have it (5.17 on the GPU
+# machine, 5.24 here) skip the clean-up for BPE models without it, with a warning per decode
+_FORCE_BPE_CLEAN_UP = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+
+
+def _cleans_up_spaces(tokenizer) -> bool:
+    """Whether tokenizer.decode post-processes the Rust decoder's text (clean_up_tokenization_spaces). SmolLM2's
+    tokenizer loads with the flag True under transformers 5.17 and False under 5.24; both ignore it for a BPE
+    model unless _FORCE_BPE_CLEAN_UP is set."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return False
+    if not hasattr(tokenizer, _FORCE_BPE_CLEAN_UP):  # a transformers that cleans up BPE text too
+        return True
+    return type(tokenizer.backend_tokenizer.model).__name__ != "BPE" or bool(getattr(tokenizer, _FORCE_BPE_CLEAN_UP))
