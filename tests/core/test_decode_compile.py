@@ -87,14 +87,13 @@ def test_one_set_of_graphs_serves_every_layer_adapter_and_batch(adapters):
     compile 30 graphs of each kind and pass dynamo's recompile limit."""
     from zlt_dagster.core.generation.transformers_backend import attached_adapter
 
-    counts = []
-    for layers in (2, 4):
-        torch._dynamo.reset()  # compiled code is kept per code object: another model of the class would reuse it
-        GRAPHS.clear()
-        model = tiny("llama", num_hidden_layers=layers)
-        _sample(model, prompts_for(48, 6), "zlt_test_count")
-        counts.append(len(GRAPHS))
-    assert counts[0] == counts[1] > 0
+    torch._dynamo.reset()  # compiled code is kept per code object: start from none
+    GRAPHS.clear()
+    _sample(tiny("llama", num_hidden_layers=2), prompts_for(48, 6), "zlt_test_count")
+    two = len(GRAPHS)
+    # a 4-layer model of the class reuses them: graphs guarded on the layer index would need new ones for 2 and 3
+    _sample(tiny("llama", num_hidden_layers=4), prompts_for(48, 6), "zlt_test_count")
+    assert len(GRAPHS) == two > 0
     model, tmp = adapters
     for name, batch in (("a", prompts_for(48, 6)), ("b", prompts_for(48, 3, seed=2)), ("a", prompts_for(48, 5))):
         with attached_adapter(model, str(tmp / name)) as peft_model:
