@@ -296,9 +296,8 @@ class Runner:
                                for e in res.get_asset_materialization_events()})
 
     def _run_all(self, tasks: list[tuple], labels: list[str] | None = None):
-        """Yield (task, {asset: metadata}) for each task (assets, partition key, partition range[, many_decodes]): one
-        run each,
-        here one after the other (each `labels` line printed before its run), or with several workers all
+        """Yield (task, {asset: metadata}) for each task (assets, partition key, partition range[, many_decodes]):
+        one run each, here one after the other (each `labels` line printed before its run), or with several workers all
         submitted at once (the labels printed then) and yielded as they finish. A failed run raises once the runs
         in progress have finished (their work is committed); interrupts: see _worker_pool."""
         if self.workers == 1:
