@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from ..compiled_layers import parameter_count
 from . import static_decode
 from .base import BACKENDS, Generator
 from .transformers_backend import TransformersGenerator
@@ -24,10 +25,6 @@ VLLM_MIN_PARAMETERS = 1_000_000_000
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
-
-
-def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def auto_backend(loaded) -> str:
