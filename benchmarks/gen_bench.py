@@ -8,7 +8,9 @@ paper protocol's workloads.
         naive_hf         plain generate(), adapter attached, batch 64 (the eval protocol's old gen_batch_size)
         naive_fast       the pipeline's transformers path before issue 17: fast loop at batch 60 (64 rounded to
                          whole prompts)
-        fast_static      the pipeline's path: static decode, CUDA graphs, decoder layers compiled (inductor)
+        fast_static      the pipeline's path: static decode, CUDA graphs, decoder layers compiled (inductor),
+                         attention by our Triton kernel (core/generation/decode_kernel.py)
+        fast_static_flash  the same with ZLT_DECODE_ATTENTION=flash (torch's flash varlen kernel: the path before)
         fast_static_eager  the same with ZLT_DECODE_COMPILE=off
         fast_auto        the same loop, batch sized to the device (core/generation/batch_size.py): all rows at once
         vllm_seeded      the vLLM backend as the pipeline runs it (per-prompt seeds)
@@ -229,6 +231,10 @@ def run_135m(R: Runner, tmp: Path) -> None:
     # the pipeline's transformers path now (static decode, CUDA graphs), then the levers apart, then before
     R.run("gen_135m_fast_static", 40, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
           "fast", False, "auto")
+    R.run("gen_135m_fast_static_flash", 40, with_env, {ATTENTION_ENV: "flash"}, bench_transformers, lm, prompts,
+          adapter, everything, n_new, auto.rows, "fast", False, "auto")  # the attention kernel before
+    R.run("gen_135m_fast_static_again", 40, bench_transformers, lm, prompts, adapter, everything, n_new, auto.rows,
+          "fast", False, "auto")  # the pipeline's path once more: the spread between runs
     R.run("gen_135m_fast_static_eager", 40, with_env, {COMPILE_ENV: "off"}, bench_transformers, lm, prompts,
           adapter, everything, n_new, auto.rows, "fast", False, "auto")  # the static path, layers not compiled
     R.run("gen_135m_fast_static_sdpa", 60, with_env, {ATTENTION_ENV: "sdpa"}, bench_transformers, lm, prompts,
@@ -248,7 +254,8 @@ def run_135m(R: Runner, tmp: Path) -> None:
     R.run("decode_compile_warm_cache", 60, compile_again)
     R.run("greedy_135m_static_vs_dynamic", 30, static_vs_dynamic_greedy, lm, prompts, adapter, 8 if SMOKE else 32)
     if PROFILE:
-        for tag, decode, env in (("135m_static", "auto", {}), ("135m_static_eager", "auto", {COMPILE_ENV: "off"}),
+        for tag, decode, env in (("135m_static", "auto", {}), ("135m_static_flash", "auto", {ATTENTION_ENV: "flash"}),
+                                 ("135m_static_eager", "auto", {COMPILE_ENV: "off"}),
                                  ("135m_dynamic", "dynamic", {})):
             R.run(f"profile_decode_{tag}", 40, with_env, env, decode_profile, lm, prompts, adapter, decode,
                   8 if SMOKE else 64, R.out, tag)
@@ -281,6 +288,8 @@ def run_7b(R: Runner, tmp: Path) -> None:
     prompts = [p for _, _, p in eval_prompts(SWEEP)]
     R.run("gen_7b_fast_static", 120, bench_transformers, lm, prompts, adapter, len(prompts), 512, 0, "fast", False,
           "auto")
+    R.run("gen_7b_fast_static_flash", 120, with_env, {ATTENTION_ENV: "flash"}, bench_transformers, lm, prompts,
+          adapter, len(prompts), 512, 0, "fast", False, "auto")
     R.run("gen_7b_fast_static_sdpa", 120, with_env, {ATTENTION_ENV: "sdpa"}, bench_transformers, lm, prompts, adapter,
           len(prompts), 512, 0, "fast", False, "auto")
     R.run("gen_7b_naive_fast_b1100", 60, bench_transformers, lm, prompts, adapter, 110, 64, 1100, "fast", False,

@@ -4,8 +4,15 @@ Loading it takes ~0.1 s once torch/transformers are imported, so each test modul
 (module scope): a test that breaks the shared base cannot leak into another module."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton kernels in tests run under Triton's interpreter on CPU tensors (tests/core/attention_paths.py). Triton
+# decides interpreted or compiled when a kernel is decorated, its own library's helpers (tl.zeros, tl.max) at
+# `import triton.language`, so the switch must be set before anything imports Triton: here, before torch.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402 - after the switch above
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

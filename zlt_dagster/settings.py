@@ -203,11 +203,14 @@ def cudnn_sdpa() -> bool:
     return get_bool("ZLT_CUDNN_SDPA")
 
 
+DECODE_ATTENTIONS = ("auto", "triton", "flash", "sdpa")
+
+
 def decode_attention() -> str:
-    """ZLT_DECODE_ATTENTION: auto or sdpa; SettingsError naming it otherwise."""
+    """ZLT_DECODE_ATTENTION: one of DECODE_ATTENTIONS; SettingsError naming it otherwise."""
     value = get("ZLT_DECODE_ATTENTION")
-    if value not in ("auto", "sdpa"):
-        raise SettingsError("ZLT_DECODE_ATTENTION", f"{value!r}; expected auto or sdpa")
+    if value not in DECODE_ATTENTIONS:
+        raise SettingsError("ZLT_DECODE_ATTENTION", f"{value!r}; expected auto, triton, flash or sdpa")
     return value
 
 

@@ -12,6 +12,7 @@ import torch
 from zlt_dagster.core.generation import static_decode
 from zlt_dagster.core.generation.sampling import decode_path, sample_new_tokens
 
+from tests.core.attention_paths import PATHS, reference_flash_varlen, use_attention_path
 from tests.core.test_fast_paths import EOS, PAD, hf_generate
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*")
@@ -47,43 +48,25 @@ def tiny(kind: str, **extra):
                    "mistral": ("MistralConfig", "MistralForCausalLM")}[kind], **extra)
 
 
-def reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused_k):
-    """What static_decode.flash_varlen asks torch's CUDA flash kernel for, written out per row (CPU tests): row r's
-    queries q[cu_q[r] : cu_q[r+1]] attend (not causally) to k[cu_k[r] : cu_k[r] + seqused_k[r]], query head h to
-    KV head h // (heads / kv_heads)."""
-    rows = len(cu_q) - 1
-    assert len(cu_k) == rows + 1 and cu_q.dtype == cu_k.dtype == seqused_k.dtype == torch.int32
-    assert int(seqused_k.max()) <= max_k and int((cu_q[1:] - cu_q[:-1]).max()) <= max_q and cu_q[-1] == q.shape[0]
-    out = torch.empty_like(q)
-    heads, kv_heads = q.shape[1], k.shape[1]
-    for r in range(rows):
-        start, n = int(cu_k[r]), int(seqused_k[r])
-        keys = k[start:start + n].repeat_interleave(heads // kv_heads, dim=1)     # [n, heads, d]
-        vals = v[start:start + n].repeat_interleave(heads // kv_heads, dim=1)
-        qs = q[int(cu_q[r]):int(cu_q[r + 1])].double()                          # [queries, heads, d]
-        w = torch.einsum("qhd,nhd->qhn", qs, keys.double()) * scale
-        out[int(cu_q[r]):int(cu_q[r + 1])] = torch.einsum("qhn,nhd->qhd", w.softmax(-1), vals.double()).to(q.dtype)
-    return out
-
-
-def decode_batch(lengths, capacity, width, flash):
+def decode_batch(lengths, capacity, width, path):
     ar = torch.arange(len(lengths) + 1, dtype=torch.int32)
     mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
     return static_decode.DecodeBatch(lengths.to(torch.int32), ar * capacity, ar, capacity, width,
-                                     None if flash else mask, flash)
+                                     mask if path == "sdpa" else None, path)
 
 
-@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (7, 1), (4, 4)])
-def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, flash, monkeypatch):
-    """One query per row over its first length slots of a left-aligned [rows, capacity, kv_heads, d] cache: both
-    paths (SDPA with the grouped-query view; the flash varlen call, here with a per-row reference kernel) give
-    transformers' sdpa result (K/V repeated per query head, padding masked) to float64 rounding, in its output
-    layout [rows, 1, heads, d]."""
+def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, path, monkeypatch):
+    """One query per row over its first length slots of a left-aligned [rows, capacity, kv_heads, d] cache: every
+    path (SDPA with the grouped-query view; the flash varlen call, here with a per-row reference kernel; our Triton
+    kernel, interpreted) gives transformers' sdpa result (K/V repeated per query head, padding masked) to float64
+    rounding (the Triton kernel: fp32 rounding, it computes in fp32), in its output layout [rows, 1, heads, d]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    monkeypatch.setattr(static_decode, "flash_varlen", reference_flash_varlen)
+    use_attention_path(monkeypatch, path)
     rows, capacity, width, d = 5, 13, 11, 8
+    dtype = torch.float32 if path == "triton" else torch.float64
     g = torch.Generator().manual_seed(0)
     q = torch.randn(rows, heads, 1, d, generator=g, dtype=torch.float64)
     k = torch.randn(rows, capacity, kv_heads, d, generator=g, dtype=torch.float64)
@@ -94,16 +77,17 @@ def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, flash, m
     module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
     ref, _ = sdpa_attention_forward(module, q, k[:, :width].transpose(1, 2), v[:, :width].transpose(1, 2), mask,
                                     scaling=0.3)
-    out, _ = static_decode.decode_attention_forward(module, q, k, v, None, scaling=0.3,
-                                                    zlt_decode=decode_batch(lengths, capacity, width, flash))
-    assert out.shape == (rows, 1, heads, d)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out, _ = static_decode.decode_attention_forward(module, q.to(dtype), k.to(dtype), v.to(dtype), None, scaling=0.3,
+                                                    zlt_decode=decode_batch(lengths, capacity, width, path))
+    assert out.shape == (rows, 1, heads, d) and out.dtype == dtype
+    tol = 1e-5 if path == "triton" else 1e-12
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
 def test_decode_attention_refuses_what_it_does_not_compute():
     module = torch.nn.Module()
     q, k = torch.zeros(2, 4, 1, 8), torch.zeros(2, 5, 2, 8)
-    batch = decode_batch(torch.tensor([5, 3]), 5, 5, False)
+    batch = decode_batch(torch.tensor([5, 3]), 5, 5, "sdpa")
     with pytest.raises(RuntimeError, match="one query position"):
         static_decode.decode_attention_forward(module, torch.zeros(2, 4, 3, 8), k, k, None, zlt_decode=batch)
     with pytest.raises(RuntimeError, match="DecodeBatch"):
@@ -117,21 +101,19 @@ def test_flash_path_off_cuda_and_switched_off(monkeypatch):
     monkeypatch.setenv(static_decode.ATTENTION_ENV, "sdpa")
     assert not static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
     monkeypatch.setenv(static_decode.ATTENTION_ENV, "fast")
-    with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION: 'fast'; expected auto or sdpa"):
+    with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION: 'fast'; expected auto, triton, flash or sdpa"):
         static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
     with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION: 'fast'"):  # also where the CPU would not read it
         decode_path(tiny("llama"))
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-@pytest.mark.parametrize("graphs,flash", [(False, False), (True, False), (True, True)])
-def test_static_greedy_equals_generate_on_gqa_models(kind, graphs, flash, monkeypatch):
+@pytest.mark.parametrize("graphs,path", [(False, "sdpa"), (True, "sdpa"), (True, "flash"), (True, "triton")])
+def test_static_greedy_equals_generate_on_gqa_models(kind, graphs, path, monkeypatch):
     """3 query heads per KV head, rows dropped as they end, 5-slot buckets (SDPA path with graphs), the flash path
-    through the reference kernel: generate()'s tokens."""
+    through the reference kernel, our Triton kernel interpreted: generate()'s tokens."""
     monkeypatch.setattr(static_decode, "WIDTH_BUCKET", 5)
-    if flash:
-        monkeypatch.setattr(static_decode, "flash_varlen", reference_flash_varlen)
-        monkeypatch.setattr(static_decode, "flash_decode_ok", lambda *a: True)
+    use_attention_path(monkeypatch, path)
     model = tiny(kind)
     prompts = prompts_for(48)
     ref = hf_greedy(model, prompts, 30)

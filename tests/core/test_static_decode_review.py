@@ -10,7 +10,8 @@ import torch
 from zlt_dagster.core.generation import static_decode
 from zlt_dagster.core.generation.sampling import decode_path, sample_new_tokens
 
-from tests.core.test_static_decode import EOS, PAD, build, hf_greedy, prompts_for, reference_flash_varlen
+from tests.core.attention_paths import use_attention_path
+from tests.core.test_static_decode import EOS, PAD, build, hf_greedy, prompts_for
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*")
 
@@ -21,16 +22,14 @@ def mixed_prompts() -> list[list[int]]:
     return [torch.randint(3, 48, (n,), generator=g).tolist() for n in (1, 30, 2, 17, 1, 9)]
 
 
-@pytest.mark.parametrize("graphs,flash", [(False, False), (True, False), (True, True)])
-def test_static_decode_on_a_model_whose_layers_drop_forward_keywords(graphs, flash, monkeypatch):
+@pytest.mark.parametrize("graphs,path", [(False, "sdpa"), (True, "sdpa"), (True, "flash"), (True, "triton")])
+def test_static_decode_on_a_model_whose_layers_drop_forward_keywords(graphs, path, monkeypatch):
     """StableLm's (and Nemotron's) decoder layers call their attention without **kwargs, so the forward keyword
     zlt_decode never reaches the attention function. unsupported_reason accepts them (full attention, the
     AttentionInterface), so decode='auto' on CUDA chose the static decode and failed with 'decode attention needs
     the decode step's DecodeBatch'. The step's DecodeBatch now also reaches the attention function without it."""
     monkeypatch.setattr(static_decode, "WIDTH_BUCKET", 5)
-    if flash:
-        monkeypatch.setattr(static_decode, "flash_varlen", reference_flash_varlen)
-        monkeypatch.setattr(static_decode, "flash_decode_ok", lambda *a: True)
+    use_attention_path(monkeypatch, path)
     model = build("StableLmConfig", "StableLmForCausalLM")
     assert static_decode.unsupported_reason(model) is None
     prompts = mixed_prompts()
@@ -86,8 +85,8 @@ _HOST_SYNCS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "a
 
 @pytest.mark.parametrize("kind,extra", [("llama", {}), ("qwen2", {}), ("llama", {"num_key_value_heads": 6}),
                                         ("qwen3", {"head_dim": 12})])
-@pytest.mark.parametrize("flash", [False, True])
-def test_the_captured_decode_forward_reads_nothing_back_to_the_host(kind, extra, flash, monkeypatch):
+@pytest.mark.parametrize("path", ["sdpa", "flash", "triton"])
+def test_the_captured_decode_forward_reads_nothing_back_to_the_host(kind, extra, path, monkeypatch):
     """What runs inside a CUDA graph capture (DecodeStep._forward) must not read a device value on the host (a
     capture refuses it; _EmulatedGraph cannot see it): no .item(), no tensor in an `if`, no nonzero."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -100,9 +99,12 @@ def test_the_captured_decode_forward_reads_nothing_back_to_the_host(kind, extra,
                 seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    if flash:  # a stand-in kernel that reads nothing back (the reference kernel loops on the host)
-        monkeypatch.setattr(static_decode, "flash_decode_ok", lambda *a: True)
+    # stand-in kernels that read nothing back (the flash reference loops on the host; the Triton interpreter copies
+    # to NumPy): what is checked is the step's own code around them
+    if path != "sdpa":
+        monkeypatch.setattr(static_decode, "attention_choice", lambda *a: (path, ""))
         monkeypatch.setattr(static_decode, "flash_varlen", lambda q, k, v, *a: q.clone())
+        monkeypatch.setattr(static_decode, "triton_decode", lambda q, k, v, *a: q.transpose(1, 2).clone())
     forward = static_decode.DecodeStep._forward
 
     def spied(self, *args):
@@ -117,16 +119,14 @@ def test_the_captured_decode_forward_reads_nothing_back_to_the_host(kind, extra,
     assert seen == []
 
 
-@pytest.mark.parametrize("graphs,flash", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("graphs,path", [(False, "sdpa"), (True, "sdpa"), (True, "flash"), (True, "triton")])
 @pytest.mark.parametrize("case", ["mha", "head_dim", "tied", "repeats", "one_step", "several_eos"])
-def test_static_greedy_equals_generate_over_shapes_and_loop_settings(case, graphs, flash, monkeypatch):
+def test_static_greedy_equals_generate_over_shapes_and_loop_settings(case, graphs, path, monkeypatch):
     """generate()'s greedy tokens for prompts of 1 to 30 tokens, rows dropped at every check: MHA (heads ==
     kv_heads), head_dim set apart from hidden / heads, tied embeddings, repeats, max_new_tokens=1, several stop
     ids."""
     monkeypatch.setattr(static_decode, "WIDTH_BUCKET", 3)
-    if flash:
-        monkeypatch.setattr(static_decode, "flash_varlen", reference_flash_varlen)
-        monkeypatch.setattr(static_decode, "flash_decode_ok", lambda *a: True)
+    use_attention_path(monkeypatch, path)
     extra = {"mha": {"num_key_value_heads": 6}, "head_dim": {"head_dim": 12},
              "tied": {"tie_word_embeddings": True}}.get(case, {})
     model = build("LlamaConfig", "LlamaForCausalLM", **extra)

@@ -14,9 +14,11 @@ What this module does instead:
     cache is its first `column[row]` slots. A step writes its token's K/V at each row's column (index_put_ with
     device-side columns, so a CUDA graph can replay it);
   * `decode_attention_forward`, registered with transformers' AttentionInterface, for one new token per row:
-      - on CUDA (bf16/fp16, Ampere or newer), torch's flash-attention varlen kernel with `seqused_k`: each row reads
-        exactly its filled slots, the KV heads natively shared by their query heads (no repeat, no mask);
-      - elsewhere (CPU, and where that kernel is missing or disagrees with SDPA in a probe, `flash_decode_ok`):
+      - on CUDA where Triton builds kernels, our Triton kernel (decode_kernel.py): one program per (row, KV head),
+        the KV head's query heads in one small tile, each row reading exactly its filled slots;
+      - else on CUDA (bf16/fp16, Ampere or newer), torch's flash-attention varlen kernel with `seqused_k`: each row
+        reads exactly its filled slots, the KV heads natively shared by their query heads (no repeat, no mask);
+      - elsewhere (CPU, and where both are missing or disagree with SDPA in a probe, `attention_choice`):
         SDPA over the first `width` slots with a length mask, the query viewed as [rows, kv_heads, heads/kv_heads,
         d] so that a KV head's query heads are rows of one problem over it (K/V read once, nothing repeated);
         `width` rounded up to WIDTH_BUCKET so that a captured graph serves 128 steps;
@@ -49,8 +51,9 @@ DECODE_ATTENTION = "zlt_decode_attention"
 # on average half a bucket of masked columns read per step: 64 x 23 KB a row on SmolLM2, ~3% of a 512-token
 # answer's cache). The flash path reads exactly the filled columns and needs no buckets.
 WIDTH_BUCKET = 128
-# ZLT_DECODE_ATTENTION=sdpa forces the SDPA path on CUDA too (benchmarks compare the two); auto = flash where the
-# probe passes (read through settings.decode_attention at each decode)
+# ZLT_DECODE_ATTENTION picks the path on CUDA (benchmarks compare them): auto = the Triton kernel where its probe
+# passes, else flash where its probe passes, else SDPA; triton / flash = that kernel where its probe passes, else
+# SDPA; sdpa = SDPA (read through settings.decode_attention at each decode)
 ATTENTION_ENV = "ZLT_DECODE_ATTENTION"
 # the DecodeBatch of the DecodeStep forward in progress (set around the model call, also while a CUDA graph is
 # captured): what decode_attention_forward reads (a forward keyword would not reach it through every model's
@@ -64,14 +67,34 @@ class DecodeBatch:
     filled slots per row including this step's token; cu: int32 [rows + 1], row r's slots start at cu[r] = r x
     capacity in the flattened [rows x capacity] buffer (flash path); cu_q: int32 [rows + 1], arange (flash path: row
     r's g query positions start at cu_q[r] x g); capacity: slots per row of the cache's buffers; width: slots the
-    SDPA path reads; mask: bool [rows, 1, 1, width], True = attend (SDPA path); flash: which path."""
+    SDPA path reads; mask: bool [rows, 1, 1, width], True = attend (SDPA path); path: one of PATHS."""
     lengths: torch.Tensor
     cu: torch.Tensor | None
     cu_q: torch.Tensor | None
     capacity: int
     width: int
     mask: torch.Tensor | None
-    flash: bool
+    path: str
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"DecodeBatch path {self.path!r}; expected one of {PATHS}")
+
+
+PATHS = ("triton", "flash", "sdpa")
+
+
+def _triton(query, key, value, batch: DecodeBatch, scaling):
+    """Our Triton kernel (decode_kernel.py) over each row's filled slots, in the model's layouts: no copies."""
+    return triton_decode(query, key, value, batch.lengths, scaling)
+
+
+def triton_decode(query, key, value, lengths, scale):
+    """decode_kernel.gqa_decode_attention, imported on first use (Triton is on CUDA machines only). A module
+    function so that CPU tests can count its calls."""
+    from .decode_kernel import gqa_decode_attention  # lazy: imports triton
+
+    return gqa_decode_attention(query, key, value, lengths, scale)
 
 
 def _flash(query, key, value, batch: DecodeBatch, scaling):
@@ -133,7 +156,7 @@ def decode_attention_forward(module, query, key, value, attention_mask=None, dro
         raise RuntimeError("decode attention runs inside a DecodeStep forward (no DecodeBatch)")
     if sliding_window is not None or softcap is not None or s_aux is not None:
         raise RuntimeError("decode attention has no sliding window, soft-capping or attention sinks")
-    attend = _flash if zlt_decode.flash else _sdpa
+    attend = {"triton": _triton, "flash": _flash, "sdpa": _sdpa}[zlt_decode.path]
     return attend(query, key, value, zlt_decode, scaling), None
 
 
@@ -190,25 +213,22 @@ def decode_attention(model) -> Iterator[None]:
         base.set_attn_implementation(previous)
 
 
-_FLASH_OK: dict = {}  # (device, dtype, heads, kv_heads, d) -> (usable, why not)
+_PROBED: dict = {}  # (path, device, dtype, heads, kv_heads, d) -> (usable, why not)
 
 
 def flash_decode_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
                        head_dim: int) -> tuple[bool, str]:
     """(whether the flash path runs here, why not). It needs CUDA, bf16/fp16, compute capability >= 8.0, not
-    switched off (ZLT_DECODE_ATTENTION=sdpa), and a probe (3 rows of different lengths, this head layout) that
-    agrees with the SDPA path to 2e-2; a torch whose flash kernel lacks `seqused_k` fails the probe with its error.
-    Kept per (device, dtype, heads, kv_heads, d). settings.SettingsError for another ZLT_DECODE_ATTENTION value."""
-    if settings.decode_attention() == "sdpa":
-        return False, f"{ATTENTION_ENV}=sdpa"
+    switched off (ZLT_DECODE_ATTENTION=sdpa or triton), and a probe (3 rows of different lengths, this head layout)
+    that agrees with the SDPA path to 2e-2; a torch whose flash kernel lacks `seqused_k` fails the probe with its
+    error. Kept per (device, dtype, heads, kv_heads, d). settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
+    if settings.decode_attention() in ("sdpa", "triton"):
+        return False, f"{ATTENTION_ENV}={settings.decode_attention()}"
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False, f"{device.type} {dtype}"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return False, "compute capability < 8.0"
-    key = (str(device), dtype, heads, kv_heads, head_dim)
-    if key not in _FLASH_OK:
-        _FLASH_OK[key] = _probe(device, dtype, heads, kv_heads, head_dim)
-    return _FLASH_OK[key]
+    return _probed("flash", device, dtype, heads, kv_heads, head_dim)
 
 
 def flash_decode_ok(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
@@ -216,23 +236,70 @@ def flash_decode_ok(device: torch.device, dtype: torch.dtype, heads: int, kv_hea
     return flash_decode_check(device, dtype, heads, kv_heads, head_dim)[0]
 
 
-def _probe(device, dtype, heads, kv_heads, d) -> tuple[bool, str]:
+def triton_decode_check(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                        head_dim: int) -> tuple[bool, str]:
+    """(whether our Triton kernel runs here, why not). It needs CUDA (compute capability >= 8.0: bf16 tl.dot),
+    Triton importable, a C compiler and Python.h (Triton builds a launcher per kernel:
+    compiled_layers.can_build_triton_kernels), not switched off (ZLT_DECODE_ATTENTION=sdpa or flash), and a probe
+    (3 rows of different lengths, this head layout) that agrees with the SDPA path to 2e-2; a kernel that fails to
+    build fails the probe with its error. Kept per (device, dtype, heads, kv_heads, d). settings.SettingsError for a
+    bad ZLT_DECODE_ATTENTION."""
+    import importlib.util  # here: only this check asks
+
+    from ..compiled_layers import can_build_triton_kernels  # here: compiled_layers imports this package's parent
+
+    if settings.decode_attention() in ("sdpa", "flash"):
+        return False, f"{ATTENTION_ENV}={settings.decode_attention()}"
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False, f"{device.type} {dtype}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False, "compute capability < 8.0"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if not can_build_triton_kernels():
+        return False, "no C compiler or Python.h for Triton's launcher"
+    return _probed("triton", device, dtype, heads, kv_heads, head_dim)
+
+
+def attention_choice(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                     head_dim: int) -> tuple[str, str]:
+    """(path, why not a faster one): "triton" where triton_decode_check passes, else "flash" where
+    flash_decode_check passes, else "sdpa" with both reasons. settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
+    ok, why_triton = triton_decode_check(device, dtype, heads, kv_heads, head_dim)
+    if ok:
+        return "triton", ""
+    ok, why_flash = flash_decode_check(device, dtype, heads, kv_heads, head_dim)
+    if ok:
+        return "flash", why_triton
+    return "sdpa", f"{why_triton}; {why_flash}" if why_triton != why_flash else why_flash
+
+
+def _probed(path: str, device, dtype, heads, kv_heads, d) -> tuple[bool, str]:
+    key = (path, str(device), dtype, heads, kv_heads, d)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(path, device, dtype, heads, kv_heads, d)
+    return _PROBED[key]
+
+
+def _probe(path: str, device, dtype, heads, kv_heads, d) -> tuple[bool, str]:
     g = torch.Generator(device=device).manual_seed(0)
-    rows, capacity = 3, 40
+    rows, capacity = 3, 80  # 80: the Triton kernel's second K/V block, partly filled, is read too
     q = torch.randn(rows, heads, 1, d, generator=g, device=device, dtype=dtype)
     k = torch.randn(rows, capacity, kv_heads, d, generator=g, device=device, dtype=dtype)
     v = torch.randn(rows, capacity, kv_heads, d, generator=g, device=device, dtype=dtype)
-    lengths = torch.tensor([1, 17, 40], device=device, dtype=torch.int32)
+    lengths = torch.tensor([1, 17, 77], device=device, dtype=torch.int32)
     ar = torch.arange(rows + 1, device=device, dtype=torch.int32)
     mask = (torch.arange(capacity, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-    batch = DecodeBatch(lengths, ar * capacity, ar, capacity, capacity, mask, True)
-    ref = _sdpa(q, k, v, batch, d ** -0.5).float()
+    ref = _sdpa(q, k, v, DecodeBatch(lengths, None, None, capacity, capacity, mask, "sdpa"), d ** -0.5).float()
     try:
-        out = _flash(q, k, v, batch, d ** -0.5).float()
-    except (RuntimeError, TypeError) as e:  # kept as the reason: this torch's flash kernel cannot do it
-        return False, f"flash probe failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        out = {"triton": _triton, "flash": _flash}[path](
+            q, k, v, DecodeBatch(lengths, ar * capacity, ar, capacity, capacity, None, path), d ** -0.5).float()
+    except Exception as e:  # noqa: BLE001 - kept as the reason (recorded in every decode's record): the kernel
+        # cannot run here (a torch whose flash lacks seqused_k: RuntimeError; Triton failing to build or launch
+        # raises its own classes), and the decode takes the next path
+        return False, f"{path} probe failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     err = float((out - ref).abs().max())
-    return (True, "") if err <= 2e-2 else (False, f"flash probe differs from SDPA by {err:.3g}")
+    return (True, "") if err <= 2e-2 else (False, f"{path} probe differs from SDPA by {err:.3g}")
 
 
 def head_layout(model) -> tuple[int, int, int]:
@@ -249,12 +316,15 @@ def head_layout(model) -> tuple[int, int, int]:
                                                                         or cfg.hidden_size // heads)
 
 
+ATTENTION_NAMES = {"triton": "triton gqa", "flash": "flash varlen", "sdpa": "sdpa"}
+
+
 def attention_path(model) -> str:
-    """"flash varlen" or "sdpa (why not flash)" for `model`'s device, dtype and head layout (records); the same
-    check a DecodeStep of this model makes."""
+    """"triton gqa", "flash varlen (why not triton)" or "sdpa (why not the others)" for `model`'s device, dtype and
+    head layout (records); the same choice a DecodeStep of this model makes (attention_choice)."""
     p = next(unwrap_peft(model).parameters())
-    ok, why = flash_decode_check(p.device, p.dtype, *head_layout(model))
-    return "flash varlen" if ok else f"sdpa ({why})"
+    path, why = attention_choice(p.device, p.dtype, *head_layout(model))
+    return ATTENTION_NAMES[path] + (f" ({why})" if why else "")
 
 
 @functools.cache
@@ -394,7 +464,7 @@ class DecodeStep:
         if (kv_heads, head_dim) != tuple(layer.keys.shape[2:]):
             raise RuntimeError(f"the cache holds {tuple(layer.keys.shape[2:])} (KV heads, head dim); the model's "
                                f"attention says {(kv_heads, head_dim)}")
-        self.flash = flash_decode_ok(device, layer.keys.dtype, heads, kv_heads, head_dim)
+        self.path = attention_choice(device, layer.keys.dtype, heads, kv_heads, head_dim)[0]
         self.graph = None          # the graph of the current shape: _CudaGraph, or _EmulatedGraph off CUDA
         self.next_width = int(cache.column.max())  # host bound on the longest row: it counts the steps, no reads
 
@@ -405,12 +475,14 @@ class DecodeStep:
     def _forward(self, token: torch.Tensor, position: torch.Tensor, width: int) -> torch.Tensor:
         c = self.cache
         lengths = (c.column + 1).to(torch.int32)
-        if self.flash:
+        if self.path == "flash":
             ar = torch.arange(self.rows + 1, device=token.device, dtype=torch.int32)
-            batch = DecodeBatch(lengths, ar * c.capacity, ar, c.capacity, width, None, True)
+            batch = DecodeBatch(lengths, ar * c.capacity, ar, c.capacity, width, None, "flash")
+        elif self.path == "triton":
+            batch = DecodeBatch(lengths, None, None, c.capacity, width, None, "triton")
         else:
             mask = torch.arange(width, device=token.device)[None, :] < lengths[:, None]
-            batch = DecodeBatch(lengths, None, None, c.capacity, width, mask[:, None, None, :], False)
+            batch = DecodeBatch(lengths, None, None, c.capacity, width, mask[:, None, None, :], "sdpa")
         global _STEP_BATCH
         _STEP_BATCH = batch
         try:
@@ -432,9 +504,9 @@ class DecodeStep:
         if not self.graphs:
             logits = self._forward(self.token, self.position, width)
         else:
-            if not self.flash:  # the SDPA path reads `width` slots: fixed per graph, so bucketed
+            if self.path == "sdpa":  # the SDPA path reads `width` slots: fixed per graph, so bucketed
                 width = min(c.capacity, -(-width // self.bucket) * self.bucket)
-            shape = (self.rows, c.capacity if self.flash else width)
+            shape = (self.rows, width if self.path == "sdpa" else c.capacity)
             if self.graph is None or self.graph.shape != shape:
                 # the old graph and its private memory pool go first; each graph gets its own pool (a pool handle
                 # shared with a deleted graph failed an allocator assert at the next capture_begin, torch 2.11)
