@@ -22,10 +22,12 @@ Log = Callable[[str], None]
 
 
 # Completions steps a process must run for `ZLT_DECODE_COMPILE=auto` to compile their decode (many_decodes; the
-# runner decides, defs/runner.compiles_decodes). SmolLM2 on the H200 (BENCHMARKS.md, issue 17): the compile costs
-# 17-24 s once per process on a cold machine (5-8 s with torch's caches warm) and saves ~1.4 s per completions step
-# of ~410-token answers (8.9-9.9 s instead of 10.3-10.8 s): 22 / 1.4 = 16 steps. (Adapters that answer in a few
-# tokens save less per step: the sweeps in RESULTS.md would need ~30.)
+# runner decides, defs/runner.compiles_decodes). SmolLM2 on the H200 (BENCHMARKS.md, issue 17): with flash attention
+# the compile cost 17-24 s once per process on a cold machine (5-8 s with torch's caches warm) and saved ~1.4 s per
+# completions step of ~410-token answers (8.9-9.9 s instead of 10.3-10.8 s): 22 / 1.4 = 16 steps; with the Triton
+# attention kernel (fourth session) it costs 15.8-18.0 s and saves ~1.2 s (6.13-6.22 s instead of 7.37 s, one eager
+# run): 17 / 1.2 = 14, so 16 stays on the safe side. (Adapters that answer in a few tokens save less per step: the
+# sweeps in RESULTS.md would need ~30.)
 DECODE_COMPILE_MIN_STEPS = 16
 
 

@@ -5,7 +5,9 @@ Why our own kernel, not a library's (BENCHMARKS.md, issue 17, fourth session): t
 kernel, which the decode used, puts each (row, KV head) in a 128-query-row tile of which only the g = heads /
 kv_heads query heads of that KV head are real (SmolLM2: 3 of 128), so its time went to the padding: 41% of the
 compiled decode step's kernel time (5.1 ms a step at 2,200 rows over the first 64 steps, where the K/V it reads
-take ~1 ms at the H200's bandwidth). flash-attention's own decode entry (`flash_attn_with_kvcache`, 64-row tiles
+take ~1 ms at the H200's bandwidth). Measured on the H200 (benchmarks/decode_attention_bench.py, 2,200 rows, one
+layer): SmolLM2 shapes 202 -> 50 us at ~96 filled slots a row, 524 -> 212 us at ~512 (4.1 TB/s of K/V read);
+Qwen2.5-7B shapes 382 -> 131 and 1,065 -> 547 us; the completions workload 97.7k -> 148.1k tok/s. flash-attention's own decode entry (`flash_attn_with_kvcache`, 64-row tiles
 and split KV) is not in torch 2.11, and the flash-attn / FlashInfer / vLLM packages are not on the GPU machine.
 Here a program handles one (row, KV head): its g query heads are the rows of a 16-row tile (tl.dot's minimum), K
 and V are read once in BLOCK_N-slot blocks with an online softmax (flash-attention's recurrence, Dao et al. 2022,
@@ -23,8 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-# slots per K/V block a program loads at a time, and the kernel's launch shape: see BLOCK_N_AND_WARPS' measurement
-# note in BENCHMARKS.md (issue 17, fourth session); 64 slots x 64 dims of bf16 = 8 KiB per block of K and of V
+# slots per K/V block a program loads at a time (64 slots x 64 dims of bf16 = 8 KiB of K and of V), and the launch
+# shape. A sweep of BLOCK_N 32/64/128 x warps 2/4/8 x stages 1/2/3 on the H200 (decode_attention_bench.py --sweep,
+# BENCHMARKS.md issue 17 fourth session) put this one within 2.4% of the best from ~192 filled slots a row on
+# SmolLM2 and 4% on 7B shapes, 9% / 16% at ~96 slots (4 / 18 us a layer). (32, 2, 3) came within 0.7% everywhere,
+# but the pipeline's figures were measured with this one, and the difference is under 0.5 ms of a decode step. A
+# fixed shape, not Triton's autotuner: that would benchmark inside the decode's first graph capture
 BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
