@@ -107,8 +107,8 @@ def test_flash_path_off_cuda_and_switched_off(monkeypatch):
         decode_path(tiny("llama"))
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
-@pytest.mark.parametrize("graphs,path", [(False, "sdpa"), (True, "sdpa"), (True, "flash"), (True, "triton")])
+@pytest.mark.parametrize("kind,graphs,path", [(k, g, p) for k in ("qwen2", "llama") for g, p in (
+    (False, "sdpa"), (True, "sdpa"), (True, "flash"))] + [("llama", True, "triton")])  # interpreted: seconds a case
 def test_static_greedy_equals_generate_on_gqa_models(kind, graphs, path, monkeypatch):
     """3 query heads per KV head, rows dropped as they end, 5-slot buckets (SDPA path with graphs), the flash path
     through the reference kernel, our Triton kernel interpreted: generate()'s tokens."""
