@@ -11,7 +11,8 @@ rows' lengths x kv_heads x d x 2 tensors x 2 bytes) over that time (effective GB
 TB/s); and the largest difference from the SDPA path (bf16 outputs).
 
   . /root/kit/env.sh && PYTHONPATH=$PWD:$PYTHONPATH python3 benchmarks/decode_attention_bench.py --out $OUT/attn
-  TRITON_INTERPRET=1 python benchmarks/decode_attention_bench.py --smoke   # CPU dry run of the script
+  PYTHONPATH=$PWD:$PYTHONPATH python3 benchmarks/decode_attention_bench.py --check --out $OUT/check   # accuracy
+  TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/decode_attention_bench.py --smoke   # CPU dry run of the script
 Writes results.json to --out and prints one line per measurement.
 """
 from __future__ import annotations
@@ -116,6 +117,45 @@ def measure(shape: str, rows: int, capacity: int, mean_len: int, device, dtype, 
     return out
 
 
+CHECK_LAYOUTS = [(9, 3, 64), (28, 4, 128), (6, 2, 8), (32, 1, 80), (8, 8, 256)]
+
+
+def check(device) -> list[dict]:
+    """Accuracy on the GPU, where Triton compiles what its CPU interpreter only emulates (dot precision, tile
+    minimums): each path's largest difference from float64 attention of the same inputs, per dtype and head layout
+    (5 rows, lengths 1 to 200 of 200 slots, values of std 3 so that logits spread), and the start-up probe's
+    verdict (static_decode.triton_decode_check: what a decode of that layout would take)."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for heads, kv_heads, d in CHECK_LAYOUTS:
+            g = torch.Generator(device=device).manual_seed(1)
+            q = 3 * torch.randn(5, 1, heads, d, generator=g, device=device).transpose(1, 2)
+            k = 3 * torch.randn(5, 200, kv_heads, d, generator=g, device=device)
+            v = torch.randn(5, 200, kv_heads, d, generator=g, device=device)
+            lengths = torch.tensor([1, 63, 64, 129, 200], device=device, dtype=torch.int32)
+            qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+            group = heads // kv_heads  # the reference: float64 attention of the same (rounded) inputs
+            keys = kd.double().repeat_interleave(group, dim=2)
+            vals = vd.double().repeat_interleave(group, dim=2)
+            w = torch.einsum("rhd,rnhd->rhn", qd[:, :, 0].double(), keys) * d ** -0.5
+            w = w.masked_fill(torch.arange(200, device=device)[None, None, :] >= lengths[:, None, None], float("-inf"))
+            ref = torch.einsum("rhn,rnhd->rhd", w.softmax(-1), vals)[:, None]
+            row = {"dtype": str(dtype).replace("torch.", ""), "heads": heads, "kv_heads": kv_heads, "d": d,
+                   "probe": static_decode.triton_decode_check(device, dtype, heads, kv_heads, d)}
+            mask = (torch.arange(200, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+            sdpa = static_decode._sdpa(qd, kd, vd, static_decode.DecodeBatch(lengths, None, None, 200, 200, mask, "sdpa"),
+                                       d ** -0.5)
+            row["sdpa_err"] = float((sdpa.double() - ref).abs().max())
+            try:
+                tri = decode_kernel.gqa_decode_attention(qd, kd, vd, lengths, d ** -0.5)
+                row["triton_err"] = float((tri.double() - ref).abs().max())
+            except Exception as e:  # noqa: BLE001 - recorded: a layout the kernel cannot compile is a result here
+                row["triton_error"] = f"{type(e).__name__}: {str(e).splitlines()[-1][:160] if str(e) else ''}"
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks")
@@ -124,7 +164,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2200)
     ap.add_argument("--sweep", action="store_true", help="every launch shape in CONFIGS (else the default only)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: 6 rows, 80 slots, fp32 (TRITON_INTERPRET=1)")
+    ap.add_argument("--check", action="store_true", help="accuracy against float64 per dtype and head layout "
+                    "(CHECK_LAYOUTS), the probe's verdict; no timing")
     a = ap.parse_args()
+    if a.smoke:  # the interpreter as the tests run it (NumPy >= 2.4, bf16 dots)
+        from tests.core.attention_paths import mend_triton_interpreter
+        mend_triton_interpreter(setattr)
     device = torch.device("cpu" if a.smoke else "cuda")
     dtype = torch.float32 if a.smoke else torch.bfloat16
     rows, capacity = (6, 80) if a.smoke else (a.rows, 1024)
@@ -139,12 +184,18 @@ def main() -> None:
         results["versions"]["triton"] = triton.__version__
     except ImportError as e:
         results["versions"]["triton"] = f"import failed: {e}"
-    for shape in a.shapes.split(","):
-        for mean_len in lengths:
-            results["measurements"] += measure(shape, rows, capacity, mean_len, device, dtype, configs)
+    if a.check:
+        results["check"] = check(device)
+    else:
+        for shape in a.shapes.split(","):
+            for mean_len in lengths:
+                results["measurements"] += measure(shape, rows, capacity, mean_len, device, dtype, configs)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_attention.json").write_text(json.dumps(results, indent=1))
+    failed = [m for m in results["measurements"] if "error" in m]
+    if failed:  # recorded above; a launch shape the sweep cannot run still fails the run, loudly
+        sys.exit(f"{len(failed)} measurement(s) failed, first: {failed[0]['path']} {failed[0]['error']}")
 
 
 if __name__ == "__main__":

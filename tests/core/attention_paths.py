@@ -30,12 +30,43 @@ def reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused_k):
     return out
 
 
+def mend_triton_interpreter(setattr_) -> None:
+    """Two mends to Triton 3.6's interpreter, applied with `setattr_` (monkeypatch.setattr in tests, so they are
+    undone after each; plain setattr in the benchmark's CPU dry run):
+      * NumPy >= 2.4 refuses int() of a 1-element array; the interpreter holds a loaded scalar (a row's length) as
+        one, and the kernel's loop bound calls __index__ on it;
+      * its tl.dot multiplies bf16 operands as their raw uint16 bit patterns (it stores bf16 as uint16 and widens
+        only fp8): they are read as the numbers they encode first (bf16 is the top half of an fp32)."""
+    import numpy as np  # here: only with Triton, which a test may skip without
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        import triton.language as tl  # here: the interpreter's own dtype objects, as it compares them
+
+        def widened(h):
+            if h.dtype.scalar != tl.bfloat16:
+                return h
+            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+        return original_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    setattr_(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+    setattr_(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
 def interpreted_decode_kernel(monkeypatch):
-    """decode_kernel with its kernel run by Triton's interpreter on CPU tensors. tests/conftest.py sets
-    TRITON_INTERPRET=1 before anything imports Triton (Triton decides at decoration, its own helpers at import);
-    this fails loudly where that did not happen. Also mends Triton 3.6's interpreter for NumPy >= 2.4, which refuses
-    int() of a 1-element array: the interpreter holds a loaded scalar (a row's length) as one, and the kernel's loop
-    bound calls __index__ on it. pytest skips where Triton is not installed (a test dependency on Linux x86-64)."""
+    """decode_kernel with its kernel run by Triton's interpreter on CPU tensors (mend_triton_interpreter applied).
+    tests/conftest.py sets TRITON_INTERPRET=1 before anything imports Triton (Triton decides at decoration, its own
+    helpers at import); this fails loudly where that did not happen. pytest skips where Triton is not installed (a
+    test dependency on Linux x86-64)."""
     pytest.importorskip("triton")
     from triton import knobs
     from triton.runtime import interpreter
@@ -44,13 +75,7 @@ def interpreted_decode_kernel(monkeypatch):
 
     if not knobs.runtime.interpret or not isinstance(decode_kernel._gqa_decode_kernel, interpreter.InterpretedFunction):
         pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+    mend_triton_interpreter(monkeypatch.setattr)
     return decode_kernel
 
 

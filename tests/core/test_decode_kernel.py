@@ -88,7 +88,7 @@ def test_the_probe_passes_the_kernel_and_records_why_a_kernel_failed(monkeypatch
 
     monkeypatch.setattr(static_decode, "triton_decode", broken)
     assert static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (
-        False, "triton probe failed: RuntimeError: PassManager::run failed")
+        False, "triton probe failed: RuntimeError: PassManager::run failed ... more detail")
     monkeypatch.setattr(static_decode, "triton_decode", lambda q, k, v, lengths, scale: q.transpose(1, 2) * 3)
     ok, why = static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16)
     assert not ok and why.startswith("triton probe differs from SDPA by ")
@@ -117,3 +117,66 @@ def test_the_setting_switches_each_kernel_off(value, triton_off, flash_off, monk
         ok, why = check(*cpu)
         assert not ok
         assert why == (f"ZLT_DECODE_ATTENTION={value}" if off else "cpu torch.bfloat16")
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (28, 4, 128), (6, 2, 80)])
+def test_kernel_in_bf16_equals_attention_to_bf16_rounding(heads, kv_heads, d, monkeypatch):
+    """bf16 inputs, as the pipeline decodes: products and softmax in fp32, p rounded to bf16 before p . v (as
+    flash-attention does), the output rounded to bf16: within 2e-2 of float64 attention of the same bf16 inputs
+    (the start-up probe's tolerance), and not all zero (a dot of raw bf16 bit patterns would be far off)."""
+    kernel = interpreted_decode_kernel(monkeypatch)
+    q, k, v, lengths = case(heads, kv_heads, d, [1, 64, 65, 130, 7], capacity=130)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = kernel.gqa_decode_attention(q, k, v, lengths, d ** -0.5)
+    assert out.dtype == torch.bfloat16 and out.abs().max() > 0.1
+    torch.testing.assert_close(out.double(), reference(q, k, v, lengths, d ** -0.5), rtol=0, atol=2e-2)
+
+
+class LaunchSpy:
+    """Stands in for the kernel object: records each launch's grid and keywords, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.bfloat16, None), (torch.float16, None)])
+def test_launch_parameters_the_interpreter_cannot_check(dtype, precision, monkeypatch):
+    """What Triton's interpreter ignores but a GPU compile does not: fp32 inputs multiply in full fp32 ("ieee"; the
+    NVIDIA default is TF32, ~1e-3 off, H200-measured by the review), 16-bit ones with Triton's default; a head dim
+    under 16 is padded to 16 (tl.dot's K >= 16 on NVIDIA); g query heads pad to 16 tile rows, or the next power of
+    two above; one program per (row, KV head)."""
+    kernel = interpreted_decode_kernel(monkeypatch)
+    spy = LaunchSpy(kernel._gqa_decode_kernel)
+    monkeypatch.setattr(kernel, "_gqa_decode_kernel", spy)
+    for heads, kv_heads, d, block_g, block_d in ((6, 2, 8, 16, 16), (32, 1, 80, 32, 128)):
+        q, k, v, lengths = case(heads, kv_heads, d, [5, 9], capacity=12)
+        kernel.gqa_decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), lengths, 0.5)
+        grid, kw = spy.launches[-1]
+        assert grid == (2, kv_heads)
+        assert (kw["DOT_PRECISION"], kw["BLOCK_D"], kw["HEAD_DIM"], kw["BLOCK_G"], kw["GROUP"]) == (
+            precision, block_d, d, block_g, heads // kv_heads)
+
+
+def test_the_probe_raises_out_of_memory_and_keeps_a_compile_errors_gist(monkeypatch):
+    """Out of memory is not a property of the kernel: it propagates (the decode would not fit either). Triton's
+    CompilationError puts the source location first and what went wrong last: the record keeps both ends."""
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(static_decode, "triton_decode", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16)
+
+    def compile_error(*args):
+        raise RuntimeError("at 27:12:\n    s = tl.dot(q, tl.trans(k))\n            ^\nInput shapes should have M >= 1, "
+                           "N >= 1 and K >= 16")
+
+    monkeypatch.setattr(static_decode, "triton_decode", compile_error)
+    assert static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (
+        False, "triton probe failed: RuntimeError: at 27:12: ... Input shapes should have M >= 1, N >= 1 and K >= 16")

@@ -9,7 +9,7 @@ take ~1 ms at the H200's bandwidth). Measured on the H200 (benchmarks/decode_att
 layer): SmolLM2 shapes 202 -> 50 us at ~96 filled slots a row, 524 -> 212 us at ~512 (4.1 TB/s of K/V read);
 Qwen2.5-7B shapes 382 -> 131 and 1,065 -> 547 us; the completions workload 97.7k -> 148.1k tok/s. flash-attention's own decode entry (`flash_attn_with_kvcache`, 64-row tiles
 and split KV) is not in torch 2.11, and the flash-attn / FlashInfer / vLLM packages are not on the GPU machine.
-Here a program handles one (row, KV head): its g query heads are the rows of a 16-row tile (tl.dot's minimum), K
+Here a program handles one (row, KV head): its g query heads are the rows of a 16-row tile (MIN_TILE_ROWS), K
 and V are read once in BLOCK_N-slot blocks with an online softmax (flash-attention's recurrence, Dao et al. 2022,
 in base 2 as Triton's own fused-attention tutorial does), and the query and output are read and written in the
 layouts the model gives and wants (no transposes or copies around the call).
@@ -34,8 +34,12 @@ import triton.language as tl
 BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
-# tl.dot needs at least 16 rows: a KV head's g query heads are padded to this (g = 3 on SmolLM2, 7 on Qwen2.5-7B)
+# a KV head's g query heads are padded to this many tile rows (g = 3 on SmolLM2, 7 on Qwen2.5-7B): 16 is the M of the
+# tensor cores' bf16 mma instruction (m16n8k16), so a smaller tile would not do less work
 MIN_TILE_ROWS = 16
+# Triton 3.6 compiles tl.dot for NVIDIA GPUs only with an inner dimension K >= 16: head dims below pad to this
+# (q . k^T's K is the head dim; p . v's K is BLOCK_N)
+MIN_HEAD_BLOCK = 16
 
 
 @triton.jit
@@ -43,7 +47,7 @@ def _gqa_decode_kernel(Q, K, V, Out, Lengths, qk_scale_log2,
                        stride_qr, stride_qh, stride_kr, stride_kn, stride_kh,
                        stride_vr, stride_vn, stride_vh, stride_or, stride_oh,
                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # int64 row offsets: rows x capacity x kv_heads x d passes 2^31 elements on large caches
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -65,14 +69,14 @@ def _gqa_decode_kernel(Q, K, V, Out, Lengths, qk_scale_log2,
         valid = (start + n) < length
         kv_mask = valid[:, None] & in_dim[None, :]
         k = tl.load(k_ptrs + start * stride_kn, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale_log2          # [BLOCK_G, BLOCK_N] logits in log2 units, fp32
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_G, BLOCK_N], log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs + start * stride_vn, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(Out + row * stride_or + head[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
@@ -89,7 +93,9 @@ def gqa_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     capacity] (a row of length 0 would divide by zero: the decode always holds at least this step's token); scale:
     the softmax scale (head_dim ** -0.5 for transformers' models). heads a multiple of kv_heads; query head h uses KV
     head h // (heads / kv_heads) (transformers' repeat_kv order). Returns [rows, 1, heads, d] in query's dtype, the
-    layout transformers' attention functions return. ValueError for shapes or strides it does not take."""
+    layout transformers' attention functions return. Products and the softmax in fp32; fp32 inputs multiply in full
+    fp32 ("ieee": Triton's default for them on NVIDIA GPUs is TF32, ~1e-3 off, which an fp32 protocol does not ask
+    for). ValueError for shapes or strides it does not take."""
     rows, heads, one, d = query.shape
     if one != 1:
         raise ValueError(f"query has {one} positions per row; this kernel takes 1")
@@ -110,5 +116,7 @@ def gqa_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(2),
         GROUP=group, BLOCK_G=max(MIN_TILE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_D=max(MIN_HEAD_BLOCK, triton.next_power_of_2(d)), BLOCK_N=BLOCK_N,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,  # None: Triton's default (16-bit inputs)
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out

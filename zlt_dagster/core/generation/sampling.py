@@ -4,8 +4,8 @@ rows are dropped from the batch and the KV cache ("early exit"/compaction) inste
 row's length. Same token-by-token function as `generate()`: left padding, position ids = cumsum(mask) - 1, logits
 of the last position, temperature then top-p (HF's TopP warper rule), stop at the first of the `eos_id` ids, pad
 after it. Proven equal to `generate()` by tests/core/test_fast_paths.py. After the prompt the steps run on
-transformers' DynamicCache or, on CUDA, on generation/static_decode.py (preallocated cache, flash varlen
-attention, CUDA graphs; `decode`).
+transformers' DynamicCache or, on CUDA, on generation/static_decode.py (preallocated cache, our Triton
+decode-attention kernel else flash varlen, CUDA graphs; `decode`).
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def decode_compile_backend(model, decode_compile: str | None = None) -> str | No
 def decode_path(model, decode: str = "auto", graphs: bool | None = None, decode_compile: str | None = None) -> str:
     """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs, decode_compile=decode_compile)` runs
     after the prompt, for records: "static[, CUDA graphs][, layers compiled (<backend>)], <attention> attention"
-    (static_decode.attention_path: "flash varlen" or "sdpa (why not flash)") or "dynamic" (with the reason where
-    auto fell back). ValueError for an unknown `decode`, "static" on a model that cannot (the reason named), or an
+    (static_decode.attention_path: "triton gqa", "flash varlen (why not triton)" or "sdpa (why not the others)") or
+    "dynamic" (with the reason where auto fell back). ValueError for an unknown `decode`, "static" on a model that cannot (the reason named), or an
     unknown compile backend; settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
     if decode not in ("auto", "static", "dynamic"):
         raise ValueError(f"decode={decode!r}; expected auto, static or dynamic")
