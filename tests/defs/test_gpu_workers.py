@@ -170,8 +170,10 @@ def test_zlt_run_with_two_gpus_trains_two_passes_in_two_pinned_workers(tmp_path,
                          / "adapter_model.safetensors") for s, n in ((store, "w"), (alone, "a"))]
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
-        # fp32: a 2-cell pass sums in another order than a 1-cell one (equal in float64: tests/core/test_train_group.py)
-        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-3, atol=1e-5)
+        # fp32: a 2-cell pass sums in another order than a 1-cell one (equal in float64: tests/core/test_train_group.py),
+        # and Adam at lr 1e-2 carries that into the weights: up to 5.1e-5 on weights of ~0.1 (2026-12-01, peft 0.21.2,
+        # numpy 2.4.6; torch's thread count alone moves them ~1e-7). 1e-5 had passed with the packages before.
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-3, atol=1e-4)
     record = json.loads((art / "sweeps" / sweep.sweep_id / "cells" / cell.key / "adapter" / "train_run.json")
                         .read_text())
     assert record["device"] == "cpu"
