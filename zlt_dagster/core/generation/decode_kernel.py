@@ -7,8 +7,9 @@ kv_heads query heads of that KV head are real (SmolLM2: 3 of 128), so its time w
 compiled decode step's kernel time (5.1 ms a step at 2,200 rows over the first 64 steps, where the K/V it reads
 take ~1 ms at the H200's bandwidth). Measured on the H200 (benchmarks/decode_attention_bench.py, 2,200 rows, one
 layer): SmolLM2 shapes 202 -> 50 us at ~96 filled slots a row, 524 -> 212 us at ~512 (4.1 TB/s of K/V read);
-Qwen2.5-7B shapes 382 -> 131 and 1,065 -> 547 us; the completions workload 97.7k -> 148.1k tok/s. flash-attention's own decode entry (`flash_attn_with_kvcache`, 64-row tiles
-and split KV) is not in torch 2.11, and the flash-attn / FlashInfer / vLLM packages are not on the GPU machine.
+Qwen2.5-7B shapes 382 -> 131 and 1,065 -> 547 us; the completions workload 97.7k -> 148.1k tok/s.
+flash-attention's own decode entry (`flash_attn_with_kvcache`, 64-row tiles and split KV) is not in torch 2.11, and
+the flash-attn / FlashInfer / vLLM packages are not on the GPU machine.
 Here a program handles one (row, KV head): its g query heads are the rows of a 16-row tile (MIN_TILE_ROWS), K
 and V are read once in BLOCK_N-slot blocks with an online softmax (flash-attention's recurrence, Dao et al. 2022,
 in base 2 as Triton's own fused-attention tutorial does), and the query and output are read and written in the

@@ -82,8 +82,8 @@ def decode_path(model, decode: str = "auto", graphs: bool | None = None, decode_
     """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs, decode_compile=decode_compile)` runs
     after the prompt, for records: "static[, CUDA graphs][, layers compiled (<backend>)], <attention> attention"
     (static_decode.attention_path: "triton gqa", "flash varlen (why not triton)" or "sdpa (why not the others)") or
-    "dynamic" (with the reason where auto fell back). ValueError for an unknown `decode`, "static" on a model that cannot (the reason named), or an
-    unknown compile backend; settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
+    "dynamic" (with the reason where auto fell back). ValueError for an unknown `decode`, "static" on a model that
+    cannot (the reason named), or an unknown compile backend; settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
     if decode not in ("auto", "static", "dynamic"):
         raise ValueError(f"decode={decode!r}; expected auto, static or dynamic")
     if decode == "dynamic":

@@ -220,7 +220,7 @@ def flash_decode_check(device: torch.device, dtype: torch.dtype, heads: int, kv_
                        head_dim: int) -> tuple[bool, str]:
     """(whether the flash path runs here, why not). It needs CUDA, bf16/fp16, compute capability >= 8.0, not
     switched off (ZLT_DECODE_ATTENTION=sdpa or triton), and a probe (3 rows of different lengths, this head layout)
-    that agrees with the SDPA path to 2e-2; a torch whose flash kernel lacks `seqused_k` fails the probe with its
+    that agrees with the SDPA path (_probe: 2e-2 in 16-bit); a torch whose flash kernel lacks `seqused_k` fails the probe with its
     error. Kept per (device, dtype, heads, kv_heads, d). settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
     if settings.decode_attention() in ("sdpa", "triton"):
         return False, f"{ATTENTION_ENV}={settings.decode_attention()}"
@@ -241,8 +241,8 @@ def triton_decode_check(device: torch.device, dtype: torch.dtype, heads: int, kv
     """(whether our Triton kernel runs here, why not). It needs CUDA (compute capability >= 8.0: bf16 tl.dot),
     Triton importable, a C compiler and Python.h (Triton builds a launcher per kernel:
     compiled_layers.can_build_triton_kernels), not switched off (ZLT_DECODE_ATTENTION=sdpa or flash), and a probe
-    (3 rows of different lengths, this head layout) that agrees with the SDPA path to 2e-2; a kernel that fails to
-    build fails the probe with its error. Kept per (device, dtype, heads, kv_heads, d). settings.SettingsError for a
+    (3 rows of different lengths, this head layout) that agrees with the SDPA path (_probe: 2e-2 in 16-bit, 1e-4 in
+    fp32); a kernel that fails to build fails the probe with its error. Kept per (device, dtype, heads, kv_heads, d). settings.SettingsError for a
     bad ZLT_DECODE_ATTENTION."""
     import importlib.util  # here: only this check asks
 
@@ -312,8 +312,7 @@ def _error_gist(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if not lines:
         return ""
-    gist = lines[0][:150] + (f" ... {lines[-1][:150]}" if len(lines) > 1 else "")
-    return gist
+    return lines[0][:150] + (f" ... {lines[-1][:150]}" if len(lines) > 1 else "")
 
 
 def head_layout(model) -> tuple[int, int, int]:
