@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from zlt_dagster.core.generation import decode_kernel, static_decode
+from zlt_dagster.core.generation import decode_kernel, static_attention
 
 SHAPES = {"135m": (9, 3, 64), "7b": (28, 4, 128)}
 CONFIGS = list(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3)))  # BLOCK_N, num_warps, num_stages
@@ -43,15 +43,7 @@ def inputs(shape: str, rows: int, capacity: int, mean_len: int, device, dtype, s
     v = torch.randn(rows, capacity, kv_heads, d, generator=g, device=device, dtype=dtype)
     lo, hi = max(1, mean_len // 2), min(capacity, mean_len * 3 // 2)
     lengths = torch.randint(lo, hi + 1, (rows,), generator=g, device=device, dtype=torch.int32)
-    ar = torch.arange(rows + 1, device=device, dtype=torch.int32)
-    return q, k, v, lengths, ar
-
-
-def batch_for(path: str, lengths, ar, capacity: int, width: int):
-    mask = None
-    if path == "sdpa":
-        mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
-    return static_decode.DecodeBatch(lengths, ar * capacity, ar, capacity, width, mask, path)
+    return q, k, v, lengths
 
 
 def time_call(fn, device, layers: int = 30, replays: int = 20) -> float:
@@ -82,12 +74,12 @@ def time_call(fn, device, layers: int = 30, replays: int = 20) -> float:
 
 
 def measure(shape: str, rows: int, capacity: int, mean_len: int, device, dtype, configs) -> list[dict]:
-    q, k, v, lengths, ar = inputs(shape, rows, capacity, mean_len, device, dtype)
+    q, k, v, lengths = inputs(shape, rows, capacity, mean_len, device, dtype)
     heads, kv_heads, d = SHAPES[shape]
     scale = d ** -0.5
     kv_bytes = int(lengths.sum()) * kv_heads * d * 2 * k.element_size()
     width = int(lengths.max())
-    ref = static_decode._sdpa(q, k, v, batch_for("sdpa", lengths, ar, capacity, width), scale).float()
+    ref = static_attention._sdpa(q, k, v, static_attention.batch_for("sdpa", lengths, capacity, width), scale).float()
     base = {"shape": shape, "rows": rows, "capacity": capacity, "mean_len": mean_len, "kv_mb": round(kv_bytes / 1e6, 1)}
     out = []
 
@@ -104,8 +96,11 @@ def measure(shape: str, rows: int, capacity: int, mean_len: int, device, dtype, 
         print(json.dumps(out[-1]), flush=True)
 
     if device.type == "cuda":
-        record("flash", lambda: static_decode._flash(q, k, v, batch_for("flash", lengths, ar, capacity, width), scale))
-    record("sdpa", lambda: static_decode._sdpa(q, k, v, batch_for("sdpa", lengths, ar, capacity, width), scale))
+        # each call builds its DecodeBatch, as the pipeline's captured step does
+        record("flash", lambda: static_attention._flash(
+            q, k, v, static_attention.batch_for("flash", lengths, capacity, width), scale))
+    record("sdpa", lambda: static_attention._sdpa(
+        q, k, v, static_attention.batch_for("sdpa", lengths, capacity, width), scale))
     default = (decode_kernel.BLOCK_N, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES)
     for block_n, warps, stages in configs:
         decode_kernel.BLOCK_N, decode_kernel.NUM_WARPS, decode_kernel.NUM_STAGES = block_n, warps, stages
@@ -124,7 +119,7 @@ def check(device) -> list[dict]:
     """Accuracy on the GPU, where Triton compiles what its CPU interpreter only emulates (dot precision, tile
     minimums): each path's largest difference from float64 attention of the same inputs, per dtype and head layout
     (5 rows, lengths 1 to 200 of 200 slots, values of std 3 so that logits spread), and the start-up probe's
-    verdict (static_decode.triton_decode_check: what a decode of that layout would take)."""
+    verdict (static_attention.triton_decode_check: what a decode of that layout would take)."""
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for heads, kv_heads, d in CHECK_LAYOUTS:
@@ -141,10 +136,8 @@ def check(device) -> list[dict]:
             w = w.masked_fill(torch.arange(200, device=device)[None, None, :] >= lengths[:, None, None], float("-inf"))
             ref = torch.einsum("rhn,rnhd->rhd", w.softmax(-1), vals)[:, None]
             row = {"dtype": str(dtype).replace("torch.", ""), "heads": heads, "kv_heads": kv_heads, "d": d,
-                   "probe": static_decode.triton_decode_check(device, dtype, heads, kv_heads, d)}
-            mask = (torch.arange(200, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-            sdpa = static_decode._sdpa(qd, kd, vd, static_decode.DecodeBatch(lengths, None, None, 200, 200, mask, "sdpa"),
-                                       d ** -0.5)
+                   "probe": static_attention.triton_decode_check(device, dtype, heads, kv_heads, d)}
+            sdpa = static_attention._sdpa(qd, kd, vd, static_attention.batch_for("sdpa", lengths, 200, 200), d ** -0.5)
             row["sdpa_err"] = float((sdpa.double() - ref).abs().max())
             try:
                 tri = decode_kernel.gqa_decode_attention(qd, kd, vd, lengths, d ** -0.5)

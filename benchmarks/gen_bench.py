@@ -50,7 +50,7 @@ from zlt_dagster.core.generation.progress import GenerationProgress  # noqa: E40
 from zlt_dagster.core.generation.transformers_backend import TransformersGenerator  # noqa: E402
 from zlt_dagster.core.generation.batch_size import requested  # noqa: E402
 from zlt_dagster.core.generation import static_decode  # noqa: E402
-from zlt_dagster.core.generation.static_decode import ATTENTION_ENV  # noqa: E402
+from zlt_dagster.core.generation.static_attention import ATTENTION_ENV  # noqa: E402
 from zlt_dagster.core.lora_bank import lora_config  # noqa: E402
 from zlt_dagster.core.protocol import PAPER, Sweep  # noqa: E402
 from zlt_dagster.core.random_adapter import save_random_adapter  # noqa: E402

@@ -1,4 +1,4 @@
-"""The static decode's three attention paths on the CPU (core/generation/static_decode.py): `sdpa` as it runs here;
+"""The static decode's three attention paths on the CPU (core/generation/static_attention.py): `sdpa` as it runs here;
 `flash` with a per-row reference kernel standing in for torch's CUDA-only flash varlen kernel; `triton` with OUR
 kernel itself (core/generation/decode_kernel.py) run by Triton's interpreter (TRITON_INTERPRET=1)."""
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zlt_dagster.core.generation import static_decode
+from zlt_dagster.core.generation import static_attention
 
 PATHS = ("sdpa", "flash", "triton")
 
 
 def reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused_k):
-    """What static_decode.flash_varlen asks torch's CUDA flash kernel for, written out per row (CPU tests): row r's
+    """What static_attention.flash_varlen asks torch's CUDA flash kernel for, written out per row (CPU tests): row r's
     queries q[cu_q[r] : cu_q[r+1]] attend (not causally) to k[cu_k[r] : cu_k[r] + seqused_k[r]], query head h to
     KV head h // (heads / kv_heads)."""
     rows = len(cu_q) - 1
@@ -82,10 +82,10 @@ def interpreted_decode_kernel(monkeypatch):
 def use_attention_path(monkeypatch, path: str) -> None:
     """Make every DecodeStep of this test take `path` (one of PATHS); see the module docstring."""
     if path == "flash":
-        monkeypatch.setattr(static_decode, "flash_varlen", reference_flash_varlen)
+        monkeypatch.setattr(static_attention, "flash_varlen", reference_flash_varlen)
     elif path == "triton":
         interpreted_decode_kernel(monkeypatch)
     elif path != "sdpa":
         raise ValueError(f"path {path!r}; expected one of {PATHS}")
     if path != "sdpa":
-        monkeypatch.setattr(static_decode, "attention_choice", lambda *a: (path, ""))
+        monkeypatch.setattr(static_attention, "attention_choice", lambda *a: (path, ""))

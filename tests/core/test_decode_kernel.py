@@ -1,13 +1,13 @@
 """Our Triton decode-attention kernel (core/generation/decode_kernel.py) computes what attention over each row's
 filled cache slots computes, run by Triton's interpreter on the CPU (tests/core/attention_paths.py); and the static
-decode picks it, flash or SDPA in that order, saying why (core/generation/static_decode.attention_choice). Its
+decode picks it, flash or SDPA in that order, saying why (core/generation/static_attention.attention_choice). Its
 speed is a GPU benchmark (benchmarks/decode_attention_bench.py), never a test."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from zlt_dagster.core.generation import static_decode
+from zlt_dagster.core.generation import static_attention
 
 from tests.core.attention_paths import interpreted_decode_kernel
 
@@ -81,29 +81,29 @@ def test_the_probe_passes_the_kernel_and_records_why_a_kernel_failed(monkeypatch
     """The start-up probe (3 rows, lengths 1/17/77 of 80 slots: two K/V blocks) accepts the interpreted kernel; a
     kernel that raises is a recorded reason, and the decode takes the next path."""
     interpreted_decode_kernel(monkeypatch)
-    assert static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (True, "")
+    assert static_attention._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (True, "")
 
     def broken(*args):
         raise RuntimeError("PassManager::run failed\nmore detail")
 
-    monkeypatch.setattr(static_decode, "triton_decode", broken)
-    assert static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (
+    monkeypatch.setattr(static_attention, "triton_decode", broken)
+    assert static_attention._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (
         False, "triton probe failed: RuntimeError: PassManager::run failed ... more detail")
-    monkeypatch.setattr(static_decode, "triton_decode", lambda q, k, v, lengths, scale: q.transpose(1, 2) * 3)
-    ok, why = static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16)
+    monkeypatch.setattr(static_attention, "triton_decode", lambda q, k, v, lengths, scale: q.transpose(1, 2) * 3)
+    ok, why = static_attention._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16)
     assert not ok and why.startswith("triton probe differs from SDPA by ")
 
 
 def test_attention_choice_takes_triton_then_flash_then_sdpa_and_says_why(monkeypatch):
     cpu = (torch.device("cpu"), torch.bfloat16, 9, 3, 64)
-    assert static_decode.attention_choice(*cpu) == ("sdpa", "cpu torch.bfloat16")
-    monkeypatch.setattr(static_decode, "flash_decode_check", lambda *a: (True, ""))
-    assert static_decode.attention_choice(*cpu) == ("flash", "cpu torch.bfloat16")
-    monkeypatch.setattr(static_decode, "triton_decode_check", lambda *a: (True, ""))
-    assert static_decode.attention_choice(*cpu) == ("triton", "")
-    monkeypatch.setattr(static_decode, "triton_decode_check", lambda *a: (False, "triton is not installed"))
-    monkeypatch.setattr(static_decode, "flash_decode_check", lambda *a: (False, "compute capability < 8.0"))
-    assert static_decode.attention_choice(*cpu) == ("sdpa", "triton is not installed; compute capability < 8.0")
+    assert static_attention.attention_choice(*cpu) == ("sdpa", "cpu torch.bfloat16")
+    monkeypatch.setattr(static_attention, "flash_decode_check", lambda *a: (True, ""))
+    assert static_attention.attention_choice(*cpu) == ("flash", "cpu torch.bfloat16")
+    monkeypatch.setattr(static_attention, "triton_decode_check", lambda *a: (True, ""))
+    assert static_attention.attention_choice(*cpu) == ("triton", "")
+    monkeypatch.setattr(static_attention, "triton_decode_check", lambda *a: (False, "triton is not installed"))
+    monkeypatch.setattr(static_attention, "flash_decode_check", lambda *a: (False, "compute capability < 8.0"))
+    assert static_attention.attention_choice(*cpu) == ("sdpa", "triton is not installed; compute capability < 8.0")
 
 
 @pytest.mark.parametrize("value,triton_off,flash_off", [("flash", True, False), ("triton", False, True),
@@ -111,9 +111,10 @@ def test_attention_choice_takes_triton_then_flash_then_sdpa_and_says_why(monkeyp
 def test_the_setting_switches_each_kernel_off(value, triton_off, flash_off, monkeypatch):
     """ZLT_DECODE_ATTENTION: flash / triton keep the other kernel off; sdpa both; auto neither (on a CPU both stay
     off for the device, which is the reason then)."""
-    monkeypatch.setenv(static_decode.ATTENTION_ENV, value)
+    monkeypatch.setenv(static_attention.ATTENTION_ENV, value)
     cpu = (torch.device("cpu"), torch.bfloat16, 9, 3, 64)
-    for check, off in ((static_decode.triton_decode_check, triton_off), (static_decode.flash_decode_check, flash_off)):
+    for check, off in ((static_attention.triton_decode_check, triton_off),
+                       (static_attention.flash_decode_check, flash_off)):
         ok, why = check(*cpu)
         assert not ok
         assert why == (f"ZLT_DECODE_ATTENTION={value}" if off else "cpu torch.bfloat16")
@@ -169,14 +170,14 @@ def test_the_probe_raises_out_of_memory_and_keeps_a_compile_errors_gist(monkeypa
     def oom(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(static_decode, "triton_decode", oom)
+    monkeypatch.setattr(static_attention, "triton_decode", oom)
     with pytest.raises(torch.OutOfMemoryError):
-        static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16)
+        static_attention._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16)
 
     def compile_error(*args):
         raise RuntimeError("at 27:12:\n    s = tl.dot(q, tl.trans(k))\n            ^\nInput shapes should have M >= 1, "
                            "N >= 1 and K >= 16")
 
-    monkeypatch.setattr(static_decode, "triton_decode", compile_error)
-    assert static_decode._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (
+    monkeypatch.setattr(static_attention, "triton_decode", compile_error)
+    assert static_attention._probe("triton", torch.device("cpu"), torch.float32, 9, 3, 16) == (
         False, "triton probe failed: RuntimeError: at 27:12: ... Input shapes should have M >= 1, N >= 1 and K >= 16")

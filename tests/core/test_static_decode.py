@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from zlt_dagster.core.generation import static_decode
+from zlt_dagster.core.generation import static_attention, static_decode
 from zlt_dagster.core.generation.sampling import decode_path, sample_new_tokens
 
 from tests.core.attention_paths import PATHS, reference_flash_varlen, use_attention_path
@@ -48,13 +48,6 @@ def tiny(kind: str, **extra):
                    "mistral": ("MistralConfig", "MistralForCausalLM")}[kind], **extra)
 
 
-def decode_batch(lengths, capacity, width, path):
-    ar = torch.arange(len(lengths) + 1, dtype=torch.int32)
-    mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
-    return static_decode.DecodeBatch(lengths.to(torch.int32), ar * capacity, ar, capacity, width,
-                                     mask if path == "sdpa" else None, path)
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (7, 1), (4, 4)])
 def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, path, monkeypatch):
@@ -77,8 +70,9 @@ def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, path, mo
     module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
     ref, _ = sdpa_attention_forward(module, q, k[:, :width].transpose(1, 2), v[:, :width].transpose(1, 2), mask,
                                     scaling=0.3)
-    out, _ = static_decode.decode_attention_forward(module, q.to(dtype), k.to(dtype), v.to(dtype), None, scaling=0.3,
-                                                    zlt_decode=decode_batch(lengths, capacity, width, path))
+    batch = static_attention.batch_for(path, lengths.to(torch.int32), capacity, width)
+    out, _ = static_attention.decode_attention_forward(module, q.to(dtype), k.to(dtype), v.to(dtype), None,
+                                                       scaling=0.3, zlt_decode=batch)
     assert out.shape == (rows, 1, heads, d) and out.dtype == dtype
     tol = 1e-5 if path == "triton" else 1e-12
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
@@ -87,22 +81,22 @@ def test_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, path, mo
 def test_decode_attention_refuses_what_it_does_not_compute():
     module = torch.nn.Module()
     q, k = torch.zeros(2, 4, 1, 8), torch.zeros(2, 5, 2, 8)
-    batch = decode_batch(torch.tensor([5, 3]), 5, 5, "sdpa")
+    batch = static_attention.batch_for("sdpa", torch.tensor([5, 3], dtype=torch.int32), 5, 5)
     with pytest.raises(RuntimeError, match="one query position"):
-        static_decode.decode_attention_forward(module, torch.zeros(2, 4, 3, 8), k, k, None, zlt_decode=batch)
+        static_attention.decode_attention_forward(module, torch.zeros(2, 4, 3, 8), k, k, None, zlt_decode=batch)
     with pytest.raises(RuntimeError, match="DecodeBatch"):
-        static_decode.decode_attention_forward(module, q, k, k, None)
+        static_attention.decode_attention_forward(module, q, k, k, None)
     with pytest.raises(RuntimeError, match="sliding window"):
-        static_decode.decode_attention_forward(module, q, k, k, None, sliding_window=4, zlt_decode=batch)
+        static_attention.decode_attention_forward(module, q, k, k, None, sliding_window=4, zlt_decode=batch)
 
 
 def test_flash_path_off_cuda_and_switched_off(monkeypatch):
-    assert not static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
-    monkeypatch.setenv(static_decode.ATTENTION_ENV, "sdpa")
-    assert not static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
-    monkeypatch.setenv(static_decode.ATTENTION_ENV, "fast")
+    assert not static_attention.flash_decode_check(torch.device("cpu"), torch.bfloat16, 9, 3, 64)[0]
+    monkeypatch.setenv(static_attention.ATTENTION_ENV, "sdpa")
+    assert not static_attention.flash_decode_check(torch.device("cpu"), torch.bfloat16, 9, 3, 64)[0]
+    monkeypatch.setenv(static_attention.ATTENTION_ENV, "fast")
     with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION: 'fast'; expected auto, triton, flash or sdpa"):
-        static_decode.flash_decode_ok(torch.device("cpu"), torch.bfloat16, 9, 3, 64)
+        static_attention.flash_decode_check(torch.device("cpu"), torch.bfloat16, 9, 3, 64)[0]
     with pytest.raises(ValueError, match="ZLT_DECODE_ATTENTION: 'fast'"):  # also where the CPU would not read it
         decode_path(tiny("llama"))
 
@@ -176,8 +170,8 @@ def test_decode_path_names_what_runs():
 def test_decode_attention_is_restored_after_an_error():
     model = tiny("llama")
     with pytest.raises(KeyError):
-        with static_decode.decode_attention(model):
-            assert model.config._attn_implementation == static_decode.DECODE_ATTENTION
+        with static_attention.decode_attention(model):
+            assert model.config._attn_implementation == static_attention.DECODE_ATTENTION
             raise KeyError("boom")
     assert model.config._attn_implementation == "sdpa"
 
@@ -239,7 +233,7 @@ def test_decode_step_stops_at_the_cache_capacity():
         model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True)
         step = static_decode.DecodeStep(model, static_decode.static_decode_cache(cache, mask, width + 2),
                                         pos[:, -1:], graphs=False)
-        with static_decode.decode_attention(model):
+        with static_attention.decode_attention(model):
             step(torch.tensor([5, 6, 7]))
             step(torch.tensor([5, 6, 7]))
             with pytest.raises(RuntimeError, match="past the cache's capacity"):

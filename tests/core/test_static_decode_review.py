@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from zlt_dagster.core.generation import static_decode
+from zlt_dagster.core.generation import static_attention, static_decode
 from zlt_dagster.core.generation.sampling import decode_path, sample_new_tokens
 
 from tests.core.attention_paths import use_attention_path
@@ -43,7 +43,7 @@ def test_decode_attention_outside_a_decode_step_still_fails_loudly():
     module = torch.nn.Module()
     q, k = torch.zeros(2, 4, 1, 8), torch.zeros(2, 5, 2, 8)
     with pytest.raises(RuntimeError, match="DecodeBatch"):
-        static_decode.decode_attention_forward(module, q, k, k, None)
+        static_attention.decode_attention_forward(module, q, k, k, None)
 
 
 def tiny_deepseek_v3():
@@ -102,9 +102,9 @@ def test_the_captured_decode_forward_reads_nothing_back_to_the_host(kind, extra,
     # stand-in kernels that read nothing back (the flash reference loops on the host; the Triton interpreter copies
     # to NumPy): what is checked is the step's own code around them
     if path != "sdpa":
-        monkeypatch.setattr(static_decode, "attention_choice", lambda *a: (path, ""))
-        monkeypatch.setattr(static_decode, "flash_varlen", lambda q, k, v, *a: q.clone())
-        monkeypatch.setattr(static_decode, "triton_decode", lambda q, k, v, *a: q.transpose(1, 2).clone())
+        monkeypatch.setattr(static_attention, "attention_choice", lambda *a: (path, ""))
+        monkeypatch.setattr(static_attention, "flash_varlen", lambda q, k, v, *a: q.clone())
+        monkeypatch.setattr(static_attention, "triton_decode", lambda q, k, v, *a: q.transpose(1, 2).clone())
     forward = static_decode.DecodeStep._forward
 
     def spied(self, *args):

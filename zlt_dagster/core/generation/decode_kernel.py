@@ -16,7 +16,7 @@ in base 2 as Triton's own fused-attention tutorial does), and the query and outp
 layouts the model gives and wants (no transposes or copies around the call).
 
 Imported only where Triton is (the CUDA path; CPU tests run it under TRITON_INTERPRET=1, which Triton reads when
-this module's kernel is decorated): `static_decode` imports it lazily.
+this module's kernel is decorated): `static_attention` imports it lazily.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import torch
 
 from ... import settings
 from ..compiled_layers import backend_for, compiled_decoder_layers
-from . import static_decode
+from . import static_attention, static_decode
 from .cache_keyword import cache_kwargs
 
 # the static decode keeps at least this many rows when finished ones leave (sample_new_tokens)
@@ -81,7 +81,7 @@ def decode_compile_backend(model, decode_compile: str | None = None) -> str | No
 def decode_path(model, decode: str = "auto", graphs: bool | None = None, decode_compile: str | None = None) -> str:
     """What `sample_new_tokens(model, ..., decode=decode, graphs=graphs, decode_compile=decode_compile)` runs
     after the prompt, for records: "static[, CUDA graphs][, layers compiled (<backend>)], <attention> attention"
-    (static_decode.attention_path: "triton gqa", "flash varlen (why not triton)" or "sdpa (why not the others)") or
+    (static_attention.attention_path: "triton gqa", "flash varlen (why not triton)" or "sdpa (why not the others)") or
     "dynamic" (with the reason where auto fell back). ValueError for an unknown `decode`, "static" on a model that
     cannot (the reason named), or an unknown compile backend; settings.SettingsError for a bad ZLT_DECODE_ATTENTION."""
     if decode not in ("auto", "static", "dynamic"):
@@ -100,7 +100,7 @@ def decode_path(model, decode: str = "auto", graphs: bool | None = None, decode_
         return "dynamic (CPU)"
     graphed = ", CUDA graphs" if (cuda if graphs is None else graphs) else ""
     compiled = f", layers compiled ({backend})" if backend else ""
-    return f"static{graphed}{compiled}, {static_decode.attention_path(model)} attention"
+    return f"static{graphed}{compiled}, {static_attention.attention_path(model)} attention"
 
 
 @torch.inference_mode()
@@ -169,7 +169,7 @@ def sample_new_tokens(model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     reported = (0, 0)  # (tokens, finished rows) told to `progress` so far
     with contextlib.ExitStack() as stack:
         if static:
-            stack.enter_context(static_decode.decode_attention(model))
+            stack.enter_context(static_attention.decode_attention(model))
             # after the prompt's forward (eager): one compiled graph set serves every layer and every row count
             # (dynamic=True: rows symbolic from the first compile, so the first compaction does not compile again
             # in the middle of a decode; 5 graphs instead of 9, the same ~22 s cold on the H200)
