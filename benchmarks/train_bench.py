@@ -63,18 +63,21 @@ def run_naive(lm, exs, steps: int, micro: int, tmp: Path) -> dict:
 
 
 def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bool = True,
-             autocast: bool = True, compile_backend: str | None = None) -> dict:
-    """compile_backend: None = the pipeline's default (eager); "inductor" = the opt-in ZLT_TRAIN_COMPILE=inductor.
-    The pass compiles before its clock starts (train_cells records compile_s); later recompiles count."""
+             autocast: bool = True, compile_backend: str | None = None, graphs: bool | None = None) -> dict:
+    """compile_backend: None = eager; "inductor" = compiled layers (the CUDA default for models < 1B).
+    graphs: train_cells' cuda_graphs (None = its default, ZLT_TRAIN_CUDA_GRAPHS=auto: on for models < 1B on CUDA;
+    not passed at all when None, so an older tree's trainer on PYTHONPATH runs too). The pass compiles before its
+    clock starts (train_cells records compile_s); later recompiles and every CUDA graph capture count."""
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
+    kw = {} if graphs is None else {"cuda_graphs": graphs}
     warm = [Cell(lr, 1) for lr in sorted({c.lr for c in cells})[:2]]
-    train_cells(lm, exs[:eff], proto, warm, 0, [tmp / f"{tag}w{j}" for j in range(len(warm))])  # kernels, allocator
+    train_cells(lm, exs[:eff], proto, warm, 0, [tmp / f"{tag}w{j}" for j in range(len(warm))], **kw)  # allocator
     reset_peak(lm.device)
     sync(lm.device)
     t = time.perf_counter()
     recs = train_cells(lm, exs[:eff * steps_per_epoch], proto, cells, 0, [tmp / f"{tag}{j}" for j in range(len(cells))],
-                       progress=log, allow_tf32=tf32, lora_autocast=autocast, compile_backend=compile_backend)
+                       progress=log, allow_tf32=tf32, lora_autocast=autocast, compile_backend=compile_backend, **kw)
     sync(lm.device)
     wall = time.perf_counter() - t
     tokens = sum(r["tokens"] for r in recs)
@@ -86,8 +89,35 @@ def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bo
             "cell_steps": sum(r["steps"] for r in recs), "micro_batch": g["micro_batch"],
             "cells_per_forward": g["cells_per_forward"], "batch_plan": g["batch_plan"],
             "peak_gib": peak_gib(lm.device), "first_loss": g["first_loss"], "final_loss": g["final_loss"],
-            "lora_matmul": g["lora_matmul"], "compile": g["compile"],
+            "lora_matmul": g["lora_matmul"], "compile": g["compile"], "cuda_graphs": g.get("cuda_graphs"),
+            "optimizer_steps": len(g["loss_curve"]),
             "loss_curve": [c["loss"] for c in g["loss_curve"]][:8]}
+
+
+def graphs_check(lm, exs, tmp: Path, steps: int = 12) -> dict:
+    """The same 2-cell pass (compiled layers, bf16) with and without CUDA graphs on the GPU: relative difference of
+    the LoRA B matrices and the loss curves (the CPU tests compare emulated graphs with plain forwards in float64;
+    here padding and atomics change bf16 rounding only)."""
+    from safetensors.torch import load_file
+
+    proto = get_protocol("paper", {"train.micro_batch": 0})
+    eff = proto.train.effective_batch
+    cells = [Cell(1e-4, 1), Cell(5e-5, 1)]
+    out = {}
+    for tag, graphs in (("plain", False), ("graphs", True)):
+        out[tag] = train_cells(lm, exs[:eff * steps], proto, cells, 0, [tmp / f"gc{tag}{j}" for j in range(2)],
+                               compile_backend="inductor" if lm.device.type == "cuda" else None, cuda_graphs=graphs)
+    worst = 0.0
+    for j in range(2):
+        a, b = load_file(str(tmp / f"gcgraphs{j}" / "adapter_model.safetensors")), \
+            load_file(str(tmp / f"gcplain{j}" / "adapter_model.safetensors"))
+        num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+        den = sum(float(b[k].float().norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+        worst = max(worst, num / den)
+    return {"lora_B_rel_diff_graphs_vs_plain": worst,
+            "loss_plain": [c["loss"] for c in out["plain"][0]["loss_curve"]],
+            "loss_graphs": [c["loss"] for c in out["graphs"][0]["loss_curve"]],
+            "cuda_graphs": out["graphs"][0]["cuda_graphs"]}
 
 
 def compiled_check(lm, exs, tmp: Path) -> dict:
@@ -239,9 +269,11 @@ def kernel_profile(lm, exs, cells, steps_per_epoch: int, tmp: Path, out: Path, t
             "top": lines[:12]}
 
 
-def load_smollm2(dev, dtype, smoke: bool):
+def load_smollm2(dev, dtype, smoke: bool, random_weights: bool = False):
     if smoke:
         return gpu_bench.build_model("smoke", dev, dtype)
+    if random_weights:  # SmolLM2's shapes without the GGUF (a machine without the kit): speed, not losses
+        return gpu_bench.build_model("135m", dev, dtype)
     from zlt_dagster.core.models import load_model
 
     lm = load_model("smollm2-135m", device=str(dev), precision="bf16")
@@ -270,6 +302,17 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive (peft) workloads")
     ap.add_argument("--eager-only", action="store_true",
                     help="skip the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor) and its check")
+    ap.add_argument("--steps", type=int, default=138, help="optimizer steps of the 135M one- and five-cell passes "
+                    "(138 = one paper epoch: 2,200 examples / 16; CUDA graphs are captured inside the clock, so a "
+                    "pass this long is what a real cell pays)")
+    ap.add_argument("--steps-7b", type=int, default=8, help="optimizer steps of the 7B passes")
+    ap.add_argument("--grid-steps", type=int, default=8, help="steps per epoch of the whole 25-cell pass (epochs "
+                    "1..20, cells dropping out as in the paper pass)")
+    ap.add_argument("--random-135m", action="store_true", help="SmolLM2's shapes with random weights (no GGUF "
+                    "needed): rates only")
+    ap.add_argument("--graphs-check", action="store_true", help="a 2-cell pass with and without CUDA graphs: "
+                    "LoRA B and loss differences (bf16)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the *_plain workloads (graphs off)")
     ap.add_argument("--tag", default="", help="suffix of the result files (train_results_<tag>.json), e.g. to run "
                     "an older tree's trainer (PYTHONPATH) and this one side by side in one call")
     args = ap.parse_args()
@@ -295,6 +338,8 @@ def main() -> None:
             return None
         if args.no_naive and name.endswith("_naive"):
             return None
+        if args.no_plain and name.endswith("_plain"):
+            return None
         if args.compiled_only and not (name.startswith("compiled") or name in compiled or name.startswith("precision")):
             return None
         if time.perf_counter() + est_s > deadline:
@@ -316,28 +361,39 @@ def main() -> None:
         return r
 
     compiled = {"train_135m", "train_135m_fused5", "train_135m_fused25", "profile_135m_5cells_compiled", "train_7b",
+                "train_135m_plain", "train_135m_fused5_plain", "train_135m_fused25_plain", "graphs_check_135m",
                 "train_7b_fused5", "train_135m_phase25", "train_135m_phase20", "train_135m_phase15",
                 "train_135m_phase10"}
     small = args.smoke
     steps = 2 if small else 6
     lrs = list(PAPER.learning_rates)
     if args.only in ("", "135m"):
-        lm = load_smollm2(dev, dtype, args.smoke)
+        lm = load_smollm2(dev, dtype, args.smoke, args.random_135m)
         eot = lm.end_of_turn_id
-        exs = gpu_bench.train_examples(16 * 8, 60 if small else 370, 20 if small else 120,
+        # the paper's 2,200 examples: a pass of args.steps optimizer steps reads the first 16 x steps of them
+        exs = gpu_bench.train_examples(16 * max(8, args.steps), 60 if small else 370, 20 if small else 120,
                                        lm.model.config.vocab_size, eot=eot)
+        long_steps = 2 if small else args.steps
         run("train_135m_naive", 30, run_naive, lm, exs, steps, 4, tmp)
-        ind = None if small else "inductor"  # the opt-in compiled path (ZLT_TRAIN_COMPILE=inductor)
+        ind = None if small else "inductor"  # compiled layers: the CUDA default for models < 1B
         run("train_135m_eager", 30, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "s")
-        run("train_135m", 90, run_fast, lm, exs, [Cell(1e-4, 1)], steps, tmp, "sc", True, True, ind)
+        # *_plain: the pipeline's path before CUDA graphs (compiled layers, a forward per micro-batch), same call
+        run("train_135m_plain", 90, run_fast, lm, exs, [Cell(1e-4, 1)], long_steps, tmp, "scp", True, True, ind,
+            False)
+        run("train_135m", 60, run_fast, lm, exs, [Cell(1e-4, 1)], long_steps, tmp, "sc", True, True, ind)
         run("train_135m_fused5_eager", 40, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5")
-        run("train_135m_fused5", 90, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], steps, tmp, "f5c", True,
+        run("train_135m_fused5_plain", 90, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], long_steps, tmp, "f5cp",
+            True, True, ind, False)
+        run("train_135m_fused5", 60, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], long_steps, tmp, "f5c", True,
             True, ind)
         # the whole grid: 25 cells, epochs 1..20 as in the paper, over `spe` steps per epoch (cells drop out
         # as they finish, as in the real pass)
-        spe = 1 if small else 2
+        spe = 1 if small else args.grid_steps
         grid = [Cell(lr, ep) for lr in lrs for ep in PAPER.epochs]
+        run("train_135m_fused25_plain", 110, run_fast, lm, exs, grid, spe, tmp, "f25cp", True, True, ind, False)
         run("train_135m_fused25", 110, run_fast, lm, exs, grid, spe, tmp, "f25c", True, True, ind)
+        if args.graphs_check:
+            run("graphs_check_135m", 60, graphs_check, lm, exs, tmp, 2 if small else 12)
         run("compiled_check_135m", 60, compiled_check if not small else (lambda *a: {"skipped": "smoke"}),
             lm, exs, tmp)
         if not os.environ.get("ZLT_BENCH_QUICK"):
@@ -377,7 +433,7 @@ def main() -> None:
                                        lm.model.config.vocab_size)
         run("train_7b_naive", 60, run_naive, lm, exs, 4 if not small else 2, 4, tmp)
         ind = None if small else "inductor"
-        n7 = 4 if not small else 2
+        n7 = args.steps_7b if not small else 2
         run("train_7b_eager", 60, run_fast, lm, exs, [Cell(1e-4, 1)], n7, tmp, "s7")
         run("train_7b", 150, run_fast, lm, exs, [Cell(1e-4, 1)], n7, tmp, "s7c", True, True, ind)
         run("train_7b_fused5", 150, run_fast, lm, exs, [Cell(lr, 1) for lr in lrs], n7, tmp, "f7c", True, True, ind)

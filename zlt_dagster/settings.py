@@ -62,6 +62,11 @@ ZLT_TRAIN_COMPILE | auto | `auto` = each decoder layer, LoRA bank inside, throug
     H200: 1.6-1.8x, ~20-30 s of compiling per process), eager otherwise (7B compiled is not measured since a fix);
     `off` = eager; `inductor`
     ([BENCHMARKS.md](BENCHMARKS.md)); compile time is recorded in each `train_run.json` (`compile`)
+ZLT_TRAIN_CUDA_GRAPHS | auto | each training micro-batch's forward + backward replayed as a CUDA graph (static
+    shapes: tokens rounded up < 1/16, padding in attention segments of its own; core/train_graphs.py): `auto` = on
+    CUDA for models under 1B parameters without gradient checkpointing (a SmolLM2 step is host-bound), checked
+    against an eager run at the first capture; `off`. What the graphs did is in each `train_run.json`
+    (`cuda_graphs`) ([BENCHMARKS.md](BENCHMARKS.md))
 ZLT_GPUS | auto | GPUs `zlt run` / `zlt demo` use at once, one worker process per GPU (`auto` = every visible GPU
     when the device is `auto` or `cuda`, else 1; or a number >= 1) (`zlt --gpus`)
 ZLT_GPU_LOCK_DIR | /tmp/zlt-gpu-locks | host-local lock files that give each GPU step or worker its own GPU on a
@@ -248,6 +253,17 @@ def train_compile() -> str:
     return check_compile_backend("ZLT_TRAIN_COMPILE", get("ZLT_TRAIN_COMPILE"))
 
 
+TRAIN_CUDA_GRAPHS = ("auto", "off")
+
+
+def train_cuda_graphs() -> str:
+    """ZLT_TRAIN_CUDA_GRAPHS: one of TRAIN_CUDA_GRAPHS; SettingsError naming it otherwise."""
+    value = get("ZLT_TRAIN_CUDA_GRAPHS").strip().lower()
+    if value not in TRAIN_CUDA_GRAPHS:
+        raise SettingsError("ZLT_TRAIN_CUDA_GRAPHS", f"{get('ZLT_TRAIN_CUDA_GRAPHS')!r}; expected auto or off")
+    return value
+
+
 def validate() -> None:
     """Every variable with a fixed set of values, checked at once: what `zlt` and the Dagster definitions call
     before anything is registered or runs. SettingsError names the first bad one."""
@@ -262,6 +278,7 @@ def validate() -> None:
     decode_attention()
     decode_compile()
     train_compile()
+    train_cuda_graphs()
     store_locks_wanted()
     vllm_seeded()
 

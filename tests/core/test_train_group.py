@@ -105,27 +105,27 @@ def test_token_capped_packed_micro_batches_change_nothing(lm64, tmp_path, force_
     """The pipeline's automatic split: packed micro-batches capped by tokens (shortest examples first, so a
     micro-batch holds as many examples as fit) give the same cells as fixed micro-batches of 2; the cap really
     splits steps unevenly and never exceeds it except for a single example."""
-    from zlt_dagster.core import train as trainmod
+    from zlt_dagster.core.train_graphs import MicroBatches
 
     proto, examples = setup(lm64, **{"lora.dropout": 0.05, "train.micro_batch": 0})
     lengths = sorted(len(e.input_ids) for e in examples)
     cap = 3 * lengths[len(lengths) // 2]  # three short examples fit, the long ones go in pairs or alone
     seen = []
-    real = trainmod._micro_batch
+    real = MicroBatches.load
 
-    def spy(loaded, bank, exs, mb, *args):
-        seen.append([len(exs[i].input_ids) for i in mb])
-        return real(loaded, bank, exs, mb, *args)
+    def spy(self, exs, *args):
+        seen.append([len(e.input_ids) for e in exs])
+        return real(self, exs, *args)
 
-    monkeypatch.setattr(trainmod, "_micro_batch", spy)
+    monkeypatch.setattr(MicroBatches, "load", spy)
     cells = [Cell(1e-2, 2), Cell(3e-2, 1)]
     force_plan(16, 2, max_tokens=cap)
     group = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / f"g{j}" for j in range(2)])
     assert group[0]["batch_plan"]["tokens_per_forward"] == cap
     real_cuts = group[0]["micro_batches"]  # what the pass ran, in the run record
     assert real_cuts["largest_tokens"] <= max(cap, max(lengths)) and 1 < real_cuts["per_step"] < 4
-    assert real_cuts["examples_each"] == pytest.approx(sum(len(mb) for mb in seen[1:]) / len(seen[1:]), abs=0.01)
-    sizes = {len(mb) for mb in seen[1:]}  # seen[0]: the memory probe's one example
+    assert real_cuts["examples_each"] == pytest.approx(sum(len(mb) for mb in seen) / len(seen), abs=0.01)
+    sizes = {len(mb) for mb in seen}
     assert len(sizes) > 1 and max(sizes) >= 3
     assert all(sum(mb) <= cap or len(mb) == 1 for mb in seen)
     force_plan(2, 1)

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from .models import to_device_async
+
 
 def row_span(rows: Sequence[int]) -> tuple[int, int] | None:
     """(start, stop) when `rows` are the consecutive rows start..stop-1, else None. The trainer orders cells so the
@@ -94,7 +96,7 @@ class BankAdamW:
         bc1 = torch.tensor([1 - self.beta1 ** self.steps[r] for r in rows], dtype=torch.float64)
         bc2_sqrt = torch.tensor([math.sqrt(1 - self.beta2 ** self.steps[r]) for r in rows], dtype=torch.float64)
         # per-row scalars computed in float64 on the host like torch's Python floats, then one copy to the device
-        scal = torch.stack([1 - lr * self.weight_decay, -(lr / bc1), bc2_sqrt]).to(dev, dt)[:, :, None]
+        scal = to_device_async(torch.stack([1 - lr * self.weight_decay, -(lr / bc1), bc2_sqrt]).to(dt), dev)[:, :, None]
         if self.weight_decay:
             p.mul_(scal[0])
         m.lerp_(g, 1 - self.beta1)

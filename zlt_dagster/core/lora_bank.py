@@ -248,25 +248,35 @@ class LoraBank:
         for mod in self.modules.values():
             mod.drop = None if drop is None else drop[..., mod.offset:mod.offset + mod.in_features].contiguous()
 
-    def drop_masks(self, keys: Sequence[int], lengths: Sequence[int], device, total: int | None = None
-                   ) -> torch.Tensor | None:
+    def drop_masks(self, keys: Sequence[int], lengths: Sequence[int], device, total: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Dropout masks of one packed micro-batch (core/packing.py): bool [total, total_in], True = dropped, the
         examples' rows one after the other (total defaults to sum(lengths); positions past it, alignment padding,
         drop nothing and are never supervised). Example r's lengths[r] rows are drawn from a generator seeded by
         keys[r] (see example_key), so they depend on nothing but the example and the epoch: not on the other rows,
-        the micro-batch or the padding. None when dropout is 0. Raises ValueError if total < sum(lengths)."""
+        the micro-batch or the padding. out: a bool [total, total_in] tensor to write them into (a captured
+        graph's input, core/train_graphs.py) instead of a new one. None when dropout is 0. Raises ValueError if
+        total < sum(lengths) or `out` has another shape."""
         if self.dropout <= 0:
             return None
         total = sum(lengths) if total is None else total
         if total < sum(lengths):
             raise ValueError(f"drop_masks: total {total} < the examples' {sum(lengths)} tokens")
-        drop = torch.zeros((total, self.total_in), dtype=torch.bool, device=device)
+        if out is None:
+            drop = torch.zeros((total, self.total_in), dtype=torch.bool, device=device)
+        elif tuple(out.shape) != (total, self.total_in) or out.dtype != torch.bool:
+            raise ValueError(f"drop_masks: out is {out.dtype} {tuple(out.shape)}; expected bool "
+                             f"{(total, self.total_in)}")
+        else:
+            drop = out
+            drop[sum(lengths):] = False  # padding rows: nothing dropped (the example rows are overwritten below)
         gen = torch.Generator(device=device)
         start = 0
         for key, n in zip(keys, lengths):
             gen.manual_seed(key)
             # dropped where u < p: the complement of the keep mask u >= p drawn before (same streams, same masks)
-            drop[start:start + n] = torch.rand((n, self.total_in), generator=gen, device=device) < self.dropout
+            torch.lt(torch.rand((n, self.total_in), generator=gen, device=device), self.dropout,
+                     out=drop[start:start + n])
             start += n
         return drop
 

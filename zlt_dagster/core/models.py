@@ -69,6 +69,17 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` (a host tensor) on `device` without waiting for the device's queue: on CUDA through pinned memory and a
+    non-blocking copy (a copy from pageable memory synchronises the stream first, which kept a training step's host
+    work from overlapping the GPU's, BENCHMARKS.md issue 18); elsewhere a plain `.to`. torch's pinned-memory
+    allocator keeps the pinned block until the copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def device_label(device: torch.device) -> str:
     """What a record says of where it ran: `cpu`, or `cuda (NVIDIA H200, CUDA_VISIBLE_DEVICES=1)`: the GPU's name
     and, where set (a pinned process, defs/gpu_pinning.py), which of the host's GPUs it was."""

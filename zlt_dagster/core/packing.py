@@ -10,11 +10,12 @@ a real token attends to the same keys of its own example as before (right paddin
 read by a real position). Exact: the loss and every gradient equal the padded batch's
 (tests/core/test_train.py::test_packed_batch_equals_padded_batch, float64).
 
-On CUDA in bf16/fp16 (eager), attention runs on the packed row itself instead: torch's variable-length flash
+On CUDA in bf16/fp16 (eager or compiled), attention runs on the packed row itself instead: torch's variable-length flash
 attention (`torch.nn.attention.varlen.varlen_attn`, causal, one segment per example: what flash-attn's
 `flash_attn_varlen_func` does for HF's padding-free training) with no grid at all; the grid path is the
-reference it is checked against (benchmarks/train_bench.py --packing-check) and what CPU runs and
-torch.compile trace (a Python int max length per micro-batch would recompile).
+reference it is checked against (benchmarks/train_bench.py --packing-check) and what the CPU runs. The max
+length varlen needs is the grid's width (a tensor's shape: symbolic under torch.compile, no recompile per
+micro-batch).
 
 How it plugs in: transformers' documented `AttentionInterface` (a registered attention function, selected with
 `set_attn_implementation`); the packing travels to it as a forward keyword argument (`zlt_pack`), which
@@ -34,6 +35,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .masking import IGNORE
+from .models import to_device_async
 
 PACKED_ATTENTION = "zlt_packed_sdpa"
 
@@ -41,12 +43,20 @@ PACKED_ATTENTION = "zlt_packed_sdpa"
 @dataclass
 class PackedBatch:
     """One micro-batch packed. Shapes: input_ids, labels, position_ids int64 [1, T] (T = the examples' tokens,
-    plus trailing padding up to a multiple when asked, which forms a grid row of its own); dest int64 [T]: where
-    packed token t sits in the row-major [rows, width] attention grid; grid: an empty [rows, width, 0] tensor
-    that carries the grid's shape (a tensor, not ints, so torch.compile keeps it symbolic instead of
-    recompiling per micro-batch); cu_seqlens int32 [rows + 1]: where each grid row's tokens start in the packed
-    row, and the end (flash attention's varlen convention). labels are IGNORE at each example's first position
-    (it has no predecessor in its example: in the packed row it would be the "next token" of the previous one)."""
+    plus trailing padding up to a multiple or a static shape when asked, in segments and grid rows of its own);
+    dest int64 [T]: where packed token t sits in the row-major [rows, width] attention grid; grid: an empty
+    [rows, width, 0] tensor that carries the grid's shape (a tensor, not ints, so torch.compile keeps it symbolic
+    instead of recompiling per micro-batch); cu_seqlens int32 [rows + 1]: where each grid row's tokens start in the
+    packed row, and the end (flash attention's varlen convention; a static shape adds empty segments at the end).
+    labels are IGNORE at each example's first position (it has no predecessor in its example: in the packed row it
+    would be the "next token" of the previous one).
+
+    The loss reads the supervised positions from host-built indices instead of searching the labels on the device
+    (a `nonzero` is a host sync, and a CUDA graph cannot hold one): sup_pos int64 [S], the positions t whose next
+    token labels[t + 1] is supervised, sup_target int64 [S] those tokens (a static shape pads both with position 0
+    and IGNORE, which adds 0 to the loss); step_supervised int64 [1], the supervised tokens of the whole optimizer
+    step this micro-batch belongs to (the loss divisor). The int64 fields are views into one buffer `flat`, so a
+    batch moves to the device, or into a captured graph's inputs, in one copy."""
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
@@ -54,28 +64,74 @@ class PackedBatch:
     grid: torch.Tensor
     cu_seqlens: torch.Tensor
     lengths: list[int]
+    sup_pos: torch.Tensor | None = None
+    sup_target: torch.Tensor | None = None
+    step_supervised: torch.Tensor | None = None
+    flat: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def real_tokens(self) -> int:
+        """Tokens of the examples (without any padding)."""
+        return sum(self.lengths)
 
-def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1) -> PackedBatch:
+    def load_(self, other: "PackedBatch") -> None:
+        """Copy `other` (same static shape) into this batch's tensors in place: what a captured graph's inputs
+        need. Raises ValueError on another shape."""
+        if self.flat is None or other.flat is None or self.flat.shape != other.flat.shape \
+                or self.cu_seqlens.shape != other.cu_seqlens.shape or self.grid.shape != other.grid.shape:
+            raise ValueError("load_ needs two batches of one static shape")
+        self.flat.copy_(other.flat, non_blocking=True)
+        self.cu_seqlens.copy_(other.cu_seqlens, non_blocking=True)
+        self.lengths = list(other.lengths)
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """A packed micro-batch's fixed shape (core/train_graphs.py captures one CUDA graph per shape): `tokens` token
+    slots, `supervised` supervised-position slots, `segments` attention segments (cu_seqlens has segments + 1
+    entries), `width` the grid's width (the longest segment allowed; varlen's max length)."""
+    tokens: int
+    supervised: int
+    segments: int
+    width: int
+
+
+def supervised_count(example) -> int:
+    """Supervised positions of an example in a packed row (its first label never is: see PackedBatch)."""
+    return sum(1 for y in example.labels[1:] if y != IGNORE)
+
+
+def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1, shape: StaticShape | None = None,
+                   step_supervised: int = 0) -> PackedBatch:
     """Pack `examples` (TokenizedExample: input_ids, labels) into one row. `multiple` > 1 rounds the row's
     length and the grid's width up to a multiple of it (torch.compile's SDPA graph guards on alignment); the
-    extra tokens are pad ids with IGNORE labels in a grid row of their own. Raises ValueError on no examples or an
-    example without tokens."""
+    extra tokens are pad ids with IGNORE labels in a grid row of their own. `shape` instead fixes every size
+    (StaticShape): the padding then fills shape.tokens in segments of at most shape.width tokens, and empty
+    segments fill shape.segments. step_supervised: the loss divisor stored with the batch (PackedBatch).
+    Host tensors are pinned on CUDA, and the whole batch moves in two non-blocking copies (no host sync).
+    Raises ValueError on no examples, an example without tokens, or examples that do not fit `shape`."""
     if not examples:
         raise ValueError("a packed batch needs at least one example")
     lengths = [len(e.input_ids) for e in examples]
     if min(lengths) < 1:
         raise ValueError(f"example {lengths.index(min(lengths))} of the micro-batch has no tokens")
-    extra = -sum(lengths) % multiple
-    width = -(-max(lengths + [extra]) // multiple) * multiple
-    # the examples, then the alignment padding as a segment (and grid row) of its own
     segments = [(list(e.input_ids), [IGNORE] + list(e.labels[1:])) for e in examples]
-    if extra:
-        segments.append(([pad_id] * extra, [IGNORE] * extra))
+    if shape is None:
+        extra = -sum(lengths) % multiple
+        width = -(-max(lengths + [extra]) // multiple) * multiple
+        pads = [extra] if extra else []
+    else:
+        extra, width = shape.tokens - sum(lengths), shape.width
+        pads = [width] * (extra // width) + ([extra % width] if extra % width else [])
+        if extra < 0 or max(lengths) > width or len(segments) + len(pads) > shape.segments:
+            raise ValueError(f"{len(lengths)} examples of {sum(lengths)} tokens (longest {max(lengths)}) do not fit "
+                             f"the static shape {shape}")
+    # the examples, then the padding as segments (and grid rows) of their own
+    segments += [([pad_id] * n, [IGNORE] * n) for n in pads]
     ids, labels, positions, dest, starts = [], [], [], [], [0]
     for row, (seg_ids, seg_labels) in enumerate(segments):
         n = len(seg_ids)
@@ -84,13 +140,23 @@ def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1) -
         positions.extend(range(n))
         dest.extend(range(row * width, row * width + n))
         starts.append(starts[-1] + n)
-
-    def row(values, dtype=torch.long):
-        return torch.tensor(values, dtype=dtype).view(1, -1).to(device)
-
-    return PackedBatch(row(ids), row(labels), row(positions), row(dest).view(-1),
-                       torch.empty((len(segments), width, 0), device=device), row(starts, torch.int32).view(-1),
-                       lengths)
+    rows = len(segments) if shape is None else shape.segments
+    starts += [starts[-1]] * (rows + 1 - len(starts))   # empty segments: attention does nothing there
+    sup_pos = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE]
+    sup_target = [labels[t + 1] for t in sup_pos]
+    if shape is not None:
+        if len(sup_pos) > shape.supervised:
+            raise ValueError(f"{len(sup_pos)} supervised positions do not fit the static shape {shape}")
+        pad_sup = shape.supervised - len(sup_pos)
+        sup_pos, sup_target = sup_pos + [0] * pad_sup, sup_target + [IGNORE] * pad_sup
+    t, s = len(ids), len(sup_pos)
+    host = torch.tensor(ids + labels + positions + dest + sup_pos + sup_target + [step_supervised], dtype=torch.long)
+    cu = torch.tensor(starts, dtype=torch.int32)
+    flat, cu = to_device_async(host, device), to_device_async(cu, device)  # no wait for the GPU's queue
+    parts = flat.split([t, t, t, t, s, s, 1])
+    return PackedBatch(parts[0].view(1, t), parts[1].view(1, t), parts[2].view(1, t), parts[3],
+                       torch.empty((rows, width, 0), device=flat.device), cu, lengths,
+                       sup_pos=parts[4], sup_target=parts[5], step_supervised=parts[6], flat=flat)
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -169,9 +235,11 @@ def _flash_capable(device_index: int | None) -> bool:
 
 def use_varlen(query: torch.Tensor, dropout: float = 0.0, window: int | None = None) -> bool:
     """Whether packed attention runs as varlen flash attention: CUDA on Ampere or newer, bf16/fp16, no attention
-    dropout, eager, and a sliding window only where this torch's varlen_attn takes one (window_size=)."""
+    dropout, and a sliding window only where this torch's varlen_attn takes one (window_size=). Also under
+    torch.compile: varlen_attn is a custom op, and its max length is the grid's width, symbolic under
+    dynamic=True (measured on the H200, torch 2.11: one graph for two widths, no graph break)."""
     return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
-            and not torch.compiler.is_compiling() and _varlen_api() is not None
+            and _varlen_api() is not None
             and (window is None or "window_size" in _varlen_api()[1]) and _flash_capable(query.device.index))
 
 

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import batch_plan, packing
+from . import batch_plan, packing, train_graphs
+from .. import settings
 from .bank_adamw import BankAdamW
 from .checkpoint import Checkpointer, TrainState, stop_signal_flags
 from .compiled_layers import compiled_decoder_layers
@@ -76,28 +77,32 @@ def supervised_loss_sum(model, batch: dict[str, torch.Tensor], full_logits: bool
     return sums[0], int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits in fp32 for the cross-entropy; fp32 and float64 (the CPU tests) as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def block_loss_sums(model, batch: dict[str, torch.Tensor] | PackedBatch, k: int,
                     full_logits: bool = False) -> torch.Tensor:
     """Summed supervised cross-entropy of each of k cell blocks: float32 [k]. `batch` is a padded dict (collate:
     k equal row blocks) or a PackedBatch (core/packing.py: one row, repeated here once per block; the model must be
     in `packed_attention` mode). Raises RuntimeError for a packed batch on a model not in that mode."""
-    if isinstance(batch, PackedBatch):
+    packed = isinstance(batch, PackedBatch)
+    if packed:
         if not is_packed(unwrap_peft(model)):
             raise RuntimeError("a packed batch needs the model in packed_attention mode (core/packing.py); without "
                                "it the examples of the row would attend to each other")
         inputs = packing.model_kwargs(batch, k)
-        labels = batch.labels.repeat(k, 1)
     else:
         inputs = {"input_ids": batch["input_ids"]}
-        labels = batch["labels"]
-    targets = labels[:, 1:]
-    rows_per_block = labels.shape[0] // k
     if full_logits:
-        mask = {} if isinstance(batch, PackedBatch) else {"attention_mask": batch["attention_mask"]}
+        labels = batch.labels.repeat(k, 1) if packed else batch["labels"]
+        targets = labels[:, 1:]
+        mask = {} if packed else {"attention_mask": batch["attention_mask"]}
         logits = model(**inputs, **mask, use_cache=False).logits
         per_pos = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                   ignore_index=IGNORE, reduction="none").view(targets.shape)
-        return per_pos.sum(1).view(k, rows_per_block).sum(1)
+        return per_pos.sum(1).view(k, labels.shape[0] // k).sum(1)
     base = unwrap_peft(model)
     # No attention mask: padded batches are right-padded (collate), so under the causal mask a real token only
     # ever attends to real tokens and the padding mask changes nothing at the positions the loss reads; without it
@@ -106,8 +111,18 @@ def block_loss_sums(model, batch: dict[str, torch.Tensor] | PackedBatch, k: int,
     # varlen flash attention on the packed row on CUDA).
     # use_cache=False: transformers would build a KV cache that training never reads.
     hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    if packed:
+        # the supervised positions come with the batch (host-built): no nonzero, which would wait for the GPU
+        # (and which a CUDA graph cannot hold); padded slots are position 0 with target IGNORE: they add 0
+        picked = hidden[:, batch.sup_pos]                                           # [k, S, hidden]
+        logits = _at_least_fp32(base.get_output_embeddings()(picked))              # [k, S, vocab]
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.sup_target.repeat(k),
+                                 ignore_index=IGNORE, reduction="none")
+        return losses.view(k, -1).sum(1)
+    targets = batch["labels"][:, 1:]
+    rows_per_block = targets.shape[0] // k
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
-    logits = base.get_output_embeddings()(hidden[rows, cols]).float()
+    logits = _at_least_fp32(base.get_output_embeddings()(hidden[rows, cols]))
     losses = F.cross_entropy(logits, targets[rows, cols], reduction="none")
     return torch.zeros(k, device=losses.device, dtype=losses.dtype).index_add_(0, rows // rows_per_block, losses)
 
@@ -321,7 +336,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 progress: Callable[[str], None] | None = None,
                 checkpointers: Sequence[Checkpointer] | None = None,
                 on_cell_done: Callable[[int, dict], None] | None = None, allow_tf32: bool = True,
-                lora_autocast: bool = True, compile_backend: str | None = None) -> list[dict]:
+                lora_autocast: bool = True, compile_backend: str | None = None,
+                cuda_graphs: bool | None = None) -> list[dict]:
     """Train every cell of `cells` (any LRs, any epochs) in one pass over the data and write cell j's adapter
     (adapter_config.json + adapter_model.safetensors, a standard PEFT directory) and run record
     (train_run.json) into out_dirs[j]. Returns the run records in the order of `cells`. The shared base model is
@@ -336,6 +352,10 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     torch.compile(backend=compile_backend, dynamic=True) ("inductor" on a GPU: fused elementwise kernels and far
     fewer launches, BENCHMARKS.md; "aot_eager" in the CPU tests). Same arithmetic; the loss head, the dropout
     masks and the optimizer stay eager. Time spent compiling is recorded (compile_s) and not counted as training.
+    cuda_graphs: each micro-batch's forward + backward replayed as a CUDA graph (core/train_graphs.py: static
+    shapes, padding in segments of its own; same arithmetic). None = ZLT_TRAIN_CUDA_GRAPHS (`auto`: on CUDA for
+    models under 1B parameters); True off CUDA = emulated graphs (tests). What the graphs did is in each record
+    (`cuda_graphs`), with the reason where they were off or stopped.
     on_cell_done(j, record), optional: called as soon as cell j has finished and its directory is written (a cell
     with fewer epochs finishes early; the pipeline commits it then, so a later crash of the pass never retrains it).
     Raises ValueError on empty data, duplicate or invalid cells, shared output directories or mismatched lengths;
@@ -363,7 +383,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                            data_hash=data_hash, full_logits=full_logits, progress=progress,
                            checkpointers=None if checkpointers is None else [checkpointers[j] for j in order],
                            on_cell_done=done, allow_tf32=allow_tf32, lora_autocast=lora_autocast,
-                           compile_backend=compile_backend)
+                           compile_backend=compile_backend, cuda_graphs=cuda_graphs)
         by_cell: list[dict] = [{}] * len(cells)
         for jj, j in enumerate(order):
             by_cell[j] = recs[jj]
@@ -383,9 +403,15 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                      "full_logits": full_logits, "dropout_masks": DROPOUT_MASKS} for j, c in enumerate(cells)]
     cks = list(checkpointers) if checkpointers else [None] * k
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    bank = LoraBank(loaded.model, protocol, seed, k)
-    bank.routing.autocast = lora_autocast
+    if cuda_graphs is None:
+        graphs_off = train_graphs.graphs_reason(dev, loaded.model, t.gradient_checkpointing,
+                                                settings.train_cuda_graphs())
+    else:
+        graphs_off = None if cuda_graphs else "cuda_graphs=False"
     with contextlib.ExitStack() as stack:
+        stack.enter_context(train_graphs.pass_stream(dev, graphs_off is None))
+        bank = LoraBank(loaded.model, protocol, seed, k)
+        bank.routing.autocast = lora_autocast
         stack.enter_context(bank)
         # the bank's Parameters are [K, ...] views into one buffer with their .grad pre-set as the matching views
         # (core/lora_bank.py): autograd accumulates into them in place as intended, but warns once that strided
@@ -412,6 +438,17 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                      f"cell(s) per forward ({bp.source}; {bp.activation_bytes_per_token / 2**10:.0f} KiB/token, "
                      f"longest example {bp.longest_example_tokens} tokens, budget {bp.budget_bytes / 2**30:.1f} GiB)")
         stack.enter_context(_compiled_layers(loaded.model, compile_backend))  # after the (eager) memory probe
+        multiple = COMPILED_WIDTH_MULTIPLE if compile_backend else 1
+        runner = train_graphs.MicroBatches(
+            loaded.model, bank, loaded.tokenizer.pad_token_id, dev, loss_sums=block_loss_sums,
+            full_logits=full_logits, multiple=multiple,
+            graphs=graphs_off is None, lengths=[len(e.input_ids) for e in examples],
+            effective_batch=t.effective_batch, max_tokens=_cut(bp, protocol, 1)[2], reason=graphs_off,
+            progress=progress)
+        stack.callback(runner.close)
+        if progress:
+            progress("CUDA graphs: " + ("each micro-batch's forward + backward, captured per shape" if graphs_off is None
+                                        else f"off ({graphs_off})"))
         records: list[dict | None] = [None] * k
         # how the pass's steps were really cut (packed micro-batches vary with the examples' lengths): run record
         packed = {"steps": 0, "micro_batches": 0, "examples": 0, "largest_tokens": 0}
@@ -425,6 +462,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             rec = _record(loaded, protocol, cells, j, seed, states[j], plans[j], lr_steps[j], bp, len(examples),
                           data_hash, full_logits, states, lora_matmul, packed)
             rec["compile"] = {"backend": compile_backend, "compile_s": round(compile_s, 3)}
+            rec["cuda_graphs"] = runner.stats.to_dict()
             (Path(out_dirs[j]) / "train_run.json").write_text(json.dumps(rec, indent=1))
             if on_cell_done is not None:
                 on_cell_done(j, rec)
@@ -460,20 +498,22 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
             step_loss = torch.zeros(k, device=dev)
             step_tokens = 0
             micro, per_forward, max_tokens = _cut(bp, protocol, len(active))
+            if per_forward < len(active):
+                # cells split over forwards = memory-bound: a graph's pool beside the next chunk's first (eager)
+                # run would hold two forwards' activations at once
+                runner.give_up(f"{len(active)} cells split over forwards of {per_forward} (memory-bound)")
+            runner.set_cells(active)
             packed["steps"] += 1
             for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids), max_tokens=max_tokens):
-                b = _micro_batch(loaded, bank, examples, mb, seed, epoch,
-                                 COMPILED_WIDTH_MULTIPLE if compile_backend else 1)
+                b = runner.load([examples[i] for i in mb], [example_key(seed, epoch, i) for i in mb], n_sup)
                 packed["micro_batches"] += 1
                 packed["examples"] += len(mb)
-                packed["largest_tokens"] = max(packed["largest_tokens"], b.tokens)
-                step_tokens += sum(len(examples[i].input_ids) for i in mb)
+                packed["largest_tokens"] = max(packed["largest_tokens"], b.real_tokens)
+                step_tokens += b.real_tokens
                 for c0 in range(0, len(active), per_forward):
                     chunk = active[c0:c0 + per_forward]
-                    sums = _forward(loaded, bank, b, chunk, full_logits)
-                    (sums.sum() / n_sup).backward()
-                    step_loss[chunk] += sums.detach() / n_sup
-            bank.set_masks(None)  # free the last micro-batch's masks before the optimizer step
+                    step_loss[chunk] += runner.run(chunk) / n_sup
+            runner.release()  # free the last micro-batch's masks before the optimizer step
             norms = adamw.clip_(active, t.grad_clip)
             lrs = [scheds[j].lr(g) for j in active]
             adamw.step(active, lrs)
