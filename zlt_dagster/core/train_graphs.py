@@ -16,14 +16,20 @@ How (`MicroBatches`, used by core/train.py for every micro-batch, graphs or not)
   in place (autograd adds into an existing .grad), which the optimizer then reads as before.
 - A shape captured before is reused for a smaller micro-batch when it pads at most GRAPH_REUSE_SLACK more:
   fewer captures (each costs about one step's host time).
-- The first graph of a set of cells runs once eagerly before its capture (torch's CUDA graph notes: lazy
-  initialisation, and torch.compile's compiling, outside the capture); that run is the micro-batch's real work.
-  Later shapes are captured, then replayed (the replay is the work). The first graph of the pass is checked:
+- The pass's first graph runs once eagerly before its capture (torch's CUDA graph notes: lazy initialisation,
+  and torch.compile's compiling, outside the capture); that run is the micro-batch's real work. Later shapes and
+  sets of cells are captured, then replayed (the replay is the work): compiled layers see the cells of a forward
+  as a symbolic size, so a new set compiles nothing, except the step between one cell and several (torch.compile
+  specialises size 1), which runs eagerly first too. The first graph of the pass is checked:
   replayed on the same inputs, its loss and gradient must equal the eager run's (a capture that missed an input
   would differ); graphs are off for the rest of the pass when a check or a capture fails, with the reason in the
   run record (`cuda_graphs`). Out-of-memory is raised, not recorded.
-- Memory: the graphs of one set of cells share one memory pool (their intermediates: graphs never run at
-  once); when cells finish the set changes, and its graphs and pool go.
+- Memory: all graphs of the pass share one memory pool (their intermediates: graphs never run at once), so the
+  pool holds the largest forward's activations once; they stay until the pass ends (a pool whose graphs were
+  deleted failed an allocator assert at the next capture, torch 2.11, see generation/static_decode.py). An eager
+  run beside a filled pool would hold a second forward's activations: where one would be needed (one cell after
+  several), graphs stop for the pass instead (measured: a 25-cell pass whose every set of cells began with an
+  eager run beside the previous set's pool ran out of memory on the H200).
 - The whole pass runs on one side stream (`pass_stream`): capture needs a stream of its own, and autograd's
   gradient accumulation then runs on the stream the graphs run on.
 Off CUDA, `emulate=True` replays an `_EmulatedGraph` (the tests: the same static-input protocol, without CUDA).
@@ -170,7 +176,7 @@ class MicroBatches:
         self._graph_cls = _CudaGraph if device.type == "cuda" else _EmulatedGraph
         self._statics: dict[StaticShape, PackedBatch] = {}
         self._graphs: dict[tuple, object] = {}
-        self._warmed: set[tuple[int, ...]] = set()
+        self._warmed: set[bool] = set()
         self._cells: tuple[int, ...] | None = None
         self._pool = None
         self._checked = False
@@ -228,13 +234,8 @@ class MicroBatches:
         self.batch = None
 
     def set_cells(self, cells: Sequence[int]) -> None:
-        """The cells still training (all forwards of the next steps are subsets of them). A new set frees the
-        graphs of the previous one and their memory pool."""
-        cells = tuple(cells)
-        if cells == self._cells:
-            return
-        self._cells = cells
-        self._drop_graphs()
+        """The cells still training (all forwards of the next steps are subsets of them)."""
+        self._cells = tuple(cells)
 
     def close(self) -> None:
         self._drop_graphs()
@@ -289,13 +290,19 @@ class MicroBatches:
         body = self._body(static, cells)
         t = time.perf_counter()
         out, before = None, None
-        if cells not in self._warmed:
-            # first graph of these cells: the eager run is this micro-batch's work; then capture (nothing runs)
+        compile_class = len(cells) == 1  # torch.compile specialises size 1: one cell is a graph of its own
+        if compile_class not in self._warmed:
+            if self._graphs:  # an eager run now would sit beside the pool's activations (module docstring)
+                self.give_up(f"a forward of {len(cells)} cell(s) after forwards of "
+                             f"{'one cell' if not compile_class else 'several'} would run eagerly beside the graphs' "
+                             "memory")
+                return self._run_static_plainly(cells)
+            # the pass's first graph: the eager run is this micro-batch's work; then capture (nothing runs)
             if not self._checked:
                 before = self.bank.grads.clone()
             out = body()
             self.stats.eager_runs += 1
-            self._warmed.add(cells)
+            self._warmed.add(compile_class)
             if self.device.type == "cuda":  # the eager run's blocks back to the driver, for the graph's pool
                 torch.cuda.empty_cache()
         stage = "capture"
