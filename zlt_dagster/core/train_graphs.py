@@ -306,6 +306,7 @@ class MicroBatches:
             if self.device.type == "cuda":  # the eager run's blocks back to the driver, for the graph's pool
                 torch.cuda.empty_cache()
         stage = "capture"
+        self.bank.set_batch(cells)  # a new set's routing tensors are built (host-to-device copies) before the capture
         try:
             if self._pool is None and self.device.type == "cuda":
                 self._pool = torch.cuda.graph_pool_handle()
