@@ -82,8 +82,11 @@ class PackedBatch:
         """Copy `other` (same static shape) into this batch's tensors in place: what a captured graph's inputs
         need. Raises ValueError on another shape."""
         if self.flat is None or other.flat is None or self.flat.shape != other.flat.shape \
+                or self.input_ids.shape != other.input_ids.shape or self.sup_pos.shape != other.sup_pos.shape \
                 or self.cu_seqlens.shape != other.cu_seqlens.shape or self.grid.shape != other.grid.shape:
-            raise ValueError("load_ needs two batches of one static shape")
+            raise ValueError(f"load_ needs two batches of one static shape: {self.tokens} tokens, "
+                             f"{self.sup_pos.shape[0]} supervised slots, grid {tuple(self.grid.shape[:2])} against "
+                             f"{other.tokens}, {other.sup_pos.shape[0]}, {tuple(other.grid.shape[:2])}")
         self.flat.copy_(other.flat, non_blocking=True)
         self.cu_seqlens.copy_(other.cu_seqlens, non_blocking=True)
         self.lengths = list(other.lengths)

@@ -354,8 +354,8 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
     masks and the optimizer stay eager. Time spent compiling is recorded (compile_s) and not counted as training.
     cuda_graphs: each micro-batch's forward + backward replayed as a CUDA graph (core/train_graphs.py: static
     shapes, padding in segments of its own; same arithmetic). None = ZLT_TRAIN_CUDA_GRAPHS (`auto`: on CUDA for
-    models under 1B parameters); True off CUDA = emulated graphs (tests). What the graphs did is in each record
-    (`cuda_graphs`), with the reason where they were off or stopped.
+    models under 1B parameters, without gradient checkpointing); True off CUDA = emulated graphs (tests). What the
+    graphs did is in each record (`cuda_graphs`), with the reason where they were off or stopped.
     on_cell_done(j, record), optional: called as soon as cell j has finished and its directory is written (a cell
     with fewer epochs finishes early; the pipeline commits it then, so a later crash of the pass never retrains it).
     Raises ValueError on empty data, duplicate or invalid cells, shared output directories or mismatched lengths;
@@ -429,6 +429,14 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
         scheds = [CellSchedule(c.lr, plans[j][1], plans[j][2]) for j, c in enumerate(cells)]
         states = [(ck.restore(bank.params(j), opts[j], scheds[j], fingerprints[j]) if ck else None) or TrainState()
                   for j, ck in enumerate(cks)]
+        multiple = COMPILED_WIDTH_MULTIPLE if compile_backend else 1
+        # before the memory plan reads free memory: the runner's dropout-mask buffer (graphs) is allocated here
+        runner = train_graphs.MicroBatches(
+            loaded.model, bank, loaded.tokenizer.pad_token_id, dev, loss_sums=block_loss_sums,
+            full_logits=full_logits, multiple=multiple, graphs=graphs_off is None,
+            lengths=[len(e.input_ids) for e in examples], effective_batch=t.effective_batch, reason=graphs_off,
+            progress=progress)
+        stack.callback(runner.close)
         bp = _plan_batches(loaded, bank, examples, protocol, k,
                            sum(st.step < p[1] for st, p in zip(states, plans)) or 1, seed, full_logits)
         if progress:
@@ -438,14 +446,7 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                      f"cell(s) per forward ({bp.source}; {bp.activation_bytes_per_token / 2**10:.0f} KiB/token, "
                      f"longest example {bp.longest_example_tokens} tokens, budget {bp.budget_bytes / 2**30:.1f} GiB)")
         stack.enter_context(_compiled_layers(loaded.model, compile_backend))  # after the (eager) memory probe
-        multiple = COMPILED_WIDTH_MULTIPLE if compile_backend else 1
-        runner = train_graphs.MicroBatches(
-            loaded.model, bank, loaded.tokenizer.pad_token_id, dev, loss_sums=block_loss_sums,
-            full_logits=full_logits, multiple=multiple,
-            graphs=graphs_off is None, lengths=[len(e.input_ids) for e in examples],
-            effective_batch=t.effective_batch, max_tokens=_cut(bp, protocol, 1)[2], reason=graphs_off,
-            progress=progress)
-        stack.callback(runner.close)
+        runner.activation_bytes_per_token = bp.activation_bytes_per_token
         if progress:
             progress("CUDA graphs: " + ("each micro-batch's forward + backward, captured per shape" if graphs_off is None
                                         else f"off ({graphs_off})"))
@@ -502,10 +503,11 @@ def train_cells(loaded: LoadedModel, examples: list[TokenizedExample], protocol:
                 # cells split over forwards = memory-bound: a graph's pool beside the next chunk's first (eager)
                 # run would hold two forwards' activations at once
                 runner.give_up(f"{len(active)} cells split over forwards of {per_forward} (memory-bound)")
-            runner.set_cells(active)
+            runner.begin_step(active)
             packed["steps"] += 1
             for mb in micro_batches(idx, micro, length=lambda i: len(examples[i].input_ids), max_tokens=max_tokens):
-                b = runner.load([examples[i] for i in mb], [example_key(seed, epoch, i) for i in mb], n_sup)
+                b = runner.load([examples[i] for i in mb], [example_key(seed, epoch, i) for i in mb], n_sup,
+                                max_tokens)
                 packed["micro_batches"] += 1
                 packed["examples"] += len(mb)
                 packed["largest_tokens"] = max(packed["largest_tokens"], b.real_tokens)

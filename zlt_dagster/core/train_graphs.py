@@ -6,7 +6,8 @@ forward and backward, the LoRA bank, dropout, loss) one by one. A CUDA graph lau
 
 How (`MicroBatches`, used by core/train.py for every micro-batch, graphs or not):
 - Static shapes. A micro-batch is packed into a `packing.StaticShape`: its tokens rounded up to `bucket_tokens`
-  (< 1/16 padding), supervised positions to a multiple of SUPERVISED_MULTIPLE, a fixed number of attention
+  (< 1/16 padding from 2,048 tokens on, < 128 tokens below) but never past the step's token cap (the memory
+  plan's bound, batch_plan.tokens_per_forward), supervised positions to a multiple of SUPERVISED_MULTIPLE, a fixed number of attention
   segments (empty ones at the end) and a fixed width (the longest example of the data) for the whole pass.
   Padding tokens sit in segments of their own, drop nothing, are never supervised: the loss and gradients are
   those of the exact micro-batch (tests/core/test_train_graphs.py, float64).
@@ -20,10 +21,17 @@ How (`MicroBatches`, used by core/train.py for every micro-batch, graphs or not)
   and torch.compile's compiling, outside the capture); that run is the micro-batch's real work. Later shapes and
   sets of cells are captured, then replayed (the replay is the work): compiled layers see the cells of a forward
   as a symbolic size, so a new set compiles nothing, except the step between one cell and several (torch.compile
-  specialises size 1), which runs eagerly first too. The first graph of the pass is checked:
-  replayed on the same inputs, its loss and gradient must equal the eager run's (a capture that missed an input
-  would differ); graphs are off for the rest of the pass when a check or a capture fails, with the reason in the
-  run record (`cuda_graphs`). Out-of-memory is raised, not recorded.
+  specialises size 1), which runs eagerly first too.
+- Three checks, each a replay against an eager run of the same micro-batch: loss sums and the gradient it adds,
+  per cell and separately for the LoRA A and B halves. (1) The pass's first capture, replayed on its eager run's
+  inputs (a capture that dropped or misrecorded work). (2) "new inputs": the first replay of a graph, on a
+  micro-batch other than the one it was captured on, before any replay's result is used (a graph reading an
+  input that was replaced instead of filled in place). (3) "adapters trained": the first replay once every
+  cell's LoRA B has left 0 (at peft's initialisation B = 0, so every A gradient is 0 and checks (1)-(2) cannot
+  see the A half). The eager run is the micro-batch's work. Checks (2)-(3) run where that eager run fits in free
+  memory beside the graphs' pool, else they are skipped and the record says so. Graphs are off for the rest of the pass
+  when a check or a capture fails, with the reason in the run record (`cuda_graphs`); the micro-batch is never
+  trained twice. Out-of-memory is raised, not recorded.
 - Memory: all graphs of the pass share one memory pool (their intermediates: graphs never run at once), so the
   pool holds the largest forward's activations once; they stay until the pass ends (a pool whose graphs were
   deleted failed an allocator assert at the next capture, torch 2.11, see generation/static_decode.py). An eager
@@ -32,11 +40,12 @@ How (`MicroBatches`, used by core/train.py for every micro-batch, graphs or not)
   eager run beside the previous set's pool ran out of memory on the H200).
 - The whole pass runs on one side stream (`pass_stream`): capture needs a stream of its own, and autograd's
   gradient accumulation then runs on the stream the graphs run on.
-Off CUDA, `emulate=True` replays an `_EmulatedGraph` (the tests: the same static-input protocol, without CUDA).
+Off CUDA, graphs=True replays an `_EmulatedGraph` (the tests: the same static-input protocol, without CUDA).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -44,6 +53,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from . import packing
+from .batch_plan import BACKWARD_MARGIN, memory_budget
 from .compiled_layers import AUTO_MAX_PARAMETERS, parameter_count
 from .lora_bank import LoraBank
 from .packing import PackedBatch, StaticShape
@@ -91,21 +101,23 @@ def graphs_reason(device: torch.device, model, gradient_checkpointing: bool, set
 class GraphStats:
     """What the pass's graphs did (the run record's `cuda_graphs`): used = graphs on for the pass; reason = why
     not (from the start, or since a failed capture or check); captured graphs, replays, eager runs (micro-batches
-    not replayed: plain passes, first runs before a capture), host seconds spent capturing, token slots run
-    against the examples' tokens (the padding's cost)."""
+    not replayed: plain passes, first runs before a capture, checks), build_s = host seconds spent building and
+    checking graphs (captures, the first eager run, the checks' eager runs and replays), token slots run against
+    the examples' tokens (the padding's cost), the checks made ("first capture: ok", ...)."""
     used: bool = False
     reason: str | None = None
     captured: int = 0
     replays: int = 0
     eager_runs: int = 0
-    capture_s: float = 0.0
+    build_s: float = 0.0
     token_slots: int = 0
     tokens: int = 0
     shapes: list = field(default_factory=list)
+    checks: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["capture_s"] = round(self.capture_s, 3)
+        d["build_s"] = round(self.build_s, 3)
         d["shapes"] = len(self.shapes)
         return d
 
@@ -119,8 +131,15 @@ class _CudaGraph:
         self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             self.out = body()
-        finally:
-            self.graph.capture_end()
+        except BaseException as e:
+            # an error inside the capture invalidates it, and capture_end then raises "operation failed due to a
+            # previous error during capture": the body's error is the one to report; capture_end's rides on it
+            try:
+                self.graph.capture_end()
+            except Exception as end_error:
+                e.add_note(f"capture_end then: {type(end_error).__name__}: {str(end_error).splitlines()[0][:200]}")
+            raise
+        self.graph.capture_end()
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()
@@ -152,20 +171,24 @@ def _error_gist(e: BaseException) -> str:
 
 class MicroBatches:
     """Forward + backward of a pass's packed micro-batches, one optimizer step's worth at a time:
-    `load(examples, keys, step_supervised)` packs a micro-batch and draws its dropout masks (keys: the examples'
-    dropout streams, lora_bank.example_key), `run(cells)` adds the gradient of its summed loss / step_supervised
-    for those bank slots to the bank's gradient buffer and returns the loss sums float32 [len(cells)],
-    `release()` frees the micro-batch. graphs=False: plain forwards over exactly the micro-batch (the model's own
-    shapes, no padding); graphs=True: static shapes replayed as CUDA graphs (see the module docstring), or
-    `_EmulatedGraph`s off CUDA. lengths: the examples' token counts of the pass (they size the static shapes);
-    effective_batch: the most examples a micro-batch holds; max_tokens: the pass's token cap per micro-batch
-    (0 = none); loss_sums(model, batch, k, full_logits): the loss (core/train.block_loss_sums). The model must be
-    in packing.packed_attention mode with `bank` attached."""
+    `begin_step(cells)` starts an optimizer step that trains bank slots `cells`; `load(examples, keys,
+    step_supervised, cap)` packs a micro-batch and draws its dropout masks (keys: the examples' dropout streams,
+    lora_bank.example_key; cap: the step's token cap per micro-batch, 0 = none); `run(cells)` adds the gradient of
+    its summed loss / step_supervised for those slots to the bank's gradient buffer and returns the loss sums
+    float32 [len(cells)]; `release()` frees the micro-batch. graphs=False: plain forwards over exactly the
+    micro-batch (the model's own shapes, no padding); graphs=True: static shapes replayed as CUDA graphs (see the
+    module docstring), or `_EmulatedGraph`s off CUDA. lengths: the examples' token counts of the pass (they size
+    the static shapes and the dropout-mask buffer, bool [tokens, bank.total_in], allocated here: create this
+    before reading free memory for the plan); effective_batch: the most examples a micro-batch holds;
+    activation_bytes_per_token: of one cell (batch_plan), to size check (2)'s eager run against free memory;
+    loss_sums(model, batch, k, full_logits): the loss (core/train.block_loss_sums). The model must be in
+    packing.packed_attention mode with `bank` attached for load and run. run raises RuntimeError for cells outside
+    the step's; load raises ValueError (packing.collate_packed) on examples without tokens."""
 
     def __init__(self, model, bank: LoraBank, pad_id: int, device: torch.device, *, loss_sums: Callable,
-                 full_logits: bool,
-                 multiple: int, graphs: bool, lengths: Sequence[int], effective_batch: int, max_tokens: int = 0,
-                 reason: str | None = None, progress: Callable[[str], None] | None = None):
+                 full_logits: bool, multiple: int, graphs: bool, lengths: Sequence[int], effective_batch: int,
+                 activation_bytes_per_token: int = 0, reason: str | None = None,
+                 progress: Callable[[str], None] | None = None):
         self.model, self.bank, self.pad_id, self.device = model, bank, pad_id, device
         self.progress = progress
         self.full_logits, self.multiple = full_logits, multiple
@@ -179,14 +202,16 @@ class MicroBatches:
         self._warmed: set[bool] = set()
         self._cells: tuple[int, ...] | None = None
         self._pool = None
-        self._checked = False
+        self._checked = False          # check (1) done
+        self._live_checked: set[str] = set()  # checks (2) and (3) done or skipped
+        self._steps = 0
+        self.activation_bytes_per_token = activation_bytes_per_token
+        self._a_cols: torch.Tensor | None = None
         self.mask_buffer = None
         if graphs:
             longest = -(-max(lengths) // multiple) * multiple
             eff = min(effective_batch, len(lengths))
             largest = sum(sorted(lengths)[-eff:])  # a micro-batch never holds more than one step's examples
-            if max_tokens:
-                largest = min(largest, max(max_tokens, max(lengths)))
             self.token_slots = bucket_tokens(largest)
             # padding per micro-batch <= max(bucket step, reuse slack) tokens, in segments of <= `longest` tokens
             most_pad = max(self.token_slots - largest, 128 + largest // 16, int(GRAPH_REUSE_SLACK * largest) + 1)
@@ -196,8 +221,9 @@ class MicroBatches:
                 self.mask_buffer = torch.zeros((self.token_slots, bank.total_in), dtype=torch.bool, device=device)
 
     # -- per micro-batch ------------------------------------------------------------------------------------
-    def load(self, examples: Sequence, keys: Sequence[int], step_supervised: int) -> PackedBatch:
-        """Pack `examples` and draw their dropout masks; returns the batch (its `tokens` include any padding)."""
+    def load(self, examples: Sequence, keys: Sequence[int], step_supervised: int, cap: int = 0) -> PackedBatch:
+        """Pack `examples` and draw their dropout masks; returns the batch (its `tokens` include any padding, never
+        past max(cap, the examples' tokens) when cap > 0)."""
         lengths = [len(e.input_ids) for e in examples]
         self.stats.tokens += sum(lengths)
         if not self.stats.used:
@@ -207,7 +233,7 @@ class MicroBatches:
             self.bank.set_masks(self.bank.drop_masks(keys, lengths, self.device, self.batch.tokens))
         else:
             supervised = sum(packing.supervised_count(e) for e in examples)
-            self.shape = self._shape_for(sum(lengths), supervised)
+            self.shape = self._shape_for(sum(lengths), supervised, cap)
             self.batch = packing.collate_packed(examples, self.pad_id, self.device, shape=self.shape,
                                                 step_supervised=step_supervised)
             if self.mask_buffer is not None:
@@ -221,7 +247,7 @@ class MicroBatches:
         cells = tuple(cells)
         if self.stats.used:
             if self._cells is not None and not set(cells) <= set(self._cells):
-                raise RuntimeError("set_cells() first: a forward for cells outside the pass's current set")
+                raise RuntimeError(f"cells {cells} are not all among the step's {self._cells} (begin_step)")
             return self._run_graph(cells)
         if self.shape is not None:  # graphs were given up since this micro-batch was loaded on its static shape
             return self._run_static_plainly(cells)
@@ -233,22 +259,25 @@ class MicroBatches:
         self.bank.set_masks(None)
         self.batch = None
 
-    def set_cells(self, cells: Sequence[int]) -> None:
-        """The cells still training (all forwards of the next steps are subsets of them)."""
+    def begin_step(self, cells: Sequence[int]) -> None:
+        """A new optimizer step, training bank slots `cells` (its forwards run subsets of them)."""
         self._cells = tuple(cells)
+        self._steps += 1
 
     def close(self) -> None:
         self._drop_graphs()
         self.mask_buffer = None
 
     # -- internals ------------------------------------------------------------------------------------------
-    def _shape_for(self, tokens: int, supervised: int) -> StaticShape:
-        """A captured shape that fits and pads at most GRAPH_REUSE_SLACK more, else a new bucket."""
-        fits = [s for s in self._statics if tokens <= s.tokens <= (1 + GRAPH_REUSE_SLACK) * tokens
+    def _shape_for(self, tokens: int, supervised: int, cap: int = 0) -> StaticShape:
+        """A captured shape that fits and pads at most GRAPH_REUSE_SLACK more, else a new bucket; never more token
+        slots than max(cap, tokens) when cap > 0 (the memory plan's bound)."""
+        limit = max(tokens, cap) if cap else self.token_slots
+        fits = [s for s in self._statics if tokens <= s.tokens <= min(limit, (1 + GRAPH_REUSE_SLACK) * tokens)
                 and supervised <= s.supervised]
         if fits:
             return min(fits, key=lambda s: (s.tokens, s.supervised))
-        shape = StaticShape(min(bucket_tokens(tokens), max(tokens, self.token_slots)),
+        shape = StaticShape(min(bucket_tokens(tokens), limit, max(tokens, self.token_slots)),
                             max(SUPERVISED_MULTIPLE, -(-supervised // SUPERVISED_MULTIPLE) * SUPERVISED_MULTIPLE),
                             self.segments, self.width)
         if shape.tokens > self.token_slots:
@@ -276,7 +305,7 @@ class MicroBatches:
 
     def _run_graph(self, cells: tuple[int, ...]) -> torch.Tensor:
         """Replay the graph of (shape, cells), or capture it first (see the module docstring). A failed capture
-        or check turns graphs off for the pass (recorded) and the micro-batch still runs once, plainly."""
+        or check turns graphs off for the pass (recorded) and the micro-batch still runs once."""
         shape = self.shape
         static = self._statics.get(shape)
         if static is None:
@@ -284,10 +313,14 @@ class MicroBatches:
             self.stats.shapes.append((shape.tokens, shape.supervised))
         static.load_(self.batch)
         graph = self._graphs.get((shape, cells))
+        body = self._body(static, cells)
         if graph is not None:
+            if "new inputs" not in self._live_checked:
+                return self._live_check(graph, body, shape, cells, "new inputs")
+            if "adapters trained" not in self._live_checked and self._adapters_moved(cells):
+                return self._live_check(graph, body, shape, cells, "adapters trained")
             self.stats.replays += 1
             return graph.replay().clone()
-        body = self._body(static, cells)
         t = time.perf_counter()
         out, before = None, None
         compile_class = len(cells) == 1  # torch.compile specialises size 1: one cell is a graph of its own
@@ -313,39 +346,88 @@ class MicroBatches:
             graph = self._graph_cls(body, self._pool)
             self.stats.captured += 1
             if before is not None:
-                stage, self._checked = "check", True
-                self._check(graph, out, before)
+                stage, self._checked = "check (first capture)", True
+                self._compare(graph, out, before, cells)
+                self.stats.checks.append(f"first capture ({shape.tokens} tokens x {len(cells)} cell(s)): ok")
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:  # recorded (run record, progress), not swallowed: the pass goes on without graphs
             self.give_up(f"{stage} failed at {shape.tokens} tokens x {len(cells)} cell(s): {_error_gist(e)}")
             return out if out is not None else self._run_static_plainly(cells)
         finally:
-            self.stats.capture_s += time.perf_counter() - t
+            self.stats.build_s += time.perf_counter() - t
         self._graphs[(shape, cells)] = graph
         if out is None:
             out = graph.replay().clone()
             self.stats.replays += 1
         return out
 
-    def _check(self, graph, eager_out: torch.Tensor, grads_before: torch.Tensor) -> None:
-        """Replay the first graph on the inputs its eager run had: the same loss sums and the same gradient added,
-        else RuntimeError (the caller turns graphs off). The bank's gradients are put back as the eager run left
-        them."""
+    def _live_check(self, graph, body: Callable[[], torch.Tensor], shape: StaticShape, cells: tuple[int, ...],
+                    name: str) -> torch.Tensor:
+        """Check (2) or (3): this micro-batch eagerly (its real work), then the graph replayed on it, compared;
+        skipped (and said so) where the eager run would not fit beside the graphs' pool."""
+        self._live_checked.add(name)
+        where = f"{shape.tokens} tokens x {len(cells)} cell(s), step {self._steps}"
+        need = int(BACKWARD_MARGIN * self.activation_bytes_per_token * shape.tokens * len(cells))
+        if self.device.type == "cuda" and memory_budget(self.device, 0) < need:
+            self.stats.checks.append(f"{name} ({where}): skipped, its eager run needs {need / 2**30:.1f} GiB "
+                                     "beside the graphs' pool")
+            self.stats.replays += 1
+            return graph.replay().clone()
+        t = time.perf_counter()
+        before = self.bank.grads.clone()
+        out = body()
+        self.stats.eager_runs += 1
+        try:
+            self._compare(graph, out, before, cells)
+            self.stats.checks.append(f"{name} ({where}): ok")
+        except RuntimeError as e:
+            self.give_up(f"check ({name}) failed at {where}: {_error_gist(e)}")
+        finally:
+            self.stats.build_s += time.perf_counter() - t
+        return out
+
+    def _compare(self, graph, eager_out: torch.Tensor, grads_before: torch.Tensor, cells: tuple[int, ...]) -> None:
+        """Replay `graph` (its static inputs hold the micro-batch the eager run just ran) and compare: the loss
+        sums, and per cell the gradient added to its LoRA A and to its LoRA B parameters, each within rtol of the
+        eager run's (an exact 0 must stay 0: at initialisation every A gradient is 0). RuntimeError naming the
+        first difference. The bank's gradients are put back as the eager run left them."""
         after_eager = self.bank.grads.clone()
         dtype = next(self.model.parameters()).dtype
         rtol = CHECK_RTOL_16BIT if dtype in (torch.bfloat16, torch.float16) else CHECK_RTOL
         try:
             replayed = graph.replay()
-            added_eager, added_graph = after_eager - grads_before, self.bank.grads - after_eager
-            loss_ok = torch.allclose(replayed, eager_out, rtol=rtol, atol=0.0)
-            scale = float(added_eager.norm())
-            grad_diff = float((added_graph - added_eager).norm())
-            if not loss_ok or grad_diff > rtol * max(scale, 1e-30):
+            if not torch.allclose(replayed, eager_out, rtol=rtol, atol=0.0):
                 raise RuntimeError(f"replay gave loss {replayed.tolist()} against the eager run's "
-                                   f"{eager_out.tolist()}, a gradient {grad_diff:.3g} off of {scale:.3g}")
+                                   f"{eager_out.tolist()}")
+            rows = list(cells)
+            added_eager = (after_eager - grads_before)[rows]
+            added_graph = (self.bank.grads - after_eager)[rows]
+            for half, cols in (("A", self._a_columns()), ("B", ~self._a_columns())):
+                scale = torch.linalg.vector_norm(added_eager[:, cols], dim=1)
+                diff = torch.linalg.vector_norm(added_graph[:, cols] - added_eager[:, cols], dim=1)
+                bad = (diff > rtol * scale).nonzero().flatten().tolist()
+                if bad:
+                    r = bad[0]
+                    raise RuntimeError(f"replay added a LoRA {half} gradient {float(diff[r]):.3g} off of "
+                                       f"{float(scale[r]):.3g} for bank slot {rows[r]}")
         finally:
             self.bank.grads.copy_(after_eager)
+
+    def _adapters_moved(self, cells: tuple[int, ...]) -> bool:
+        """Whether every cell's LoRA B has left 0 (peft's initialisation; the warmup's first step has LR 0), so
+        that the A gradients are live. A host read, once per replay until check (3) has run."""
+        return bool((self.bank.weights[list(cells)][:, ~self._a_columns()] != 0).any(dim=1).all())
+
+    def _a_columns(self) -> torch.Tensor:
+        """bool [P]: the columns of a bank row that hold LoRA A parameters (LoraBank.layout)."""
+        if self._a_cols is None:
+            cols = torch.zeros(self.bank.grads.shape[1], dtype=torch.bool)
+            for name, off, shape in self.bank.layout:
+                if name.endswith("lora_A"):
+                    cols[off:off + math.prod(shape)] = True
+            self._a_cols = cols.to(self.bank.grads.device)
+        return self._a_cols
 
     def _run_static_plainly(self, cells: tuple[int, ...]) -> torch.Tensor:
         """The loaded static (padded) micro-batch without a graph: after graphs were given up."""
