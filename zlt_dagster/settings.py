@@ -63,10 +63,10 @@ ZLT_TRAIN_COMPILE | auto | `auto` = each decoder layer, LoRA bank inside, throug
     `off` = eager; `inductor`
     ([BENCHMARKS.md](BENCHMARKS.md)); compile time is recorded in each `train_run.json` (`compile`)
 ZLT_TRAIN_CUDA_GRAPHS | auto | each training micro-batch's forward + backward replayed as a CUDA graph (static
-    shapes: tokens rounded up < 1/16, padding in attention segments of its own; core/train_graphs.py): `auto` = on
-    CUDA for models under 1B parameters without gradient checkpointing (a SmolLM2 step is host-bound), checked
-    against an eager run at the first capture; `off`. What the graphs did is in each `train_run.json`
-    (`cuda_graphs`) ([BENCHMARKS.md](BENCHMARKS.md))
+    shapes: tokens rounded up by < 1/16 from 2,048 on, padding in segments of its own; core/train_graphs.py):
+    `auto` = on CUDA for models under 1B parameters without gradient checkpointing (a SmolLM2 step is host-bound;
+    one cell 3.4x), three replays checked against eager runs; `off`. What the graphs did is in each
+    `train_run.json` (`cuda_graphs`) ([BENCHMARKS.md](BENCHMARKS.md))
 ZLT_GPUS | auto | GPUs `zlt run` / `zlt demo` use at once, one worker process per GPU (`auto` = every visible GPU
     when the device is `auto` or `cuda`, else 1; or a number >= 1) (`zlt --gpus`)
 ZLT_GPU_LOCK_DIR | /tmp/zlt-gpu-locks | host-local lock files that give each GPU step or worker its own GPU on a
