@@ -84,7 +84,8 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def block_loss_sums(model, batch: dict[str, torch.Tensor] | PackedBatch, k: int,
                     full_logits: bool = False) -> torch.Tensor:
-    """Summed supervised cross-entropy of each of k cell blocks: float32 [k]. `batch` is a padded dict (collate:
+    """Summed supervised cross-entropy of each of k cell blocks: [k], float32 (float64 for a float64 model: the CPU
+    tests). `batch` is a padded dict (collate:
     k equal row blocks) or a PackedBatch (core/packing.py: one row, repeated here once per block; the model must be
     in `packed_attention` mode). Raises RuntimeError for a packed batch on a model not in that mode."""
     packed = isinstance(batch, PackedBatch)
