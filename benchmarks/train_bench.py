@@ -94,12 +94,21 @@ def run_fast(lm, exs, cells, steps_per_epoch: int, tmp: Path, tag: str, tf32: bo
             "loss_curve": [c["loss"] for c in g["loss_curve"]][:8]}
 
 
+def lora_b_rel_diff(a_dir: Path, b_dir: Path) -> float:
+    """|B_a - B_b| / |B_b| over every LoRA B matrix of two PEFT adapter directories (Frobenius norms, fp32): how far
+    two ways of training one cell ended apart."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (a_dir, b_dir))
+    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+    den = sum(float(b[k].float().norm() ** 2) for k in b if "lora_B" in k) ** 0.5
+    return num / den
+
+
 def graphs_check(lm, exs, tmp: Path, steps: int = 12) -> dict:
     """The same 2-cell pass (compiled layers, bf16) with and without CUDA graphs on the GPU: relative difference of
     the LoRA B matrices and the loss curves (the CPU tests compare emulated graphs with plain forwards in float64;
     here padding and atomics change bf16 rounding only)."""
-    from safetensors.torch import load_file
-
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
     cells = [Cell(1e-4, 1), Cell(5e-5, 1)]
@@ -107,13 +116,7 @@ def graphs_check(lm, exs, tmp: Path, steps: int = 12) -> dict:
     for tag, graphs in (("plain", False), ("graphs", True)):
         out[tag] = train_cells(lm, exs[:eff * steps], proto, cells, 0, [tmp / f"gc{tag}{j}" for j in range(2)],
                                compile_backend="inductor" if lm.device.type == "cuda" else None, cuda_graphs=graphs)
-    worst = 0.0
-    for j in range(2):
-        a, b = load_file(str(tmp / f"gcgraphs{j}" / "adapter_model.safetensors")), \
-            load_file(str(tmp / f"gcplain{j}" / "adapter_model.safetensors"))
-        num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
-        den = sum(float(b[k].float().norm() ** 2) for k in b if "lora_B" in k) ** 0.5
-        worst = max(worst, num / den)
+    worst = max(lora_b_rel_diff(tmp / f"gcgraphs{j}", tmp / f"gcplain{j}") for j in range(2))
     return {"lora_B_rel_diff_graphs_vs_plain": worst,
             "loss_plain": [c["loss"] for c in out["plain"][0]["loss_curve"]],
             "loss_graphs": [c["loss"] for c in out["graphs"][0]["loss_curve"]],
@@ -123,8 +126,6 @@ def graphs_check(lm, exs, tmp: Path, steps: int = 12) -> dict:
 def compiled_check(lm, exs, tmp: Path) -> dict:
     """The same 2-cell, 3-step pass eager and through inductor, in the GPU's bf16: relative difference of the
     LoRA B matrices and of the loss curves (the CPU test compares the traced graph in float64 exactly)."""
-    from safetensors.torch import load_file
-
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
     cells = [Cell(1e-4, 1), Cell(5e-5, 1)]
@@ -132,13 +133,7 @@ def compiled_check(lm, exs, tmp: Path) -> dict:
     for tag, backend in (("ce", None), ("ci", "inductor")):
         out[tag] = train_cells(lm, exs[:eff * 3], proto, cells, 0, [tmp / f"{tag}{j}" for j in range(2)],
                                compile_backend=backend)
-    worst = 0.0
-    for j in range(2):
-        a, b = load_file(str(tmp / f"ci{j}" / "adapter_model.safetensors")), \
-            load_file(str(tmp / f"ce{j}" / "adapter_model.safetensors"))
-        num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in b if "lora_B" in k) ** 0.5
-        den = sum(float(b[k].float().norm() ** 2) for k in b if "lora_B" in k) ** 0.5
-        worst = max(worst, num / den)
+    worst = max(lora_b_rel_diff(tmp / f"ci{j}", tmp / f"ce{j}") for j in range(2))
     return {"lora_B_rel_diff_compiled_vs_eager": worst,
             "loss_eager": [c["loss"] for c in out["ce"][0]["loss_curve"]],
             "loss_compiled": [c["loss"] for c in out["ci"][0]["loss_curve"]]}
@@ -152,8 +147,6 @@ def precision_check(lm, exs, tmp: Path, steps: int = 6) -> dict:
     import copy
     import dataclasses
 
-    from safetensors.torch import load_file
-
     proto = get_protocol("paper", {"train.micro_batch": 0})
     eff = proto.train.effective_batch
     ref = dataclasses.replace(lm, model=copy.deepcopy(lm.model).float(), dtype=torch.float32)
@@ -164,13 +157,8 @@ def precision_check(lm, exs, tmp: Path, steps: int = 6) -> dict:
                           lora_autocast=m.dtype != torch.float32, compile_backend=backend)[0]
         curves[tag] = [c["loss"] for c in rec["loss_curve"]]
     del ref
-    b_ref = {k: v.float() for k, v in load_file(str(tmp / "prec_fp32" / "adapter_model.safetensors")).items()
-             if "lora_B" in k}
     for tag in ("bf16_eager", "bf16_inductor"):
-        b = load_file(str(tmp / f"prec_{tag}" / "adapter_model.safetensors"))
-        num = sum(float((b[k].float() - v).norm() ** 2) for k, v in b_ref.items()) ** 0.5
-        den = sum(float(v.norm() ** 2) for v in b_ref.values()) ** 0.5
-        out[f"lora_B_rel_diff_{tag}_vs_fp32"] = round(num / den, 5)
+        out[f"lora_B_rel_diff_{tag}_vs_fp32"] = round(lora_b_rel_diff(tmp / f"prec_{tag}", tmp / "prec_fp32"), 5)
         out[f"max_abs_loss_diff_{tag}_vs_fp32"] = round(max(abs(x - y) for x, y in zip(curves[tag], curves["fp32"])), 5)
     out["loss_curves"] = curves
     return out

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.core.test_train_group import adapter, setup
+from tests.core.test_train_group import adapter, lm64, setup  # noqa: F401  (lm64: a fixture)
 from zlt_dagster import settings
 from zlt_dagster.core import packing, train_graphs
 from zlt_dagster.core.lora_bank import LoraBank, example_key
@@ -20,13 +20,6 @@ from zlt_dagster.core.packing import StaticShape, collate_packed, packed_attenti
 from zlt_dagster.core.protocol import Cell, get_protocol
 from zlt_dagster.core.train import block_loss_sums, train_cells
 from zlt_dagster.core.train_graphs import MicroBatches, bucket_tokens, graphs_reason
-
-
-@pytest.fixture(scope="module")
-def lm64(tiny_loaded):
-    import dataclasses
-
-    return dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).double(), dtype=torch.float64)
 
 
 def examples(lengths, vocab=200, supervised=3):

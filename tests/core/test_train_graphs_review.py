@@ -3,37 +3,21 @@
 showed."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.core.test_train_group import adapter, setup
+from tests.core.test_train_graphs import examples, graphs_vs_plain, lm64  # noqa: F401  (lm64: a fixture)
+from tests.core.test_train_group import adapter, interrupted_alone, setup
 from zlt_dagster.core import batch_plan, train_graphs
-from zlt_dagster.core.checkpoint import Checkpointer, TrainingInterrupted
 from zlt_dagster.core.lora_bank import LoraBank
 from zlt_dagster.core.masking import IGNORE
-from zlt_dagster.core.packing import PackedBatch, StaticShape, collate_packed, packed_attention
+from zlt_dagster.core.packing import PackedBatch, StaticShape, collate_packed
 from zlt_dagster.core.protocol import Cell, get_protocol
 from zlt_dagster.core.train import block_loss_sums, train_cells
 from zlt_dagster.core.train_graphs import MicroBatches
-
-
-@pytest.fixture(scope="module")
-def lm64(tiny_loaded):
-    return dataclasses.replace(tiny_loaded, model=copy.deepcopy(tiny_loaded.model).double(), dtype=torch.float64)
-
-
-def examples(lengths, vocab=200, supervised=3):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for n in lengths:
-        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
-        out.append(SimpleNamespace(input_ids=ids, labels=[IGNORE] * (n - supervised) + ids[-supervised:]))
-    return out
 
 
 def same_cells(tmp_path, a_prefix, b_prefix, n):
@@ -72,20 +56,7 @@ def test_resume_at_different_steps_with_graphs_equals_an_uninterrupted_run(lm64,
     monkeypatch.setattr(batch_plan, "tokens_per_forward", lambda bpt, budget, cells: 0)
     cells = [Cell(1e-2, 2), Cell(3e-2, 2)]
     train_cells(lm64, exs, proto, cells, seed=4, out_dirs=[tmp_path / "r0", tmp_path / "r1"], cuda_graphs=False)
-    cks = []
-    for j, stop_after in ((0, 2), (1, 4)):
-        ck = Checkpointer(tmp_path / f"ck{j}", every_steps=2)
-        real_after = ck.after_step
-
-        def after_step(params, opt, sched, state, fp, total, interrupt=True, ck=ck, real=real_after, n=stop_after):
-            if state.step == n:
-                ck.stop_signal = 15
-            return real(params, opt, sched, state, fp, total, interrupt=interrupt)
-        ck.after_step = after_step
-        with pytest.raises(TrainingInterrupted):
-            train_cells(lm64, exs, proto, [cells[j]], seed=4, out_dirs=[tmp_path / f"x{j}"], checkpointers=[ck],
-                        cuda_graphs=True)
-        cks.append(Checkpointer(tmp_path / f"ck{j}b", every_steps=2, resume_dir=ck.local_dir / f"step-{stop_after:08d}"))
+    cks = interrupted_alone(lm64, exs, proto, cells, (2, 4), tmp_path, cuda_graphs=True)
     recs = train_cells(lm64, exs, proto, cells, seed=4, out_dirs=[tmp_path / "o0", tmp_path / "o1"],
                        checkpointers=cks, cuda_graphs=True)
     assert [r["resumed_from_step"] for r in recs] == [2, 4]
@@ -161,10 +132,7 @@ def test_the_first_capture_check_sees_the_lora_A_gradient(lm64, tmp_path, monkey
             return out
 
     monkeypatch.setattr(train_graphs, "_EmulatedGraph", DropsLoraAGrad)
-    proto, exs = setup(lm64, n=8, **{"lora.dropout": 0.1, "train.micro_batch": 2})
-    cells = [Cell(3e-2, 2)]
-    train_cells(lm64, exs, proto, cells, seed=5, out_dirs=[tmp_path / "p0"], cuda_graphs=False)
-    graphed = train_cells(lm64, exs, proto, cells, seed=5, out_dirs=[tmp_path / "g0"], cuda_graphs=True)
+    _, graphed = graphs_vs_plain(lm64, tmp_path, [Cell(3e-2, 2)], n=8, **{"lora.dropout": 0.1, "train.micro_batch": 2})
     stats = graphed[0]["cuda_graphs"]
     assert not stats["used"] and stats["reason"].startswith("check (adapters trained) failed") \
         and "LoRA A gradient" in stats["reason"], stats
@@ -192,10 +160,7 @@ def test_the_first_capture_check_sees_a_graph_that_reads_stale_inputs(lm64, tmp_
             return super().replay()
 
     monkeypatch.setattr(train_graphs, "_EmulatedGraph", Stale)
-    proto, exs = setup(lm64, n=8, **{"lora.dropout": 0.1, "train.micro_batch": 2})
-    cells = [Cell(3e-2, 2)]
-    train_cells(lm64, exs, proto, cells, seed=5, out_dirs=[tmp_path / "p0"], cuda_graphs=False)
-    graphed = train_cells(lm64, exs, proto, cells, seed=5, out_dirs=[tmp_path / "g0"], cuda_graphs=True)
+    _, graphed = graphs_vs_plain(lm64, tmp_path, [Cell(3e-2, 2)], n=8, **{"lora.dropout": 0.1, "train.micro_batch": 2})
     stats = graphed[0]["cuda_graphs"]
     assert not stats["used"] and stats["reason"].startswith("check (new inputs) failed"), stats
     assert same_cells(tmp_path, "g", "p", 1)

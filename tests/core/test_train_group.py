@@ -166,16 +166,11 @@ def test_dropout_masks_change_training_and_do_not_depend_on_global_rng(lm64, tmp
     assert [x["loss"] for x in a["loss_curve"]][1:] != [x["loss"] for x in c["loss_curve"]][1:]
 
 
-def test_a_cell_that_resumed_further_waits_for_the_group(lm64, tmp_path, force_plan):
-    """Cells of one group may resume from different steps (one was interrupted later than another): each
-    continues from its own step and ends equal to an uninterrupted run."""
-    proto, examples = setup(lm64, **{"lora.dropout": 0.05, "train.checkpoint_every_steps": 2})
-    cells = [Cell(1e-2, 2), Cell(3e-2, 2)]
-    force_plan(2, 2)
-    ref = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / "r0", tmp_path / "r1"])
-    # cell 0 alone up to its checkpoint at step 2 (interrupted), cell 1 alone up to step 4
+def interrupted_alone(lm, examples, proto, cells, stops, tmp_path, **train_kw) -> list[Checkpointer]:
+    """Train each cells[j] alone with seed 4 until a SIGTERM-style stop after step stops[j] (its checkpoint at that
+    step, TrainingInterrupted raised); returns one Checkpointer per cell that resumes from there (every 2 steps)."""
     cks = []
-    for j, stop_after in ((0, 2), (1, 4)):
+    for j, stop_after in enumerate(stops):
         ck = Checkpointer(tmp_path / f"ck{j}", every_steps=2)
         real_after = ck.after_step
 
@@ -185,8 +180,21 @@ def test_a_cell_that_resumed_further_waits_for_the_group(lm64, tmp_path, force_p
             return real(params, opt, sched, state, fp, total, interrupt=interrupt)
         ck.after_step = after_step
         with pytest.raises(TrainingInterrupted):
-            train_cells(lm64, examples, proto, [cells[j]], seed=4, out_dirs=[tmp_path / f"x{j}"], checkpointers=[ck])
+            train_cells(lm, examples, proto, [cells[j]], seed=4, out_dirs=[tmp_path / f"x{j}"], checkpointers=[ck],
+                        **train_kw)
         cks.append(Checkpointer(tmp_path / f"ck{j}b", every_steps=2, resume_dir=ck.local_dir / f"step-{stop_after:08d}"))
+    return cks
+
+
+def test_a_cell_that_resumed_further_waits_for_the_group(lm64, tmp_path, force_plan):
+    """Cells of one group may resume from different steps (one was interrupted later than another): each
+    continues from its own step and ends equal to an uninterrupted run."""
+    proto, examples = setup(lm64, **{"lora.dropout": 0.05, "train.checkpoint_every_steps": 2})
+    cells = [Cell(1e-2, 2), Cell(3e-2, 2)]
+    force_plan(2, 2)
+    ref = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / "r0", tmp_path / "r1"])
+    # cell 0 alone up to its checkpoint at step 2 (interrupted), cell 1 alone up to step 4
+    cks = interrupted_alone(lm64, examples, proto, cells, (2, 4), tmp_path)
     recs = train_cells(lm64, examples, proto, cells, seed=4, out_dirs=[tmp_path / "o0", tmp_path / "o1"],
                        checkpointers=cks)
     assert [r["resumed_from_step"] for r in recs] == [2, 4]

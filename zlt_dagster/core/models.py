@@ -69,6 +69,16 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def error_gist(e: BaseException) -> str:
+    """An error's first line, and its last where that differs (Triton's CompilationError starts with the source
+    location and ends with what went wrong; a failed CUDA graph capture ends with its cause), at most ~300
+    characters; for one-line reasons in records."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[0][:150] + (f" ... {lines[-1][:150]}" if len(lines) > 1 else "")
+
+
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     """`t` (a host tensor) on `device` without waiting for the device's queue: on CUDA through pinned memory and a
     non-blocking copy (a copy from pageable memory synchronises the stream first, which kept a training step's host

@@ -78,6 +78,12 @@ class PackedBatch:
         """Tokens of the examples (without any padding)."""
         return sum(self.lengths)
 
+    def empty_like(self) -> "PackedBatch":
+        """A batch of this one's shape with tensors of its own, contents undefined (a CUDA graph's inputs, filled
+        with load_)."""
+        return _batch(torch.empty_like(self.flat), torch.empty_like(self.cu_seqlens), torch.empty_like(self.grid),
+                      list(self.lengths), self.tokens, int(self.sup_pos.shape[0]))
+
     def load_(self, other: "PackedBatch") -> None:
         """Copy `other` (same static shape) into this batch's tensors in place: what a captured graph's inputs
         need. Raises ValueError on another shape."""
@@ -156,9 +162,15 @@ def collate_packed(examples: Sequence, pad_id: int, device, multiple: int = 1, s
     host = torch.tensor(ids + labels + positions + dest + sup_pos + sup_target + [step_supervised], dtype=torch.long)
     cu = torch.tensor(starts, dtype=torch.int32)
     flat, cu = to_device_async(host, device), to_device_async(cu, device)  # no wait for the GPU's queue
+    return _batch(flat, cu, torch.empty((rows, width, 0), device=flat.device), lengths, t, s)
+
+
+def _batch(flat: torch.Tensor, cu: torch.Tensor, grid: torch.Tensor, lengths: list[int], t: int, s: int
+           ) -> PackedBatch:
+    """The PackedBatch whose int64 fields are views into `flat`: input_ids, labels, position_ids, dest [t] each,
+    sup_pos, sup_target [s] each, step_supervised [1] (the layout collate_packed writes)."""
     parts = flat.split([t, t, t, t, s, s, 1])
-    return PackedBatch(parts[0].view(1, t), parts[1].view(1, t), parts[2].view(1, t), parts[3],
-                       torch.empty((rows, width, 0), device=flat.device), cu, lengths,
+    return PackedBatch(parts[0].view(1, t), parts[1].view(1, t), parts[2].view(1, t), parts[3], grid, cu, lengths,
                        sup_pos=parts[4], sup_target=parts[5], step_supervised=parts[6], flat=flat)
 
 

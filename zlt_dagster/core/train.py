@@ -36,7 +36,7 @@ from .lora_bank import LoraBank, example_key
 from .masking import IGNORE, TokenizedExample, build_example, check_marker_round_trip
 from .models import LoadedModel, device_label, unwrap_peft
 from .onpolicy import OnPolicyData
-from .packing import PackedBatch, collate_packed, is_packed, packed_attention
+from .packing import PackedBatch, is_packed, packed_attention
 from .protocol import Cell, Protocol, is_finite_number
 
 # Compiled layers see widths padded to a multiple of 8: the graph inductor builds for SDPA guards on
@@ -273,10 +273,8 @@ def _micro_batch(loaded: LoadedModel, bank: LoraBank, examples, mb: list[int], s
                  multiple: int) -> PackedBatch:
     """Examples `mb` (indices) packed into one row (core/packing.py); their dropout masks for `epoch` are
     set on the bank (LoraBank.set_masks)."""
-    exs = [examples[i] for i in mb]
-    b = collate_packed(exs, loaded.tokenizer.pad_token_id, loaded.device, multiple)
-    bank.set_masks(bank.drop_masks([example_key(seed, epoch, i) for i in mb], b.lengths, loaded.device, b.tokens))
-    return b
+    return train_graphs.plain_micro_batch(bank, [examples[i] for i in mb], [example_key(seed, epoch, i) for i in mb],
+                                          loaded.tokenizer.pad_token_id, loaded.device, multiple)
 
 
 def _forward(loaded: LoadedModel, bank: LoraBank, b: PackedBatch, cells: list[int], full_logits: bool) -> torch.Tensor:

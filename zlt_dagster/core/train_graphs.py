@@ -56,6 +56,7 @@ from . import packing
 from .batch_plan import BACKWARD_MARGIN, memory_budget
 from .compiled_layers import AUTO_MAX_PARAMETERS, parameter_count
 from .lora_bank import LoraBank
+from .models import error_gist
 from .packing import PackedBatch, StaticShape
 
 SUPERVISED_MULTIPLE = 32     # supervised slots per shape: a paper example has 1-4, a 16-example micro-batch ~16-30
@@ -163,10 +164,13 @@ class _EmulatedGraph:
         return self.out
 
 
-def _error_gist(e: BaseException) -> str:
-    lines = [x for x in str(e).strip().splitlines() if x.strip()] or [""]
-    gist = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
-    return f"{type(e).__name__}: {gist[:300]}"
+def plain_micro_batch(bank: LoraBank, examples: Sequence, keys: Sequence[int], pad_id: int, device,
+                      multiple: int = 1, step_supervised: int = 0) -> PackedBatch:
+    """`examples` packed into one row of exactly their tokens (rounded up to `multiple`; packing.collate_packed),
+    their dropout masks (keys: lora_bank.example_key) set on the bank for the next forwards."""
+    batch = packing.collate_packed(examples, pad_id, device, multiple, step_supervised=step_supervised)
+    bank.set_masks(bank.drop_masks(keys, batch.lengths, device, batch.tokens))
+    return batch
 
 
 class MicroBatches:
@@ -228,9 +232,8 @@ class MicroBatches:
         self.stats.tokens += sum(lengths)
         if not self.stats.used:
             self.shape, self.mask_buffer = None, None
-            self.batch = packing.collate_packed(examples, self.pad_id, self.device, self.multiple,
-                                                step_supervised=step_supervised)
-            self.bank.set_masks(self.bank.drop_masks(keys, lengths, self.device, self.batch.tokens))
+            self.batch = plain_micro_batch(self.bank, examples, keys, self.pad_id, self.device, self.multiple,
+                                           step_supervised)
         else:
             supervised = sum(packing.supervised_count(e) for e in examples)
             self.shape = self._shape_for(sum(lengths), supervised, cap)
@@ -309,11 +312,11 @@ class MicroBatches:
         shape = self.shape
         static = self._statics.get(shape)
         if static is None:
-            static = self._statics[shape] = _static_like(self.batch)
+            static = self._statics[shape] = self.batch.empty_like()
             self.stats.shapes.append((shape.tokens, shape.supervised))
         static.load_(self.batch)
         graph = self._graphs.get((shape, cells))
-        body = self._body(static, cells)
+        body = self._body(static, cells)  # a closure over the static inputs: what captures and checks run
         if graph is not None:
             if "new inputs" not in self._live_checked:
                 return self._live_check(graph, body, shape, cells, "new inputs")
@@ -352,7 +355,7 @@ class MicroBatches:
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:  # recorded (run record, progress), not swallowed: the pass goes on without graphs
-            self.give_up(f"{stage} failed at {shape.tokens} tokens x {len(cells)} cell(s): {_error_gist(e)}")
+            self.give_up(f"{stage} failed at {shape.tokens} tokens x {len(cells)} cell(s): {type(e).__name__}: {error_gist(e)}")
             return out if out is not None else self._run_static_plainly(cells)
         finally:
             self.stats.build_s += time.perf_counter() - t
@@ -382,7 +385,7 @@ class MicroBatches:
             self._compare(graph, out, before, cells)
             self.stats.checks.append(f"{name} ({where}): ok")
         except RuntimeError as e:
-            self.give_up(f"check ({name}) failed at {where}: {_error_gist(e)}")
+            self.give_up(f"check ({name}) failed at {where}: {type(e).__name__}: {error_gist(e)}")
         finally:
             self.stats.build_s += time.perf_counter() - t
         return out
@@ -450,16 +453,6 @@ class MicroBatches:
         self._pool = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _static_like(batch: PackedBatch) -> PackedBatch:
-    """A batch of `batch`'s static shape with tensors of its own (a graph's inputs; filled with load_)."""
-    flat, cu = torch.empty_like(batch.flat), torch.empty_like(batch.cu_seqlens)
-    t, s = batch.tokens, int(batch.sup_pos.shape[0])
-    parts = flat.split([t, t, t, t, s, s, 1])
-    return PackedBatch(parts[0].view(1, t), parts[1].view(1, t), parts[2].view(1, t), parts[3],
-                       torch.empty_like(batch.grid), cu, list(batch.lengths), sup_pos=parts[4],
-                       sup_target=parts[5], step_supervised=parts[6], flat=flat)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from ... import settings
-from ..models import text_config, unwrap_peft
+from ..models import error_gist, text_config, unwrap_peft
 
 DECODE_ATTENTION = "zlt_decode_attention"
 # ZLT_DECODE_ATTENTION picks the path on CUDA (benchmarks compare them): auto = the Triton kernel where its probe
@@ -265,20 +265,11 @@ def _probe(path: str, device, dtype, heads, kv_heads, d) -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - kept as the reason (recorded in every decode's record): the kernel
         # cannot run here (a torch whose flash lacks seqused_k: RuntimeError; Triton failing to build or launch
         # raises its own classes), and the decode takes the next path
-        return False, f"{path} probe failed: {type(e).__name__}: {_error_gist(e)}"
+        return False, f"{path} probe failed: {type(e).__name__}: {error_gist(e)}"
     err = float((out - ref).abs().max())
     # fp32: both compute in fp32 (differences ~1e-6; TF32 products would be ~1e-3 off); 16-bit: output rounding
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     return (True, "") if err <= tolerance else (False, f"{path} probe differs from SDPA by {err:.3g}")
-
-
-def _error_gist(e: Exception) -> str:
-    """An error's first line, and its last where that differs (Triton's CompilationError starts with the source
-    location and ends with what went wrong), at most ~300 characters."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return ""
-    return lines[0][:150] + (f" ... {lines[-1][:150]}" if len(lines) > 1 else "")
 
 
 def head_layout(model) -> tuple[int, int, int]:
