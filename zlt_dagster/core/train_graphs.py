@@ -103,8 +103,8 @@ class GraphStats:
     """What the pass's graphs did (the run record's `cuda_graphs`): used = graphs on for the pass; reason = why
     not (from the start, or since a failed capture or check); captured graphs, replays, eager runs (micro-batches
     not replayed: plain passes, first runs before a capture, checks), build_s = host seconds spent building and
-    checking graphs (captures, the first eager run, the checks' eager runs and replays), token slots run against
-    the examples' tokens (the padding's cost), the checks made ("first capture: ok", ...)."""
+    checking graphs (captures, the first eager run, the checks' eager runs and replays), static shapes made, token
+    slots run against the examples' tokens (the padding's cost), the checks made ("first capture: ok", ...)."""
     used: bool = False
     reason: str | None = None
     captured: int = 0
@@ -113,13 +113,12 @@ class GraphStats:
     build_s: float = 0.0
     token_slots: int = 0
     tokens: int = 0
-    shapes: list = field(default_factory=list)
+    shapes: int = 0
     checks: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["build_s"] = round(self.build_s, 3)
-        d["shapes"] = len(self.shapes)
         return d
 
 
@@ -313,7 +312,7 @@ class MicroBatches:
         static = self._statics.get(shape)
         if static is None:
             static = self._statics[shape] = self.batch.empty_like()
-            self.stats.shapes.append((shape.tokens, shape.supervised))
+            self.stats.shapes += 1
         static.load_(self.batch)
         graph = self._graphs.get((shape, cells))
         body = self._body(static, cells)  # a closure over the static inputs: what captures and checks run
